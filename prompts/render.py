@@ -1,0 +1,85 @@
+"""Render chat messages for a task type and validate a model's JSON output against its schema."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+from prompts.task_types import BRAINSTORM_TAIL, PERSONA_SYSTEM_TEMPLATE, TaskTypeSpec
+
+
+class OutputInvalid(ValueError):
+    """The model's output is not a JSON object that satisfies the schema."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    messages: list[dict[str, str]]
+    schema: dict[str, Any]
+    schema_name: str
+    prompt_version: str
+
+    @property
+    def response_format(self) -> dict[str, Any]:
+        """OpenAI ``response_format``; vLLM turns it into a decoding grammar."""
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": self.schema_name, "schema": self.schema, "strict": True},
+        }
+
+
+def render_brainstorm(spec: TaskTypeSpec, persona: str, n: int) -> RenderedPrompt:
+    """The brainstorm step: the persona is the system prompt."""
+    if not spec.brainstorms:
+        raise ValueError(f"task type {spec.name!r} does not brainstorm instructions")
+    user = spec.brainstorm_template + BRAINSTORM_TAIL.format(n=n)
+    return RenderedPrompt(
+        messages=[
+            {"role": "system", "content": PERSONA_SYSTEM_TEMPLATE.format(persona=persona)},
+            {"role": "user", "content": user},
+        ],
+        schema=spec.brainstorm_schema(n),
+        schema_name=f"{spec.name}_brainstorm",
+        prompt_version=spec.prompt_version,
+    )
+
+
+def render_example(spec: TaskTypeSpec, instruction: str | None, placeholders: dict[str, Any]) -> RenderedPrompt:
+    """The generation step: no persona; the instruction and placeholders fill the template."""
+    user = spec.example_template.format(task=instruction or "", **placeholders)
+    return RenderedPrompt(
+        messages=[{"role": "user", "content": user}],
+        schema=spec.schema,
+        schema_name=spec.name,
+        prompt_version=spec.prompt_version,
+    )
+
+
+def parse_output(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """Parse and validate; strings are stripped and must not be blank."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise OutputInvalid(f"not JSON: {exc}") from None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        raise OutputInvalid(f"schema: {exc.message}") from None
+    cleaned = _strip_strings(value)
+    blank = [k for k, v in cleaned.items() if isinstance(v, str) and not v]
+    if blank:
+        raise OutputInvalid(f"blank field(s): {', '.join(blank)}")
+    return cleaned
+
+
+def _strip_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list):
+        return [_strip_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip_strings(v) for k, v in value.items()}
+    return value

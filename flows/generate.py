@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
 
@@ -74,14 +74,16 @@ def make_client(settings: Settings) -> LLMClient:
     )
 
 
-async def _bounded(limit: int, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    gate = asyncio.Semaphore(limit)
+async def run_shards(shard_task, store: RunStore, shards: Sequence, client: LLMClient, sampling: Sampling,
+                     shards_in_flight: int) -> list:
+    """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client."""
+    gate = asyncio.Semaphore(shards_in_flight)
 
-    async def run(job):
+    async def run(shard):
         async with gate:
-            return await job()
+            return await shard_task(store, shard, client, sampling)
 
-    return await asyncio.gather(*(run(job) for job in jobs))
+    return await asyncio.gather(*(run(shard) for shard in shards))
 
 
 async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
@@ -141,9 +143,7 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
                 progress.add_total("brainstorm", sum(len(s.requests) for s in todo))
                 logger.info("brainstorm round %d: deficits %s, %d shard(s) to run, %d done",
                             round_idx, missing, len(todo), len(shards) - len(todo))
-                await _bounded(gen.shards_in_flight, [
-                    (lambda s=s: brainstorm_shard_task(store, s, client, brainstorm_sampling)) for s in todo
-                ])
+                await run_shards(brainstorm_shard_task, store, todo, client, brainstorm_sampling, gen.shards_in_flight)
                 written += len(todo)
                 instructions = unique_instructions(store.read_kind("brainstorm"), instruction_targets)
             store.write_instructions(instructions)
@@ -166,9 +166,7 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
                 progress.add_total("generate", sum(len(s.requests) for s in todo))
                 logger.info("generation round %d: %d shard(s) to run, %d done", round_idx, len(todo),
                             len(shards) - len(todo))
-                await _bounded(gen.shards_in_flight, [
-                    (lambda s=s: example_shard_task(store, s, client, sampling)) for s in todo
-                ])
+                await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight)
                 written += len(todo)
 
         examples = store.read_kind("examples")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,12 +27,18 @@ BRAINSTORM_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_
 DEFAULT_CONFIG_FILE = "embed-factory.toml"
 
 
+class Section(BaseModel):
+    """A settings section; a misspelt key is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def default_cache_dir() -> Path:
     """Where the embedded server's virtual environment and converted weights live (shared by clones)."""
     return Path(os.environ.get("EMBED_FACTORY_CACHE", Path.home() / ".cache" / "embed-factory"))
 
 
-class EmbeddedLLMSettings(BaseModel):
+class EmbeddedLLMSettings(Section):
     """The vLLM server that the CLI starts on this machine when no ``llm.base_url`` is configured."""
 
     host: str = "127.0.0.1"
@@ -62,7 +68,7 @@ class EmbeddedLLMSettings(BaseModel):
         return f"http://{self.host}:{self.port}/v1"
 
 
-class LLMSettings(BaseModel):
+class LLMSettings(Section):
     """The OpenAI-compatible endpoint that generation talks to (vLLM in both worlds)."""
 
     base_url: str | None = None  # None: the embedded server
@@ -81,7 +87,7 @@ class LLMSettings(BaseModel):
     send_seed: bool = False
 
 
-class PersonaSettings(BaseModel):
+class PersonaSettings(Section):
     """Where personas come from: the bundled seed set, a local JSONL file, or the Hub dataset."""
 
     source: str = "seed"  # "seed", "hub", or a path to a JSONL file
@@ -93,7 +99,7 @@ class PersonaSettings(BaseModel):
     expand_per_persona: int = Field(2, ge=1, le=10)
 
 
-class GenerationSettings(BaseModel):
+class GenerationSettings(Section):
     """How much to generate and how to cut it into shards."""
 
     task_types: list[TaskTypeName] = list(ALL_TASK_TYPES)
@@ -114,7 +120,7 @@ class GenerationSettings(BaseModel):
         return list(dict.fromkeys(value))
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     data_dir: Path = Path("data")
     compression: str = "zstd"
 
@@ -123,7 +129,7 @@ class StorageSettings(BaseModel):
         return self.data_dir / "runs"
 
 
-class PrefectSettings(BaseModel):
+class PrefectSettings(Section):
     api_url: str | None = None  # None: start a local server on SQLite when none is configured
     host: str = "127.0.0.1"
     port: int = Field(4200, ge=1, le=65535)

@@ -59,20 +59,30 @@ def render_example(spec: TaskTypeSpec, instruction: str | None, placeholders: di
 
 
 def parse_output(text: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """Parse and validate; strings are stripped and must not be blank."""
+    """Parse, strip every string, then validate; a blank string anywhere is invalid."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, TypeError) as exc:
         raise OutputInvalid(f"not JSON: {exc}") from None
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as exc:
-        raise OutputInvalid(f"schema: {exc.message}") from None
     cleaned = _strip_strings(value)
-    blank = [k for k, v in cleaned.items() if isinstance(v, str) and not v]
-    if blank:
-        raise OutputInvalid(f"blank field(s): {', '.join(blank)}")
+    try:
+        jsonschema.validate(cleaned, schema)
+    except jsonschema.ValidationError as exc:
+        where = ".".join(map(str, exc.absolute_path)) or "(root)"
+        raise OutputInvalid(f"schema: {where}: {exc.message}") from None
+    if _has_blank(cleaned):
+        raise OutputInvalid("blank string in output")
     return cleaned
+
+
+def _has_blank(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value
+    if isinstance(value, list):
+        return any(_has_blank(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_blank(v) for v in value.values())
+    return False
 
 
 def _strip_strings(value: Any) -> Any:

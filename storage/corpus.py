@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from storage.shards import atomic_write_bytes, atomic_write_parquet, read_parquet_checked
+from storage.shards import StorageError, atomic_write_bytes, atomic_write_parquet, read_parquet_checked
 
 STAGES = ("valid", "deduped", "filtered", "mined")
 
@@ -105,9 +106,19 @@ class CleanStore:
         atomic_write_parquet(table, self.stage_path(stage), self.compression)
 
     def read_stage(self, stage: str, schema: pa.Schema | None = None) -> pa.Table:
+        """A stage table; with ``schema``, checked to have (and cast to) its columns, extra ones dropped."""
+        path = self.stage_path(stage)
         if schema is not None:
-            return read_parquet_checked(self.stage_path(stage), schema)
-        return read_parquet_checked(self.stage_path(stage), pa.schema([]))
+            return read_parquet_checked(path, schema)
+        try:
+            return pq.read_table(path)
+        except FileNotFoundError:
+            raise StorageError(f"{path}: file not found") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
+
+    def count(self, path: Path) -> int:
+        return pq.read_metadata(path).num_rows
 
     def write_inputs(self, run_ids: list[str]) -> None:
         atomic_write_bytes(self.root / "inputs.json", json.dumps({"runs": run_ids}, indent=1).encode())

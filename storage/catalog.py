@@ -1,0 +1,343 @@
+"""A DuckDB catalog over every table the factory writes: one file, views with stable names.
+
+``Catalog(data_dir)`` keeps ``<data_dir>/catalog.duckdb``, a persistent DuckDB database that holds
+*views* only (no data is copied), so it stays tiny and always reads the current Parquet files::
+
+    duckdb data/catalog.duckdb -c "SELECT task_type, count(*) FROM raw GROUP BY 1"
+    python -c "import duckdb; print(duckdb.connect('data/catalog.duckdb', read_only=True).sql('FROM mined LIMIT 5'))"
+
+Views (absolute paths, ``union_by_name`` so shards written by older schema versions still read):
+
+==============  =====================================================  =========================
+view            files                                                  extra column
+==============  =====================================================  =========================
+raw             ``runs/*/examples/*.parquet``                          (rows carry ``run_id``)
+rejects         ``runs/*/rejects/*.parquet``
+brainstorm      ``runs/*/brainstorm/*.parquet``
+instructions    ``runs/*/instructions.parquet``                        ``run_id`` (from the path)
+valid           ``clean/*/valid.parquet``                              ``clean_id`` (from the path)
+deduped         ``clean/*/deduped.parquet``                            ``clean_id``
+filtered        ``clean/*/filtered.parquet``                           ``clean_id``
+mined           ``clean/*/mined.parquet``                              ``clean_id``
+dropped         ``clean/*/dropped/*.parquet``                          ``clean_id``
+clean_inputs    ``clean/*/inputs.json`` (one row per clean id and run)  ``clean_id``, ``run_id``
+==============  =====================================================  =========================
+
+A view whose files do not exist yet is an empty view with the right columns (typed ``NULL`` casts
+built from the Arrow schemas in ``storage/``), so ``SELECT count(*) FROM valid`` answers 0 on a
+fresh project instead of failing. Because DuckDB binds a ``read_parquet`` glob when the view is
+created, a view must be re-created when its first file appears: ``refresh()`` does it, and
+``query()`` / ``to_file()`` do it by themselves when the set of tables that have files changed.
+
+DuckDB allows one writing process per database file. ``refresh()`` opens the file read-write for a
+moment, retries for ``lock_timeout_s`` when another process holds it (e.g. an open ``duckdb`` CLI
+session) and then raises :class:`CatalogLocked` with a clear message. ``query()`` opens the file
+read-only, so user SQL cannot drop or change the views; when the file is locked by a writer it
+answers from an in-memory database with the same views instead of failing. Errors in user SQL raise
+:class:`CatalogError` carrying DuckDB's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
+from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
+
+CATALOG_FILE = "catalog.duckdb"
+_META_TABLE = "_catalog_state"
+
+
+class CatalogError(RuntimeError):
+    """A query failed (DuckDB's message), or the catalog file could not be opened."""
+
+
+class CatalogLocked(CatalogError):
+    """Another process holds the catalog file open for writing."""
+
+
+def _with_columns(schema: pa.Schema, extra: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    out = schema
+    for name, dtype in extra:
+        out = out.append(pa.field(name, dtype))
+    return out
+
+
+_CLEAN_EXAMPLE = EXAMPLE_SCHEMA
+_FILTERED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS)
+_MINED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS + MINED_COLUMNS)
+_CLEAN_INPUTS = pa.schema([("clean_id", pa.string()), ("run_id", pa.string())])
+
+#: view name -> (glob relative to the data dir, schema of the files, column derived from the path)
+VIEWS: dict[str, tuple[str, pa.Schema, str | None]] = {
+    "raw": ("runs/*/examples/*.parquet", EXAMPLE_SCHEMA, None),
+    "rejects": ("runs/*/rejects/*.parquet", REJECT_SCHEMA, None),
+    "brainstorm": ("runs/*/brainstorm/*.parquet", BRAINSTORM_SCHEMA, None),
+    "instructions": ("runs/*/instructions.parquet", INSTRUCTION_SCHEMA, "run_id"),
+    "valid": ("clean/*/valid.parquet", _CLEAN_EXAMPLE, "clean_id"),
+    "deduped": ("clean/*/deduped.parquet", _CLEAN_EXAMPLE, "clean_id"),
+    "filtered": ("clean/*/filtered.parquet", _FILTERED, "clean_id"),
+    "mined": ("clean/*/mined.parquet", _MINED, "clean_id"),
+    "dropped": ("clean/*/dropped/*.parquet", DROPPED_SCHEMA, "clean_id"),
+    "clean_inputs": ("clean/*/inputs.json", _CLEAN_INPUTS, None),
+}
+
+# The id that a path column is taken from: the folder right under runs/ or clean/.
+_PATH_ID_REGEX = {
+    "run_id": r"[/\\]runs[/\\]([^/\\]+)[/\\]",
+    "clean_id": r"[/\\]clean[/\\]([^/\\]+)[/\\]",
+}
+
+
+def duckdb_type(dtype: pa.DataType) -> str:
+    """The DuckDB type that ``read_parquet`` gives an Arrow type (for the empty views)."""
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "VARCHAR"
+    if pa.types.is_boolean(dtype):
+        return "BOOLEAN"
+    simple = {
+        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+        pa.uint8(): "UTINYINT", pa.uint16(): "USMALLINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT",
+        pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.date32(): "DATE", pa.binary(): "BLOB",
+    }
+    if dtype in simple:
+        return simple[dtype]
+    if pa.types.is_timestamp(dtype):
+        return "TIMESTAMP WITH TIME ZONE" if dtype.tz else "TIMESTAMP"
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return duckdb_type(dtype.value_type) + "[]"
+    raise TypeError(f"no DuckDB type for Arrow type {dtype}")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (DDL cannot take parameters; paths are the only values that go here)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def empty_view_sql(schema: pa.Schema, extra: str | None = None) -> str:
+    cols = [f"CAST(NULL AS {duckdb_type(f.type)}) AS {_ident(f.name)}" for f in schema]
+    if extra and extra not in schema.names:
+        cols.append(f"CAST(NULL AS VARCHAR) AS {_ident(extra)}")
+    return "SELECT " + ", ".join(cols) + " WHERE false"
+
+
+class Catalog:
+    """The DuckDB catalog of ``data_dir``: ``refresh()`` the views, ``query()`` them, ``to_file()``."""
+
+    def __init__(self, data_dir: Path, lock_timeout_s: float = 3.0):
+        self.data_dir = Path(data_dir).resolve()
+        self.path = self.data_dir / CATALOG_FILE
+        self.lock_timeout_s = lock_timeout_s
+        self._held: duckdb.DuckDBPyConnection | None = None
+
+    # --- view definitions --------------------------------------------------------------------
+    def _pattern(self, view: str) -> str:
+        return str(self.data_dir / VIEWS[view][0])
+
+    def _has_files(self, view: str) -> bool:
+        return any(True for _ in globlib.iglob(self._pattern(view)))
+
+    def _state(self) -> dict[str, Any]:
+        """What the views were built from: the data dir and which views had files."""
+        return {"data_dir": str(self.data_dir), "views": {v: self._has_files(v) for v in VIEWS}}
+
+    def view_sql(self, view: str, has_files: bool) -> str:
+        _, schema, extra = VIEWS[view]
+        if not has_files:
+            return empty_view_sql(schema, extra)
+        path = _literal(self._pattern(view))
+        if view == "clean_inputs":
+            return (
+                f"SELECT regexp_extract(filename, {_literal(_PATH_ID_REGEX['clean_id'])}, 1) AS clean_id, "
+                f"unnest(runs) AS run_id FROM read_json({path}, filename = true, "
+                "columns = {'runs': 'VARCHAR[]'})"
+            )
+        if extra is None:
+            return f"SELECT * FROM read_parquet({path}, union_by_name = true)"
+        return (
+            f"SELECT * EXCLUDE (filename), regexp_extract(filename, {_literal(_PATH_ID_REGEX[extra])}, 1) "
+            f"AS {_ident(extra)} FROM read_parquet({path}, union_by_name = true, filename = true)"
+        )
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection, state: dict[str, Any], persist: bool) -> None:
+        for view, has_files in state["views"].items():
+            con.execute(f"CREATE OR REPLACE VIEW {_ident(view)} AS {self.view_sql(view, has_files)}")
+        if persist:
+            con.execute(f"CREATE OR REPLACE TABLE {_META_TABLE} (state VARCHAR)")
+            con.execute(f"INSERT INTO {_META_TABLE} VALUES (?)", [json.dumps(state, sort_keys=True)])
+
+    # --- connections ---------------------------------------------------------------------------
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the catalog file, retrying while another process holds its lock."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                message = str(exc)
+                # "Could not set lock on file": another process; "different configuration": this
+                # process has the file open read-write elsewhere (DuckDB allows one configuration).
+                if "lock" not in message.lower() and "different configuration" not in message:
+                    raise CatalogError(f"cannot open the catalog {self.path}: {message}") from None
+                if time.monotonic() >= deadline:
+                    raise CatalogLocked(
+                        f"the catalog {self.path} is held open for writing by another process "
+                        f"({message}). DuckDB allows one writer per file: close the other session "
+                        "(for example a duckdb CLI opened without -readonly) and try again."
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    @contextlib.contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._open(read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def refresh(self) -> dict[str, bool]:
+        """(Re)create every view in the catalog file; returns which views have files behind them."""
+        if self._held is not None:
+            raise CatalogError("refresh() inside session(): leave the session first")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        with self._connect(read_only=False) as con:
+            try:
+                self._create_views(con, state, persist=True)
+            except duckdb.Error as exc:
+                raise CatalogError(f"cannot build the catalog views: {exc}") from None
+        return dict(state["views"])
+
+    @staticmethod
+    def _read_state(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+        try:
+            rows = con.execute(f"SELECT state FROM {_META_TABLE}").fetchall()
+        except duckdb.Error:  # a catalog file from before the state table, or not ours
+            return None
+        return json.loads(rows[0][0]) if rows else None
+
+    def is_fresh(self) -> bool:
+        """True if the views were built for the tables that have files now."""
+        if not self.path.exists():
+            return False
+        with self._connect(read_only=True) as con:
+            return self._read_state(con) == self._state()
+
+    @contextlib.contextmanager
+    def _query_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection to fresh views: the file, or memory while another process writes it."""
+        if self._held is not None:  # inside session(): one connection for many queries
+            yield self._held
+            return
+        state = self._state()
+        con: duckdb.DuckDBPyConnection | None = None
+        try:
+            if self.path.exists():
+                con = self._open(read_only=True)
+                if self._read_state(con) != state:
+                    con.close()
+                    con = None
+            if con is None:
+                self.refresh()
+                con = self._open(read_only=True)
+        except CatalogLocked:
+            con = duckdb.connect(":memory:")
+            try:
+                self._create_views(con, state, persist=False)
+            except duckdb.Error as exc:
+                con.close()
+                raise CatalogError(f"cannot build the catalog views: {exc}") from None
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["Catalog"]:
+        """Run many queries on one read-only connection (opening the file costs tens of ms).
+
+        Inside the block the views are not re-checked; the file stays open read-only, so another
+        process cannot ``refresh()`` it meanwhile (it gets :class:`CatalogLocked` after its retry).
+        """
+        if self._held is not None:
+            yield self
+            return
+        with self._query_connection() as con:
+            self._held = con
+            try:
+                yield self
+            finally:
+                self._held = None
+
+    # --- queries -----------------------------------------------------------------------------------
+    def views(self) -> list[str]:
+        return list(VIEWS)
+
+    def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
+        """Run ``sql`` (``?`` or ``$name`` placeholders bound from ``params``) and return an Arrow table."""
+        with self._query_connection() as con:
+            try:
+                rel = con.sql(sql, params=params) if params else con.sql(sql)
+                if rel is None:  # a statement without a result set
+                    return pa.table({})
+                return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+            except duckdb.Error as exc:
+                raise CatalogError(str(exc)) from None
+
+    def to_file(self, sql: str, path: Path | str, params: list[Any] | dict[str, Any] | None = None) -> Path:
+        """Write the result of ``sql`` to ``path`` (.csv, .tsv or .parquet) with DuckDB ``COPY``.
+
+        The path is bound as a parameter (never pasted into the SQL); the file is written next to
+        its final name and renamed, so a reader never sees half a file.
+        """
+        path = Path(path).resolve()
+        options = {".csv": "FORMAT csv, HEADER true", ".tsv": "FORMAT csv, HEADER true, DELIMITER '\t'",
+                   ".parquet": "FORMAT parquet, COMPRESSION zstd"}.get(path.suffix.lower())
+        if options is None:
+            raise CatalogError(f"{path.name}: choose a .csv, .tsv or .parquet file name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        inner = sql.strip().rstrip(";").strip()
+        if isinstance(params, dict):
+            statement = f"COPY ({inner}) TO $catalog_out_path ({options})"
+            bound: Any = {**params, "catalog_out_path": str(tmp)}
+        else:
+            statement, bound = f"COPY ({inner}) TO ? ({options})", [*(params or []), str(tmp)]
+        with self._query_connection() as con:
+            try:
+                con.execute(statement, bound).fetchall()
+                os.replace(tmp, path)
+            except duckdb.Error as exc:
+                raise CatalogError(str(exc)) from None
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path
+
+    # --- what exists -------------------------------------------------------------------------------
+    def run_ids(self) -> list[str]:
+        runs = self.data_dir / "runs"
+        return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
+
+    def clean_ids(self) -> list[str]:
+        """Clean runs, oldest first (by the modification time of their folder)."""
+        clean = self.data_dir / "clean"
+        if not clean.exists():
+            return []
+        dirs = [p for p in clean.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime, p.name))]

@@ -1,0 +1,342 @@
+"""Exact and near-duplicate removal for generated examples, and instruction clustering for reports.
+
+Generated data repeats itself: a model asked many times for "a query about X" answers with the same
+query, or with the same document under a reworded query. Duplicates waste training steps and, worse,
+become false negatives in the in-batch softmax (two rows of one batch with the same positive). This
+module removes them in two passes, both keyed on the *normalized* text (:func:`normalize_array`:
+NFKC, casefold, punctuation and symbols removed, whitespace collapsed):
+
+* :func:`exact_dedup` (DuckDB over the Arrow table): a row whose normalized query equals an earlier
+  row's within its task type goes (``duplicate_query``); then, among the rows left, a row whose
+  normalized positive equals an earlier row's goes (``duplicate_positive``), for the task types whose
+  positive is a document (:data:`DOC_POSITIVE_TYPES`; classification positives are labels that
+  repeat by design).
+* :func:`near_dedup` (MinHash LSH from ``rensa``): character shingles of the normalized text; LSH
+  candidates are verified by their estimated Jaccard similarity (>= ``near_dup_threshold``) and joined
+  into clusters (union-find). Queries of at least :data:`NEAR_MIN_CHARS` characters within each task
+  type (``near_duplicate_query``), then positive documents of :data:`NEAR_POSITIVE_TYPES`
+  (``near_duplicate_positive``) among the rows left.
+
+"Earlier" is the order of ``example_id`` (ties: input position), so each cluster keeps its smallest
+``example_id`` whatever the input order, and every dropped row names that representative in its
+``detail``. Both passes compare within one task type only: the same text in two task types serves
+two different tasks. Kept tables keep the input schema and the input row order.
+:func:`instruction_clusters` applies the same rule to the instruction table for reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from rensa import RMinHash, RMinHashLSH
+
+from embed_factory.settings import CleanSettings
+from storage.corpus import DROPPED_SCHEMA, StageResult
+
+#: task types whose positive is a document, so an equal positive is a duplicate (not classification)
+DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", "sts", "bitext")
+#: task types whose positive documents are near-deduplicated (long documents)
+NEAR_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long")
+#: normalized texts shorter than this are left to exact dedup (a few shingles say nothing)
+NEAR_MIN_CHARS = 20
+#: MinHash seed; fixed, so results do not depend on anything but the data and the settings
+MINHASH_SEED = 20240501
+#: texts shingled and sketched per batch (bounds the memory the shingle lists take)
+SKETCH_BATCH = 2048
+#: lower bound on the probability that a pair at the threshold becomes an LSH candidate
+LSH_RECALL_AT_THRESHOLD = 0.99
+
+STAGE_EXACT = "dedup_exact"
+STAGE_NEAR = "dedup_near"
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def normalize_array(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Array:
+    """Normalized text (NFKC, casefold, punctuation/symbols -> space, collapsed whitespace); nulls stay null.
+
+    ``"Hello,   WORLD!"`` and ``"hello world"`` normalize alike; so do full-width and ASCII letters.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif not isinstance(values, pa.Array):
+        values = pa.array(list(values), type=pa.string())
+    values = values.cast(pa.string())
+    nfkc = pc.utf8_normalize(values, form="NFKC")
+    # str.casefold is full Unicode case folding (ß -> ss), which Arrow's utf8_lower is not
+    folded = pa.array([None if s is None else s.casefold() for s in nfkc.to_pylist()], type=pa.string())
+    spaced = pc.replace_substring_regex(folded, pattern=r"[\p{P}\p{S}\s]+", replacement=" ")
+    return pc.utf8_trim_whitespace(spaced)
+
+
+def normalize_text(text: str | None) -> str | None:
+    """:func:`normalize_array` for one string."""
+    return normalize_array([text])[0].as_py()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dropped_table(table: pa.Table, rows: np.ndarray, stage: str, reasons: Sequence[str],
+                  details: Sequence[str]) -> pa.Table:
+    """DROPPED_SCHEMA rows for the input positions ``rows`` (in that order)."""
+    picked = table.select(["example_id", "run_id", "task_type"]).take(pa.array(rows, type=pa.int64()))
+    return pa.table(
+        {
+            "example_id": picked.column("example_id"),
+            "run_id": picked.column("run_id"),
+            "task_type": picked.column("task_type"),
+            "stage": pa.array([stage] * len(rows), type=pa.string()),
+            "reason": pa.array(list(reasons), type=pa.string()),
+            "detail": pa.array(list(details), type=pa.string()),
+        },
+    ).cast(DROPPED_SCHEMA)
+
+
+def _split(table: pa.Table, drop_rows: np.ndarray, stage: str, reasons: Sequence[str],
+           details: Sequence[str]) -> StageResult:
+    """Kept rows (input order) and the dropped rows, ordered by input position."""
+    order = np.argsort(drop_rows, kind="stable")
+    drop_rows = np.asarray(drop_rows, dtype=np.int64)[order]
+    reasons = [reasons[i] for i in order]
+    details = [details[i] for i in order]
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[drop_rows] = False
+    kept = table.filter(pa.array(keep))
+    return StageResult(kept=kept, dropped=dropped_table(table, drop_rows, stage, reasons, details))
+
+
+def _sort_order(example_ids: Sequence[Any]) -> np.ndarray:
+    """Positions sorted by example_id (nulls last), ties by position: the "earlier" order."""
+    keyed = [("\U0010ffff" * 2 if e is None else e, i) for i, e in enumerate(example_ids)]
+    return np.array([i for _, i in sorted(keyed)], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- exact
+
+
+_EXACT_SQL = """
+WITH k AS (
+    SELECT row_idx, example_id, task_type,
+           CASE WHEN qn <> '' THEN md5(qn) END AS qh,
+           CASE WHEN pn <> '' AND task_type IN ({doc_types}) THEN md5(pn) END AS ph
+    FROM rows
+),
+q AS (
+    SELECT row_idx,
+           first_value(example_id) OVER w AS rep,
+           row_number() OVER w AS rn
+    FROM k WHERE qh IS NOT NULL
+    WINDOW w AS (PARTITION BY task_type, qh ORDER BY example_id NULLS LAST, row_idx)
+),
+q_dup AS (SELECT row_idx, rep FROM q WHERE rn > 1),
+p AS (
+    SELECT row_idx,
+           first_value(example_id) OVER w AS rep,
+           row_number() OVER w AS rn
+    FROM k
+    WHERE ph IS NOT NULL AND row_idx NOT IN (SELECT row_idx FROM q_dup)
+    WINDOW w AS (PARTITION BY task_type, ph ORDER BY example_id NULLS LAST, row_idx)
+)
+SELECT row_idx, 'duplicate_query' AS reason, rep FROM q_dup
+UNION ALL
+SELECT row_idx, 'duplicate_positive' AS reason, rep FROM p WHERE rn > 1
+ORDER BY row_idx
+"""
+
+
+def exact_dedup(table: pa.Table) -> StageResult:
+    """Drop rows whose normalized query (any type) or positive (document types) repeats an earlier row's.
+
+    Queries first; positives are compared among the rows the query pass kept, so a row is never
+    dropped in favour of a row that is itself gone. Runs in DuckDB on the Arrow table.
+    """
+    keys = pa.table({
+        "row_idx": pa.array(np.arange(table.num_rows, dtype=np.int64)),
+        "example_id": table.column("example_id"),
+        "task_type": table.column("task_type"),
+        "qn": normalize_array(table.column("query")),
+        "pn": normalize_array(table.column("positive")),
+    })
+    doc_types = ", ".join(f"'{t}'" for t in DOC_POSITIVE_TYPES)
+    con = duckdb.connect()
+    try:
+        con.register("rows", keys)
+        found = con.sql(_EXACT_SQL.format(doc_types=doc_types)).to_arrow_table()
+    finally:
+        con.close()
+    rows = np.asarray(found.column("row_idx").to_numpy(), dtype=np.int64)
+    reasons = found.column("reason").to_pylist()
+    field = {"duplicate_query": "query", "duplicate_positive": "positive"}
+    details = [f"same normalized {field[r]} as {rep}"
+               for r, rep in zip(reasons, found.column("rep").to_pylist())]
+    return _split(table, rows, STAGE_EXACT, reasons, details)
+
+
+# --------------------------------------------------------------------------- near
+
+
+def lsh_bands(num_perm: int, threshold: float, recall: float = LSH_RECALL_AT_THRESHOLD) -> int:
+    """The fewest LSH bands (a divisor of ``num_perm``) that make a pair at ``threshold`` a candidate
+    with probability >= ``recall``: fewer bands mean fewer false candidates to verify."""
+    divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
+    for bands in divisors:
+        rows = num_perm // bands
+        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
+            return bands
+    return num_perm
+
+
+class _UnionFind:
+    """Union-find whose root is always the smallest member (members are positions in sorted order)."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+
+def _shingles(text: str, k: int) -> list[str]:
+    if len(text) <= k:
+        return [text]
+    return [text[i : i + k] for i in range(len(text) - k + 1)]
+
+
+def _sketches(texts: Sequence[str], cfg: CleanSettings) -> list[RMinHash]:
+    out: list[RMinHash] = []
+    for start in range(0, len(texts), SKETCH_BATCH):
+        batch = [_shingles(t, cfg.shingle_size) for t in texts[start : start + SKETCH_BATCH]]
+        out.extend(RMinHash.from_token_sets(batch, num_perm=cfg.minhash_num_perm, seed=MINHASH_SEED))
+    return out
+
+
+def near_clusters(texts: Sequence[str], cfg: CleanSettings) -> list[int]:
+    """For texts already in "earlier first" order: each text's cluster representative (smallest position).
+
+    MinHash over character shingles, LSH candidates, each candidate pair verified by its estimated
+    Jaccard similarity >= ``cfg.near_dup_threshold``, verified pairs joined transitively.
+    """
+    n = len(texts)
+    if n < 2:
+        return list(range(n))
+    sketches = _sketches(texts, cfg)
+    bands = lsh_bands(cfg.minhash_num_perm, cfg.near_dup_threshold)
+    lsh = RMinHashLSH(cfg.near_dup_threshold, cfg.minhash_num_perm, bands)
+    lsh.insert_many(sketches)
+    uf = _UnionFind(n)
+    find, threshold = uf.find, cfg.near_dup_threshold
+    for i, candidates in enumerate(lsh.query_all(sketches)):
+        if len(candidates) < 2:
+            continue
+        sketch = sketches[i]
+        for j in candidates:
+            # pairs already joined need no verification (cost stays low inside big clusters)
+            if j > i and find(i) != find(j) and sketch.jaccard(sketches[j]) >= threshold:
+                uf.union(i, j)
+    return [find(i) for i in range(n)]
+
+
+def _near_pass(example_ids: list, task_types: list, texts: list, candidates: np.ndarray,
+               cfg: CleanSettings) -> dict[int, int]:
+    """{dropped row: representative row} among ``candidates`` (positions), per task type."""
+    dropped: dict[int, int] = {}
+    by_type: dict[str, list[int]] = {}
+    for i in candidates:
+        by_type.setdefault(task_types[i], []).append(int(i))
+    for task_type in sorted(by_type, key=str):
+        rows = by_type[task_type]
+        order = _sort_order([example_ids[i] for i in rows])
+        rows = [rows[j] for j in order]
+        reps = near_clusters([texts[i] for i in rows], cfg)
+        for pos, rep in enumerate(reps):
+            if rep != pos:
+                dropped[rows[pos]] = rows[rep]
+    return dropped
+
+
+def near_dedup(table: pa.Table, cfg: CleanSettings) -> StageResult:
+    """Drop near-duplicate queries (per task type), then near-duplicate positive documents
+    (retrieval, long_long) among the rows left; each cluster keeps its smallest example_id."""
+    n = table.num_rows
+    example_ids = table.column("example_id").to_pylist()
+    task_types = table.column("task_type").to_pylist()
+    qn = normalize_array(table.column("query"))
+    pn = normalize_array(table.column("positive"))
+    q_len = pc.fill_null(pc.utf8_length(qn), 0).to_numpy(zero_copy_only=False)
+    p_len = pc.fill_null(pc.utf8_length(pn), 0).to_numpy(zero_copy_only=False)
+
+    q_texts = qn.to_pylist()
+    q_dropped = _near_pass(example_ids, task_types, q_texts, np.flatnonzero(q_len >= NEAR_MIN_CHARS), cfg)
+
+    alive = np.ones(n, dtype=bool)
+    alive[list(q_dropped)] = False
+    is_doc = pc.is_in(table.column("task_type"), value_set=pa.array(NEAR_POSITIVE_TYPES)).to_numpy(
+        zero_copy_only=False)
+    p_candidates = np.flatnonzero(alive & is_doc & (p_len >= NEAR_MIN_CHARS))
+    p_texts = pn.to_pylist()
+    p_dropped = _near_pass(example_ids, task_types, p_texts, p_candidates, cfg)
+
+    rows, reasons, details = [], [], []
+    for dropped, reason, field in ((q_dropped, "near_duplicate_query", "query"),
+                                   (p_dropped, "near_duplicate_positive", "positive")):
+        for row, rep in dropped.items():
+            rows.append(row)
+            reasons.append(reason)
+            details.append(f"{field} near-duplicate of {example_ids[rep]} "
+                           f"(Jaccard >= {cfg.near_dup_threshold:g})")
+    return _split(table, np.array(rows, dtype=np.int64), STAGE_NEAR, reasons, details)
+
+
+# --------------------------------------------------------------------------- instructions
+
+
+def instruction_clusters(instructions: pa.Table, cfg: CleanSettings) -> dict[str, str]:
+    """Map every ``instruction_id`` to its cluster representative (smallest instruction_id) within its
+    task type: equal normalized text, or near-duplicates by the same MinHash rule as :func:`near_dedup`.
+    The number of distinct values is the number of unique instructions."""
+    ids = instructions.column("instruction_id").to_pylist()
+    types = instructions.column("task_type").to_pylist()
+    texts = normalize_array(instructions.column("instruction")).to_pylist()
+    result: dict[str, str] = {}
+    by_type: dict[str, list[int]] = {}
+    for i, t in enumerate(types):
+        by_type.setdefault(t, []).append(i)
+    for task_type in sorted(by_type, key=str):
+        rows = by_type[task_type]
+        rows = [rows[j] for j in _sort_order([ids[i] for i in rows])]
+        uf = _UnionFind(len(rows))
+        first_with_text: dict[str, int] = {}
+        for pos, i in enumerate(rows):
+            text = texts[i] or ""
+            if text in first_with_text:
+                uf.union(first_with_text[text], pos)
+            else:
+                first_with_text[text] = pos
+        long_pos = [pos for pos, i in enumerate(rows) if len(texts[i] or "") >= NEAR_MIN_CHARS]
+        reps = near_clusters([texts[rows[pos]] for pos in long_pos], cfg)
+        for local, rep in enumerate(reps):
+            uf.union(long_pos[local], long_pos[rep])
+        for pos, i in enumerate(rows):
+            result[ids[i]] = ids[rows[uf.find(pos)]]
+    return result

@@ -1,0 +1,529 @@
+"""Export the mined corpus as training files, write its dataset card, and publish it.
+
+Input: the ``mined`` stage table, i.e. the ``EXAMPLE_SCHEMA`` columns plus ``positive_rank``,
+``positive_score``, ``hard_negatives`` (list<string>) and ``hard_negative_scores``.
+
+``export_corpus(table, out_dir, cfg)`` writes, for the ``train`` and the ``heldout`` split:
+
+``<split>.jsonl`` / ``<split>.parquet``
+    KaLM-Embedding / FlagEmbedding records, one per example::
+
+        {"query": "Instruct: <instruction>\\nQuery: <query>", "pos": [<positive>],
+         "neg": [<generated negative>, <hard negatives>...], "task_name": <task_type>,
+         "example_id": <example_id>}
+
+    The instruction goes on the query only; positives and negatives are plain texts. ``neg`` is the
+    generated negative (if any) followed by the mined hard negatives, blank texts dropped,
+    de-duplicated (whitespace-trimmed comparison), never equal to the positive, capped at
+    ``cfg.negatives_per_query``.
+``<split>_st.parquet``
+    sentence-transformers columns ``anchor`` (the instructed query), ``positive``,
+    ``negative_1`` .. ``negative_n`` (n = ``cfg.negatives_per_query``; null where a row has fewer).
+
+The split is deterministic: every ``example_id`` is hashed with ``cfg.seed`` (BLAKE2b) and, within
+each task type, the ``round(rows * cfg.heldout_fraction)`` rows with the smallest hashes are held
+out, so every task type with at least ``1 / heldout_fraction`` rows has held-out rows, the
+proportion is the same for every type, and the split depends neither on row order nor on other
+task types. Files are streamed to temporary names and renamed when complete, so a crash leaves the
+previous export or none, never half a file.
+
+``write_dataset_card(out_dir, result, meta)`` writes the Hugging Face ``README.md`` (YAML front
+matter: license, task categories, configs for the train/held-out files) and
+``publish_dataset(export_dir, target, token)`` copies the folder to a local path or uploads it to a
+Hugging Face dataset repository. The token is never printed, logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embed_factory.settings import CleanSettings
+from storage.shards import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "heldout")
+LICENSE = "cc-by-nc-sa-4.0"  # Persona Hub (proj-persona/PersonaHub) is CC-BY-NC-SA-4.0; the data inherits it
+REQUIRED_COLUMNS = ("example_id", "task_type", "instruction", "query", "positive")
+BATCH_ROWS = 8192
+
+KALM_SCHEMA = pa.schema(
+    [
+        ("query", pa.string()),
+        ("pos", pa.list_(pa.string())),
+        ("neg", pa.list_(pa.string())),
+        ("task_name", pa.string()),
+        ("example_id", pa.string()),
+    ]
+)
+
+
+def st_schema(negatives: int) -> pa.Schema:
+    """sentence-transformers columns: anchor, positive, negative_1..negative_n."""
+    names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, negatives + 1)]
+    return pa.schema([(name, pa.string()) for name in names])
+
+
+class ExportError(RuntimeError):
+    """The input table cannot be exported (the message says why)."""
+
+
+class PublishError(RuntimeError):
+    """Publishing failed; the message never contains the token."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_corpus`` wrote: file paths by name, row counts per split and task type."""
+
+    out_dir: Path
+    files: dict[str, Path]  # "train.jsonl" -> path, ... (6 files)
+    counts: dict[str, dict[str, int]]  # split -> task_type -> rows
+    negatives_per_query: int
+    heldout_fraction: float
+    seed: int
+    negatives: dict[str, dict[int, int]] = field(default_factory=dict)  # split -> #negatives -> rows
+
+    def rows(self, split: str | None = None) -> int:
+        splits = [split] if split else list(self.counts)
+        return sum(sum(self.counts.get(s, {}).values()) for s in splits)
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted({t for per_type in self.counts.values() for t in per_type})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "files": {name: str(path) for name, path in self.files.items()},
+            "counts": self.counts,
+            "negatives_per_query": self.negatives_per_query,
+            "heldout_fraction": self.heldout_fraction,
+            "seed": self.seed,
+            "negatives": {s: {str(k): v for k, v in h.items()} for s, h in self.negatives.items()},
+        }
+
+
+# --- records ------------------------------------------------------------------------------------
+def format_query(instruction: str | None, query: str) -> str:
+    """The KaLM / E5-mistral query form; a row without an instruction keeps the bare query."""
+    instruction = (instruction or "").strip()
+    query = (query or "").strip()
+    return f"Instruct: {instruction}\nQuery: {query}" if instruction else query
+
+
+def select_negatives(positive: str, generated: str | None, hard: Iterable[str | None] | None, cap: int) -> list[str]:
+    """Generated negative first, then hard negatives; no blanks, no duplicates, never the positive."""
+    seen = {(positive or "").strip()}
+    out: list[str] = []
+    for text in [generated, *(hard or [])]:
+        if len(out) >= cap:
+            break
+        if text is None:
+            continue
+        key = text.strip()
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(text)
+    return out
+
+
+def _hash_key(seed: int, example_id: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\x1f{example_id}".encode("utf-8"), digest_size=8).digest()
+
+
+def heldout_quota(rows: int, fraction: float) -> int:
+    """Held-out rows for a task type: round(rows * fraction), never every row of a type."""
+    if rows <= 0 or fraction <= 0:
+        return 0
+    return min(int(rows * fraction + 0.5), rows - 1)
+
+
+def split_mask(example_ids: list[str], task_types: list[str], fraction: float, seed: int) -> list[bool]:
+    """True for the held-out rows: per task type, the rows whose seeded hash of example_id is smallest."""
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for index, task_type in enumerate(task_types):
+        by_type[task_type].append(index)
+    mask = [False] * len(example_ids)
+    for indices in by_type.values():
+        quota = heldout_quota(len(indices), fraction)
+        if not quota:
+            continue
+        ranked = sorted(indices, key=lambda i: (_hash_key(seed, example_ids[i]), example_ids[i]))
+        for i in ranked[:quota]:
+            mask[i] = True
+    return mask
+
+
+# --- atomic streaming ---------------------------------------------------------------------------
+class _AtomicOutputs:
+    """Several files written under temporary names and renamed together once all are complete."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def temp_for(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        self._pending.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, _ in self._pending:
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+        for tmp, path in self._pending:
+            os.replace(tmp, path)
+        self._pending.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextlib.contextmanager
+def _split_writers(out_dir: Path, negatives: int) -> Iterator[tuple[dict[str, Any], dict[str, Path]]]:
+    outputs = _AtomicOutputs()
+    files: dict[str, Path] = {}
+    writers: dict[str, Any] = {}
+    handles: list[Any] = []
+    try:
+        for split in SPLITS:
+            files[f"{split}.jsonl"] = out_dir / f"{split}.jsonl"
+            files[f"{split}.parquet"] = out_dir / f"{split}.parquet"
+            files[f"{split}_st.parquet"] = out_dir / f"{split}_st.parquet"
+            jsonl = outputs.temp_for(files[f"{split}.jsonl"]).open("w", encoding="utf-8")
+            handles.append(jsonl)
+            kalm = pq.ParquetWriter(outputs.temp_for(files[f"{split}.parquet"]), KALM_SCHEMA, compression="zstd")
+            handles.append(kalm)
+            st = pq.ParquetWriter(outputs.temp_for(files[f"{split}_st.parquet"]), st_schema(negatives),
+                                  compression="zstd")
+            handles.append(st)
+            writers[split] = {"jsonl": jsonl, "kalm": kalm, "st": st}
+        yield writers, files
+        for handle in handles:
+            handle.close()
+        handles.clear()
+        outputs.commit()
+    finally:
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                handle.close()
+        outputs.discard()
+
+
+def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+    index = batch.schema.get_field_index(name)
+    return batch.column(index).to_pylist() if index >= 0 else [None] * batch.num_rows
+
+
+def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportResult:
+    """Write train/held-out KaLM JSONL + Parquet and sentence-transformers Parquet under ``out_dir``."""
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise ExportError(f"the table to export lacks column(s) {', '.join(missing)}")
+    for name in ("example_id", "task_type", "query", "positive"):
+        if table.column(name).null_count:
+            raise ExportError(f"{table.column(name).null_count} row(s) have no {name}; export the mined table")
+    out_dir = Path(out_dir)
+    cap = cfg.negatives_per_query
+    example_ids = table.column("example_id").to_pylist()
+    duplicates = [eid for eid, n in Counter(example_ids).items() if n > 1]
+    if duplicates:
+        raise ExportError(f"{len(duplicates)} example_id(s) occur more than once, e.g. {duplicates[0]!r}")
+    heldout = split_mask(example_ids, table.column("task_type").to_pylist(), cfg.heldout_fraction, cfg.seed)
+
+    counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    neg_hist: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    neg_names = [f"negative_{i}" for i in range(1, cap + 1)]
+    offset = 0
+    with _split_writers(out_dir, cap) as (writers, files):
+        for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+            cols = {name: _column(batch, name) for name in
+                    ("example_id", "task_type", "instruction", "query", "positive", "negative", "hard_negatives")}
+            kalm_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+            st_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+            for i in range(batch.num_rows):
+                split = "heldout" if heldout[offset + i] else "train"
+                positive = cols["positive"][i]
+                negs = select_negatives(positive, cols["negative"][i], cols["hard_negatives"][i], cap)
+                query = format_query(cols["instruction"][i], cols["query"][i])
+                record = {
+                    "query": query,
+                    "pos": [positive],
+                    "neg": negs,
+                    "task_name": cols["task_type"][i],
+                    "example_id": cols["example_id"][i],
+                }
+                kalm_rows[split].append(record)
+                st_row = {"anchor": query, "positive": positive}
+                st_row.update({name: (negs[j] if j < len(negs) else None) for j, name in enumerate(neg_names)})
+                st_rows[split].append(st_row)
+                counts[split][record["task_name"]] += 1
+                neg_hist[split][len(negs)] += 1
+            offset += batch.num_rows
+            for split in SPLITS:
+                if not kalm_rows[split]:
+                    continue
+                out = writers[split]
+                out["jsonl"].write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kalm_rows[split]))
+                out["kalm"].write_table(pa.Table.from_pylist(kalm_rows[split], schema=KALM_SCHEMA))
+                out["st"].write_table(pa.Table.from_pylist(st_rows[split], schema=st_schema(cap)))
+    result = ExportResult(
+        out_dir=out_dir,
+        files=files,
+        counts={split: dict(sorted(counts[split].items())) for split in SPLITS},
+        negatives_per_query=cap,
+        heldout_fraction=cfg.heldout_fraction,
+        seed=cfg.seed,
+        negatives={split: dict(sorted(neg_hist[split].items())) for split in SPLITS},
+    )
+    log.info("exported %d train and %d held-out rows to %s", result.rows("train"), result.rows("heldout"), out_dir)
+    return result
+
+
+# --- dataset card -------------------------------------------------------------------------------
+_TASK_CATEGORIES = {
+    "retrieval": "text-retrieval",
+    "classification": "text-classification",
+    "short_short": "sentence-similarity",
+    "long_long": "sentence-similarity",
+    "sts": "sentence-similarity",
+    "bitext": "translation",
+}
+
+
+def _size_category(rows: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if rows < limit:
+            return name
+    return "10M<n<100M"
+
+
+def _yaml_list(key: str, values: Iterable[str], indent: str = "") -> list[str]:
+    values = list(values)
+    if not values:
+        return []
+    # JSON strings are valid YAML scalars, so any text is quoted safely
+    return [f"{indent}{key}:"] + [f"{indent}- {json.dumps(v, ensure_ascii=False)}" for v in values]
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_dataset_card(out_dir: Path, result: ExportResult, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``<out_dir>/README.md``, the Hugging Face dataset card, and return its path.
+
+    ``meta`` (all optional): ``model`` (generation model, str or list), ``embedding_model``,
+    ``runs`` (generation run ids), ``clean_id``, ``personas`` (persona source), ``pretty_name``,
+    ``languages`` (default ``["en"]``), ``license`` (default cc-by-nc-sa-4.0, Persona Hub's),
+    ``settings`` (dict of cleaning settings, shown as JSON), ``repo_id`` (for the loading snippet).
+    """
+    meta = dict(meta or {})
+    out_dir = Path(out_dir)
+    models = meta.get("model") or "unknown"
+    models = [models] if isinstance(models, str) else list(models)
+    license_id = meta.get("license", LICENSE)
+    pretty_name = meta.get("pretty_name", "embed-factory synthetic embedding training data")
+    task_types = result.task_types
+    categories = sorted({"feature-extraction", *(_TASK_CATEGORIES.get(t, "sentence-similarity") for t in task_types)})
+    total = result.rows()
+    repo = meta.get("repo_id") or "<owner>/<name>"
+
+    front = ["---", f"license: {license_id}", f"pretty_name: {json.dumps(pretty_name, ensure_ascii=False)}"]
+    front += _yaml_list("language", meta.get("languages") or ["en"])
+    front += _yaml_list("task_categories", categories)
+    front += _yaml_list("tags", ["synthetic", "embeddings", "persona-hub", "kalm-embedding", "hard-negatives"])
+    front += _yaml_list("size_categories", [_size_category(total)])
+    front.append("configs:")
+    for config, suffix, default in (("default", "", True), ("sentence-transformers", "_st", False)):
+        front.append(f"- config_name: {config}")
+        if default:
+            front.append("  default: true")
+        front.append("  data_files:")
+        for split in SPLITS:
+            if result.rows(split) or split == "train":
+                front.append(f"  - split: {split}")
+                front.append(f"    path: {split}{suffix}.parquet")
+    front.append("---")
+
+    lines = [f"# {pretty_name}", ""]
+    lines += [
+        "Synthetic training data for text-embedding models, produced by "
+        "embed-factory after the KaLM-Embedding recipe "
+        "(Persona Hub personas as system prompts, six task types, LLM generation with vLLM, "
+        "validation, deduplication, ranking-consistency filtering and hard-negative mining).",
+        "",
+        "## Pipeline",
+        "",
+        "1. **Personas**: Persona Hub personas (or a bundled seed set) are used as the *system prompt* of "
+        "brainstorm requests, which produce task instructions for retrieval, classification, "
+        "short-short and long-long matching; STS and bitext are generated directly.",
+        "2. **Generation**: one example per unique instruction (query, positive, optionally a generated "
+        "negative), decoded under a JSON schema and validated.",
+        "3. **Cleaning**: validation (lengths, language), exact and MinHash near-duplicate removal.",
+        "4. **Ranking-consistency filter**: an example is kept only if its positive ranks within the "
+        "top k for its query among all documents (embedding search).",
+        "5. **Hard negatives**: mined from a lower rank band of the same search, prepended by the "
+        "generated negative, de-duplicated and never equal to the positive.",
+        "6. **Split**: a deterministic held-out split by a seeded hash of `example_id`, stratified by task type "
+        f"(fraction {result.heldout_fraction}, seed {result.seed}).",
+        "",
+        "## Generation",
+        "",
+        f"- Generation model: {', '.join(f'`{m}`' for m in models)}",
+    ]
+    if meta.get("embedding_model"):
+        lines.append(f"- Embedding model (filter and negatives): `{meta['embedding_model']}`")
+    if meta.get("personas"):
+        lines.append(f"- Personas: {meta['personas']}")
+    if meta.get("runs"):
+        lines.append(f"- Generation runs: {', '.join(f'`{r}`' for r in meta['runs'])}")
+    if meta.get("clean_id"):
+        lines.append(f"- Clean run: `{meta['clean_id']}`")
+    lines.append(f"- Negatives per query: up to {result.negatives_per_query}")
+    lines += ["", "## Counts", "", "| task type | train | heldout | total |", "|---|---:|---:|---:|"]
+    for task_type in task_types:
+        train = result.counts.get("train", {}).get(task_type, 0)
+        held = result.counts.get("heldout", {}).get(task_type, 0)
+        lines.append(f"| {_md_cell(task_type)} | {train} | {held} | {train + held} |")
+    lines.append(f"| **total** | **{result.rows('train')}** | **{result.rows('heldout')}** | **{total}** |")
+    example = {"query": "Instruct: <instruction>\nQuery: <query>", "pos": ["<positive>"],
+               "neg": ["<negative>", "..."], "task_name": "<task type>", "example_id": "<run>:<shard>-<n>"}
+    lines += [
+        "",
+        "## Files and format",
+        "",
+        "| file | format |",
+        "|---|---|",
+        "| `train.jsonl`, `heldout.jsonl` | KaLM-Embedding / FlagEmbedding records, one JSON object a line |",
+        "| `train.parquet`, `heldout.parquet` | the same records (config `default`) |",
+        "| `train_st.parquet`, `heldout_st.parquet` | sentence-transformers columns `anchor`, `positive`, "
+        f"`negative_1`..`negative_{result.negatives_per_query}` (config `sentence-transformers`) |",
+        "",
+        "The instruction is on the query only; positives and negatives are plain texts:",
+        "",
+        "```json",
+        json.dumps(example, ensure_ascii=False),
+        "```",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'ds = load_dataset("{repo}")                          # KaLM records',
+        f'st = load_dataset("{repo}", "sentence-transformers")  # anchor / positive / negative_i',
+        "```",
+        "",
+        "## License",
+        "",
+        f"`{license_id}`. The personas come from Persona Hub (`proj-persona/PersonaHub`, CC-BY-NC-SA-4.0), "
+        "so the generated data inherits its non-commercial share-alike terms; the terms of the "
+        "generation model also apply.",
+    ]
+    if meta.get("settings"):
+        lines += ["", "## Settings", "", "```json", json.dumps(meta["settings"], indent=2, default=str), "```"]
+    lines += ["", f"_Card written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}._", ""]
+    path = out_dir / "README.md"
+    atomic_write_bytes(path, ("\n".join(front) + "\n\n" + "\n".join(lines)).encode("utf-8"))
+    return path
+
+
+# --- publishing ---------------------------------------------------------------------------------
+class _Secret:
+    """Holds the token so that no repr, log line or traceback local shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any):
+        if value is not None and hasattr(value, "get_secret_value"):  # pydantic SecretStr
+            value = value.get_secret_value()
+        self._value = value or None
+
+    def reveal(self) -> str | None:
+        return self._value
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._value, "***") if self._value else text
+
+    def __repr__(self) -> str:
+        return "_Secret('***')"
+
+
+def _is_local(target: str) -> bool:
+    return target.startswith(("/", "./", "file://"))
+
+
+def _copy_local(export_dir: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sorted(export_dir.rglob("*")):
+        if src.is_dir() or src.name.startswith("."):
+            continue
+        target = dest / src.relative_to(export_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def publish_dataset(export_dir: Path, target: str, token: Any = None) -> str:
+    """Publish the export folder (with its ``README.md`` card); returns where it went.
+
+    ``target`` starting with ``/``, ``./`` or ``file://`` is a local folder (files copied, each
+    atomically); anything else is a Hugging Face dataset repository id (``owner/name``), created if
+    needed and uploaded with ``upload_folder``. ``token`` (str or pydantic ``SecretStr``; None: the
+    cached login / ``HF_TOKEN``) is never printed, logged or included in an error.
+    """
+    secret = _Secret(token)
+    del token  # only the redacting holder from here on, so no traceback local shows it
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise PublishError(f"{export_dir}: no such export folder")
+    if not (export_dir / "README.md").exists():
+        raise PublishError(f"{export_dir}: no README.md dataset card; write it with write_dataset_card first")
+    if _is_local(target):
+        dest = Path(target[len("file://"):] if target.startswith("file://") else target).resolve()
+        if dest == export_dir.resolve():
+            raise PublishError(f"{dest}: the target is the export folder itself")
+        _copy_local(export_dir, dest)
+        log.info("published %s to %s", export_dir, dest)
+        return str(dest)
+    parts = target.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise PublishError(f"{target!r}: give a Hugging Face dataset id 'owner/name' or a local path")
+    import huggingface_hub  # here, so that tests can monkeypatch huggingface_hub.HfApi
+
+    try:
+        api = huggingface_hub.HfApi(token=secret.reveal())
+        api.create_repo(target, repo_type="dataset", exist_ok=True)
+        api.upload_folder(
+            repo_id=target,
+            folder_path=str(export_dir),
+            repo_type="dataset",
+            commit_message="Upload embed-factory export",
+            ignore_patterns=[".*"],
+        )
+    except Exception as exc:  # noqa: BLE001 - re-raised without the token and without the chain
+        raise PublishError(f"publishing to {target} failed: {secret.redact(f'{type(exc).__name__}: {exc}')}") from None
+    url = f"https://huggingface.co/datasets/{target}"
+    log.info("published %s to %s", export_dir, url)
+    return url

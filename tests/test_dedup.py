@@ -1,0 +1,284 @@
+"""Exact and near-duplicate removal: known answers on hand-made rows, order independence, determinism."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+
+from embed_factory.settings import CleanSettings
+from storage.corpus import DROPPED_SCHEMA
+from storage.schemas import EXAMPLE_SCHEMA
+from tasks.dedup import (
+    exact_dedup,
+    instruction_clusters,
+    lsh_bands,
+    near_dedup,
+    normalize_text,
+)
+
+CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+WORDS = ("river mountain library engine garden violin harbor candle meadow planet circuit lantern "
+         "forest bridge market canyon orchard glacier compass theatre island bakery tunnel museum "
+         "desert falcon mirror pottery satellite village quarry anchor blossom cathedral").split()
+
+
+def text_of(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def make_example(example_id: str, task_type: str = "retrieval", query: str = "q", positive: str = "p",
+                 negative: str | None = "n") -> dict:
+    """One row with every EXAMPLE_SCHEMA column filled."""
+    row = {
+        "example_id": example_id,
+        "run_id": "run-d",
+        "shard_id": "g00-00000",
+        "task_type": task_type,
+        "instruction": f"instruction for {task_type}",
+        "instruction_id": f"{task_type}-000001",
+        "persona_id": "p_0001",
+        "persona": "A persona.",
+        "placeholders": json.dumps({"language": "English"}),
+        "prompt_version": "abc",
+        "model": "m",
+        "sampling": "{}",
+        "attempts": 1,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "latency_s": 0.1,
+        "finish_reason": "stop",
+        "query": query,
+        "positive": positive,
+        "negative": negative,
+        "parsed": "{}",
+        "raw_text": "{}",
+        "created_at": CREATED,
+    }
+    assert set(row) == set(EXAMPLE_SCHEMA.names)
+    return row
+
+
+def table_of(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+
+
+def dropped_map(result) -> dict[str, tuple[str, str]]:
+    d = result.dropped
+    return {e: (r, det) for e, r, det in zip(d.column("example_id").to_pylist(), d.column("reason").to_pylist(),
+                                             d.column("detail").to_pylist())}
+
+
+@pytest.fixture(scope="module")
+def cfg() -> CleanSettings:
+    return CleanSettings()
+
+
+def test_normalization_ignores_case_space_and_punctuation():
+    base = normalize_text("what is minhash")
+    assert normalize_text("What is MinHash?") == base
+    assert normalize_text("  WHAT   is\tminhash!!! ") == base
+    assert normalize_text("What, is... MinHash") == base
+    assert normalize_text("Ｗhat is ＭinHash") == base  # full-width letters (NFKC)
+    assert normalize_text("what is simhash") != base
+    assert normalize_text("Straße") == normalize_text("STRASSE")  # full case folding
+    assert normalize_text(None) is None
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def exact_rows() -> list[dict]:
+    return [
+        make_example("e03", query="What is MinHash?", positive="doc a"),
+        make_example("e01", query="  what is   minhash ", positive="doc b"),
+        make_example("e02", query="WHAT IS MINHASH!!!", positive="doc c"),
+        make_example("e04", query="What is SimHash?", positive="doc d"),
+        # same query text in another task type: a different task, kept
+        make_example("e05", task_type="sts", query="What is MinHash?", positive="sts doc"),
+    ]
+
+
+@pytest.mark.parametrize("order", ["given", "reversed", "shuffled"])
+def test_exact_duplicates_keep_the_smallest_example_id_whatever_the_order(order):
+    rows = exact_rows()
+    if order == "reversed":
+        rows = rows[::-1]
+    elif order == "shuffled":
+        random.Random(7).shuffle(rows)
+    table = table_of(rows)
+    result = exact_dedup(table)
+    dropped = dropped_map(result)
+    assert set(dropped) == {"e02", "e03"}
+    for eid in ("e02", "e03"):
+        reason, detail = dropped[eid]
+        assert reason == "duplicate_query"
+        assert "e01" in detail
+    # kept rows: input order, input schema
+    assert result.kept.column("example_id").to_pylist() == [r["example_id"] for r in rows
+                                                            if r["example_id"] not in dropped]
+    assert result.kept.schema == table.schema
+    assert result.dropped.schema.equals(DROPPED_SCHEMA)
+    assert set(result.dropped.column("stage").to_pylist()) == {"dedup_exact"}
+
+
+def test_classification_labels_repeat_but_document_positives_do_not():
+    rows = [
+        make_example("c1", "classification", query="The food was cold and late.", positive="negative",
+                     negative="positive"),
+        make_example("c2", "classification", query="Great service, friendly staff!", positive="Negative.",
+                     negative="positive"),
+        make_example("c3", "classification", query="Terrible parking, never again.", positive="negative",
+                     negative="neutral"),
+        make_example("r2", "retrieval", query="best hiking boots", positive="Hiking boots: a buyer's guide."),
+        make_example("r1", "retrieval", query="waterproof trail shoes", positive="hiking boots -- a buyer's guide"),
+        make_example("s1", "short_short", query="cat", positive="A small domesticated feline."),
+        make_example("s2", "short_short", query="kitten", positive="a small domesticated feline"),
+    ]
+    result = exact_dedup(table_of(rows))
+    dropped = dropped_map(result)
+    assert set(dropped) == {"r2", "s2"}
+    assert dropped["r2"][0] == "duplicate_positive" and "r1" in dropped["r2"][1]
+    assert dropped["s2"][0] == "duplicate_positive" and "s1" in dropped["s2"][1]
+
+
+def test_positive_pass_only_compares_rows_the_query_pass_kept():
+    # b repeats a's query; c repeats b's positive. b goes for its query; c stays, because the row
+    # it would duplicate is gone.
+    rows = [
+        make_example("a", query="how to prune roses", positive="Pruning roses in spring."),
+        make_example("b", query="How to prune roses?", positive="Feeding roses in summer."),
+        make_example("c", query="rose fertilizer", positive="feeding roses in summer"),
+    ]
+    dropped = dropped_map(exact_dedup(table_of(rows)))
+    assert dropped == {"b": ("duplicate_query", dropped["b"][1])}
+
+
+def test_exact_dedup_is_deterministic_and_handles_nulls_and_empty():
+    rows = exact_rows() + [make_example("n1", query=None, positive=None), make_example("n2", query=None,
+                                                                                     positive=None)]
+    table = table_of(rows)
+    first, second = exact_dedup(table), exact_dedup(table)
+    assert first.kept.equals(second.kept) and first.dropped.equals(second.dropped)
+    assert {"n1", "n2"} <= set(first.kept.column("example_id").to_pylist())
+    empty = exact_dedup(table_of([]))
+    assert empty.kept.num_rows == 0 and empty.dropped.num_rows == 0
+
+
+# --------------------------------------------------------------------------- near
+
+
+def one_word_changed(text: str, position: int, word: str) -> str:
+    words = text.split()
+    assert words[position] != word
+    words[position] = word
+    return " ".join(words)
+
+
+def near_rows() -> list[dict]:
+    base = text_of(40, seed=1)
+    return [
+        make_example("n3", query=base, positive=text_of(60, seed=10)),
+        make_example("n1", query=one_word_changed(base, 20, "telescope"), positive=text_of(60, seed=11)),
+        make_example("n2", query=text_of(40, seed=2), positive=text_of(60, seed=12)),  # clearly different
+        make_example("n4", query=text_of(40, seed=3), positive=text_of(60, seed=13)),
+        # positive near-duplicate of n2's (one word changed), query different
+        make_example("n5", query=text_of(40, seed=4),
+                     positive=one_word_changed(text_of(60, seed=12), 30, "telescope")),
+        # same near-duplicate positive pair in short_short: positives of short types are not near-deduped
+        make_example("s1", "short_short", query=text_of(10, seed=5), positive=text_of(60, seed=20)),
+        make_example("s2", "short_short", query=text_of(10, seed=6),
+                     positive=one_word_changed(text_of(60, seed=20), 10, "telescope")),
+        # the near-duplicate query in another task type: kept
+        make_example("x1", "long_long", query=base, positive=text_of(60, seed=30)),
+    ]
+
+
+@pytest.mark.parametrize("order", ["given", "reversed", "shuffled"])
+def test_near_duplicates_go_and_different_texts_stay(cfg, order):
+    rows = near_rows()
+    if order == "reversed":
+        rows = rows[::-1]
+    elif order == "shuffled":
+        random.Random(3).shuffle(rows)
+    table = table_of(rows)
+    result = near_dedup(table, cfg)
+    dropped = dropped_map(result)
+    assert set(dropped) == {"n3", "n5"}
+    assert dropped["n3"][0] == "near_duplicate_query" and "n1" in dropped["n3"][1]
+    assert dropped["n5"][0] == "near_duplicate_positive" and "n2" in dropped["n5"][1]
+    assert set(result.dropped.column("stage").to_pylist()) == {"dedup_near"}
+    assert result.kept.column("example_id").to_pylist() == [r["example_id"] for r in rows
+                                                            if r["example_id"] not in dropped]
+    assert result.kept.schema == table.schema
+
+
+def test_short_queries_are_left_to_exact_dedup(cfg):
+    rows = [make_example("a", query="red shoes"), make_example("b", query="red shoe")]
+    assert near_dedup(table_of(rows), cfg).dropped.num_rows == 0
+
+
+def test_threshold_decides(cfg):
+    base = text_of(40, seed=1)
+    # eight words changed: far below 0.85 Jaccard
+    changed = base
+    for pos in range(0, 40, 5):
+        changed = one_word_changed(changed, pos, "telescope" if changed.split()[pos] != "telescope" else "comet")
+    rows = [make_example("a", query=base), make_example("b", query=changed)]
+    assert near_dedup(table_of(rows), cfg).dropped.num_rows == 0
+    loose = cfg.model_copy(update={"near_dup_threshold": 0.3})
+    assert set(dropped_map(near_dedup(table_of(rows), loose))) == {"b"}
+
+
+def test_near_dedup_is_deterministic(cfg):
+    table = table_of(near_rows())
+    first, second = near_dedup(table, cfg), near_dedup(table, cfg)
+    assert first.kept.equals(second.kept) and first.dropped.equals(second.dropped)
+    empty = near_dedup(table_of([]), cfg)
+    assert empty.kept.num_rows == 0 and empty.dropped.num_rows == 0
+
+
+def test_lsh_bands_divide_num_perm_and_reach_recall():
+    for num_perm, threshold in [(128, 0.85), (100, 0.85), (64, 0.5), (16, 0.95)]:
+        bands = lsh_bands(num_perm, threshold)
+        assert num_perm % bands == 0
+        rows = num_perm // bands
+        assert 1 - (1 - threshold**rows) ** bands >= 0.99
+    assert lsh_bands(128, 0.85) == 16
+
+
+# --------------------------------------------------------------------------- instructions
+
+
+def test_instruction_clusters_map_to_the_smallest_id_within_task_type(cfg):
+    base = "Given a scientific claim as the query, retrieve documents that help verify or refute the claim."
+    rows = [
+        ("retrieval-000003", "retrieval", base),
+        ("retrieval-000001", "retrieval", base.replace("help", "can help")),
+        ("retrieval-000002", "retrieval", "Search for recipes that use a given seasonal vegetable."),
+        ("retrieval-000004", "retrieval", "search for recipes that use a given seasonal vegetable"),
+        ("retrieval-000005", "retrieval", "Find songs."),
+        ("retrieval-000006", "retrieval", "find songs"),
+        ("classification-000001", "classification", base),
+    ]
+    table = pa.table({
+        "instruction_id": [r[0] for r in rows],
+        "task_type": [r[1] for r in rows],
+        "instruction": [r[2] for r in rows],
+    })
+    mapping = instruction_clusters(table, cfg)
+    assert mapping == {
+        "retrieval-000003": "retrieval-000001",
+        "retrieval-000001": "retrieval-000001",
+        "retrieval-000002": "retrieval-000002",
+        "retrieval-000004": "retrieval-000002",
+        "retrieval-000005": "retrieval-000005",
+        "retrieval-000006": "retrieval-000005",
+        "classification-000001": "classification-000001",
+    }
+    assert len(set(mapping.values())) == 4

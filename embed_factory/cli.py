@@ -94,12 +94,17 @@ def run(
     task_types: Optional[list[str]] = typer.Option(None, "--task-type", "-t",
                                                    help=f"Task type(s) to generate: {', '.join(ALL_TASK_TYPES)}."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed for personas and placeholders."),
+    clean_after: bool = typer.Option(True, "--clean/--no-clean",
+                                     help="Clean all runs into a training corpus after generating."),
     instructions: Optional[int] = typer.Option(None, "--instructions", min=1,
                                                help="Target unique brainstormed instructions."),
     profile: Optional[str] = ProfileOption,
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Generate examples of all task types end to end (starts the embedded LLM and Prefect servers if needed)."""
+    """Generate examples of all 6 task types, then clean them into a training corpus.
+
+    Starts the embedded vLLM and local Prefect servers if needed. Re-use --run-id to resume a run.
+    """
     settings = _settings(config, profile)
     unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
     if unknown:
@@ -116,11 +121,13 @@ def run(
             EmbeddedLLMServer(settings.embedded_llm, _say).start()
         api_url = resolve_api_url(settings, _say)
         summary = _run_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile)
+        _print_summary(summary, api_url)
+        if clean_after:
+            _print_clean_summary(_clean_flow(api_url, run_id, None, None, settings.profile))
     except USER_ERRORS as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail(f"interrupted; resume with: embed-factory run --run-id {run_id}", 130)
-    _print_summary(summary, api_url)
 
 
 def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile) -> dict:
@@ -139,6 +146,34 @@ def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile
                                         unique_instructions=instructions, profile=profile))
     finally:
         remove()
+
+
+def _clean_flow(api_url: str, clean_id: str, runs, publish_to, profile) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.clean import clean
+
+    bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console)
+    remove = progress_sink.add_listener(_RichProgress(bar))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), bar:
+            return clean(clean_id=clean_id, runs=runs, publish_to=publish_to, profile=profile)
+    finally:
+        remove()
+
+
+def _print_clean_summary(summary: dict) -> None:
+    out = Console()
+    table = Table(title=f"clean {summary['clean_id']} ({len(summary['runs'])} run(s))")
+    table.add_column("stage")
+    table.add_column("rows", justify="right")
+    for stage, count in summary["counts"].items():
+        table.add_row(stage, str(count))
+    out.print(table)
+    out.print("dropped: " + (", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"))
+    out.print(f"export: {summary['export_dir']}   report: {summary['report']}")
+    out.print('query:  embed-factory query "SELECT task_type, count(*) FROM mined GROUP BY 1"')
 
 
 def _print_summary(summary: dict, api_url: str) -> None:
@@ -161,6 +196,89 @@ def _print_summary(summary: dict, api_url: str) -> None:
     out.print(f"shards: {run_dir}/examples/*.parquet   rejects: {run_dir}/rejects/*.parquet")
     out.print(f"query:  duckdb -c \"SELECT task_type, count(*) FROM '{run_dir}/examples/*.parquet' GROUP BY 1\"")
     out.print(f"UI:     {api_url.removesuffix('/api')}/runs")
+
+
+@app.command()
+def clean(
+    clean_id: Optional[str] = typer.Option(None, "--clean-id", help="Id of the clean run (default: new)."),
+    runs: Optional[list[str]] = typer.Option(None, "--run", "-r", help="Generation run(s) to include (default: all)."),
+    publish_to: Optional[str] = typer.Option(None, "--publish-to",
+                                             help="Also publish the export: a local folder or a Hub dataset repo id "
+                                                  "(token from HF_TOKEN)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Validate, deduplicate, rank-filter and mine hard negatives; export the training corpus."""
+    settings = _settings(config)
+    clean_id = clean_id or datetime.now(timezone.utc).strftime("clean-%Y%m%d-%H%M%S")
+    try:
+        api_url = resolve_api_url(settings, _say)
+        _print_clean_summary(_clean_flow(api_url, clean_id, runs, publish_to, settings.profile))
+    except USER_ERRORS as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL over the catalog views: raw, rejects, brainstorm, instructions, "
+                                        "valid, dropped, deduped, filtered, mined."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to a .csv or .parquet file."),
+    limit: int = typer.Option(50, help="Rows to print."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Query the shards and every cleaning stage with DuckDB (catalog file: <data_dir>/catalog.duckdb)."""
+    from storage.catalog import Catalog, CatalogError
+
+    settings = _settings(config)
+    catalog = Catalog(settings.storage.data_dir)
+    try:  # the catalog refreshes its views by itself
+        if out is not None:
+            if out.suffix not in (".csv", ".parquet"):
+                _fail(f"--out must end in .csv or .parquet, not {out.suffix or '(none)'}", 2)
+            catalog.to_file(sql, out)
+            console.print(f"wrote {out}")
+            return
+        result = catalog.query(sql)
+    except CatalogError as exc:
+        _fail(str(exc))
+    table = Table(show_lines=False)
+    for name in result.column_names:
+        table.add_column(name, overflow="fold")
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*[_cell(v) for v in row.values()])
+    Console().print(table)
+    if result.num_rows > limit:
+        console.print(f"({result.num_rows} rows, {limit} shown; --limit or --out for more)")
+
+
+def _cell(value) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+@app.command()
+def report(
+    clean_id: Optional[str] = typer.Option(None, "--clean-id", help="Clean run to report on (default: latest)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: the clean run's report.html)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Write an HTML report: funnel, drop reasons, ranks, negative scores, lengths, diversity."""
+    from storage.catalog import Catalog
+    from storage.corpus import CleanStore
+    from tasks.report import write_report
+
+    settings = _settings(config)
+    clean_root = Path(settings.storage.data_dir) / "clean"
+    if clean_id is None:
+        ids = sorted((p for p in clean_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
+            if clean_root.exists() else []
+        if not ids:
+            _fail("no clean run yet; run `embed-factory clean` first")
+        clean_id = ids[-1].name
+    target = out or CleanStore(settings.storage.data_dir, clean_id).report_path
+    catalog = Catalog(settings.storage.data_dir)
+    catalog.refresh()
+    path = write_report(catalog, clean_id, target)
+    console.print(f"report: {path}")
 
 
 @llm_app.command("up")

@@ -1,0 +1,224 @@
+"""Hard-negative mining (KaLM-Embedding): 7 negatives per query sampled from ranks 50–100.
+
+Mining reuses the rank filter's one search (``tasks.rank_filter.SearchResults``: the top-N corpus
+ids and scores of each kept query, N = max(rank_top_k, negative_rank_max)); nothing is searched
+or embedded again.
+
+Rank window. KaLM's "ranks 50–100" is read as the result slice ``ids[:, 50:100]``: skip the top
+``cfg.negative_rank_min`` results and take the candidates up to ``cfg.negative_rank_max``, i.e.
+1-based ranks 51..100 inclusive (result positions are 0-based ``[min, max)``). The window so
+starts right after the filter's top-50, where every kept positive lies, and N = 100 results
+cover it exactly.
+
+A candidate in the window is not usable when it is
+
+* the row's positive (same corpus id, or the same normalized text),
+* the query itself (normalized text equal to the row's query),
+* a near-duplicate of the positive: cosine with the positive >= ``NEAR_DUP_COSINE`` (0.95),
+* with ``cfg.negative_margin`` set (NV-Retriever's positive-aware filter), a candidate whose score
+  is not below ``margin × positive score``,
+* a repeat, by normalized text, of a better-ranked usable candidate of the same row.
+
+From the usable ones, ``cfg.negatives_per_query`` are taken: ``negative_mode = "sample"`` draws them
+uniformly without replacement, seeded per row by ``stable_seed(cfg.seed, example_id)`` (each
+candidate's draw key is a hash of that seed and its corpus id, so the choice does not depend on
+row order, batching or other rows); ``"top"`` takes the best-ranked usable ones. The chosen
+negatives are listed in rank order with their scores. A row with no usable negative is dropped
+(stage ``negatives``, reason ``no_hard_negatives``) when ``negatives_per_query > 0``.
+
+Everything but the text normalisation is vectorised over rows in chunks (550k queries).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from embed_factory.seeding import stable_seed
+from embed_factory.settings import CleanSettings
+from storage.corpus import MINED_COLUMNS, StageResult
+
+#: cosine with the positive at or above which a candidate counts as a near-duplicate of it
+NEAR_DUP_COSINE = 0.95
+#: rows per vectorised chunk (bounds the gathered candidate vectors: chunk × window × dim floats)
+CHUNK_ROWS = 1024
+
+_U64_MAX = np.iinfo(np.uint64).max
+
+
+def normalize_text(text: str | None) -> str:
+    """Case- and whitespace-insensitive form used to spot the same text twice."""
+    return " ".join((text or "").split()).casefold()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser over uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _text_groups(corpus_texts: Sequence[str], query_texts: Sequence[str | None] | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Integer ids of normalized texts: one per corpus item, and per query (-3 when not in the corpus)."""
+    groups: dict[str, int] = {}
+    corpus_group = np.fromiter((groups.setdefault(normalize_text(t), len(groups)) for t in corpus_texts),
+                               dtype=np.int64, count=len(corpus_texts))
+    if query_texts is None:
+        return corpus_group, None
+    query_group = np.fromiter((groups.get(normalize_text(t), -3) for t in query_texts),
+                              dtype=np.int64, count=len(query_texts))
+    return corpus_group, query_group
+
+
+def _positive_scores(table: pa.Table, search_ids: np.ndarray, search_scores: np.ndarray,
+                     positive_idx: np.ndarray) -> np.ndarray:
+    """The positive's score per row: the filter's ``positive_score`` column, else from the results.
+
+    Where neither knows it, NaN: the margin test then rejects every candidate of the row.
+    """
+    if "positive_score" in table.column_names:
+        return table.column("positive_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    out = np.full(len(positive_idx), np.nan, dtype=np.float32)
+    hit = search_ids == positive_idx[:, None]
+    found = hit.any(axis=1)
+    out[found] = search_scores[found, hit[found].argmax(axis=1)]
+    return out
+
+
+def _drop_repeats(groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """``usable`` minus candidates whose text group repeats a better-ranked usable one in the row."""
+    width = groups.shape[1]
+    if width < 2:
+        return usable
+    # unusable candidates get a unique negative group so they never collide
+    unique_fill = -10 - np.arange(groups.size, dtype=np.int64).reshape(groups.shape)
+    g = np.where(usable, groups, unique_fill)
+    order = np.argsort(g, axis=1, kind="stable")
+    sorted_g = np.take_along_axis(g, order, axis=1)
+    repeat_sorted = np.zeros_like(usable)
+    repeat_sorted[:, 1:] = sorted_g[:, 1:] == sorted_g[:, :-1]
+    repeat = np.zeros_like(usable)
+    np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+    return usable & ~repeat
+
+
+def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: np.ndarray,
+                        corpus_texts: Sequence[str], corpus_vecs: np.ndarray, positive_idx: np.ndarray,
+                        cfg: CleanSettings, query_texts: Sequence[str | None] | None = None,
+                        positive_scores: np.ndarray | None = None,
+                        near_dup_cosine: float = NEAR_DUP_COSINE, chunk_rows: int = CHUNK_ROWS) -> StageResult:
+    """Add ``hard_negatives`` / ``hard_negative_scores`` to each row of ``table`` (see module doc).
+
+    ``search_ids`` / ``search_scores`` (rows × N, best first) and ``positive_idx`` are aligned with
+    ``table``; ``corpus_texts`` and ``corpus_vecs`` are indexed by corpus id. ``query_texts``
+    defaults to the table's ``query`` column (the raw query, not the instructed form);
+    ``positive_scores`` (for the margin) to its ``positive_score`` column.
+    """
+    n = table.num_rows
+    search_ids = np.asarray(search_ids)
+    search_scores = np.asarray(search_scores, dtype=np.float32)
+    positive_idx = np.asarray(positive_idx, dtype=np.int64)
+    corpus_vecs = np.asarray(corpus_vecs, dtype=np.float32)
+    if search_ids.ndim != 2 or search_ids.shape != search_scores.shape or len(search_ids) != n \
+            or len(positive_idx) != n:
+        raise ValueError(f"{n} rows, search results of shape {search_ids.shape}/{search_scores.shape}, "
+                         f"{len(positive_idx)} positive ids: they must align")
+    if len(corpus_texts) != len(corpus_vecs):
+        raise ValueError(f"{len(corpus_texts)} corpus texts but {len(corpus_vecs)} corpus vectors")
+    if query_texts is None and "query" in table.column_names:
+        query_texts = table.column("query").to_pylist()
+    if query_texts is not None and len(query_texts) != n:
+        raise ValueError(f"{n} rows but {len(query_texts)} query texts")
+
+    want = cfg.negatives_per_query
+    lo, hi = cfg.negative_rank_min, min(cfg.negative_rank_max, search_ids.shape[1])
+    width = max(0, hi - lo)
+    chosen = np.zeros((n, width), dtype=bool)
+    if want > 0 and width > 0 and n > 0:
+        cand_all = search_ids[:, lo:hi].astype(np.int64)
+        cscore_all = search_scores[:, lo:hi]
+        corpus_group, query_group = _text_groups(corpus_texts, query_texts)
+        pos_group = corpus_group[positive_idx]
+        margin = cfg.negative_margin
+        if margin is not None:
+            pos_score_all = (np.asarray(positive_scores, dtype=np.float32) if positive_scores is not None
+                             else _positive_scores(table, search_ids, search_scores, positive_idx))
+        if cfg.negative_mode == "sample":
+            ids = table.column("example_id").to_pylist() if "example_id" in table.column_names else range(n)
+            row_seeds = np.fromiter((stable_seed(cfg.seed, str(e)) for e in ids), dtype=np.uint64, count=n)
+            row_keys = _mix64(row_seeds)
+
+        for start in range(0, n, chunk_rows):
+            sl = slice(start, min(start + chunk_rows, n))
+            cand = cand_all[sl]
+            present = cand >= 0
+            safe = np.where(present, cand, 0)
+            pos = positive_idx[sl]
+            usable = present & (cand != pos[:, None])
+            groups = np.where(present, corpus_group[safe], -2)
+            usable &= groups != pos_group[sl, None]
+            if query_group is not None:
+                usable &= groups != query_group[sl, None]
+            # cosine of each candidate with the row's positive: batched (rows, window, d) @ (rows, d, 1)
+            cos = np.matmul(corpus_vecs[safe], corpus_vecs[pos][:, :, None])[:, :, 0]
+            usable &= cos < near_dup_cosine
+            if margin is not None:
+                usable &= cscore_all[sl] < np.float32(margin) * pos_score_all[sl, None]
+            usable = _drop_repeats(groups, usable)
+            if cfg.negative_mode == "top":
+                pick = usable & (np.cumsum(usable, axis=1) <= want)
+            else:
+                keys = _mix64(row_keys[sl, None] ^ safe.astype(np.uint64))
+                keys[~usable] = _U64_MAX
+                take = np.argsort(keys, axis=1, kind="stable")[:, :want]
+                pick = np.zeros_like(usable)
+                np.put_along_axis(pick, take, True, axis=1)
+                pick &= usable
+            chosen[sl] = pick
+
+    counts = chosen.sum(axis=1)
+    keep = counts > 0 if want > 0 else np.ones(n, dtype=bool)
+    kept_rows = np.flatnonzero(keep)
+    rows, cols = np.nonzero(chosen[kept_rows])  # row-major: per row, in rank order
+    flat_ids = search_ids[kept_rows[rows], lo + cols].astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    flat_scores = search_scores[kept_rows[rows], lo + cols] if len(rows) else np.zeros(0, np.float32)
+    offsets = np.zeros(len(kept_rows) + 1, dtype=np.int32)
+    np.cumsum(counts[kept_rows], out=offsets[1:])
+
+    uniq, inverse = np.unique(flat_ids, return_inverse=True)
+    texts = pa.array([corpus_texts[i] for i in uniq.tolist()], type=pa.string()).take(
+        pa.array(inverse.reshape(-1), type=pa.int64()))
+    (neg_name, neg_type), (score_name, score_type) = MINED_COLUMNS
+    negatives = pa.ListArray.from_arrays(pa.array(offsets), texts, type=neg_type)
+    neg_scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, type=pa.float32()),
+                                          type=score_type)
+
+    kept = table.take(pa.array(kept_rows, type=pa.int64()))
+    for name, _ in MINED_COLUMNS:
+        if name in kept.column_names:
+            kept = kept.drop_columns([name])
+    kept = kept.append_column(pa.field(neg_name, neg_type), negatives)
+    kept = kept.append_column(pa.field(score_name, score_type), neg_scores)
+
+    dropped_rows = np.flatnonzero(~keep)
+    detail = (f"no usable candidate at ranks {lo + 1}-{hi} ({width} searched; positive, query, "
+              f"near-duplicates{', margin' if cfg.negative_margin is not None else ''} excluded)")
+
+    def col(name: str) -> list:
+        if name in table.column_names:
+            return table.column(name).take(pa.array(dropped_rows, type=pa.int64())).to_pylist()
+        return [None] * len(dropped_rows)
+
+    dropped = StageResult.dropped_rows(
+        [
+            {"example_id": e, "run_id": r, "task_type": t, "stage": "negatives", "reason": "no_hard_negatives",
+             "detail": detail}
+            for e, r, t in zip(col("example_id"), col("run_id"), col("task_type"))
+        ]
+    )
+    return StageResult(kept=kept, dropped=dropped)

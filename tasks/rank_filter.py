@@ -1,0 +1,244 @@
+"""Ranking-consistency filter (KaLM-Embedding): keep a sample only if its positive ranks in the top k.
+
+Each query, embedded in its instructed form (``tasks.embed.query_text``), searches the corpus of
+all unique positive and negative texts by inner product over L2-normalised vectors (= cosine).
+A sample whose own positive is not among the top ``cfg.rank_top_k`` (default 50) results is
+dropped: the query is too broad, or the positive does not answer it.
+
+Rank semantics. The rank of the positive is ``1 + #{corpus items whose score is strictly greater
+than the positive's}``. That is what exact search means, and it is deterministic under ties: an
+item that ties the positive does not push it down, whatever order the index returns tied items
+in. It is computed from the top-N results alone: if fewer than N returned scores exceed the
+positive's, every item that beats the positive is among them, so the count is exact; if all N do,
+the positive ranks below N. The positive's score is the exact dot product ``q · corpus[pos]``
+(taken from the search results when the positive is among them, so both sides of the comparison
+come from the same arithmetic). With the ``ivf`` and ``hnsw`` indexes, search is approximate and
+so are the ranks.
+
+The search is done once, for ``N = max(cfg.rank_top_k, cfg.negative_rank_max)`` results per query;
+:func:`rank_filter` returns them (for the kept rows) so that hard-negative mining
+(``tasks.negatives``) reuses them instead of searching again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from embed_factory.settings import CleanSettings
+from storage.corpus import FILTER_COLUMNS, StageResult
+
+#: queries per faiss search call: bounds the result arrays and faiss's scratch memory
+SEARCH_BATCH = 8192
+
+
+def _as_matrix(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
+    return vectors
+
+
+def result_width(cfg: CleanSettings) -> int:
+    """How many results per query one search must return for both the filter and mining."""
+    return max(cfg.rank_top_k, cfg.negative_rank_max)
+
+
+def build_index(vectors: np.ndarray, cfg: CleanSettings) -> faiss.Index:
+    """An inner-product index over ``vectors`` (L2-normalised rows), as ``cfg.index`` asks.
+
+    * ``flat``: exact search (``IndexFlatIP``), the default and KaLM's choice.
+    * ``ivf``: ``IndexIVFFlat`` with inner-product metric, trained on the corpus; ``nlist`` is capped
+      so that each list gets at least 39 training points (faiss's minimum), ``nprobe = cfg.ivf_nprobe``.
+    * ``hnsw``: ``IndexHNSWFlat`` with inner-product metric, ``M = cfg.hnsw_m``.
+
+    With GPUs visible to faiss, flat and IVF indexes are moved to all of them (HNSW stays on CPU).
+    """
+    vectors = _as_matrix(vectors)
+    n, dim = vectors.shape
+    if cfg.index == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+    elif cfg.index == "ivf":
+        nlist = max(1, min(cfg.ivf_nlist, n // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a ref
+        index.train(vectors)
+        index.add(vectors)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+        index.make_direct_map()  # so vectors can be reconstructed by id
+    elif cfg.index == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * cfg.hnsw_m)
+        index.hnsw.efSearch = max(64, 2 * result_width(cfg))
+        index.add(vectors)
+    else:  # pragma: no cover - settings validate the choice
+        raise ValueError(f"unknown index type {cfg.index!r}")
+    if cfg.index != "hnsw" and _num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _num_gpus() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (ids int64, scores float32) per query, best first, searched ``batch`` queries at a time.
+
+    ``k`` is capped at the index size; ids of missing results (approximate indexes) are -1.
+    """
+    queries = _as_matrix(queries)
+    k = max(0, min(int(k), int(index.ntotal)))
+    n = len(queries)
+    ids = np.empty((n, k), dtype=np.int64)
+    scores = np.empty((n, k), dtype=np.float32)
+    if k == 0 or n == 0:
+        return ids, scores
+    for start in range(0, n, batch):
+        s, i = index.search(queries[start:start + batch], k)
+        scores[start:start + batch] = s
+        ids[start:start + batch] = i
+    return ids, scores
+
+
+def _reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    try:
+        return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+    except RuntimeError:
+        return np.stack([index.reconstruct(int(i)) for i in ids])
+
+
+def exact_positive_scores(query_vecs: np.ndarray, corpus_vecs: np.ndarray, positive_idx: np.ndarray,
+                          batch: int = 65536) -> np.ndarray:
+    """``dot(query, corpus[positive])`` per row, float32."""
+    out = np.empty(len(query_vecs), dtype=np.float32)
+    for start in range(0, len(query_vecs), batch):
+        q = query_vecs[start:start + batch]
+        p = corpus_vecs[positive_idx[start:start + batch]]
+        out[start:start + batch] = np.einsum("ij,ij->i", q, p)
+    return out
+
+
+def ranks_from_results(ids: np.ndarray, scores: np.ndarray, positive_idx: np.ndarray,
+                       exact_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive ranks (1-based; ``width + 1`` when more than ``width`` items beat it) and scores.
+
+    ``exact_scores`` is ``dot(q, corpus[pos])``; where the positive is among the results, the
+    index's own score for it is used for the comparison instead (same arithmetic on both sides).
+    """
+    positive_idx = np.asarray(positive_idx, dtype=np.int64)
+    width = ids.shape[1]
+    hit = ids == positive_idx[:, None]
+    found = hit.any(axis=1)
+    pos_scores = np.asarray(exact_scores, dtype=np.float32).copy()
+    if width:
+        pos_scores[found] = scores[found, hit[found].argmax(axis=1)]
+    valid = ids >= 0
+    greater = ((scores > pos_scores[:, None]) & valid).sum(axis=1)
+    # Some returned item scores no higher than the positive: every item that beats it was returned.
+    # Otherwise (all returned items beat it) it ranks below the results: sentinel width + 1.
+    complete = greater < valid.sum(axis=1)
+    ranks = np.where(complete, greater + 1, width + 1).astype(np.int32)
+    return ranks, np.asarray(exact_scores, dtype=np.float32)
+
+
+def positive_ranks(index: faiss.Index, query_vecs: np.ndarray, positive_idx: np.ndarray, k: int,
+                   corpus_vecs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank (int32, 1-based; ``k + 1`` when beyond the top ``k``) and exact score of each query's positive.
+
+    The score is ``dot(q, corpus[pos])`` whether or not the positive is in the top ``k``; the
+    corpus vectors come from ``corpus_vecs`` or, without it, are reconstructed from the index.
+    """
+    query_vecs = _as_matrix(query_vecs)
+    positive_idx = np.asarray(positive_idx, dtype=np.int64)
+    ids, scores = search(index, query_vecs, k)
+    if corpus_vecs is None:
+        uniq, inverse = np.unique(positive_idx, return_inverse=True)
+        positives = _reconstruct(index, uniq)[inverse]
+        exact = np.einsum("ij,ij->i", query_vecs, positives).astype(np.float32)
+    else:
+        exact = exact_positive_scores(query_vecs, _as_matrix(corpus_vecs), positive_idx)
+    ranks, pos_scores = ranks_from_results(ids, scores, positive_idx, exact)
+    return np.minimum(ranks, k + 1).astype(np.int32), pos_scores
+
+
+@dataclass
+class SearchResults:
+    """The one top-N search of the filter, restricted to the kept rows (in kept-table order).
+
+    Unpacks as ``ids, scores = results``. ``rows`` are the kept rows' positions in the filter's
+    input table, so per-row arrays of the input (``positive_idx``, query vectors) follow with
+    ``array[results.rows]``.
+    """
+
+    ids: np.ndarray  # (kept, N) int64 corpus ids, best first; -1 for missing
+    scores: np.ndarray  # (kept, N) float32 inner products
+    rows: np.ndarray  # (kept,) int64 positions in the input table
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.ids, self.scores))
+
+
+def _column_or_none(table: pa.Table, name: str, rows: np.ndarray) -> list:
+    if name in table.column_names:
+        return table.column(name).take(pa.array(rows, type=pa.int64())).to_pylist()
+    return [None] * len(rows)
+
+
+def rank_filter(table: pa.Table, query_vecs: np.ndarray, corpus_vecs: np.ndarray, positive_idx: np.ndarray,
+                cfg: CleanSettings, index: faiss.Index | None = None) -> tuple[StageResult, SearchResults]:
+    """Keep rows whose positive ranks within ``cfg.rank_top_k``; return the stage result and the search.
+
+    ``query_vecs[i]`` is row i's instructed query vector, ``positive_idx[i]`` the corpus id of its
+    positive, ``corpus_vecs`` the corpus (the index's vectors; one is built when ``index`` is None).
+    Kept rows get ``positive_rank`` (int32) and ``positive_score`` (float32); dropped rows are
+    reported with stage ``rank_filter`` and reason ``positive_not_in_top_k``.
+    """
+    query_vecs = _as_matrix(query_vecs)
+    corpus_vecs = _as_matrix(corpus_vecs)
+    positive_idx = np.asarray(positive_idx, dtype=np.int64)
+    n = table.num_rows
+    if not (len(query_vecs) == len(positive_idx) == n):
+        raise ValueError(f"{n} rows but {len(query_vecs)} query vectors and {len(positive_idx)} positive ids")
+    if n and (positive_idx.min() < 0 or positive_idx.max() >= len(corpus_vecs)):
+        raise ValueError("positive_idx holds ids outside the corpus")
+    if index is None:
+        index = build_index(corpus_vecs, cfg)
+    k = cfg.rank_top_k
+    ids, scores = search(index, query_vecs, result_width(cfg))
+    exact = exact_positive_scores(query_vecs, corpus_vecs, positive_idx)
+    ranks, pos_scores = ranks_from_results(ids, scores, positive_idx, exact)
+    width = ids.shape[1]
+    keep = ranks <= k
+    kept_rows = np.flatnonzero(keep)
+    dropped_rows = np.flatnonzero(~keep)
+
+    kept = table.take(pa.array(kept_rows, type=pa.int64()))
+    for name, _ in FILTER_COLUMNS:
+        if name in kept.column_names:
+            kept = kept.drop_columns([name])
+    (rank_name, rank_type), (score_name, score_type) = FILTER_COLUMNS
+    kept = kept.append_column(pa.field(rank_name, rank_type), pa.array(ranks[kept_rows], type=rank_type))
+    kept = kept.append_column(pa.field(score_name, score_type), pa.array(pos_scores[kept_rows], type=score_type))
+
+    details = []
+    for r, s in zip(ranks[dropped_rows].tolist(), pos_scores[dropped_rows].tolist()):
+        where = f"positive rank {r}" if r <= width else f"positive rank > {width}"
+        details.append(f"{where} > k={k} (score {s:.4f})")
+    dropped = StageResult.dropped_rows(
+        [
+            {"example_id": e, "run_id": run, "task_type": t, "stage": "rank_filter",
+             "reason": "positive_not_in_top_k", "detail": d}
+            for e, run, t, d in zip(_column_or_none(table, "example_id", dropped_rows),
+                                    _column_or_none(table, "run_id", dropped_rows),
+                                    _column_or_none(table, "task_type", dropped_rows), details)
+        ]
+    )
+    results = SearchResults(ids[kept_rows], scores[kept_rows], kept_rows.astype(np.int64))
+    return StageResult(kept=kept, dropped=dropped), results

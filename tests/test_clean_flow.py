@@ -1,0 +1,127 @@
+"""The ``clean`` flow end to end on hand-made shards: funnel, drop reasons, export, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from storage.corpus import CleanStore
+from storage.shards import RunStore, now_utc
+
+TOPICS = [
+    ("How do I repot a root-bound fern without killing it?",
+     "Repotting a root-bound fern: water it the day before, ease it out of the pot, loosen the outer roots with "
+     "your fingers, and set it in a pot one size larger with fresh peat-free compost. Keep it out of direct sun "
+     "for a week while the roots recover."),
+    ("What causes brake squeal on a mountain bike?",
+     "Disc brakes on mountain bikes squeal when the pads are contaminated with oil, glazed from long descents, or "
+     "when the caliper is misaligned with the rotor. Cleaning the rotor with alcohol and bedding in new pads "
+     "usually stops the noise."),
+    ("Which documents do I need to renew a passport abroad?",
+     "To renew a passport while living abroad you usually need the application form, your current passport, two "
+     "recent photographs that meet the size rules, proof of residence, and the fee paid by card at the consulate."),
+    ("How long should sourdough starter ferment before baking?",
+     "A healthy sourdough starter is ready to bake with four to eight hours after feeding, when it has doubled, "
+     "smells pleasantly sour and a spoonful floats in water. Cold kitchens slow it down considerably."),
+    ("Why does my laptop fan run constantly?",
+     "A laptop fan that never stops is often caused by dust in the heatsink, a background process using the CPU, "
+     "or outdated firmware. Cleaning the vents with compressed air and checking the task manager helps most."),
+    ("What is the best way to learn musical scales on piano?",
+     "Learning piano scales works best slowly with a metronome: practise hands separately, use the standard "
+     "fingering, then hands together, and raise the tempo a few beats at a time once every note is even."),
+]
+
+
+def example(run_id: str, i: int, query: str, positive: str, negative: str | None = None,
+            task_type: str = "retrieval", language: str = "English") -> dict:
+    return {
+        "example_id": f"{run_id}:r00-{task_type}-{i:06d}", "run_id": run_id, "shard_id": "g00-00000",
+        "task_type": task_type, "instruction": "Given a question, retrieve a passage that answers it.",
+        "instruction_id": f"{task_type}-000001", "persona_id": "p_x", "persona": "A curious person.",
+        "placeholders": json.dumps({"language": language}), "prompt_version": "v", "model": "m",
+        "sampling": "{}", "attempts": 1, "prompt_tokens": 10, "completion_tokens": 20, "latency_s": 1.0,
+        "finish_reason": "stop", "query": query, "positive": positive, "negative": negative,
+        "parsed": "{}", "raw_text": "{}", "created_at": now_utc(),
+    }
+
+
+def make_run(data_dir, run_id: str, rows: list[dict]) -> None:
+    RunStore(data_dir, run_id).write_shard("examples", "g00-00000", rows, [])
+
+
+@pytest.fixture
+def fixture_runs(data_dir):
+    rows = []
+    for i, (query, positive) in enumerate(TOPICS):
+        # the next topic's passage is a plausible generated negative
+        rows.append(example("run-a", i, query, positive, negative=TOPICS[(i + 1) % len(TOPICS)][1]))
+    rows.append(example("run-a", 90, "", "An empty query must be dropped by validation."))  # invalid
+    rows.append(example("run-a", 91, TOPICS[0][0], TOPICS[0][0], TOPICS[3][1]))  # positive equals query
+    make_run(data_dir, "run-a", rows)
+    # a second run repeats a query: cross-run exact duplicate
+    make_run(data_dir, "run-b", [example("run-b", 0, TOPICS[1][0].upper(), TOPICS[1][1] + " ",
+                                         negative=TOPICS[2][1])])
+    return data_dir
+
+
+def run_clean(clean_id: str, **kwargs) -> dict:
+    from flows.clean import clean
+
+    return clean(clean_id=clean_id, **kwargs)
+
+
+def test_clean_flow_funnel_and_export(prefect_api_url, fixture_runs, monkeypatch):
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__NEGATIVES_PER_QUERY", "2")
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN", "1")
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX", "10")
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__RANK_TOP_K", "3")
+    summary = run_clean("c-test")
+    counts = summary["counts"]
+    assert counts["raw"] == 9
+    assert counts["raw"] >= counts["valid"] >= counts["deduped"] >= counts["filtered"] >= counts["mined"] > 0
+
+    store = CleanStore(fixture_runs, "c-test")
+    dropped = {}
+    for path in (store.root / "dropped").glob("*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            dropped[row["example_id"]] = (row["stage"], row["reason"])
+    assert dropped["run-a:r00-retrieval-000090"] == ("validate", "empty_query")
+    assert dropped["run-a:r00-retrieval-000091"] == ("validate", "positive_equals_query")
+    # the duplicate with the larger example_id goes, the first one stays
+    assert dropped["run-b:r00-retrieval-000000"][0] == "dedup_exact"
+    # every raw row is either in the mined table or dropped exactly once
+    mined_ids = set(store.read_stage("mined")["example_id"].to_pylist())
+    assert len(mined_ids) + len(dropped) == counts["raw"]
+    assert not mined_ids & set(dropped)
+
+    train = [json.loads(line) for line in (store.export_dir / "train.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (store.export_dir / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) + len(heldout) == counts["mined"]
+    for record in train + heldout:
+        assert record["query"].startswith("Instruct: ") and "\nQuery: " in record["query"]
+        assert record["pos"] and record["pos"][0] not in record["neg"]
+        assert not any(n.startswith("Instruct:") for n in record["pos"] + record["neg"])
+    assert (store.export_dir / "README.md").exists()
+    assert store.report_path.exists() and "<html" in store.report_path.read_text().lower()
+
+
+def test_clean_resumes_without_redoing_finished_stages(prefect_api_url, fixture_runs):
+    run_clean("c-resume")
+    store = CleanStore(fixture_runs, "c-resume")
+    valid_mtime = store.stage_path("valid").stat().st_mtime_ns
+    store.stage_path("mined").unlink()  # as if it crashed before mining finished
+    store.stage_path("filtered").unlink()
+    summary = run_clean("c-resume")
+    assert store.stage_path("valid").stat().st_mtime_ns == valid_mtime
+    assert summary["counts"]["mined"] == pq.read_metadata(store.stage_path("mined")).num_rows
+
+
+def test_corrupt_shard_stops_with_its_name(prefect_api_url, fixture_runs):
+    bad = RunStore(fixture_runs, "run-a").shard_path("examples", "g00-00000")
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(Exception) as failure:
+        run_clean("c-bad")
+    assert str(bad) in str(failure.value)
+    assert not CleanStore(fixture_runs, "c-bad").stage_path("valid").exists(), "no partial stage output"

@@ -74,7 +74,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
            "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3", "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
            "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "0"}
-    args = ["run", "--run-id", "crash", "--examples", "18", "--seed", "3"]
+    args = ["run", "--run-id", "crash", "--examples", "18", "--seed", "3", "--no-clean"]
     store = RunStore(data, "crash")
 
     first = _run_cli(args, env)

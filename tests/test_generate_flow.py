@@ -109,3 +109,22 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
     for key, sha in committed_before.items():
         assert manifest_after[key]["sha256"] == sha
     assert not list(data.rglob(".*.tmp-*")), "no temp file left behind"
+
+
+def test_run_command_generates_then_cleans(llm_base_url, prefect_api_url, tmp_path):
+    data = tmp_path / "data"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+           # a 12-example corpus is tiny: shrink the rank windows to fit it
+           "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10", "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+           "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8", "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false"}
+    result = subprocess.run([sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "e2e", "-n", "12"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "clean e2e" in result.stdout and "report:" in result.stdout
+    clean_root = data / "clean" / "e2e"
+    assert (clean_root / "valid.parquet").exists() and (clean_root / "report.html").exists()
+    assert (clean_root / "export" / "train.jsonl").exists()
+    # the catalog answers over what the run wrote
+    query = subprocess.run([sys.executable, "-m", "embed_factory.cli", "query", "SELECT count(*) AS n FROM raw"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert query.returncode == 0 and "12" in query.stdout, query.stdout + query.stderr

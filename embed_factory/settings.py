@@ -158,6 +158,42 @@ class CleanSettings(Section):
     seed: int = 42
 
 
+def default_sts_dir() -> Path:
+    """The STS Benchmark (11 languages) beside the checkout: ../shared/data/stsb-multi-mt."""
+    return Path(os.environ.get("EMBED_FACTORY_STS_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb-multi-mt"))
+
+
+class FinetuneSettings(Section):
+    """Downstream fine-tuning (KaLM defaults) and its evaluation."""
+
+    base_model: str | None = None  # None: the bundled all-MiniLM-L6-v2; production: Qwen/Qwen2-0.5B
+    matryoshka_dims: list[int] = [896, 512, 256, 128, 64]
+    matryoshka_weights: list[float] = [1.0, 0.3, 0.2, 0.1, 0.1]
+    temperature: float = Field(0.01, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=2)
+    homogeneous_ratio: float = Field(1.0, ge=0, le=1)
+    max_seq_length: int = Field(256, ge=16)
+    hard_negatives: int = Field(7, ge=0)  # per query, from the export's neg list
+    seed: int = 42
+    # evaluation
+    sts_dir: Path = Field(default_factory=default_sts_dir)
+    sts_languages: list[str] = ["en", "de", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh"]
+    sts_max_pairs: int | None = Field(None, ge=1)  # per language; None: the whole test split
+    eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("matryoshka_weights")
+    @classmethod
+    def _weights_match_dims(cls, weights: list[float], info) -> list[float]:
+        dims = info.data.get("matryoshka_dims", [])
+        if len(weights) != len(dims):
+            raise ValueError(f"{len(weights)} weights for {len(dims)} Matryoshka dims")
+        return weights
+
+
 class StorageSettings(Section):
     data_dir: Path = Path("data")
     compression: str = "zstd"
@@ -194,6 +230,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shards_in_flight": 8,
         },
         "personas": {"source": "hub"},
+        "finetune": {"base_model": "Qwen/Qwen2-0.5B"},
         "prefect": {"api_url": "http://prefect-server:4200/api"},
     },
 }
@@ -229,6 +266,7 @@ class Settings(BaseSettings):
     personas: PersonaSettings = PersonaSettings()
     generation: GenerationSettings = GenerationSettings()
     clean: CleanSettings = CleanSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
     storage: StorageSettings = StorageSettings()
     prefect: PrefectSettings = PrefectSettings()
 

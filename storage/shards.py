@@ -111,6 +111,17 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def reject_row(*, example_id: str, run_id: str, shard_id: str, stage: str, task_type: str,
+               instruction: str | None, persona_id: str | None, prompt_version: str, model: str,
+               attempts: int, reason: str, finish_reason: str | None, raw_text: str | None,
+               created_at: datetime) -> dict[str, Any]:
+    """One row of the rejects table (REJECT_SCHEMA): a request that ended without a parsed answer."""
+    return {"example_id": example_id, "run_id": run_id, "shard_id": shard_id, "stage": stage,
+            "task_type": task_type, "instruction": instruction, "persona_id": persona_id,
+            "prompt_version": prompt_version, "model": model, "attempts": attempts, "reason": reason,
+            "finish_reason": finish_reason, "raw_text": raw_text, "created_at": created_at}
+
+
 def read_parquet_checked(path: Path, schema: pa.Schema) -> pa.Table:
     """Read a shard and check it has the expected columns; errors name the file."""
     try:

@@ -25,7 +25,7 @@ from personas.sources import Persona
 from prompts.render import render_brainstorm
 from prompts.task_types import get_task_type
 from storage.schemas import INSTRUCTION_SCHEMA
-from storage.shards import RunStore, ShardRecord, now_utc
+from storage.shards import RunStore, ShardRecord, now_utc, reject_row
 from tasks.llm_client import LLMClient, RequestFailed, Sampling
 
 #: brainstorm answers overlap; ask for this much more than the deficit
@@ -99,24 +99,12 @@ async def run_brainstorm_shard(
     created = now_utc()
     for request, prompt, outcome in await asyncio.gather(*(one(r) for r in shard.requests)):
         if isinstance(outcome, RequestFailed):
-            rejects.append(
-                {
-                    "example_id": f"{store.run_id}:{request.request_id}",
-                    "run_id": store.run_id,
-                    "shard_id": shard.shard_id,
-                    "stage": "brainstorm",
-                    "task_type": request.task_type,
-                    "instruction": None,
-                    "persona_id": request.persona.persona_id,
-                    "prompt_version": prompt.prompt_version,
-                    "model": client.model,
-                    "attempts": outcome.attempts,
-                    "reason": outcome.reason,
-                    "finish_reason": outcome.finish_reason,
-                    "raw_text": outcome.text,
-                    "created_at": created,
-                }
-            )
+            rejects.append(reject_row(
+                example_id=f"{store.run_id}:{request.request_id}", run_id=store.run_id, shard_id=shard.shard_id,
+                stage="brainstorm", task_type=request.task_type, instruction=None,
+                persona_id=request.persona.persona_id, prompt_version=prompt.prompt_version, model=client.model,
+                attempts=outcome.attempts, reason=outcome.reason, finish_reason=outcome.finish_reason,
+                raw_text=outcome.text, created_at=created))
             continue
         for instruction in outcome.parsed["tasks"]:
             rows.append(

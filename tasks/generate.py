@@ -21,7 +21,7 @@ from embed_factory import progress
 from embed_factory.seeding import rng_for, stable_seed
 from prompts.render import render_example
 from prompts.task_types import get_task_type
-from storage.shards import RunStore, ShardRecord, now_utc
+from storage.shards import RunStore, ShardRecord, now_utc, reject_row
 from tasks.llm_client import LLMClient, RequestFailed, Sampling
 
 
@@ -144,24 +144,11 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
     created = now_utc()
     for request, version, outcome in await asyncio.gather(*(one(r) for r in shard.requests)):
         if isinstance(outcome, RequestFailed):
-            rejects.append(
-                {
-                    "example_id": request.example_id,
-                    "run_id": store.run_id,
-                    "shard_id": shard.shard_id,
-                    "stage": "generate",
-                    "task_type": request.task_type,
-                    "instruction": request.instruction,
-                    "persona_id": request.persona_id,
-                    "prompt_version": version,
-                    "model": client.model,
-                    "attempts": outcome.attempts,
-                    "reason": outcome.reason,
-                    "finish_reason": outcome.finish_reason,
-                    "raw_text": outcome.text,
-                    "created_at": created,
-                }
-            )
+            rejects.append(reject_row(
+                example_id=request.example_id, run_id=store.run_id, shard_id=shard.shard_id, stage="generate",
+                task_type=request.task_type, instruction=request.instruction, persona_id=request.persona_id,
+                prompt_version=version, model=client.model, attempts=outcome.attempts, reason=outcome.reason,
+                finish_reason=outcome.finish_reason, raw_text=outcome.text, created_at=created))
         else:
             rows.append(_example_row(store, shard.shard_id, request, client, sampling, version, outcome, created))
     return store.write_shard("examples", shard.shard_id, rows, rejects)

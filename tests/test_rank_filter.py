@@ -171,3 +171,49 @@ def test_approximate_indexes_are_plausible(kind):
     result, found = rank_filter(make_table(200), queries, corpus, sources, cfg, index=index)
     assert result.kept.num_rows >= 190
     assert found.ids.shape == (result.kept.num_rows, 20)
+
+
+def test_flat_index_choice(monkeypatch):
+    """Exact search is the bf16-screened index on bf16 CPUs, faiss's IndexFlatIP without bf16 or with GPUs."""
+    import faiss
+
+    import tasks.rank_filter as rf
+    from tasks.exact_search import Bf16ExactIndex
+
+    corpus = clustered(2, n=200)
+    monkeypatch.setattr(rf, "bf16_supported", lambda: True)
+    monkeypatch.setattr(rf, "_num_gpus", lambda: 0)
+    assert isinstance(build_index(corpus, CleanSettings()), Bf16ExactIndex)
+    assert isinstance(build_index(corpus, CleanSettings(index="hnsw")), faiss.IndexHNSWFlat)
+    monkeypatch.setattr(rf, "bf16_supported", lambda: False)
+    assert isinstance(build_index(corpus, CleanSettings()), faiss.IndexFlatIP)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_index_filter_decisions_equal_faiss_flat(seed):
+    """rank_filter with the bf16-screened exact index decides exactly as with faiss's IndexFlatIP."""
+    import faiss
+
+    from tasks.exact_search import Bf16ExactIndex
+
+    rng = np.random.default_rng(seed)
+    corpus = clustered(seed, n=4000, dim=64, centers=30)
+    positive_idx = rng.integers(0, len(corpus), 600)
+    scale = rng.uniform(0.2, 2.0, size=(600, 1))
+    queries = unit(corpus[positive_idx] + scale * unit(rng.standard_normal((600, 64))))
+    cfg = CleanSettings(rank_top_k=50, negative_rank_min=50, negative_rank_max=100)
+    flat = faiss.IndexFlatIP(64)
+    flat.add(corpus)
+    results = {}
+    for name, index in (("faiss", flat), ("bf16", Bf16ExactIndex(corpus))):
+        results[name] = rank_filter(make_table(600), queries, corpus, positive_idx, cfg, index=index)
+    (a, found_a), (b, found_b) = results["faiss"], results["bf16"]
+    assert 0 < a.kept.num_rows < 600
+    assert a.kept.column("example_id").to_pylist() == b.kept.column("example_id").to_pylist()
+    assert a.kept.column("positive_rank").to_pylist() == b.kept.column("positive_rank").to_pylist()
+    np.testing.assert_array_equal(a.kept.column("positive_score").to_numpy(), b.kept.column("positive_score").to_numpy())
+    assert sorted(a.dropped.column("example_id").to_pylist()) == sorted(b.dropped.column("example_id").to_pylist())
+    np.testing.assert_array_equal(found_a.rows, found_b.rows)
+    np.testing.assert_allclose(found_a.scores, found_b.scores, atol=1e-6)
+    same = [set(x) == set(y) for x, y in zip(found_a.ids.tolist(), found_b.ids.tolist())]
+    assert np.mean(same) >= 0.99  # sets differ only on fp32 near-ties at the 100th result

@@ -76,17 +76,9 @@ class Embedder(Protocol):
 
 def cpu_has_bf16() -> bool:
     """True if this CPU computes bf16 natively (AVX512-BF16 or AMX); otherwise autocast would emulate it."""
-    import torch
+    from tasks.exact_search import bf16_supported
 
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in checks:
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # pragma: no cover - private probes may change between torch versions
-            continue
-    return False
+    return bf16_supported()
 
 
 class SentenceTransformerEmbedder:

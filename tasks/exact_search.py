@@ -58,7 +58,7 @@ the N-th score as candidates (~1.3-2× N on clustered 384-d data).
 
 The scan, per chunk of ``Qc`` queries
 -------------------------------------
-Corpus blocks of ``Mc`` items give a ``Qc × Mc`` bf16 score block (<= 256 MB), viewed as G = 16
+Corpus blocks of ``Mc`` items give a ``Qc × Mc`` bf16 score block (128 MB: 2048 × 32768), viewed as G = 16
 strided slabs; ``gm``, the slab-wise maximum of each column group, costs one pass over the block.
 
 1. *Bound.* ``best`` holds N scores of distinct items (from distinct groups of distinct blocks);
@@ -87,7 +87,7 @@ overflow nor underflow (true for embeddings; faiss makes the same assumption).
 Threads and memory: the GEMMs use torch's intra-op pool as the process set it (nothing global is
 changed). The screen runs in NumPy (mostly single-threaded, GIL released) on one worker thread,
 block j while block j+1 is multiplied, so two score blocks are alive at a time
-(``2 × score_block_bytes``, 512 MB by default; ``overlap=False`` keeps one). Small per-hit work
+(``2 × score_block_bytes``, 256 MB by default; ``overlap=False`` keeps one). Small per-hit work
 stays out of torch: on a loaded machine every parallel torch call waits until all of its threads
 are scheduled, which dominates on small tensors. Besides the blocks, the index holds the fp32
 vectors by reference and a bf16 copy (half their size); faiss holds an fp32 copy.
@@ -106,13 +106,13 @@ MISSING_SCORE = float(np.finfo(np.float32).min)
 #: bf16 unit roundoff (round to nearest even)
 BF16_U = 2.0 ** -8
 #: target size of one bf16 score block (query chunk × corpus block), bytes; two are alive at a time
-SCORE_BLOCK_BYTES = 256 * 2**20
-#: queries per chunk
-QUERY_CHUNK = 4096
+SCORE_BLOCK_BYTES = 128 * 2**20
+#: queries per chunk (2048 × 32768 corpus items per 128 MB block)
+QUERY_CHUNK = 2048
 #: strided slabs per corpus block for the group-max screen
 GROUPS = 16
 #: candidate entries per query chunk above which the store is compacted
-COMPACT_ENTRIES = 8_000_000
+COMPACT_ENTRIES = 4_000_000
 #: float32 rows per chunk when scanning the corpus at construction
 _BUILD_CHUNK = 65536
 

@@ -203,13 +203,15 @@ def test_negative_scores_use_the_float_path():
     assert_brute_force(index, queries, 40, scores, ids)
 
 
-def test_query_chunking_does_not_change_results():
+def test_chunking_and_overlap_do_not_change_results():
     corpus = clustered(6, 2000, dim=48)
     queries = clustered(7, 333, dim=48)
     a = Bf16ExactIndex(corpus, query_chunk=4096).search(queries, 30)
     b = Bf16ExactIndex(corpus, query_chunk=50, score_block_bytes=2 * 50 * 160).search(queries, 30)
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
+    c = Bf16ExactIndex(corpus, query_chunk=50, overlap=False).search(queries, 30)  # screen inline
+    for other in (b, c):
+        np.testing.assert_array_equal(a[1], other[1])
+        np.testing.assert_array_equal(a[0], other[0])
 
 
 def test_accessors_and_validation():

@@ -7,6 +7,7 @@ clean run resumes where it stopped; embeddings are cached by text hash across ru
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,7 +66,6 @@ def embed(table: pa.Table, cfg: CleanSettings, store: CleanStore) -> dict[str, A
     corpus = list(dict.fromkeys(positives + negatives))
     position = {text: i for i, text in enumerate(corpus)}
     return {
-        "query_texts": queries,
         "query_vecs": encode_cached(queries, embedder, cache),
         "corpus_texts": corpus,
         "corpus_vecs": encode_cached(corpus, embedder, cache),
@@ -98,10 +98,10 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
         seconds[name] = round(time.monotonic() - started, 2)
         logger.info("stage %s done in %.1fs", name, seconds[name])
 
+    shard_files = [path for run_id in runs for path in sorted((RunStore(data_dir, run_id).root / "examples").glob("*.parquet"))]
     if not store.has("valid"):
         started = time.monotonic()
         store.write_inputs(runs)
-        shard_files = [path for run_id in runs for path in sorted((RunStore(data_dir, run_id).root / "examples").glob("*.parquet"))]
         results = [future.result() for future in validate_shard.map(shard_files, cfg=unmapped(cfg))] if shard_files else []
         kept = pa.concat_tables([r.kept for r in results]) if results else EXAMPLE_SCHEMA.empty_table()
         dropped = pa.concat_tables([r.dropped for r in results]) if results else StageResult.dropped_rows([])
@@ -135,14 +135,14 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
     write_dataset_card(store.export_dir, result, {"clean_id": clean_id, "runs": runs, "model": settings.llm_model,
                                                   "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2"})
     if publish_to:
-        publish_dataset(store.export_dir, publish_to, token=_hf_token())
+        publish_dataset(store.export_dir, publish_to, token=os.environ.get("HF_TOKEN"))
     timed("export", started)
 
     catalog = Catalog(data_dir)
     catalog.refresh()
     report = write_report(catalog, clean_id, store.report_path)
 
-    counts = {"raw": sum(RunStore(data_dir, r).read_kind("examples").num_rows for r in runs)}
+    counts = {"raw": sum(store.count(path) for path in shard_files)}
     dropped_counts: dict[str, int] = {}
     for stage in ("valid", "deduped", "filtered", "mined"):
         counts[stage] = store.count(store.stage_path(stage))
@@ -150,12 +150,6 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
         dropped_counts[path.stem] = store.count(path)
     logger.info("clean %s: %s; dropped %s", clean_id, counts, dropped_counts)
     return CleanSummary(clean_id, runs, counts, dropped_counts, str(store.export_dir), str(report), seconds)
-
-
-def _hf_token() -> str | None:
-    import os
-
-    return os.environ.get("HF_TOKEN")
 
 
 @flow(name="clean", flow_run_name="clean-{clean_id}")

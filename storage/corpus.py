@@ -118,7 +118,11 @@ class CleanStore:
             raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
     def count(self, path: Path) -> int:
-        return pq.read_metadata(path).num_rows
+        """Rows of a Parquet file, from its footer (nothing else is read)."""
+        try:
+            return pq.read_metadata(path).num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
     def write_inputs(self, run_ids: list[str]) -> None:
         atomic_write_bytes(self.root / "inputs.json", json.dumps({"runs": run_ids}, indent=1).encode())

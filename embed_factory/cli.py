@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 from uuid import uuid4
 
 import typer
@@ -130,37 +131,37 @@ def run(
         _fail(f"interrupted; resume with: embed-factory run --run-id {run_id}", 130)
 
 
-def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile) -> dict:
+@contextlib.contextmanager
+def _prefect_at(api_url: str, bar: Progress | None = None) -> Iterator[None]:
+    """Point Prefect at ``api_url`` and, with ``bar``, show the stages' progress while the block runs."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    remove = progress_sink.add_listener(_RichProgress(bar)) if bar is not None else (lambda: None)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), (bar if bar is not None else contextlib.nullcontext()):
+            yield
+    finally:
+        remove()
+
+
+def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile) -> dict:
     from flows.generate import generate
 
     bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("[red]{task.fields[failed]} failed"), TimeElapsedColumn(), console=console)
-    listener = _RichProgress(bar)
-    remove = progress_sink.add_listener(listener)
     _say(f"run {run_id}: flow run in the Prefect UI at {api_url.removesuffix('/api')}")
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}), bar:
-            return asyncio.run(generate(run_id=run_id, examples=examples, task_types=task_types, seed=seed,
-                                        unique_instructions=instructions, profile=profile))
-    finally:
-        remove()
+    with _prefect_at(api_url, bar):
+        return asyncio.run(generate(run_id=run_id, examples=examples, task_types=task_types, seed=seed,
+                                    unique_instructions=instructions, profile=profile))
 
 
 def _clean_flow(api_url: str, clean_id: str, runs, publish_to, profile) -> dict:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.clean import clean
 
     bar = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=console)
-    remove = progress_sink.add_listener(_RichProgress(bar))
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}), bar:
-            return clean(clean_id=clean_id, runs=runs, publish_to=publish_to, profile=profile)
-    finally:
-        remove()
+    with _prefect_at(api_url, bar):
+        return clean(clean_id=clean_id, runs=runs, publish_to=publish_to, profile=profile)
 
 
 def _print_clean_summary(summary: dict) -> None:
@@ -314,11 +315,9 @@ def finetune(
 
 
 def _finetune_flow(api_url: str, clean_id: str, base_model, max_steps, profile) -> dict:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.finetune import finetune as finetune_flow
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with _prefect_at(api_url):
         return finetune_flow(clean_id=clean_id, base_model=base_model, max_steps=max_steps, profile=profile)
 
 
@@ -393,8 +392,6 @@ def serve(
 
     Its trigger listens for prefect.flow-run.Completed events of the flow `clean` and fine-tunes on that clean run's export (its clean_id). Runs execute on this machine, one at a time by default; Ctrl-C stops serving. Start one by hand with: prefect deployment run 'finetune/finetune' [-p clean_id=ID]. Starts the local Prefect server if needed.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from embed_factory.deploy import FULL_NAME, DeployError, register_finetune, serve_finetune
     from flows.finetune import FinetuneError, check_base_model
 
@@ -403,7 +400,7 @@ def serve(
     try:
         check_base_model(base_model)
         api_url = resolve_api_url(settings, _say)
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with _prefect_at(api_url):
             if work_pool:
                 deployment_id = register_finetune(settings, work_pool, parameters)
                 console.print(f"[green]registered[/] {FULL_NAME} ({deployment_id}) on work pool {work_pool!r} with "

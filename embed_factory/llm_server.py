@@ -145,6 +145,8 @@ class EmbeddedLLMServer:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
+        if _is_zombie(pid):  # exited, but its parent (maybe another process) has not reaped it
+            return None
         return pid
 
     def _health(self) -> bool:
@@ -231,6 +233,13 @@ class EmbeddedLLMServer:
                 break
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _reap(pid: int) -> None:

@@ -111,6 +111,9 @@ class GenerationSettings(Section):
     shard_size: int = Field(200, ge=1)
     shards_in_flight: int = Field(2, ge=1)
     seed: int = 42
+    #: replace a task type's placeholder distribution, e.g. {"retrieval": {"num_words": [50, 100]}};
+    #: values are sampled uniformly. The local profile shortens lengths to suit a 135M model.
+    placeholder_overrides: dict[TaskTypeName, dict[str, list[Any]]] = {}
 
     @field_validator("task_types")
     @classmethod
@@ -118,6 +121,20 @@ class GenerationSettings(Section):
         if not value:
             raise ValueError("at least one task type is needed")
         return list(dict.fromkeys(value))
+
+    @field_validator("placeholder_overrides")
+    @classmethod
+    def _known_placeholders(cls, value: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        from prompts.task_types import get_task_type
+
+        for task_type, names in value.items():
+            known = get_task_type(task_type).placeholders.choices
+            for name, values in names.items():
+                if name not in known:
+                    raise ValueError(f"{task_type} has no placeholder {name!r}; it has {sorted(known)}")
+                if not values:
+                    raise ValueError(f"placeholder {task_type}.{name} needs at least one value")
+        return value
 
 
 class CleanSettings(Section):
@@ -211,7 +228,17 @@ class PrefectSettings(Section):
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "local": {},
+    # SmolLM2-135M on 2 CPU cores: shorter documents than E5's (up to 400 words), which the small model
+    # rarely writes well and which cost most of the generation time (decoding runs at ~180 tokens/s).
+    "local": {
+        "generation": {
+            "placeholder_overrides": {
+                "retrieval": {"num_words": [50, 100]},
+                "classification": {"num_words": ["less than 10", "at least 10", "at least 50"]},
+                "long_long": {"length_rule": ["long documents (at least 100 words)"]},
+            }
+        }
+    },
     "production": {
         "llm": {
             "base_url": "http://vllm:8000/v1",

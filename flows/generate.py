@@ -160,7 +160,8 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
                 }
                 if not any(wanted.values()):
                     break
-                shards = plan_examples(run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size)
+                shards = plan_examples(run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size,
+                                       gen.placeholder_overrides)
                 todo = [s for s in shards if not store.is_complete("examples", s.shard_id)]
                 skipped += len(shards) - len(todo)
                 progress.add_total("generate", sum(len(s.requests) for s in todo))

@@ -19,6 +19,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from embed_factory import progress
 from embed_factory.seeding import rng_for, stable_seed
+from prompts.placeholders import Choice
 from prompts.render import render_example
 from prompts.task_types import get_task_type
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
@@ -56,8 +57,14 @@ def plan_examples(
     instructions: pa.Table,
     seed: int,
     shard_size: int,
+    placeholder_overrides: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
 ) -> list[ExampleShard]:
-    """Requests for ``wanted[type]`` examples per type, cut into shards; a pure function."""
+    """Requests for ``wanted[type]`` examples per type, cut into shards; a pure function.
+
+    ``placeholder_overrides[type][name]`` replaces that placeholder's distribution (uniform values).
+    """
+    overrides = {t: {name: Choice(values) for name, values in names.items()}
+                 for t, names in (placeholder_overrides or {}).items()}
     by_type: dict[str, list[dict]] = {}
     for row in instructions.to_pylist():
         by_type.setdefault(row["task_type"], []).append(row)
@@ -84,7 +91,7 @@ def plan_examples(
                     instruction_id=instruction_id,
                     persona_id=persona_id,
                     persona=persona,
-                    placeholders=spec.placeholders.sample(rng),
+                    placeholders=spec.placeholders.sample(rng, overrides.get(task_type)),
                     seed=stable_seed(seed, key),
                 )
             )

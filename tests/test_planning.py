@@ -359,6 +359,30 @@ def test_plan_examples_placeholders_are_valid_and_render():
     assert len(set(seeds)) == len(seeds)
 
 
+def test_plan_examples_placeholder_overrides_replace_only_the_named_distribution():
+    overrides = {"retrieval": {"num_words": [50, 100]}, "long_long": {"length_rule": ["long (100 words)"]}}
+    plain = requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100))
+    shortened = requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100, overrides))
+    assert [r.example_id for r in plain] == [r.example_id for r in shortened]
+    for before, after in zip(plain, shortened):
+        if after.task_type == "retrieval":
+            assert after.placeholders["num_words"] in (50, 100)
+        elif after.task_type == "long_long":
+            assert after.placeholders["length_rule"] == "long (100 words)"
+        else:  # other types are untouched, value for value
+            assert dict(after.placeholders) == dict(before.placeholders)
+    assert {r.placeholders["num_words"] for r in shortened if r.task_type == "retrieval"} == {50, 100}
+
+
+def test_local_profile_shortens_lengths_and_production_keeps_e5(monkeypatch):
+    from embed_factory.settings import load_settings
+
+    monkeypatch.delenv("EMBED_FACTORY_PROFILE", raising=False)
+    local = load_settings(profile="local").generation.placeholder_overrides
+    assert max(local["retrieval"]["num_words"]) < 200
+    assert load_settings(profile="production").generation.placeholder_overrides == {}
+
+
 def json_key(mapping) -> str:
     return repr(sorted(mapping.items()))
 

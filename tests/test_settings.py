@@ -262,3 +262,14 @@ def test_api_key_from_env_is_secret(monkeypatch):
 
 def test_settings_class_is_what_load_settings_builds():
     assert isinstance(load_settings(), Settings)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"retrieval": {"word_count": [10]}}, "no placeholder 'word_count'"),
+     ({"retrieval": {"num_words": []}}, "at least one value"),
+     ({"poetry": {"num_words": [10]}}, "placeholder_overrides")],
+)
+def test_placeholder_overrides_reject_unknown_names_and_empty_lists(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        load_settings(generation={"placeholder_overrides": overrides})

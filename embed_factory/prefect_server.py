@@ -27,7 +27,7 @@ class LocalPrefectServer:
     def __init__(self, settings: Settings, say: Callable[[str], None] = lambda _: None):
         self.settings = settings
         self.say = say
-        self.home = (Path(settings.storage.data_dir) / "prefect").resolve()
+        self.home = (settings.storage.local_root / "prefect").resolve()
 
     @property
     def api_url(self) -> str:

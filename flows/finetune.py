@@ -31,7 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from embed_factory.settings import FinetuneSettings, load_settings
+from embed_factory.settings import FinetuneSettings, Settings, load_settings
 from storage.corpus import CleanStore
 from storage.shards import atomic_write_bytes
 
@@ -81,6 +81,16 @@ def resolve_export(data_dir: Path, clean_id: str | None) -> tuple[str, Path, Pat
     else:
         heldout = None
     return clean_id, train_path, heldout
+
+
+def local_data_dir(settings: Settings) -> Path:
+    """The local folder that training reads and writes; with S3 storage, the exports are mirrored there first."""
+    storage = settings.storage
+    if storage.is_remote:
+        from storage.corpus import mirror_exports
+
+        mirror_exports(storage.root, storage.local_root)
+    return storage.local_root
 
 
 def model_short_name(base_model: str | None) -> str:
@@ -236,7 +246,14 @@ def _run_name() -> str:
 @flow(name="finetune", flow_run_name=_run_name)
 def finetune(clean_id: str | None = None, base_model: str | None = None, max_steps: int | None = None,
              profile: str | None = None) -> dict[str, Any]:
-    """Fine-tune an embedding model on a clean run's export (default: the latest) and evaluate it before and after."""
+    """Fine-tune an embedding model on a clean run's export (default: the latest) and evaluate it before and after.
+
+    Args:
+        clean_id: Clean run whose export to train on (default: the latest with an export).
+        base_model: Model folder or Hugging Face cache name to start from (default: finetune.base_model, else the bundled all-MiniLM-L6-v2).
+        max_steps: Stop training after this many optimizer steps (default: one epoch).
+        profile: Settings profile: local or production (default: the environment's).
+    """
     settings = load_settings(profile=profile)
     updates: dict[str, Any] = {}
     if base_model:
@@ -246,4 +263,4 @@ def finetune(clean_id: str | None = None, base_model: str | None = None, max_ste
             raise FinetuneError(f"max_steps must be at least 1, not {max_steps}")
         updates["max_steps"] = max_steps
     cfg = settings.finetune.model_copy(update=updates)
-    return finetune_run(settings.storage.data_dir, cfg, clean_id)
+    return finetune_run(local_data_dir(settings), cfg, clean_id)

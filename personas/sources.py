@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,7 +47,7 @@ def seed_path() -> Path:
 
 def read_persona_jsonl(path: Path, limit: int | None = None) -> list[Persona]:
     """Read Persona Hub JSONL; duplicates (by normalized text) are dropped, first one wins."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path  # a UPath (S3 run store) stays
     if not path.exists():
         raise PersonaFileError(f"{path}: persona file not found")
     if path.is_dir():

@@ -35,6 +35,11 @@ session) and then raises :class:`CatalogLocked` with a clear message. ``query()`
 read-only, so user SQL cannot drop or change the views; when the file is locked by a writer it
 answers from an in-memory database with the same views instead of failing. Errors in user SQL raise
 :class:`CatalogError` carrying DuckDB's message.
+
+On S3 (``data_dir`` = ``s3://bucket/prefix``) there is no catalog file: every query builds the views
+in an in-memory database that reads the shards through the store's s3fs filesystem, registered with
+``register_filesystem`` (DuckDB's own httpfs extension would be downloaded at run time). The views,
+their names and columns are the same as locally.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import contextlib
 import glob as globlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -52,6 +58,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
+from storage.location import StorePath, as_store_path, is_remote
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
 
 CATALOG_FILE = "catalog.duckdb"
@@ -99,6 +106,11 @@ _PATH_ID_REGEX = {
 }
 
 
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A view's glob as a regex over keys; ``*`` stays within one path segment, as in a shell."""
+    return re.compile("[^/]*".join(re.escape(part) for part in pattern.split("*")))
+
+
 def duckdb_type(dtype: pa.DataType) -> str:
     """The DuckDB type that ``read_parquet`` gives an Arrow type (for the empty views)."""
     if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
@@ -138,9 +150,11 @@ def empty_view_sql(schema: pa.Schema, extra: str | None = None) -> str:
 class Catalog:
     """The DuckDB catalog of ``data_dir``: ``refresh()`` the views, ``query()`` them, ``to_file()``."""
 
-    def __init__(self, data_dir: Path, lock_timeout_s: float = 3.0):
-        self.data_dir = Path(data_dir).resolve()
-        self.path = self.data_dir / CATALOG_FILE
+    def __init__(self, data_dir: StorePath | str, lock_timeout_s: float = 3.0):
+        root = as_store_path(data_dir)
+        self.remote = is_remote(root)
+        self.data_dir = root if self.remote else Path(root).resolve()
+        self.path = None if self.remote else self.data_dir / CATALOG_FILE  # no catalog file on S3
         self.lock_timeout_s = lock_timeout_s
         self._held: duckdb.DuckDBPyConnection | None = None
 
@@ -151,9 +165,34 @@ class Catalog:
     def _has_files(self, view: str) -> bool:
         return any(True for _ in globlib.iglob(self._pattern(view)))
 
-    def _state(self) -> dict[str, Any]:
+    def _remote_views(self, fs: Any) -> dict[str, bool]:
+        """Which views have files on S3, from one recursive listing of runs/ and clean/ each."""
+        root = self.data_dir.path
+        keys = [key[len(root) + 1:] for top in ("runs", "clean") for key in fs.find(f"{root}/{top}")]
+        patterns = {view: _glob_regex(VIEWS[view][0]) for view in VIEWS}
+        return {view: any(pattern.fullmatch(key) for key in keys) for view, pattern in patterns.items()}
+
+    def _state(self, fs: Any = None) -> dict[str, Any]:
         """What the views were built from: the data dir and which views had files."""
-        return {"data_dir": str(self.data_dir), "views": {v: self._has_files(v) for v in VIEWS}}
+        if not self.remote:
+            return {"data_dir": str(self.data_dir), "views": {v: self._has_files(v) for v in VIEWS}}
+        bucket = self.data_dir.path.split("/", 1)[0]
+        try:
+            fs = fs or self.data_dir.fs
+            if not fs.exists(bucket):
+                raise CatalogError(f"{self.data_dir}: bucket {bucket!r} not found (or not visible with these "
+                                   "credentials); check storage.data_dir and storage.endpoint_url")
+            return {"data_dir": str(self.data_dir), "views": self._remote_views(fs)}
+        except CatalogError:
+            raise
+        except Exception as exc:  # s3fs / botocore: credentials, network, permissions
+            raise CatalogError(f"cannot list {self.data_dir}: {type(exc).__name__}: {exc}") from None
+
+    def _snapshot_fs(self) -> Any:
+        """For one query on S3: the store's filesystem with listings cached, so DuckDB's many
+        metadata calls per file are answered from the one listing (a consistent snapshot, too)."""
+        fs = self.data_dir.fs
+        return type(fs)(**{**fs.storage_options, "use_listings_cache": True, "skip_instance_cache": True})
 
     def view_sql(self, view: str, has_files: bool) -> str:
         _, schema, extra = VIEWS[view]
@@ -215,8 +254,10 @@ class Catalog:
         """(Re)create every view in the catalog file; returns which views have files behind them."""
         if self._held is not None:
             raise CatalogError("refresh() inside session(): leave the session first")
+        state = self._state(self._snapshot_fs() if self.remote else None)
+        if self.remote:  # nothing to persist: every query builds its views
+            return dict(state["views"])
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        state = self._state()
         with self._connect(read_only=False) as con:
             try:
                 self._create_views(con, state, persist=True)
@@ -234,6 +275,8 @@ class Catalog:
 
     def is_fresh(self) -> bool:
         """True if the views were built for the tables that have files now."""
+        if self.remote:
+            return True  # views are built for every query
         if not self.path.exists():
             return False
         with self._connect(read_only=True) as con:
@@ -244,6 +287,14 @@ class Catalog:
         """A read-only connection to fresh views: the file, or memory while another process writes it."""
         if self._held is not None:  # inside session(): one connection for many queries
             yield self._held
+            return
+        if self.remote:
+            fs = self._snapshot_fs()
+            con = self._memory_connection(self._state(fs), fs)
+            try:
+                yield con
+            finally:
+                con.close()
             return
         state = self._state()
         con: duckdb.DuckDBPyConnection | None = None
@@ -257,16 +308,23 @@ class Catalog:
                 self.refresh()
                 con = self._open(read_only=True)
         except CatalogLocked:
-            con = duckdb.connect(":memory:")
-            try:
-                self._create_views(con, state, persist=False)
-            except duckdb.Error as exc:
-                con.close()
-                raise CatalogError(f"cannot build the catalog views: {exc}") from None
+            con = self._memory_connection(state)
         try:
             yield con
         finally:
             con.close()
+
+    def _memory_connection(self, state: dict[str, Any], fs: Any = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory database with the views (and, on S3, the store's filesystem registered)."""
+        con = duckdb.connect(":memory:")
+        try:
+            if self.remote:
+                con.register_filesystem(fs or self.data_dir.fs)
+            self._create_views(con, state, persist=False)
+        except duckdb.Error as exc:
+            con.close()
+            raise CatalogError(f"cannot build the catalog views: {exc}") from None
+        return con
 
     @contextlib.contextmanager
     def session(self) -> Iterator["Catalog"]:
@@ -335,9 +393,14 @@ class Catalog:
         return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
 
     def clean_ids(self) -> list[str]:
-        """Clean runs, oldest first (by the modification time of their folder)."""
+        """Clean runs, oldest first (by the modification time of their folder; on S3, of inputs.json)."""
         clean = self.data_dir / "clean"
         if not clean.exists():
             return []
         dirs = [p for p in clean.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if self.remote:  # S3 has no folders: a clean run's inputs.json is its first object
+            def started(p: StorePath) -> float:
+                inputs = p / "inputs.json"
+                return inputs.stat().st_mtime if inputs.exists() else 0.0
+            return [p.name for p in sorted(dirs, key=lambda p: (started(p), p.name))]
         return [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime, p.name))]

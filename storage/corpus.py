@@ -13,20 +13,29 @@ Layout of ``<data_dir>/clean/<clean_id>/``::
 
 and ``<data_dir>/embeddings/<model_key>/*.parquet`` caches vectors by text hash across runs.
 Every stage table is written atomically; a stage whose table exists is not recomputed.
+``data_dir`` may be an ``s3://`` path (``storage/location.py``); the export is then written to a
+local staging folder (the exporters stream into local files) and uploaded by :meth:`CleanStore.upload_export`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.shards import StorageError, atomic_write_bytes, atomic_write_parquet, read_parquet_checked
+from storage.location import StorePath, as_store_path, is_remote, parquet_source
+from embed_factory.faults import checkpoint
+from storage.shards import (RemoteLock, StorageError, atomic_write_bytes, atomic_write_parquet,
+                            read_parquet_checked, remove_stale_temps)
 
 STAGES = ("valid", "deduped", "filtered", "mined")
 
@@ -67,28 +76,94 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+class CleanLocked(StorageError):
+    """Another process is writing the same clean run."""
+
+
 class CleanStore:
-    def __init__(self, data_dir: Path, clean_id: str, compression: str = "zstd"):
+    def __init__(self, data_dir: StorePath | str, clean_id: str, compression: str = "zstd"):
         if not clean_id or "/" in clean_id or clean_id.startswith("."):
             raise ValueError(f"invalid clean id {clean_id!r}")
         self.clean_id = clean_id
-        self.data_dir = Path(data_dir)
+        self.data_dir = as_store_path(data_dir)
         self.root = self.data_dir / "clean" / clean_id
         self.compression = compression
 
-    def stage_path(self, stage: str) -> Path:
+    def stage_path(self, stage: str) -> StorePath:
         return self.root / f"{stage}.parquet"
 
-    def dropped_path(self, stage: str) -> Path:
+    def dropped_path(self, stage: str) -> StorePath:
         return self.root / "dropped" / f"{stage}.parquet"
 
     @property
     def export_dir(self) -> Path:
+        """A local folder: the export itself, or on S3 its staging copy (see :meth:`upload_export`)."""
+        if is_remote(self.root):
+            bucket_key = self.root.path.replace("/", "_")
+            return Path(tempfile.gettempdir()) / "embed-factory-export" / f"{bucket_key}-{os.getpid()}"
         return self.root / "export"
 
     @property
-    def report_path(self) -> Path:
+    def export_location(self) -> StorePath:
+        """Where the export is kept: ``<clean>/export`` locally or on S3."""
+        return self.root / "export"
+
+    def upload_export(self) -> StorePath:
+        """On S3, upload the staged export (README.md, the dataset card, last) and drop the staging copy.
+
+        Each file is one PUT; the card goes last, so an export with a card is complete. Locally
+        the export is already in place and this only returns it.
+        """
+        target = self.export_location
+        if not is_remote(target):
+            return target
+        staged = self.export_dir
+        files = sorted((p for p in staged.rglob("*") if p.is_file()), key=lambda p: (p.name == "README.md", str(p)))
+        for src in files:
+            atomic_write_bytes(target / src.relative_to(staged).as_posix(), src.read_bytes())
+        for src in files:
+            src.unlink()
+        return target
+
+    @property
+    def report_path(self) -> StorePath:
         return self.root / "report.html"
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the clean run's lock: a second `clean` of the same id fails at once.
+
+        A clean run that leaves nothing but its lock (it failed before its first table) is removed.
+        """
+        if is_remote(self.root):  # S3: a lock object (conditional PUT + heartbeat), as for generation runs
+            with RemoteLock(self.root / ".lock", self.clean_id, what="clean run", option="--clean-id",
+                            error=CleanLocked):
+                yield
+            return
+        lock_path = self.root / ".lock"
+        while True:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = lock_path.open("w")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                raise CleanLocked(f"clean run {self.clean_id!r} is being written by another process ({self.root}); "
+                                  "wait for it or choose another --clean-id") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fh.fileno()), os.stat(lock_path)):
+                    break  # the lock file we hold is still the one in place (not removed by a failed run)
+            fh.close()
+        with fh:
+            remove_stale_temps(self.root)
+            try:
+                yield
+            finally:
+                if [p.name for p in self.root.iterdir()] == [".lock"]:
+                    lock_path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        self.root.rmdir()
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
@@ -97,7 +172,9 @@ class CleanStore:
         """Dropped rows first, then the stage table (its commit point)."""
         atomic_write_parquet(result.dropped.cast(DROPPED_SCHEMA), self.dropped_path(drop_stage or stage),
                              self.compression)
+        checkpoint("stage.dropped")
         atomic_write_parquet(result.kept, self.stage_path(stage), self.compression)
+        checkpoint("stage.table")
 
     def write_dropped(self, name: str, dropped: pa.Table) -> None:
         atomic_write_parquet(dropped.cast(DROPPED_SCHEMA), self.dropped_path(name), self.compression)
@@ -110,23 +187,60 @@ class CleanStore:
         path = self.stage_path(stage)
         if schema is not None:
             return read_parquet_checked(path, schema)
+        source, filesystem = parquet_source(path)
         try:
-            return pq.read_table(path)
+            return pq.read_table(source, filesystem=filesystem)
         except FileNotFoundError:
             raise StorageError(f"{path}: file not found") from None
         except (pa.ArrowException, OSError) as exc:
             raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
-    def count(self, path: Path) -> int:
+    def count(self, path: StorePath) -> int:
         """Rows of a Parquet file, from its footer (nothing else is read)."""
+        source, filesystem = parquet_source(path)
         try:
-            return pq.read_metadata(path).num_rows
+            return pq.read_metadata(source, filesystem=filesystem).num_rows
         except (pa.ArrowException, OSError) as exc:
             raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
     def write_inputs(self, run_ids: list[str]) -> None:
         atomic_write_bytes(self.root / "inputs.json", json.dumps({"runs": run_ids}, indent=1).encode())
 
-    def embeddings_dir(self, model_key: str) -> Path:
+    def embeddings_dir(self, model_key: str) -> StorePath:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
         return self.data_dir / "embeddings" / safe
+
+
+def mirror_exports(data_dir: StorePath | str, local_dir: Path) -> list[str]:
+    """Copy every complete export (one with its ``README.md`` card) from S3 to ``local_dir``.
+
+    Training reads local files, so fine-tuning on S3 storage works on this copy: ``<local_dir>/clean/
+    <clean_id>/export/``. A file whose size matches is not fetched again; each one lands by temp file
+    + rename, and keeps the object's modification time so "the latest export" means the same here.
+    Locally there is nothing to do. Returns the clean ids mirrored.
+    """
+    root = as_store_path(data_dir)
+    if not is_remote(root):
+        return []
+    fs, base = root.fs, root.path
+    cards = fs.glob(f"{base}/clean/*/export/README.md")
+    mirrored = []
+    for card in sorted(cards):
+        export = card.rsplit("/", 1)[0]
+        clean_id = export.split("/")[-2]
+        for key, info in sorted(fs.find(export, detail=True).items()):
+            target = Path(local_dir) / "clean" / clean_id / "export" / key[len(export) + 1:]
+            if target.exists() and target.stat().st_size == info["size"]:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            try:
+                fs.get_file(key, str(tmp))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            modified = info.get("LastModified")
+            if modified is not None:
+                os.utime(target, (modified.timestamp(), modified.timestamp()))
+        mirrored.append(clean_id)
+    return mirrored

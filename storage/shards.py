@@ -13,6 +13,10 @@ The data file of a shard is its commit point: its rejects file is written first,
 file by temp file + ``os.replace``, then the manifest. A crash at any point leaves either no data
 file (the shard is redone from scratch, overwriting its rejects) or a complete one (the manifest
 entry is recovered from it on the next run). So a re-run neither loses nor duplicates a row.
+
+``data_dir`` may also be an ``s3://bucket/prefix`` path (``storage/location.py``): each file is then
+built in memory and PUT to its final key in one request (atomic on S3), in the same order, manifest
+last; the run lock is a lock object created with a conditional PUT and kept alive by a heartbeat.
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import socket
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embed_factory.faults import checkpoint
+from storage.location import StorePath, as_store_path, is_remote, parquet_source, put_bytes
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
     EXAMPLE_SCHEMA,
@@ -38,6 +47,8 @@ from storage.schemas import (
     REJECT_SCHEMA,
     SCHEMA_VERSION,
 )
+
+log = logging.getLogger(__name__)
 
 ShardKind = Literal["brainstorm", "examples"]
 _DATA_SCHEMAS = {"brainstorm": BRAINSTORM_SCHEMA, "examples": EXAMPLE_SCHEMA}
@@ -68,7 +79,7 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: StorePath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -76,7 +87,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _os_reason(exc: OSError) -> str:
+    """``No space left on device`` from an OSError, also from pyarrow's ("Error writing bytes ... Detail: ...")."""
+    return exc.strerror or str(exc).rpartition("Detail:")[2].strip() or type(exc).__name__
+
+
+def atomic_write_bytes(path: StorePath, data: bytes) -> None:
+    if is_remote(path):
+        put_bytes(path, data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
@@ -84,22 +103,59 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        checkpoint("bytes.tmp")
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only, permissions: one clear line naming the file
+        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    """Write ``table`` so that ``path`` is either absent, the old file, or the complete new one."""
+def atomic_write_parquet(table: pa.Table, path: StorePath, compression: str = "zstd") -> tuple[int, str] | None:
+    """Write ``table`` so that ``path`` is either absent, the old file, or the complete new one.
+
+    On S3 returns (bytes, sha256) of what it stored, so nobody has to download it again to hash it.
+    """
+    if is_remote(path):  # the whole file in memory, then one PUT to the final key
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=compression)
+        data = sink.getvalue().to_pybytes()
+        put_bytes(path, data)
+        return len(data), hashlib.sha256(data).hexdigest()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         pq.write_table(table, tmp, compression=compression)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
+        checkpoint("parquet.tmp")
         os.replace(tmp, path)
+    except OSError as exc:  # pyarrow's IO errors are OSErrors too
+        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(root: StorePath) -> int:
+    """Delete the temp files (``.<name>.tmp-<pid>-<thread>``) that killed writers left under ``root``.
+
+    Only those of processes that are gone: a live writer may still rename its temp file.
+    """
+    if is_remote(root) or not root.exists():
+        return 0
+    removed = 0
+    for tmp in root.rglob(".*.tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        except OSError:
+            pass  # alive, someone else's
+    return removed
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -122,10 +178,11 @@ def reject_row(*, example_id: str, run_id: str, shard_id: str, stage: str, task_
             "finish_reason": finish_reason, "raw_text": raw_text, "created_at": created_at}
 
 
-def read_parquet_checked(path: Path, schema: pa.Schema) -> pa.Table:
+def read_parquet_checked(path: StorePath, schema: pa.Schema) -> pa.Table:
     """Read a shard and check it has the expected columns; errors name the file."""
+    source, filesystem = parquet_source(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(source, filesystem=filesystem)
     except FileNotFoundError:
         raise StorageError(f"{path}: file not found") from None
     except (pa.ArrowException, OSError) as exc:
@@ -139,31 +196,33 @@ def read_parquet_checked(path: Path, schema: pa.Schema) -> pa.Table:
 class RunStore:
     """Everything one run writes, under ``<data_dir>/runs/<run_id>``."""
 
-    def __init__(self, data_dir: Path, run_id: str, compression: str = "zstd"):
+    def __init__(self, data_dir: StorePath | str, run_id: str, compression: str = "zstd",
+                 lock_ttl_s: float = 120.0):
         if not run_id or "/" in run_id or run_id.startswith("."):
             raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-' and '_'")
         self.run_id = run_id
-        self.root = Path(data_dir) / "runs" / run_id
+        self.root = as_store_path(data_dir) / "runs" / run_id
         self.compression = compression
+        self.lock_ttl_s = lock_ttl_s
         self._manifest_lock = threading.Lock()
 
     # --- paths -----------------------------------------------------------------------------
-    def shard_path(self, kind: ShardKind, shard_id: str) -> Path:
+    def shard_path(self, kind: ShardKind, shard_id: str) -> StorePath:
         return self.root / kind / f"{shard_id}.parquet"
 
-    def rejects_path(self, shard_id: str) -> Path:
+    def rejects_path(self, shard_id: str) -> StorePath:
         return self.root / "rejects" / f"{shard_id}.parquet"
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> StorePath:
         return self.root / "manifest.json"
 
     @property
-    def instructions_path(self) -> Path:
+    def instructions_path(self) -> StorePath:
         return self.root / "instructions.parquet"
 
     @property
-    def run_info_path(self) -> Path:
+    def run_info_path(self) -> StorePath:
         return self.root / "run.json"
 
     def glob(self, kind: str) -> str:
@@ -174,6 +233,10 @@ class RunStore:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the run's lock; a second writer of the same run id fails at once with a clear error."""
+        if is_remote(self.root):
+            with RemoteLock(self.root / ".lock", self.run_id, self.lock_ttl_s):
+                yield
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / ".lock"
         with lock_path.open("w") as fh:
@@ -184,6 +247,7 @@ class RunStore:
                     f"run {self.run_id!r} is being written by another process ({self.root}); "
                     "wait for it or choose another --run-id"
                 ) from None
+            remove_stale_temps(self.root)
             try:
                 yield
             finally:
@@ -196,7 +260,10 @@ class RunStore:
     def read_run_info(self) -> dict[str, Any] | None:
         if not self.run_info_path.exists():
             return None
-        return json.loads(self.run_info_path.read_text())
+        try:
+            return json.loads(self.run_info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StorageError(f"{self.run_info_path}: corrupt run info ({exc})") from None
 
     # --- manifest ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, dict[str, Any]]:
@@ -204,7 +271,7 @@ class RunStore:
             return {}
         try:
             return json.loads(self.manifest_path.read_text())["shards"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise StorageError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
 
     def _record(self, record: ShardRecord) -> None:
@@ -232,22 +299,26 @@ class RunStore:
     ) -> ShardRecord:
         """Commit one shard: rejects first, then the data file (commit point), then the manifest."""
         atomic_write_parquet(rows_to_table(rejects, REJECT_SCHEMA), self.rejects_path(shard_id), self.compression)
+        checkpoint("shard.rejects")
         path = self.shard_path(kind, shard_id)
-        atomic_write_parquet(rows_to_table(rows, _DATA_SCHEMAS[kind]), path, self.compression)
-        record = ShardRecord(kind, shard_id, len(rows), len(rejects), path.stat().st_size, file_sha256(path))
+        written = atomic_write_parquet(rows_to_table(rows, _DATA_SCHEMAS[kind]), path, self.compression)
+        checkpoint("shard.data")
+        size, digest = written or (path.stat().st_size, file_sha256(path))
+        record = ShardRecord(kind, shard_id, len(rows), len(rejects), size, digest)
         self._record(record)
+        checkpoint("shard.manifest")
         return record
 
     # --- reading -----------------------------------------------------------------------------
     def read_kind(self, kind: ShardKind | Literal["rejects"]) -> pa.Table:
         schema = REJECT_SCHEMA if kind == "rejects" else _DATA_SCHEMAS[kind]
-        files = sorted((self.root / kind).glob("*.parquet"))
+        files = sorted((self.root / kind).glob("*.parquet"), key=str)
         if not files:
             return schema.empty_table()
         return pa.concat_tables([read_parquet_checked(f, schema) for f in files])
 
     @property
-    def personas_path(self) -> Path:
+    def personas_path(self) -> StorePath:
         return self.root / "personas.jsonl"
 
     def write_personas(self, personas: list[tuple[str, str]]) -> None:
@@ -264,6 +335,94 @@ class RunStore:
         return read_parquet_checked(self.instructions_path, INSTRUCTION_SCHEMA)
 
 
-def list_runs(data_dir: Path) -> list[str]:
-    runs = Path(data_dir) / "runs"
+def list_runs(data_dir: StorePath | str) -> list[str]:
+    runs = as_store_path(data_dir) / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
+
+
+class RemoteLock:
+    """The run lock on S3: a lock object made with a conditional PUT (``If-None-Match: *``).
+
+    It names its holder and an expiry; a heartbeat thread renews it every ``ttl_s / 3`` with a PUT
+    conditioned on the holder's own ETag (``If-Match``). A lock that expired (its writer crashed or
+    lost the network), or whose holder is a dead process on this host, is taken over with a PUT
+    conditioned on the stale lock's ETag, so of two processes racing for it exactly one wins.
+    """
+
+    def __init__(self, path: StorePath, run_id: str, ttl_s: float = 120.0, *, what: str = "run",
+                 option: str = "--run-id", error: type[StorageError] = RunLocked):
+        self.path, self.run_id, self.ttl_s = path, run_id, ttl_s
+        self.what, self.option, self.error = what, option, error  # for the message: "run 'x' … --run-id"
+        self.fs, self.key = path.fs, path.path
+        self.owner = uuid.uuid4().hex
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires_at": time.time() + self.ttl_s}).encode()
+
+    def _put(self, **condition: str) -> str:
+        response = self.fs.pipe_file(self.key, self._body(), **condition)
+        return response["ETag"]
+
+    def _locked(self, holder: dict[str, Any] | None) -> StorageError:
+        who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "another process"
+        return self.error(f"{self.what} {self.run_id!r} is being written by {who} ({self.path}); "
+                          f"wait for it or choose another {self.option}")
+
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
+        if float(holder.get("expires_at", 0)) < time.time():
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def acquire(self) -> None:
+        try:
+            self._etag = self._put(mode="create")
+        except FileExistsError:
+            try:
+                etag = self.fs.info(self.key)["ETag"]
+                holder = json.loads(self.fs.cat_file(self.key))
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                holder = {}
+                etag = None
+            if etag is None or (holder and not self._is_stale(holder)):
+                raise self._locked(holder) from None
+            try:
+                self._etag = self._put(IfMatch=etag)
+            except OSError:  # someone else renewed or took it over in between
+                raise self._locked(holder) from None
+            log.warning("took over the stale lock of run %s (%s)", self.run_id, holder)
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lock-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._etag = self._put(IfMatch=self._etag)
+            except OSError as exc:
+                log.error("lost the lock of run %s (%s): another writer may take the run over", self.run_id, exc)
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OSError):
+            if self.fs.info(self.key).get("ETag") == self._etag:
+                self.fs.rm_file(self.key)
+
+    def __enter__(self) -> "RemoteLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from embed_factory import progress
 from embed_factory.settings import CleanSettings
 from storage.corpus import EMBEDDING_CACHE_SCHEMA, text_hash
+from storage.location import as_store_path, parquet_source
 from storage.shards import StorageError, atomic_write_parquet
 
 #: texts handed to the embedder per call inside encode_cached (progress granularity; bounds memory)
@@ -186,7 +187,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: Path):
-        self.directory = Path(directory)
+        self.directory = as_store_path(directory)  # a local folder or an S3 prefix
         self._index: dict[str, int] | None = None
         self._blocks: list[np.ndarray] = []
         self._matrix: np.ndarray | None = None
@@ -194,15 +195,16 @@ class EmbeddingCache:
 
     # --- reading ------------------------------------------------------------------------------
     def shards(self) -> list[Path]:
-        return sorted(self.directory.glob("*.parquet")) if self.directory.exists() else []
+        return sorted(self.directory.glob("*.parquet"), key=str) if self.directory.exists() else []
 
     def _load(self) -> dict[str, int]:
         if self._index is not None:
             return self._index
         self._index = {}
         for path in self.shards():
+            source, filesystem = parquet_source(path)
             try:
-                table = pq.read_table(path)
+                table = pq.read_table(source, filesystem=filesystem)
             except (pa.ArrowException, OSError) as exc:
                 raise StorageError(f"{path}: unreadable embedding cache shard ({exc})") from None
             if table.num_rows:

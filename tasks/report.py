@@ -36,6 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from embed_factory.settings import ALL_TASK_TYPES
 from storage.catalog import Catalog
+from storage.location import as_store_path
 from storage.shards import atomic_write_bytes
 
 STAGES = ("generated", "valid", "deduped", "filtered", "mined")
@@ -600,6 +601,6 @@ def render_report(catalog: Catalog, clean_id: str | None = None) -> str:
 
 def write_report(catalog: Catalog, clean_id: str | None, out_path: Path) -> Path:
     """Write the self-contained HTML report to ``out_path`` (atomically) and return the path."""
-    out_path = Path(out_path)
+    out_path = as_store_path(out_path)  # a local file, or an S3 key next to the clean run's tables
     atomic_write_bytes(out_path, render_report(catalog, clean_id).encode("utf-8"))
     return out_path

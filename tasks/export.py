@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embed_factory.settings import CleanSettings
+from embed_factory.faults import checkpoint
 from storage.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class _AtomicOutputs:
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
         for tmp, path in self._pending:
+            checkpoint("export.part")  # crash tests: a kill between the renames
             os.replace(tmp, path)
         self._pending.clear()
 

@@ -308,6 +308,37 @@ def near_dedup(table: pa.Table, cfg: CleanSettings) -> StageResult:
     return _split(table, np.array(rows, dtype=np.int64), STAGE_NEAR, reasons, details)
 
 
+_ROW = "__row"  # input position, carried through the parts of a split
+
+
+def split_by_task_type(table: pa.Table) -> dict[str, pa.Table]:
+    """The rows of each task type (sorted), tagged with their input position. Both passes of
+    :func:`near_dedup` compare within one task type only, so the parts can run in parallel
+    (:func:`near_dedup_part`, mapped over the clean flow's task runner) and :func:`merge_near_parts`
+    puts the results back together."""
+    tagged = table.append_column(_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    types = sorted(set(table.column("task_type").to_pylist()), key=str)
+    return {t: tagged.filter(pc.equal(tagged.column("task_type"), t)) for t in types}
+
+
+def near_dedup_part(part: pa.Table, cfg: CleanSettings) -> StageResult:
+    """:func:`near_dedup` of one part of :func:`split_by_task_type`; its dropped rows keep their position too."""
+    result = near_dedup(part, cfg)
+    kept_rows = set(result.kept.column(_ROW).to_pylist())
+    # dropped rows come in input order, so their positions are the part's positions not kept, ascending
+    dropped_rows = [r for r in part.column(_ROW).to_pylist() if r not in kept_rows]
+    return StageResult(kept=result.kept, dropped=result.dropped.append_column(_ROW, pa.array(dropped_rows, pa.int64())))
+
+
+def merge_near_parts(table: pa.Table, parts: Sequence[StageResult]) -> StageResult:
+    """The :func:`near_dedup_part` results merged into exactly what ``near_dedup(table)`` returns."""
+    if not parts:
+        return StageResult(kept=table, dropped=DROPPED_SCHEMA.empty_table())
+    kept = pa.concat_tables([p.kept for p in parts]).sort_by(_ROW).drop_columns([_ROW])
+    dropped = pa.concat_tables([p.dropped for p in parts]).sort_by(_ROW).drop_columns([_ROW])
+    return StageResult(kept=kept, dropped=dropped)
+
+
 # --------------------------------------------------------------------------- instructions
 
 

@@ -1,0 +1,87 @@
+"""Flow ``pipeline``: generate → clean → finetune, each stage the existing flow run as a subflow.
+
+Orchestration only: the stages are ``flows.generate.generate``, ``flows.clean.clean`` and
+``flows.finetune.finetune``, called as subflows, so the Prefect UI shows one pipeline run with
+three child flow runs and their task runs. The deployment ``pipeline/pipeline`` (``prefect.yaml``)
+runs it on the process work pool; its nightly cron schedule is registered switched off unless
+``embed-factory deploy --schedule`` (or ``prefect.pipeline_schedule = true``).
+
+The subflow runs are named ``<stage>-<id> (pipeline)``: the ``finetune`` deployment's trigger (a
+completed ``clean`` flow run starts a fine-tune, ``embed_factory/deploy.py``) skips clean runs whose
+name ends in :data:`SUBFLOW_SUFFIX`, because the pipeline fine-tunes by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from embed_factory.deploy import PIPELINE_SUBFLOW_SUFFIX as SUBFLOW_SUFFIX
+from embed_factory.settings import TaskTypeName
+from flows.clean import clean
+from flows.finetune import finetune as finetune_flow
+from flows.generate import generate
+
+
+def default_run_id() -> str:
+    """``run-YYYYmmdd-HHMMSS-hex6``: the flow run's scheduled start (UTC) and id, so stable for one flow run."""
+    from prefect.runtime import flow_run
+
+    started = flow_run.scheduled_start_time
+    run_uuid = (flow_run.id or "").replace("-", "")
+    return f"run-{started:%Y%m%d-%H%M%S}-{run_uuid[:6] or 'local'}"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"pipeline-{(flow_run.parameters or {}).get('run_id') or default_run_id()}"
+
+
+@flow(name="pipeline", flow_run_name=_run_name)
+async def pipeline(
+    run_id: str | None = None,
+    examples: int | None = None,
+    task_types: list[TaskTypeName] | None = None,
+    seed: int | None = None,
+    unique_instructions: int | None = None,
+    clean_id: str | None = None,
+    clean_all_runs: bool = True,
+    finetune: bool = True,
+    base_model: str | None = None,
+    max_steps: int | None = None,
+    profile: Literal["local", "production"] | None = None,
+) -> dict[str, Any]:
+    """Generate examples, clean them into a training corpus, fine-tune an embedding model on it.
+
+    Args:
+        run_id: Generation run id; re-use one to resume that run (default: a new one, run-DATE-TIME-HEX).
+        examples: Target number of parsed examples over all task types (default: the profile's).
+        task_types: Task types to generate (default: all six).
+        seed: Sampling seed for personas and placeholders (default: generation.seed).
+        unique_instructions: Target unique brainstormed instructions (default: what examples needs).
+        clean_id: Id of the clean run (default: the run id with clean- in place of run-).
+        clean_all_runs: Clean every generation run in the data folder (as `embed-factory run` does); off: only this run.
+        finetune: Fine-tune on the clean run's export after cleaning.
+        base_model: Model to fine-tune (default: finetune.base_model, else the bundled all-MiniLM-L6-v2).
+        max_steps: Stop training after this many optimizer steps (default: one epoch).
+        profile: Settings profile for every stage: local or production (default: the environment's).
+    """
+    logger = get_run_logger()
+    run_id = run_id or default_run_id()
+    clean_id = clean_id or f"clean-{run_id.removeprefix('run-')}"
+
+    generated = await generate.with_options(flow_run_name=f"generate-{run_id}{SUBFLOW_SUFFIX}")(
+        run_id=run_id, examples=examples, task_types=task_types, seed=seed,
+        unique_instructions=unique_instructions, profile=profile)
+    cleaned = clean.with_options(flow_run_name=f"clean-{clean_id}{SUBFLOW_SUFFIX}")(
+        clean_id=clean_id, runs=None if clean_all_runs else [run_id], profile=profile)
+    tuned = None
+    if finetune:
+        tuned = finetune_flow.with_options(flow_run_name=f"finetune-{clean_id}{SUBFLOW_SUFFIX}")(
+            clean_id=clean_id, base_model=base_model, max_steps=max_steps, profile=profile)
+    logger.info("pipeline %s: %d examples, %d rows after cleaning, model %s", run_id,
+                sum(generated["examples_by_type"].values()), cleaned["counts"].get("mined", 0),
+                tuned["model_dir"] if tuned else "(not fine-tuned)")
+    return {"run_id": run_id, "clean_id": clean_id, "generate": generated, "clean": cleaned, "finetune": tuned}

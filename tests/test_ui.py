@@ -1,0 +1,198 @@
+"""The Prefect UI in a real browser: the four deployments and a completed pipeline run, with screenshots.
+
+Marked ``llm`` (~3-5 min on 2 busy cores). It starts what a user starts:
+
+1. the local Prefect server of the CLI (``LocalPrefectServer``: ``prefect server start``, SQLite,
+   127.0.0.1, a free port, ``PREFECT_HOME`` in this test's data folder) — it serves the UI;
+2. ``embed-factory deploy`` (registers generate, clean, finetune, pipeline; runs a process worker);
+3. ``embed-factory trigger pipeline`` with a tiny run: 8 examples of 2 task types on the embedded
+   vLLM server, clean tuned for a tiny corpus, a 2-step fine-tune evaluated on 40 English STS pairs;
+
+then drives Debian's chromium (``/usr/bin/chromium``; Playwright, headless, no browser download):
+the deployments page lists the four deployments; the pipeline deployment's run form has a field with
+its description per flow parameter; the pipeline's run page (Subflow Runs tab) shows it
+Completed with its run graph and three subflow runs, each with its number of task runs; the clean
+subflow's page (Task Runs tab) lists its task runs by name, as the API has them. The UI is the one
+``prefect server start`` serves by default (Prefect's Vue UI in 3.9). Screenshots go to
+``$EMBED_FACTORY_TEST_ARTIFACTS`` or ``tests/artifacts/`` (gitignored); the test prints the folder.
+Skipped only when chromium is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embed_factory.settings import default_sts_dir, load_settings
+from test_deployments import TINY, stop, wait_for_worker  # shared with the deployment test
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("EMBED_FACTORY_TEST_ARTIFACTS") or ROOT / "tests" / "artifacts")
+DEPLOYMENTS = ("generate", "clean", "finetune", "pipeline")
+
+pytestmark = [
+    pytest.mark.llm,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui_server(tmp_path, monkeypatch):
+    """The CLI's local Prefect server (UI + API) on a free port, data and PREFECT_HOME under tmp_path."""
+    from embed_factory.prefect_server import LocalPrefectServer
+
+    monkeypatch.setenv("EMBED_FACTORY_STORAGE__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("EMBED_FACTORY_PREFECT__PORT", str(free_port()))
+    monkeypatch.delenv("EMBED_FACTORY_PREFECT__API_URL", raising=False)
+    server = LocalPrefectServer(load_settings(), say=lambda m: print(f"[prefect] {m}", flush=True))
+    started = time.monotonic()
+    server.start()
+    print(f"[prefect] UI {server.ui_url} up in {time.monotonic() - started:.1f}s")
+    monkeypatch.setenv("PREFECT_API_URL", server.api_url)  # every subprocess
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:  # this process too, over any Prefect test server of the session (its settings context wins over env)
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server
+    finally:
+        server.stop()
+
+
+def _flow_runs(**filters):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(**filters)
+
+
+def subflow_runs(parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return _flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+def task_run_names(flow_run_id) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(r.name for r in runs)
+
+
+def test_ui_shows_deployments_and_a_completed_pipeline_run(llm_base_url, ui_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    if not (default_sts_dir() / "stsb-en-test.csv").exists():
+        pytest.fail(f"the STS Benchmark is missing: {default_sts_dir()}/stsb-en-test.csv")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {ARTIFACTS}")
+    env = {**os.environ, **TINY, "EMBED_FACTORY_KEEP_LLM": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    project = tmp_path / "project"
+    project.mkdir()
+    log = tmp_path / "deploy.log"
+
+    t0 = time.monotonic()
+    with log.open("wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "deploy"], cwd=project, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
+    try:
+        wait_for_worker("local-pool", worker, log)
+        t_ready = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "embed_factory.cli", "trigger", "pipeline", "-p", "run_id=run-ui",
+             "-p", "examples=8", "-p", "task_types=retrieval,sts", "-p", "max_steps=2"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        t_done = time.monotonic()
+        assert result.returncode == 0, result.stdout + result.stderr + log.read_text()[-6000:]
+        assert "pipeline/pipeline: flow run pipeline-run-ui Completed" in result.stdout
+        print(f"deploy + worker ready {t_ready - t0:.1f}s, pipeline run {t_done - t_ready:.1f}s")
+    finally:
+        stop(worker)
+
+    pipeline_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", result.stdout).group(1)
+    children = {run.name: run for run in subflow_runs(pipeline_id)}
+    assert set(children) == {"generate-run-ui (pipeline)", "clean-clean-ui (pipeline)",
+                             "finetune-clean-ui (pipeline)"}, children
+    assert all(run.state.is_completed() for run in children.values())
+    clean_run = children["clean-clean-ui (pipeline)"]
+    clean_tasks = task_run_names(clean_run.id)  # e.g. validate-run-ui-g00-00000, dedup-near-sts, embed-707
+    for stage in ("validate-", "dedup-", "embed-", "rank-filter-and-mine-"):
+        assert any(name.startswith(stage) for name in clean_tasks), (stage, clean_tasks)
+
+    ui = ui_server.ui_url
+    shots = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        # 1. the deployments page lists the four deployments (each links to its own page)
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            ids = {name: client.read_deployment_by_name(f"{name}/{name}").id for name in DEPLOYMENTS}
+        page.goto(f"{ui}/deployments")
+        for name, deployment_id in ids.items():
+            link = page.locator(f'a[href*="/deployments/deployment/{deployment_id}"]').first
+            expect(link).to_be_visible()
+            expect(link).to_contain_text(name)
+        shots["deployments"] = ARTIFACTS / "ui-deployments.png"
+        page.screenshot(path=shots["deployments"], full_page=True)
+
+        # 2. the pipeline deployment's run form: a field per flow parameter, with its description
+        page.goto(f"{ui}/deployments/deployment/{ids['pipeline']}/run")
+        for text in ("examples (Optional)", "Target number of parsed examples over all task types",
+                     "task_types (Optional)", "max_steps (Optional)", "Fine-tune on the clean run's export"):
+            expect(page.get_by_text(text).first).to_be_visible()
+        page.wait_for_timeout(1000)  # let the page finish fading in
+        shots["form"] = ARTIFACTS / "ui-pipeline-run-form.png"
+        page.screenshot(path=shots["form"], full_page=True)
+
+        # 3. the pipeline's run page: Completed, its graph, and its three subflow runs with their task runs
+        page.goto(f"{ui}/runs/flow-run/{pipeline_id}")
+        page.locator("[role=tablist]").get_by_text("Subflow Runs", exact=True).click()
+        expect(page.get_by_text("pipeline-run-ui", exact=True).first).to_be_visible()
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+        panel = page.get_by_role("tabpanel", name="Subflow Runs")
+        expect(panel.get_by_text("3 Flow runs", exact=True)).to_be_visible()
+        for name, run in children.items():
+            row = panel.locator("div", has=page.get_by_text(name, exact=True)).filter(has_text="Task runs").last
+            expect(row).to_contain_text(f"{len(task_run_names(run.id))} Task runs")
+            expect(row).to_contain_text("Completed")
+        page.wait_for_timeout(1500)  # the run graph (a canvas) draws its nodes
+        shots["pipeline"] = ARTIFACTS / "ui-pipeline-run.png"
+        page.screenshot(path=shots["pipeline"], full_page=True)
+
+        # 4. the clean subflow's run page: its task runs
+        page.goto(f"{ui}/runs/flow-run/{clean_run.id}")
+        page.locator("[role=tablist]").get_by_text("Task Runs", exact=True).click()
+        panel = page.get_by_role("tabpanel", name="Task Runs")
+        expect(panel.get_by_text(f"{len(clean_tasks)} Task runs", exact=True)).to_be_visible()
+        for name in clean_tasks:  # the UI lists exactly the task runs the API has
+            expect(panel.get_by_text(name, exact=True).first).to_be_visible()
+        page.wait_for_timeout(1500)
+        shots["clean"] = ARTIFACTS / "ui-clean-task-runs.png"
+        page.screenshot(path=shots["clean"], full_page=True)
+        browser.close()
+
+    for name, path in shots.items():
+        assert path.stat().st_size > 10_000, f"{path} looks empty"
+        print(f"screenshot {name}: {path}")

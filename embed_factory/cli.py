@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import sys
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, get_origin
 from uuid import uuid4
 
+import httpx
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,7 +25,7 @@ from rich.table import Table
 from embed_factory import progress as progress_sink
 from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError
 from embed_factory.prefect_server import LocalPrefectServer, PrefectServerError, resolve_api_url
-from embed_factory.settings import ALL_TASK_TYPES, Settings, load_settings
+from embed_factory.settings import ALL_TASK_TYPES, DEFAULT_CONFIG_FILE, Settings, load_settings
 from personas.sources import PersonaFileError, load_personas
 from storage.shards import RunStore, StorageError
 
@@ -44,13 +49,48 @@ def _settings(config: Optional[Path], profile: Optional[str] = None) -> Settings
         os.environ["EMBED_FACTORY_CONFIG"] = str(config)
     if profile is not None:
         os.environ["EMBED_FACTORY_PROFILE"] = profile
+    config_file = Path(os.environ.get("EMBED_FACTORY_CONFIG", DEFAULT_CONFIG_FILE))
+    if "EMBED_FACTORY_CONFIG" in os.environ and not config_file.is_file():
+        _fail(f"config file {config_file} not found (EMBED_FACTORY_CONFIG)")
     try:
         return load_settings()
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_setting_source(e['loc'], config_file)}"
+                           for e in exc.errors())
         _fail(f"invalid settings: {errors}")
-    except ValueError as exc:
-        _fail(f"invalid settings: {exc}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        _fail(f"invalid settings: {config_file}: not a readable TOML file ({exc})")
+    except SettingsError as exc:  # an EMBED_FACTORY_* variable that should hold JSON (a list) does not
+        section = exc.args[0].split('"')[1] if '"' in exc.args[0] else ""
+        _fail(f"invalid settings: cannot parse {', '.join(_unparsable_env(section)) or 'an EMBED_FACTORY_* variable'} "
+              f"(lists are JSON, e.g. '[\"retrieval\", \"sts\"]'): {exc.__cause__ or exc}")
+    except ValueError as exc:  # e.g. an unknown profile
+        _fail(f"invalid settings: {exc}{_setting_source(('profile',), config_file)}")
+
+
+def _unparsable_env(section: str) -> list[str]:
+    """The EMBED_FACTORY_<SECTION>__* variables of list/dict settings whose value is not JSON."""
+    field = Settings.model_fields.get(section)
+    keys = getattr(field.annotation, "model_fields", {}) if field else {}
+    prefix, names = f"EMBED_FACTORY_{section.upper()}__", []
+    for name, value in os.environ.items():
+        key = keys.get(name[len(prefix):].lower()) if name.upper().startswith(prefix) else None
+        if key is not None and get_origin(key.annotation) in (list, dict):
+            try:
+                json.loads(value)
+            except ValueError:
+                names.append(name)
+    return sorted(names)
+
+
+def _setting_source(loc: tuple, config_file: Path) -> str:
+    """Where a bad setting came from: its environment variable, else the config file (if any)."""
+    names = {k.upper() for k in os.environ}
+    for end in range(len(loc), 0, -1):  # generation.task_types.0 comes from EMBED_FACTORY_GENERATION__TASK_TYPES
+        env = "EMBED_FACTORY_" + "__".join(map(str, loc[:end])).upper()
+        if env in names:
+            return f" (from {env})"
+    return f" (in {config_file})" if config_file.is_file() else ""
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -113,9 +153,15 @@ def run(
     try:  # check cheap inputs before starting any server
         if settings.personas.source != "hub":
             load_personas(settings.personas.source, hub_repo="", hub_file="", limit=settings.personas.limit)
-        RunStore(settings.storage.data_dir, run_id or "check")
+        RunStore(settings.storage.root, run_id or "check")
     except USER_ERRORS as exc:
         _fail(str(exc))
+    if not settings.uses_embedded_llm:  # a configured endpoint must answer before anything is written
+        from embed_factory.doctor import FAIL, check_llm
+
+        check = check_llm(settings)
+        if check.status == FAIL:
+            _fail(f"LLM endpoint: {check.detail}" + (f"; {check.fix}" if check.fix else ""))
     run_id = run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
     try:
         if settings.uses_embedded_llm:
@@ -136,12 +182,30 @@ def _prefect_at(api_url: str, bar: Progress | None = None) -> Iterator[None]:
     """Point Prefect at ``api_url`` and, with ``bar``, show the stages' progress while the block runs."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    try:  # a configured API that does not answer is one clear line, not Prefect's traceback
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise PrefectServerError(f"Prefect API {api_url} unreachable ({type(exc).__name__}); start it or fix "
+                                 "prefect.api_url / PREFECT_API_URL") from None
     remove = progress_sink.add_listener(_RichProgress(bar)) if bar is not None else (lambda: None)
+    consoles = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    for handler in consoles:
+        handler.addFilter(_no_user_error_tracebacks)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}), (bar if bar is not None else contextlib.nullcontext()):
             yield
     finally:
         remove()
+        for handler in consoles:
+            handler.removeFilter(_no_user_error_tracebacks)
+
+
+def _no_user_error_tracebacks(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task's or flow's exception with its traceback; for a user error (a bad file,
+    a locked run, a full disk) the CLI prints one line instead, so the console drops those records.
+    The Prefect API (UI) still gets them."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, USER_ERRORS)
 
 
 def _run_flow(api_url, run_id, examples, task_types, seed, instructions, profile) -> dict:
@@ -191,6 +255,9 @@ def _print_summary(summary: dict, api_url: str) -> None:
               f"(failure rate {summary['failure_rate']:.1%})  completion tokens/s: {summary['tokens_per_s']:.1f}  "
               f"elapsed: {summary['elapsed_s']:.0f}s  shards written/skipped: "
               f"{summary['shards_written']}/{summary['shards_skipped']}")
+    out.print(f"LLM: {summary['llm_calls']} calls, {summary['http_attempts']} HTTP attempts, "
+              f"{summary['transport_failures']} transport failures ({summary['transport_failure_rate']:.1%}), "
+              f"{summary['transport_retries']} transport retries, {summary['schema_retries']} schema retries")
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/] {warning}")
     run_dir = summary["run_dir"]
@@ -226,11 +293,14 @@ def query(
     limit: int = typer.Option(50, help="Rows to print."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Query the shards and every cleaning stage with DuckDB (catalog file: <data_dir>/catalog.duckdb)."""
+    """Query the shards and every cleaning stage with DuckDB (catalog file: <data_dir>/catalog.duckdb).
+
+    With an s3:// data_dir the views read the shards from S3 (no catalog file there).
+    """
     from storage.catalog import Catalog, CatalogError
 
     settings = _settings(config)
-    catalog = Catalog(settings.storage.data_dir)
+    catalog = Catalog(settings.storage.root)
     try:  # the catalog refreshes its views by itself
         if out is not None:
             if out.suffix not in (".csv", ".parquet"):
@@ -268,15 +338,13 @@ def report(
     from tasks.report import write_report
 
     settings = _settings(config)
-    clean_root = Path(settings.storage.data_dir) / "clean"
+    catalog = Catalog(settings.storage.root)
     if clean_id is None:
-        ids = sorted((p for p in clean_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
-            if clean_root.exists() else []
+        ids = catalog.clean_ids()  # oldest first
         if not ids:
             _fail("no clean run yet; run `embed-factory clean` first")
-        clean_id = ids[-1].name
-    target = out or CleanStore(settings.storage.data_dir, clean_id).report_path
-    catalog = Catalog(settings.storage.data_dir)
+        clean_id = ids[-1]
+    target = out or CleanStore(settings.storage.root, clean_id).report_path
     catalog.refresh()
     path = write_report(catalog, clean_id, target)
     console.print(f"report: {path}")
@@ -298,11 +366,11 @@ def finetune(
 
     Writes the model (sentence-transformers format, with its model card) and eval.json (before, after, delta) to <data_dir>/models/<model>-<clean_id>/, and prints the STS Spearman (and held-out nDCG@10) before/after/delta per Matryoshka dimension. Starts the local Prefect server if needed.
     """
-    from flows.finetune import FinetuneError, check_base_model, resolve_export
+    from flows.finetune import FinetuneError, check_base_model, local_data_dir, resolve_export
 
     settings = _settings(config, profile)
     try:  # cheap checks before starting any server
-        resolved_id, _, _ = resolve_export(settings.storage.data_dir, clean_id)
+        resolved_id, _, _ = resolve_export(local_data_dir(settings), clean_id)
         check_base_model(base_model or settings.finetune.base_model)
         api_url = resolve_api_url(settings, _say)
         _say(f"fine-tuning on clean run {resolved_id}; flow run in the Prefect UI at {api_url.removesuffix('/api')}")
@@ -413,6 +481,110 @@ def serve(
         _fail(str(exc))
     except KeyboardInterrupt:
         _say("stopped serving")
+
+
+@app.command()
+def doctor(config: Optional[Path] = ConfigOption) -> None:
+    """Check the environment: config, LLM server and model, Prefect, disk, packages, vLLM env, personas.
+
+    Prints OK/WARN/FAIL per check and the fix for each problem; the exit code is 1 if any check fails.
+    """
+    from embed_factory.doctor import FAIL, WARN, failed, run_checks
+
+    if config is not None:
+        os.environ["EMBED_FACTORY_CONFIG"] = str(config)
+    out = Console(soft_wrap=True)
+    colour = {FAIL: "bold red", WARN: "yellow"}
+    checks = run_checks()
+    for check in checks:
+        out.print(f"[{colour.get(check.status, 'green')}]{check.status:<4}[/]  {check.name:<9} {check.detail}",
+                  markup=True, highlight=False)
+        if check.fix and check.status != "OK":
+            out.print(f"      {'':<9} fix: {check.fix}", highlight=False)
+    problems = {s: sum(c.status == s for c in checks) for s in (FAIL, WARN)}
+    out.print(f"{len(checks)} checks: {problems[FAIL]} failed, {problems[WARN]} warnings")
+    raise typer.Exit(1 if failed(checks) else 0)
+
+
+@app.command()
+def deploy(
+    schedule: Optional[bool] = typer.Option(None, "--schedule/--no-schedule",
+                                            help="Register the pipeline's nightly cron schedule switched on / off "
+                                                 "(default: prefect.pipeline_schedule, off)."),
+    worker: bool = typer.Option(True, "--worker/--no-worker",
+                                help="After registering, run a worker for the process pool here (Ctrl-C stops it)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1,
+                                        help="Flow runs the worker runs at once (default: prefect.worker_limit, 1)."),
+    profile: Optional[str] = ProfileOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Register the deployments of prefect.yaml (generate, clean, finetune, pipeline) and run a local worker.
+
+    Each deployment shows its parameters as a form in the Prefect UI (Deployments → Run → Custom run). Work pools come from the settings: prefect.work_pool (local-pool; production cpu-pool) and, for finetune, prefect.gpu_work_pool (production gpu-pool); missing pools are created. finetune keeps its trigger (a completed clean run outside a pipeline starts a fine-tune). Flow runs start in the current directory. Starts the local Prefect server (and, for the worker, the embedded vLLM server) if needed. Run one with: embed-factory trigger NAME --param k=v.
+    """
+    from embed_factory.deploy import DeployError, register_project, start_worker
+
+    settings = _settings(config, profile)
+    try:
+        api_url = resolve_api_url(settings, _say)
+        with _prefect_at(api_url):
+            registered = register_project(settings, schedule=schedule)
+            out = Console()
+            table = Table(title=f"deployments on {api_url.removesuffix('/api')}")
+            for column in ("deployment", "work pool", "schedule", "trigger"):
+                table.add_column(column)
+            for r in registered:
+                table.add_row(r.full_name, r.work_pool, ", ".join(r.schedules) or "-", ", ".join(r.triggers) or "-")
+            out.print(table)
+            out.print(f"UI: {api_url.removesuffix('/api')}/deployments   run one: embed-factory trigger pipeline "
+                      "--param examples=12")
+            if not worker:
+                return
+            pool = settings.prefect.work_pool
+            others = sorted({r.work_pool for r in registered} - {pool})
+            if others:
+                _say(f"runs on {', '.join(others)} need a worker there: prefect worker start --pool {others[0]}")
+            if settings.uses_embedded_llm:  # generate and pipeline runs talk to it
+                EmbeddedLLMServer(settings.embedded_llm, _say).start()
+            os.environ["PREFECT_API_URL"] = api_url  # the worker's flow-run processes inherit it
+            _say(f"worker for work pool {pool!r} (limit {limit or settings.prefect.worker_limit}); Ctrl-C stops it")
+            start_worker(pool, limit or settings.prefect.worker_limit)
+    except (DeployError, *USER_ERRORS) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _say("worker stopped")
+
+
+@app.command()
+def trigger(
+    name: str = typer.Argument(..., help="Deployment: pipeline, generate, clean, finetune (or FLOW/DEPLOYMENT)."),
+    params: Optional[list[str]] = typer.Option(None, "--param", "-p",
+                                               help="Flow parameter NAME=VALUE (repeatable). Values are JSON when they "
+                                                    "parse (6, true, null, [\"a\"]), else text; lists may be "
+                                                    "comma-separated: task_types=retrieval,sts."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish and exit non-zero unless "
+                                                             "it completed."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Run one deployment now with parameters; print its final state (or, with --no-wait, its id).
+
+    Parameters are checked against the deployment's schema before anything starts: an unknown name or a value of the wrong type is an error. A worker of the deployment's pool runs it (embed-factory deploy starts one). Examples: embed-factory trigger pipeline -p examples=12 -p task_types=retrieval,sts -p max_steps=5; embed-factory trigger generate -p run_id=run-1 --no-wait.
+    """
+    from embed_factory.deploy import DeployError, trigger as trigger_run
+
+    settings = _settings(config)
+    try:
+        api_url = resolve_api_url(settings, _say)
+        with _prefect_at(api_url):
+            run, full_name = trigger_run(name, params or [], wait=wait, say=_say)
+    except (DeployError, *USER_ERRORS) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("stopped waiting; the flow run goes on (cancel it in the UI)", 130)
+    url = f"{api_url.removesuffix('/api')}/runs/flow-run/{run.id}"
+    Console(soft_wrap=True).print(f"{full_name}: flow run {run.name} {run.state_name}  {url}")
+    if wait and not (run.state and run.state.is_completed()):
+        _fail(f"{run.name} ended {run.state_name}: {(run.state.message if run.state else '') or 'no message'}")
 
 
 @llm_app.command("up")

@@ -16,13 +16,16 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.task_runners import TaskRunner
 
+from embed_factory.faults import checkpoint
 from embed_factory.settings import CleanSettings, Settings, load_settings
+from flows.runners import stage_runner
 from storage.catalog import Catalog
 from storage.corpus import CleanStore, StageResult
 from storage.schemas import EXAMPLE_SCHEMA
-from storage.shards import RunStore, list_runs, read_parquet_checked
-from tasks.dedup import exact_dedup, near_dedup
+from storage.shards import RunStore, list_runs, read_parquet_checked, remove_stale_temps
+from tasks.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
 from tasks.embed import EmbeddingCache, encode_cached, make_embedder, query_text
 from tasks.export import export_corpus, publish_dataset, write_dataset_card
 from tasks.negatives import mine_hard_negatives
@@ -48,11 +51,14 @@ def validate_shard(path, cfg: CleanSettings) -> StageResult:
     return validate_examples(read_parquet_checked(path, EXAMPLE_SCHEMA), cfg)
 
 
-@task(name="dedup", cache_policy=NO_CACHE)
-def dedup(table: pa.Table, cfg: CleanSettings) -> tuple[StageResult, StageResult]:
-    exact = exact_dedup(table)
-    near = near_dedup(exact.kept, cfg)
-    return exact, near
+@task(name="dedup-exact", cache_policy=NO_CACHE)
+def dedup_exact(table: pa.Table) -> StageResult:
+    return exact_dedup(table)
+
+
+@task(name="dedup-near", cache_policy=NO_CACHE, task_run_name="dedup-near-{task_type}")
+def dedup_near(task_type: str, part: pa.Table, cfg: CleanSettings) -> StageResult:
+    return near_dedup_part(part, cfg)
 
 
 @task(name="embed", cache_policy=NO_CACHE)
@@ -85,13 +91,22 @@ def filter_and_mine(table: pa.Table, emb: dict[str, Any], cfg: CleanSettings) ->
 
 # --- the flow ----------------------------------------------------------------------------------
 def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, publish_to: str | None = None) -> CleanSummary:
-    logger = get_run_logger()
-    cfg = settings.clean
-    data_dir = settings.storage.data_dir
+    data_dir = settings.storage.root  # a local folder or an s3:// prefix
     store = CleanStore(data_dir, clean_id, settings.storage.compression)
     runs = runs or list_runs(data_dir)
     if not runs:
         raise ValueError(f"no generation runs under {data_dir}/runs; run `embed-factory run` first")
+    # the CPU-heavy stages (validation per shard, near-dedup per task type) map onto threads or Dask
+    with store.exclusive(), stage_runner(settings.clean) as runner:  # a second `clean` of the same id fails at once
+        remove_stale_temps(store.data_dir / "embeddings")  # stale temp files go
+        return _clean_stages(settings, store, runs, publish_to, runner)
+
+
+def _clean_stages(settings: Settings, store: CleanStore, runs: list[str], publish_to: str | None,
+                  runner: TaskRunner) -> CleanSummary:
+    logger = get_run_logger()
+    cfg = settings.clean
+    data_dir, clean_id = store.data_dir, store.clean_id
     seconds: dict[str, float] = {}
 
     def timed(name: str, started: float) -> None:
@@ -101,8 +116,9 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
     shard_files = [path for run_id in runs for path in sorted((RunStore(data_dir, run_id).root / "examples").glob("*.parquet"))]
     if not store.has("valid"):
         started = time.monotonic()
+        futures = runner.map(validate_shard, {"path": shard_files, "cfg": unmapped(cfg)}) if shard_files else []
+        results = [future.result() for future in futures]
         store.write_inputs(runs)
-        results = [future.result() for future in validate_shard.map(shard_files, cfg=unmapped(cfg))] if shard_files else []
         kept = pa.concat_tables([r.kept for r in results]) if results else EXAMPLE_SCHEMA.empty_table()
         dropped = pa.concat_tables([r.dropped for r in results]) if results else StageResult.dropped_rows([])
         store.write_stage("valid", StageResult(kept, dropped), drop_stage="validate")
@@ -111,7 +127,12 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
 
     if not store.has("deduped"):
         started = time.monotonic()
-        exact, near = dedup(valid, cfg)
+        exact = dedup_exact(valid)
+        parts = split_by_task_type(exact.kept)
+        futures = runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()),
+                                          "cfg": unmapped(cfg)}) if parts else []
+        near = merge_near_parts(exact.kept, [future.result() for future in futures])
+        checkpoint("dedup.done")
         store.write_dropped("dedup_exact", exact.dropped)
         store.write_stage("deduped", near, drop_stage="dedup_near")
         timed("dedup", started)
@@ -134,12 +155,15 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
     result = export_corpus(mined_table, store.export_dir, cfg)
     write_dataset_card(store.export_dir, result, {"clean_id": clean_id, "runs": runs, "model": settings.llm_model,
                                                   "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2"})
+    checkpoint("export.card")
     if publish_to:
         publish_dataset(store.export_dir, publish_to, token=os.environ.get("HF_TOKEN"))
+    export_location = store.upload_export()  # on S3: the staged export goes up, card last
     timed("export", started)
 
     catalog = Catalog(data_dir)
     catalog.refresh()
+    checkpoint("catalog.refreshed")
     report = write_report(catalog, clean_id, store.report_path)
 
     counts = {"raw": sum(store.count(path) for path in shard_files)}
@@ -149,11 +173,18 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, 
     for path in sorted((store.root / "dropped").glob("*.parquet")):
         dropped_counts[path.stem] = store.count(path)
     logger.info("clean %s: %s; dropped %s", clean_id, counts, dropped_counts)
-    return CleanSummary(clean_id, runs, counts, dropped_counts, str(store.export_dir), str(report), seconds)
+    return CleanSummary(clean_id, runs, counts, dropped_counts, str(export_location), str(report), seconds)
 
 
 @flow(name="clean", flow_run_name="clean-{clean_id}")
 def clean(clean_id: str, runs: list[str] | None = None, publish_to: str | None = None,
           profile: str | None = None) -> dict[str, Any]:
-    """Validate, deduplicate, rank-filter and mine hard negatives over generation runs; export the corpus."""
+    """Validate, deduplicate, rank-filter and mine hard negatives over generation runs; export the corpus.
+
+    Args:
+        clean_id: Id of this clean run; re-use one to resume it at its first missing stage.
+        runs: Generation runs to include (default: every run in the data folder).
+        publish_to: Also publish the export: a local folder or a Hugging Face dataset repo id (token from HF_TOKEN).
+        profile: Settings profile: local or production (default: the environment's).
+    """
     return asdict(clean_run(load_settings(profile=profile), clean_id, runs, publish_to))

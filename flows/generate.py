@@ -10,10 +10,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 
 from embed_factory import progress
-from embed_factory.settings import Settings, load_settings
+from embed_factory.secrets import reveal
+from embed_factory.settings import Settings, TaskTypeName, load_settings
 from personas.expansion import expand_personas
 from personas.sampling import PersonaSampler
 from personas.sources import load_personas, read_persona_jsonl
@@ -44,10 +47,35 @@ class GenerateSummary:
     shards_written: int
     shards_skipped: int
     warnings: list[str] = field(default_factory=list)
+    # what this session asked of the LLM server (a resumed run counts only its own requests)
+    llm_calls: int = 0  # chat completions asked for, schema re-asks included
+    http_attempts: int = 0  # HTTP requests sent, transport retries included
+    transport_failures: int = 0  # attempts without a usable answer (429/5xx, timeouts, resets, bad bodies)
+    transport_retries: int = 0
+    schema_retries: int = 0
+    transport_failure_rate: float = 0.0
 
     @property
     def examples(self) -> int:
         return sum(self.examples_by_type.values())
+
+
+def rejects_by_reason(rejects, top: int = 3) -> str:
+    """The most frequent reject reasons, e.g. ``"http 500: boom" ×4, "timeout after retries" ×2``."""
+    counts: dict[str, int] = {}
+    for reason in rejects["reason"].to_pylist() if rejects.num_rows else []:
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return ", ".join(f"{reason!r} ×{n}" for reason, n in ranked) or "none"
+
+
+def before_round(table: pa.Table, round_prefix: str) -> pa.Table:
+    """Rows of the shards of rounds before ``round_prefix`` (shard ids sort by round): all a round's plan may use.
+
+    A run killed mid-round has some of that round's shards; planning from them would re-plan the
+    round differently, so a resumed run would skip or redo other requests than the killed one had.
+    """
+    return table.filter(pc.less(table["shard_id"], round_prefix))
 
 
 def run_fingerprint(settings: Settings) -> dict[str, Any]:
@@ -63,14 +91,17 @@ def run_fingerprint(settings: Settings) -> dict[str, Any]:
 
 def make_client(settings: Settings) -> LLMClient:
     return LLMClient(
-        base_url=settings.llm_base_url,
+        base_url=settings.llm_base_urls,  # several: least-in-flight routing with failover
         model=settings.llm_model,
-        api_key=settings.llm.api_key.get_secret_value(),
+        api_key=reveal(settings.llm.api_key),
         max_in_flight=settings.llm.max_in_flight,
         timeout_s=settings.llm.request_timeout_s,
         max_retries=settings.llm.max_retries,
         schema_retries=settings.llm.schema_retries,
         send_seed=settings.llm.send_seed,
+        endpoint_cooldown_s=settings.llm.endpoint_cooldown_s,
+        endpoint_max_cooldown_s=settings.llm.endpoint_max_cooldown_s,
+        logger=get_run_logger(),  # endpoints taken out / back show in the flow run's log
     )
 
 
@@ -90,7 +121,7 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
     """The body of the flow; callable directly (tests, CLI) inside a flow context."""
     logger = get_run_logger()
     gen = settings.generation
-    store = RunStore(settings.storage.data_dir, run_id, settings.storage.compression)
+    store = RunStore(settings.storage.root, run_id, settings.storage.compression, settings.storage.lock_ttl_s)
     started = time.monotonic()
     written = skipped = 0
     warnings: list[str] = []
@@ -131,8 +162,10 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
                 instruction_targets = split_targets(gen.unique_instructions, brainstormed) if brainstormed else {}
             else:
                 instruction_targets = {t: example_targets[t] for t in brainstormed}
-            instructions = unique_instructions(store.read_kind("brainstorm"), instruction_targets)
             for round_idx in range(gen.max_brainstorm_rounds):
+                # from earlier rounds' shards only, so a resumed run plans this round exactly as before
+                instructions = unique_instructions(before_round(store.read_kind("brainstorm"), f"b{round_idx:03d}"),
+                                                   instruction_targets)
                 missing = deficits(instructions, instruction_targets)
                 if not any(missing.values()):
                     break
@@ -154,7 +187,7 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
 
             # 3. examples, then top-up rounds for what failed
             for round_idx in range(gen.max_topup_rounds + 1):
-                have = count_by_type(store.read_kind("examples"))
+                have = count_by_type(before_round(store.read_kind("examples"), f"g{round_idx:02d}"))
                 wanted = example_targets if round_idx == 0 else {
                     t: max(0, example_targets[t] - have.get(t, 0)) for t in example_targets
                 }
@@ -179,6 +212,16 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
             logger.warning(warnings[-1])
         requests = examples.num_rows + rejects.num_rows
         elapsed = time.monotonic() - started
+        stats = client.stats
+        transport_rate = stats.transport_failures / stats.http_attempts if stats.http_attempts else 0.0
+        if transport_rate > settings.llm.warn_failure_rate:
+            warnings.append(f"{stats.transport_failures} of {stats.http_attempts} HTTP attempts to the LLM server "
+                            f"failed ({transport_rate:.1%}; {stats.transport_retries} transport retries)")
+            logger.warning(warnings[-1])
+        if requests and rejects.num_rows / requests > settings.llm.warn_failure_rate:
+            warnings.append(f"{rejects.num_rows} of {requests} requests were rejected "
+                            f"({rejects.num_rows / requests:.1%}); reasons: {rejects_by_reason(rejects)}")
+            logger.warning(warnings[-1])
         summary = GenerateSummary(
             run_id=run_id,
             run_dir=str(store.root),
@@ -194,9 +237,18 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
             shards_written=written,
             shards_skipped=skipped,
             warnings=warnings,
+            llm_calls=stats.requests,
+            http_attempts=stats.http_attempts,
+            transport_failures=stats.transport_failures,
+            transport_retries=stats.transport_retries,
+            schema_retries=stats.schema_retries,
+            transport_failure_rate=transport_rate,
         )
         logger.info("run %s: %d examples %s, %d rejects, %.0f completion tokens/s", run_id, summary.examples,
                     summary.examples_by_type, summary.rejects, summary.tokens_per_s)
+        logger.info("LLM: %d calls, %d HTTP attempts, %d transport failures (%.1f%%), %d transport retries, "
+                    "%d schema retries", stats.requests, stats.http_attempts, stats.transport_failures,
+                    100 * transport_rate, stats.transport_retries, stats.schema_retries)
         return summary
 
 
@@ -204,12 +256,21 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
 async def generate(
     run_id: str,
     examples: int | None = None,
-    task_types: list[str] | None = None,
+    task_types: list[TaskTypeName] | None = None,
     seed: int | None = None,
     unique_instructions: int | None = None,
     profile: str | None = None,
 ) -> dict[str, Any]:
-    """Generate persona-driven embedding training examples into Parquet shards of ``run_id``."""
+    """Generate persona-driven embedding training examples into Parquet shards of ``run_id``.
+
+    Args:
+        run_id: Generation run id; re-use one to resume that run.
+        examples: Target number of parsed examples over all task types (default: the profile's).
+        task_types: Task types to generate (default: all six).
+        seed: Sampling seed for personas and placeholders (default: generation.seed).
+        unique_instructions: Target unique brainstormed instructions (default: what examples needs).
+        profile: Settings profile: local or production (default: the environment's).
+    """
     overrides = {k: v for k, v in {"examples": examples, "task_types": task_types, "seed": seed,
                                    "unique_instructions": unique_instructions}.items() if v is not None}
     settings = load_settings(profile=profile, generation=overrides)

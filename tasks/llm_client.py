@@ -3,21 +3,41 @@
 Bounded in-flight requests (one semaphore shared by every shard of a flow run), per-request
 timeouts, and transport retries with exponential backoff and jitter on 408/409/429/5xx, timeouts
 and connection errors — those come from the ``openai`` client itself (``max_retries``). On top,
-an output that fails schema validation is asked again, at most ``schema_retries`` times.
+an output that fails schema validation, or a 200 whose body is no chat completion (cut short, not
+JSON), is asked again, at most ``schema_retries`` times. Every HTTP attempt is counted (an httpx
+request hook), so ``ClientStats`` reports transport failures and retries, not only outcomes.
+
+Several endpoints (``base_url`` given as a list): each try goes to the endpoint with the fewest
+requests in flight (``tasks/llm_router.py``); a connection error, timeout or 5xx takes that endpoint
+out of rotation for a cool-down and the request goes to another endpoint, at most ``max_retries + 1``
+tries in all (the ``openai`` client's own retries are off then). When every endpoint is out, a try
+waits at most one longest cool-down, then the request fails with a line naming every endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 import openai
 from openai import AsyncOpenAI
 
 from prompts.render import OutputInvalid, RenderedPrompt, parse_output
+from tasks.llm_router import EndpointRouter, Lease
+from tasks.llm_router import log as router_log
+
+#: statuses that mean "busy, ask again" rather than "this endpoint is broken"
+_THROTTLED = (408, 409, 429)
+
+
+class AllEndpointsDown(Exception):
+    """No endpoint came back into rotation within one longest cool-down."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,21 @@ class ClientStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     in_flight: int = 0
+    failovers: int = 0  # tries sent to another endpoint after one failed (several endpoints only)
+    http_attempts: int = 0  # HTTP requests sent, transport retries included
+    http_ok: int = 0  # attempts that gave a readable chat completion
+    invalid_bodies: int = 0  # 200s whose body was no chat completion (asked again)
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def transport_failures(self) -> int:
+        """HTTP attempts without a usable answer: 429/5xx/4xx, timeouts, connection errors, bad bodies."""
+        return self.http_attempts - self.http_ok
+
+    @property
+    def transport_retries(self) -> int:
+        """Attempts the ``openai`` client repeated by itself (``requests`` counts the calls it was given)."""
+        return max(0, self.http_attempts - self.requests)
 
 
 class LLMClient:
@@ -73,7 +107,7 @@ class LLMClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         api_key: str = "EMPTY",
         max_in_flight: int = 16,
@@ -82,15 +116,33 @@ class LLMClient:
         schema_retries: int = 2,
         send_seed: bool = False,
         http_client: "httpx.AsyncClient | None" = None,  # tests inject a mock transport here
+        endpoint_cooldown_s: float = 2.0,
+        endpoint_max_cooldown_s: float = 60.0,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
     ):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.router = EndpointRouter(urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log)
         self.model = model
-        self.base_url = base_url
+        self.base_url = base_url = urls[0]
         self.schema_retries = schema_retries
         self.send_seed = send_seed
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries,
-                                   http_client=http_client)
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stats = ClientStats()
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries,
+                                   http_client=self._counting(http_client or openai.DefaultAsyncHttpxClient()))
+        # several endpoints: the router retries elsewhere, so each endpoint's client (sharing the HTTP pool) does not
+        self._tries = max_retries + 1
+        self._endpoint_clients = {url: self._client.with_options(base_url=url, max_retries=0) for url in urls} \
+            if len(urls) > 1 else {}
+
+    def _counting(self, http_client):
+        """Count every HTTP attempt on ``http_client`` into ``stats`` (an httpx request hook)."""
+
+        async def on_send(_request) -> None:
+            self.stats.http_attempts += 1
+
+        http_client.event_hooks["request"].append(on_send)
+        return http_client
 
     async def close(self) -> None:
         await self._client.close()
@@ -113,6 +165,9 @@ class LLMClient:
             attempt_seed = seed + 1_000_003 * (attempt - 1)
             try:
                 response = await self._create(prompt, sampling, attempt_seed)
+            except AllEndpointsDown as exc:
+                self._count_failure()
+                raise RequestFailed(str(exc), attempt) from None
             except openai.APIStatusError as exc:
                 self._count_failure()
                 raise RequestFailed(f"http {exc.status_code}: {_short(exc.message)}", attempt) from None
@@ -122,6 +177,14 @@ class LLMClient:
             except openai.APIConnectionError as exc:
                 self._count_failure()
                 raise RequestFailed(f"connection error after retries: {_short(str(exc.__cause__ or exc))}", attempt) from None
+            except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (the openai client does not retry it)
+                response = f"{type(exc).__name__}: {exc}"
+            if not getattr(response, "choices", None):  # not JSON, or JSON without choices: ask again
+                self.stats.invalid_bodies += 1
+                last_reason = f"invalid response body: {_short(str(response))}"
+                last_text = last_finish = None
+                continue
+            self.stats.http_ok += 1
             choice = response.choices[0]
             last_text = choice.message.content or ""
             last_finish = choice.finish_reason
@@ -152,24 +215,78 @@ class LLMClient:
 
     async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int):
         extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}
+        request = dict(model=self.model, messages=prompt.messages, response_format=prompt.response_format,
+                       temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens, **extra)
         async with self._slots:
             self.stats.requests += 1
             self.stats.in_flight += 1
             try:
-                return await self._client.chat.completions.create(
-                    model=self.model,
-                    messages=prompt.messages,
-                    response_format=prompt.response_format,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens,
-                    **extra,
-                )
+                if self._endpoint_clients:
+                    return await self._routed(request)
+                return await self._client.chat.completions.create(**request)
             finally:
                 self.stats.in_flight -= 1
 
+    async def _routed(self, request: dict[str, Any]):
+        """Try the least-loaded endpoint in rotation; an endpoint failure sends the next try elsewhere."""
+        for attempt in range(self._tries):
+            last = attempt == self._tries - 1
+            lease = await self._lease()
+            try:
+                response = await self._endpoint_clients[lease.url].chat.completions.create(**request)
+            except openai.APIStatusError as exc:
+                if exc.status_code < 500:  # it answered: alive; busy (429 …) is asked again, anything else is final
+                    self.router.answered(lease)
+                    if last or exc.status_code not in _THROTTLED:
+                        raise
+                    await asyncio.sleep(_retry_delay(exc.response, attempt))
+                    continue
+                self._endpoint_failed(lease, f"http {exc.status_code}", exc, last)
+            except openai.APIConnectionError as exc:  # refused, reset, timed out
+                reason = "timeout" if isinstance(exc, openai.APITimeoutError) else _short(str(exc.__cause__ or exc), 80)
+                self._endpoint_failed(lease, reason, exc, last)
+            except BaseException:
+                self.router.release(lease)
+                raise
+            else:
+                self.router.answered(lease)
+                return response
+            self.stats.failovers += 1
+
+    def _endpoint_failed(self, lease: Lease, reason: str, exc: Exception, last: bool) -> None:
+        """Take the endpoint out; on the last try re-raise, naming every endpoint when none is left."""
+        self.router.failed(lease, reason)
+        if last:
+            if not any(e.in_rotation for e in self.router.endpoints):
+                raise AllEndpointsDown(self.router.down_message()) from exc
+            raise exc
+
+    async def _lease(self) -> Lease:
+        """A lease on an endpoint; while all are out, wait at most one longest cool-down for one to return."""
+        deadline = time.monotonic() + self.router.max_cooldown_s
+        while (lease := self.router.acquire()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AllEndpointsDown(self.router.down_message())
+            await asyncio.sleep(min(max(self.router.retry_in(), 0.01), 0.5, remaining))
+        return lease
+
     def _count_failure(self) -> None:
         self.stats.failed += 1
+
+
+def _retry_delay(response: httpx.Response, attempt: int) -> float:
+    """The server's ``retry-after(-ms)`` if sane, else exponential backoff with jitter (0.5 s … 8 s)."""
+    try:
+        if "retry-after-ms" in response.headers:
+            delay = float(response.headers["retry-after-ms"]) / 1000
+        else:
+            delay = float(response.headers["retry-after"])
+        if 0 <= delay <= 60:
+            return delay
+    except (KeyError, ValueError):
+        pass
+    return min(8.0, 0.5 * 2**attempt) * random.uniform(0.75, 1.0)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -374,15 +374,6 @@ def test_plan_examples_placeholder_overrides_replace_only_the_named_distribution
     assert {r.placeholders["num_words"] for r in shortened if r.task_type == "retrieval"} == {50, 100}
 
 
-def test_local_profile_shortens_lengths_and_production_keeps_e5(monkeypatch):
-    from embed_factory.settings import load_settings
-
-    monkeypatch.delenv("EMBED_FACTORY_PROFILE", raising=False)
-    local = load_settings(profile="local").generation.placeholder_overrides
-    assert max(local["retrieval"]["num_words"]) < 200
-    assert load_settings(profile="production").generation.placeholder_overrides == {}
-
-
 def json_key(mapping) -> str:
     return repr(sorted(mapping.items()))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import yaml
 
 from embed_factory import deploy
 from embed_factory.settings import load_settings
+from processes import start_deploy, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"generate": "flows.generate.generate", "clean": "flows.clean.clean",
@@ -351,23 +351,6 @@ def test_cli_trigger_user_errors(clean_server, tmp_path):
 
 
 # --- a real worker runs a triggered deployment ------------------------------------------------------------
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C (as a user would), then SIGTERM/SIGKILL to the process group it started."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        time.sleep(1)
-    process.wait(timeout=10)
-
-
 def wait_for_worker(pool: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     """Until a worker of ``pool`` is online (it starts once `embed-factory deploy` has registered everything)."""
     from prefect import get_client
@@ -418,10 +401,7 @@ def test_deploy_then_trigger_generate_runs_on_the_worker(llm_base_url, clean_ser
            "PREFECT_WORKER_QUERY_SECONDS": "2", "EMBED_FACTORY_STORAGE__DATA_DIR": "data"}
     log = tmp_path / "deploy.log"
     t0 = time.monotonic()
-    with log.open("wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "deploy"], cwd=project, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+    worker = start_deploy(project, env, log)
     try:
         wait_for_worker("local-pool", worker, log)
         t_ready = time.monotonic()

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pytest
 
 from embed_factory.settings import CleanSettings, default_sts_dir
+from processes import stop
 from storage.corpus import CleanStore
 from storage.shards import RunStore, now_utc
 
@@ -250,23 +250,6 @@ async def _delete_deployment(deployment_id):
         await client.delete_deployment(deployment_id)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Ctrl-C to the serving process (as a user would), then SIGTERM/SIGKILL to what it started."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)  # its own session: the serving process and its flow-run children
-        except ProcessLookupError:
-            break
-        time.sleep(1)
-    process.wait(timeout=10)
-
-
 @pytest.mark.trigger
 def test_clean_completion_triggers_finetune(prefect_api_url, tiny_finetune, tmp_path, monkeypatch):
     from prefect.client.schemas.objects import StateType
@@ -335,6 +318,6 @@ def test_clean_completion_triggers_finetune(prefect_api_url, tiny_finetune, tmp_
         print(f"serve registered in {t_served - t0:.1f}s, clean {t_clean - t_served:.1f}s, "
               f"trigger → run created {t_created - t_clean:.1f}s, fine-tune done {t_done - t_created:.1f}s")
     finally:
-        _stop(server)
+        stop(server)
         if deployment_id is not None:
             asyncio.run(_delete_deployment(deployment_id))

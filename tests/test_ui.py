@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from embed_factory.settings import default_sts_dir, load_settings
-from test_deployments import TINY, stop, wait_for_worker  # shared with the deployment test
+from processes import start_deploy, stop
+from test_deployments import TINY, wait_for_worker  # shared with the deployment test
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -108,10 +109,7 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(llm_base_url, ui_serv
     log = tmp_path / "deploy.log"
 
     t0 = time.monotonic()
-    with log.open("wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "deploy"], cwd=project, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+    worker = start_deploy(project, env, log)
     try:
         wait_for_worker("local-pool", worker, log)
         t_ready = time.monotonic()

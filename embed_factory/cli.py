@@ -230,7 +230,9 @@ def _clean_flow(api_url: str, clean_id: str, runs, publish_to, profile) -> dict:
 
 def _print_clean_summary(summary: dict) -> None:
     out = Console()
-    table = Table(title=f"clean {summary['clean_id']} ({len(summary['runs'])} run(s))")
+    # the id goes on its own line: as a title of this narrow table it would wrap mid-word
+    out.print(f"clean {summary['clean_id']} ({len(summary['runs'])} run(s))")
+    table = Table()
     table.add_column("stage")
     table.add_column("rows", justify="right")
     for stage, count in summary["counts"].items():

@@ -20,22 +20,21 @@ local staging folder (the exporters stream into local files) and uploaded by :me
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.location import StorePath, as_store_path, is_remote, parquet_source
 from embed_factory.faults import checkpoint
-from storage.shards import (RemoteLock, StorageError, atomic_write_bytes, atomic_write_parquet,
-                            read_parquet_checked, remove_stale_temps)
+from storage.shards import (StorageError, atomic_write_bytes, atomic_write_parquet, folder_lock,
+                            read_parquet_checked)
 
 STAGES = ("valid", "deduped", "filtered", "mined")
 
@@ -129,41 +128,13 @@ class CleanStore:
     def report_path(self) -> StorePath:
         return self.root / "report.html"
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold the clean run's lock: a second `clean` of the same id fails at once.
 
         A clean run that leaves nothing but its lock (it failed before its first table) is removed.
         """
-        if is_remote(self.root):  # S3: a lock object (conditional PUT + heartbeat), as for generation runs
-            with RemoteLock(self.root / ".lock", self.clean_id, what="clean run", option="--clean-id",
-                            error=CleanLocked):
-                yield
-            return
-        lock_path = self.root / ".lock"
-        while True:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fh = lock_path.open("w")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.close()
-                raise CleanLocked(f"clean run {self.clean_id!r} is being written by another process ({self.root}); "
-                                  "wait for it or choose another --clean-id") from None
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.fstat(fh.fileno()), os.stat(lock_path)):
-                    break  # the lock file we hold is still the one in place (not removed by a failed run)
-            fh.close()
-        with fh:
-            remove_stale_temps(self.root)
-            try:
-                yield
-            finally:
-                if [p.name for p in self.root.iterdir()] == [".lock"]:
-                    lock_path.unlink(missing_ok=True)
-                    with contextlib.suppress(OSError):
-                        self.root.rmdir()
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return folder_lock(self.root, self.clean_id, what="clean run", option="--clean-id", error=CleanLocked,
+                           remove_if_empty=True)
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()

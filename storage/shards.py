@@ -230,28 +230,9 @@ class RunStore:
         return str(self.root / kind / "*.parquet")
 
     # --- run-level ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold the run's lock; a second writer of the same run id fails at once with a clear error."""
-        if is_remote(self.root):
-            with RemoteLock(self.root / ".lock", self.run_id, self.lock_ttl_s):
-                yield
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock_path = self.root / ".lock"
-        with lock_path.open("w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLocked(
-                    f"run {self.run_id!r} is being written by another process ({self.root}); "
-                    "wait for it or choose another --run-id"
-                ) from None
-            remove_stale_temps(self.root)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return folder_lock(self.root, self.run_id, ttl_s=self.lock_ttl_s)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         payload = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION, **info}
@@ -338,6 +319,46 @@ class RunStore:
 def list_runs(data_dir: StorePath | str) -> list[str]:
     runs = as_store_path(data_dir) / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
+
+
+@contextlib.contextmanager
+def folder_lock(root: StorePath, owner_id: str, *, what: str = "run", option: str = "--run-id",
+                error: type[StorageError] = RunLocked, ttl_s: float = 120.0,
+                remove_if_empty: bool = False) -> Iterator[None]:
+    """Hold the lock of a run folder: a second writer fails at once with ``error`` ("run 'x' … --run-id").
+
+    Locally an ``flock`` on ``root/.lock``, on S3 a :class:`RemoteLock`. Holding it, temp files left by
+    killed writers are removed. ``remove_if_empty``: a folder holding nothing but its lock afterwards (its
+    run failed before writing anything) is removed, lock file included.
+    """
+    if is_remote(root):
+        with RemoteLock(root / ".lock", owner_id, ttl_s, what=what, option=option, error=error):
+            yield
+        return
+    lock_path = root / ".lock"
+    while True:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = lock_path.open("w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise error(f"{what} {owner_id!r} is being written by another process ({root}); "
+                        f"wait for it or choose another {option}") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fh.fileno()), os.stat(lock_path)):
+                break  # the lock file we hold is still the one in place (not removed by a finished writer)
+        fh.close()
+    with fh:
+        remove_stale_temps(root)
+        try:
+            yield
+        finally:
+            if remove_if_empty and [p.name for p in root.iterdir()] == [".lock"]:
+                lock_path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    root.rmdir()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class RemoteLock:

@@ -77,15 +77,14 @@ def test_same_clean_id_started_twice_at_once(forks, fault_env, gen_reference, cl
                                              fault_summary):
     data = tmp_path / "data"
     shutil.copytree(gen_reference[0] / "runs", data / "runs")
-    # `a` freezes (SIGSTOP) once it has written valid.parquet, holding the clean lock, unless `b` got the
-    # lock first; either way exactly one of them must be refused
+    # whichever takes the clean lock freezes (SIGSTOP) once it has written valid.parquet, still holding
+    # it, so the other cannot start after it finished (a race that let both succeed); exactly one is refused
     a = forks.spawn(clean_args(RUN_ID), fault_env(data, stop_at="stage.table:1"), tmp_path, tmp_path / "logs", "a")
-    b = forks.spawn(clean_args(RUN_ID), fault_env(data), tmp_path, tmp_path / "logs", "b")
+    b = forks.spawn(clean_args(RUN_ID), fault_env(data, stop_at="stage.table:1"), tmp_path, tmp_path / "logs", "b")
     loser, rc = _wait_first([a, b])
     winner = b if loser is a else a
-    if winner is a:  # it freezes at its fault point (maybe only after `b` was refused): let it go on
-        a.wait_stopped()
-        a.cont()
+    winner.wait_stopped()  # at its fault point (maybe only after the loser was refused): let it go on
+    winner.cont()
     assert rc == 1, loser.output[-3000:]
     _one_clear_line(loser, "clean run", LOCKED_RUN, "--clean-id")
     assert winner.wait() == 0, winner.output[-3000:]

@@ -31,11 +31,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embed_factory.settings import CleanSettings  # noqa: E402
+from ground.settings import CleanSettings  # noqa: E402
 from storage.schemas import EXAMPLE_SCHEMA  # noqa: E402
-from tasks.dedup import exact_dedup, near_dedup  # noqa: E402
-from tasks.negatives import mine_hard_negatives  # noqa: E402
-from tasks.rank_filter import build_index, rank_filter  # noqa: E402
+from tasks.cleaning.dedup import exact_dedup, near_dedup  # noqa: E402
+from tasks.cleaning.negatives import mine_hard_negatives  # noqa: E402
+from tasks.cleaning.rank_filter import build_index, rank_filter  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -161,11 +161,12 @@ def brute_force_keep(queries, corpus, positive_idx, k: int, sample: np.ndarray) 
 
 
 def embedding_throughput(texts_n: int) -> None:
-    from tasks.embed import SentenceTransformerEmbedder, cpu_has_bf16
+    from ground.compute import bf16_supported
+    from tasks.cleaning.embed import SentenceTransformerEmbedder
 
     sentences = [f"A sentence about topic {i % 37} with detail number {i} for the embedding benchmark."
                  for i in range(texts_n)]
-    for bf16 in ([False, True] if cpu_has_bf16() else [False]):
+    for bf16 in ([False, True] if bf16_supported() else [False]):
         embedder = SentenceTransformerEmbedder(bf16=bf16)
         embedder.encode(sentences[:16])  # warm-up
         start = time.perf_counter()

@@ -1,14 +1,14 @@
 """Benchmark the fine-tune: training samples/s at batch 32 and the STS-B English delta it buys.
 
 A short real training run (``--steps``, default 15 optimizer steps at ``--batch-size`` 32, the KaLM
-recipe of ``tasks/train.py``: Matryoshka InfoNCE with in-batch and hard negatives,
+recipe of ``tasks/training/train.py``: Matryoshka InfoNCE with in-batch and hard negatives,
 semi-homogeneous task batches) on the latest clean export (or ``--clean-id``), from the bundled
 all-MiniLM-L6-v2 (or ``--base-model DIR``). The model is evaluated before and after on the whole
 English STS Benchmark test split (1,379 pairs; ``--sts-max-pairs`` for fewer) and, if the export
-has one, on its held-out split (nDCG@10). Samples/s is ``tasks.train``'s: training rows through the
+has one, on its held-out split (nDCG@10). Samples/s is ``tasks.training.train``'s: training rows through the
 loss per second of the training loop (model loading, data preparation and saving excluded).
 
-On a CUDA machine ``tasks.train`` trains in bf16 with gradient checkpointing by itself; see
+On a CUDA machine ``tasks.training.train`` trains in bf16 with gradient checkpointing by itself; see
 ``bench/finetune_gpu.sh``. The delta (after - before) is printed last. Results also go to
 ``bench/results/finetune-<time>.json``.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embed_factory.settings import load_settings  # noqa: E402
+from ground.settings import load_settings  # noqa: E402
 from flows.finetune import FinetuneError, check_base_model, resolve_export  # noqa: E402
 
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
-    from tasks.evaluate import delta, evaluate_model
-    from tasks.train import train_embedding_model
+    from tasks.training.evaluate import delta, evaluate_model
+    from tasks.training.train import train_embedding_model
 
     settings = load_settings()
     data_dir = args.data_dir or settings.storage.data_dir
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
 
     def evaluate(path):
-        """On a GPU: the model on the GPU, fp32 (fast, both sides alike); on the CPU: tasks.evaluate's default."""
+        """On a GPU: the model on the GPU, fp32 (fast, both sides alike); on the CPU: tasks.training.evaluate's default."""
         if not on_gpu:
             return evaluate_model(path, cfg, heldout_path)
-        from tasks.evaluate import load_model
+        from tasks.training.evaluate import load_model
 
         model = load_model(path, cfg.max_seq_length).to("cuda")
         try:

@@ -2,7 +2,7 @@
 # A short real fine-tune on one NVIDIA GPU (H100 / H200): bf16 + gradient checkpointing, printing
 # training samples/s and the STS-B English delta (after - before, full test split, 1379 pairs).
 #
-# tasks/train.py turns on bf16 and gradient checkpointing by itself whenever torch sees a CUDA GPU
+# tasks/training/train.py turns on bf16 and gradient checkpointing by itself whenever torch sees a CUDA GPU
 # with bf16; bench/finetune.py --require-cuda fails if training did not run that way.
 #
 # Usage, from the repository root (or anywhere: the script cds there):

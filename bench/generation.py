@@ -27,14 +27,14 @@ from prefect import flow
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embed_factory.prefect_server import resolve_api_url  # noqa: E402
-from embed_factory.settings import load_settings  # noqa: E402
+from ground.settings import load_settings  # noqa: E402
 from flows.generate import run_shards  # noqa: E402
 from prompts.render import render_example  # noqa: E402
 from prompts.task_types import TASK_TYPES, get_task_type  # noqa: E402
 from storage.schemas import INSTRUCTION_SCHEMA  # noqa: E402
 from storage.shards import RunStore  # noqa: E402
-from tasks.generate import ExampleShard, example_shard_task, plan_examples, split_targets  # noqa: E402
-from tasks.llm_client import LLMClient, Sampling  # noqa: E402
+from tasks.generation.generate import ExampleShard, example_shard_task, plan_examples, split_targets  # noqa: E402
+from llm.client import LLMClient, Sampling  # noqa: E402
 
 INSTRUCTIONS = {
     "retrieval": "Given a question about home gardening, retrieve forum posts that answer it.",

@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from embed_factory import progress as progress_sink
+from ground import progress as progress_sink
 from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError
 from embed_factory.prefect_server import LocalPrefectServer, PrefectServerError, resolve_api_url
-from embed_factory.settings import ALL_TASK_TYPES, DEFAULT_CONFIG_FILE, Settings, load_settings
+from prompts.task_types import check_placeholder_overrides
+from ground.settings import ALL_TASK_TYPES, DEFAULT_CONFIG_FILE, Settings, load_settings
 from personas.sources import PersonaFileError, load_personas
 from storage.shards import RunStore, StorageError
 
@@ -53,7 +54,9 @@ def _settings(config: Optional[Path], profile: Optional[str] = None) -> Settings
     if "EMBED_FACTORY_CONFIG" in os.environ and not config_file.is_file():
         _fail(f"config file {config_file} not found (EMBED_FACTORY_CONFIG)")
     try:
-        return load_settings()
+        settings = load_settings()
+        check_placeholder_overrides(settings.generation.placeholder_overrides)
+        return settings
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_setting_source(e['loc'], config_file)}"
                            for e in exc.errors())
@@ -153,7 +156,7 @@ def run(
     try:  # check cheap inputs before starting any server
         if settings.personas.source != "hub":
             load_personas(settings.personas.source, hub_repo="", hub_file="", limit=settings.personas.limit)
-        RunStore(settings.storage.root, run_id or "check")
+        RunStore.from_settings(settings, run_id or "check")
     except USER_ERRORS as exc:
         _fail(str(exc))
     if not settings.uses_embedded_llm:  # a configured endpoint must answer before anything is written
@@ -302,7 +305,7 @@ def query(
     from storage.catalog import Catalog, CatalogError
 
     settings = _settings(config)
-    catalog = Catalog(settings.storage.root)
+    catalog = Catalog.from_settings(settings)
     try:  # the catalog refreshes its views by itself
         if out is not None:
             if out.suffix not in (".csv", ".parquet"):
@@ -337,16 +340,16 @@ def report(
     """Write an HTML report: funnel, drop reasons, ranks, negative scores, lengths, diversity."""
     from storage.catalog import Catalog
     from storage.corpus import CleanStore
-    from tasks.report import write_report
+    from tasks.cleaning.report import write_report
 
     settings = _settings(config)
-    catalog = Catalog(settings.storage.root)
+    catalog = Catalog.from_settings(settings)
     if clean_id is None:
         ids = catalog.clean_ids()  # oldest first
         if not ids:
             _fail("no clean run yet; run `embed-factory clean` first")
         clean_id = ids[-1]
-    target = out or CleanStore(settings.storage.root, clean_id).report_path
+    target = out or CleanStore.from_settings(settings, clean_id).report_path
     catalog.refresh()
     path = write_report(catalog, clean_id, target)
     console.print(f"report: {path}")

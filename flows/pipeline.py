@@ -17,11 +17,14 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from embed_factory.deploy import PIPELINE_SUBFLOW_SUFFIX as SUBFLOW_SUFFIX
-from embed_factory.settings import TaskTypeName
+from ground.settings import TaskTypeName
 from flows.clean import clean
 from flows.finetune import finetune as finetune_flow
 from flows.generate import generate
+
+#: the end of every subflow run name of a ``pipeline`` run; the finetune trigger (embed_factory/deploy.py)
+#: skips clean runs whose name ends so, since the pipeline fine-tunes by itself
+SUBFLOW_SUFFIX = " (pipeline)"
 
 
 def default_run_id() -> str:

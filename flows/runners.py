@@ -19,7 +19,7 @@ from typing import Iterator
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 
 
 @contextlib.contextmanager

@@ -263,3 +263,13 @@ def get_task_type(name: str) -> TaskTypeSpec:
         return TASK_TYPES[name]
     except KeyError:
         raise ValueError(f"unknown task type {name!r}; choose from {', '.join(TASK_TYPES)}") from None
+
+
+def check_placeholder_overrides(overrides: dict[str, dict[str, Any]]) -> None:
+    """Raise ``ValueError`` naming ``generation.placeholder_overrides`` for a placeholder a task type lacks."""
+    for task_type, names in overrides.items():
+        known = get_task_type(task_type).placeholders.choices
+        for name in names:
+            if name not in known:
+                raise ValueError(f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; "
+                                 f"it has {sorted(known)}")

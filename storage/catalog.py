@@ -58,7 +58,8 @@ import duckdb
 import pyarrow as pa
 
 from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
-from storage.location import StorePath, as_store_path, is_remote
+from ground.settings import Settings
+from storage.location import StorePath, as_store_path, data_root, is_remote
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
 
 CATALOG_FILE = "catalog.duckdb"
@@ -157,6 +158,10 @@ class Catalog:
         self.path = None if self.remote else self.data_dir / CATALOG_FILE  # no catalog file on S3
         self.lock_timeout_s = lock_timeout_s
         self._held: duckdb.DuckDBPyConnection | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        return cls(data_root(settings.storage))
 
     # --- view definitions --------------------------------------------------------------------
     def _pattern(self, view: str) -> str:

@@ -31,8 +31,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.location import StorePath, as_store_path, is_remote, parquet_source
-from embed_factory.faults import checkpoint
+from ground.settings import Settings
+from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
+from ground.faults import checkpoint
 from storage.shards import (StorageError, atomic_write_bytes, atomic_write_parquet, folder_lock,
                             read_parquet_checked)
 
@@ -87,6 +88,11 @@ class CleanStore:
         self.data_dir = as_store_path(data_dir)
         self.root = self.data_dir / "clean" / clean_id
         self.compression = compression
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clean_id: str) -> CleanStore:
+        """The clean run's store as configured: data dir (local or S3) and compression."""
+        return cls(data_root(settings.storage), clean_id, settings.storage.compression)
 
     def stage_path(self, stage: str) -> StorePath:
         return self.root / f"{stage}.parquet"

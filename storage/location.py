@@ -23,24 +23,11 @@ from typing import Any, Union
 
 from upath import UPath
 
-#: URL schemes the store accepts for a data dir besides a local path
-REMOTE_SCHEMES = ("s3", "s3a")
+from ground.settings import REMOTE_SCHEMES, StorageSettings, check_url, is_url
+
+__all__ = ["REMOTE_SCHEMES", "StorePath", "as_store_path", "check_url", "data_root", "is_remote", "is_url"]
 
 StorePath = Union[Path, UPath]
-
-
-def is_url(value: str | os.PathLike[str]) -> bool:
-    return isinstance(value, str) and "://" in value
-
-
-def check_url(url: str) -> str:
-    """The URL without trailing slashes; an unsupported scheme or a missing bucket is a clear error."""
-    scheme, _, rest = url.partition("://")
-    if scheme not in REMOTE_SCHEMES:
-        raise ValueError(f"unsupported storage URL {url!r}: use a local folder or s3://bucket/prefix")
-    if not rest.strip("/"):
-        raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket/prefix")
-    return f"{scheme}://{rest.rstrip('/')}"
 
 
 def as_store_path(data_dir: str | os.PathLike[str] | UPath, storage_options: dict[str, Any] | None = None) -> StorePath:
@@ -55,6 +42,11 @@ def as_store_path(data_dir: str | os.PathLike[str] | UPath, storage_options: dic
         options = {"use_listings_cache": False, **(storage_options or {})}
         return UPath(url, **options)
     return Path(data_dir)
+
+
+def data_root(storage: StorageSettings) -> StorePath:
+    """``storage.data_dir`` as a path: ``Path`` locally, ``UPath`` (s3fs, its options) on S3. Pass this to stores."""
+    return as_store_path(storage.data_dir, storage.storage_options() if storage.is_remote else None)
 
 
 def is_remote(path: Any) -> bool:

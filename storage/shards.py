@@ -38,8 +38,9 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embed_factory.faults import checkpoint
-from storage.location import StorePath, as_store_path, is_remote, parquet_source, put_bytes
+from ground.faults import checkpoint
+from ground.settings import Settings
+from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source, put_bytes
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
     EXAMPLE_SCHEMA,
@@ -205,6 +206,11 @@ class RunStore:
         self.compression = compression
         self.lock_ttl_s = lock_ttl_s
         self._manifest_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, run_id: str) -> RunStore:
+        """The run's store as configured: data dir (local or S3), compression and lock TTL."""
+        return cls(data_root(settings.storage), run_id, settings.storage.compression, settings.storage.lock_ttl_s)
 
     # --- paths -----------------------------------------------------------------------------
     def shard_path(self, kind: ShardKind, shard_id: str) -> StorePath:

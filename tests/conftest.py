@@ -7,7 +7,7 @@ import os
 import pytest
 
 from embed_factory.llm_server import EmbeddedLLMServer
-from embed_factory.settings import load_settings
+from ground.settings import load_settings
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embed_factory.settings import PROFILES
+from ground.settings import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -185,7 +185,7 @@ def test_workers_use_the_pools_and_storage_the_factory_expects(resolved):
         assert env["AWS_SECRET_ACCESS_KEY"] == SECRETS["FACTORY_S3_SECRET_KEY"]  # not the MinIO root account
         assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     # the settings object accepts exactly this environment
-    from embed_factory.settings import Settings
+    from ground.settings import Settings
 
     worker_env = {k: v for k, v in services["worker-cpu"]["environment"].items() if k.startswith("EMBED_FACTORY_")}
     old = {k: os.environ.get(k) for k in worker_env}

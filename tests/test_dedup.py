@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import DROPPED_SCHEMA
 from storage.schemas import EXAMPLE_SCHEMA
-from tasks.dedup import (
+from tasks.cleaning.dedup import (
     exact_dedup,
     instruction_clusters,
     lsh_bands,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from embed_factory import doctor
-from embed_factory.settings import load_settings
+from ground.settings import load_settings
 
 
 def free_port() -> int:

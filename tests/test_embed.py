@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embed_factory import progress
-from embed_factory.settings import CleanSettings
+from ground import progress
+from ground.compute import bf16_supported
+from ground.settings import CleanSettings
 from storage.corpus import EMBEDDING_CACHE_SCHEMA, CleanStore
-from tasks.embed import (
+from tasks.cleaning.embed import (
     EmbeddingCache,
     OpenAIEmbedder,
     SentenceTransformerEmbedder,
-    cpu_has_bf16,
     encode_cached,
     make_embedder,
     query_text,
@@ -126,7 +126,7 @@ def test_minilm_vectors_are_unit_384d_and_rank_paraphrases_first(minilm):
     assert vecs.dtype == np.float32 and vecs.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.3
-    assert minilm.bf16 == cpu_has_bf16()
+    assert minilm.bf16 == bf16_supported()
     assert minilm.model_key == f"all-MiniLM-L6-v2@{'bf16' if minilm.bf16 else 'fp32'}"
     if minilm.bf16:  # bf16 autocast stays close to fp32
         fp32 = SentenceTransformerEmbedder(batch_size=16, bf16=False)

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embed_factory.settings import FinetuneSettings
-from tasks import evaluate as ev
-from tasks.evaluate import (
+from ground.settings import FinetuneSettings
+from tasks.training import evaluate as ev
+from tasks.training.evaluate import (
     EvaluationError,
     delta,
     encode,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.exact_search import BF16_U, MISSING_SCORE, Bf16ExactIndex, _bf16_floor, _select_top
+from tasks.cleaning.exact_search import BF16_U, MISSING_SCORE, Bf16ExactIndex, _bf16_floor, _select_top
 
 DIM = 384
 

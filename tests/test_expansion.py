@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from personas.expansion import expand_personas
+from tasks.generation.expand_personas import expand_personas
 from personas.sources import make_persona
-from tasks.llm_client import RequestFailed, Sampling
+from llm.client import RequestFailed, Sampling
 
 SAMPLING = Sampling(0.7, 1.0, 64)
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import FILTER_COLUMNS, MINED_COLUMNS
 from storage.schemas import EXAMPLE_SCHEMA
-from tasks.export import (
+from tasks.cleaning.export import (
     ExportError,
     PublishError,
     export_corpus,

@@ -1,7 +1,7 @@
 """The ``finetune`` flow on a tiny export, its user errors, and the deployment trigger end to end.
 
 * ``test_finetune_flow_on_tiny_export``: a hand-built clean export (40 rows, the real export format
-  via ``tasks.export.export_corpus``), 2 training steps, STS on the first 40 English pairs: the
+  via ``tasks.cleaning.export.export_corpus``), 2 training steps, STS on the first 40 English pairs: the
   model folder loads, eval.json holds before / after / delta.
 * ``test_clean_completion_triggers_finetune`` (marked ``trigger``, ~1-2 min on 2 cores): against
   the session's Prefect test server (an ephemeral server, which runs the event services: reactive
@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from embed_factory.settings import CleanSettings, default_sts_dir
+from ground.settings import CleanSettings, default_sts_dir
 from processes import stop
 from storage.corpus import CleanStore
 from storage.shards import RunStore, now_utc
@@ -84,7 +84,7 @@ def mined_like_table(n: int) -> pa.Table:
 
 
 def make_export(data_dir: Path, clean_id: str, n: int = 40) -> CleanStore:
-    from tasks.export import export_corpus
+    from tasks.cleaning.export import export_corpus
 
     store = CleanStore(data_dir, clean_id)
     export_corpus(mined_like_table(n), store.export_dir, CleanSettings(heldout_fraction=0.1, negatives_per_query=2))
@@ -121,7 +121,7 @@ def tiny_finetune(data_dir, monkeypatch):
 
 
 def _base_embedding(text: str):
-    from tasks.evaluate import load_model
+    from tasks.training.evaluate import load_model
 
     return load_model(None).encode([text], normalize_embeddings=True)[0]
 

@@ -15,7 +15,7 @@ import pytest
 
 from prompts.task_types import TASK_TYPES
 from storage.shards import RunStore
-from tasks.generate import plan_examples
+from tasks.generation.generate import plan_examples
 
 pytestmark = pytest.mark.llm
 ALL_TYPES = list(TASK_TYPES)

@@ -10,7 +10,7 @@ import pytest
 
 from prompts.render import RenderedPrompt
 from prompts.schemas import object_schema, string_field
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
+from llm.client import LLMClient, RequestFailed, Sampling
 
 PROMPT = RenderedPrompt(
     messages=[{"role": "user", "content": "hi"}],

@@ -19,8 +19,8 @@ import pytest
 
 from prompts.render import RenderedPrompt
 from prompts.schemas import object_schema, string_field
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
-from tasks.llm_router import EndpointRouter
+from llm.client import LLMClient, RequestFailed, Sampling
+from llm.router import EndpointRouter
 
 A, B, C = "http://a.test/v1", "http://b.test/v1", "http://c.test/v1"
 
@@ -58,7 +58,7 @@ def test_least_in_flight_wins_and_ties_alternate():
 
 def test_failed_endpoint_cools_down_is_probed_once_and_returns(caplog):
     r, clock = router((A, B), cooldown_s=2.0, max_cooldown_s=5.0)
-    caplog.set_level(logging.INFO, logger="tasks.llm_router")
+    caplog.set_level(logging.INFO, logger="llm.router")
     a = next(lease for lease in (r.acquire(), r.acquire()) if lease.url == A)
     r.failed(a, "connection refused")
     assert "out of rotation for 2.0s after: connection refused" in caplog.text
@@ -125,7 +125,7 @@ def test_bad_endpoint_lists_are_refused():
 
 
 def test_settings_accept_an_endpoint_list():
-    from embed_factory.settings import load_settings
+    from ground.settings import load_settings
 
     s = load_settings(llm={"base_urls": [A, B]})
     assert s.llm_base_urls == [A, B] and s.llm_base_url == A and not s.uses_embedded_llm
@@ -201,7 +201,7 @@ def test_endpoint_killed_mid_run_loses_no_request(llm_base_url, prefect_api_url,
     import flows.generate as generate_flow
     from http_proxy import start_proxy
     from storage.shards import RunStore
-    from tasks.generate import plan_examples, split_targets
+    from tasks.generation.generate import plan_examples, split_targets
 
     upstream = "{0.scheme}://{0.netloc}".format(urlsplit(llm_base_url))
     proxy = start_proxy(upstream)

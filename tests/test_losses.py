@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embed_factory.settings import FinetuneSettings
-from tasks.losses import build_loss, matryoshka_dims_for
+from ground.settings import FinetuneSettings
+from tasks.training.losses import build_loss, matryoshka_dims_for
 
 KALM_DIMS = [896, 512, 256, 128, 64]
 KALM_WEIGHTS = [1.0, 0.3, 0.2, 0.1, 0.1]

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import DROPPED_SCHEMA
-from tasks.negatives import mine_hard_negatives, normalize_text
-from tasks.rank_filter import rank_filter
+from tasks.cleaning.negatives import mine_hard_negatives, normalize_text
+from tasks.cleaning.rank_filter import rank_filter
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from embed_factory.seeding import rng_for, stable_seed
+from ground.seeding import rng_for, stable_seed
 from personas.sampling import PersonaSampler
 from personas.sources import make_persona
 from prompts.render import render_example
 from prompts.task_types import get_task_type
 from storage.schemas import BRAINSTORM_SCHEMA, INSTRUCTION_SCHEMA
-from tasks.brainstorm import OVERSHOOT, deficits, normalize_instruction, plan_round, unique_instructions
-from tasks.generate import plan_examples, split_targets
+from tasks.generation.brainstorm import OVERSHOOT, deficits, normalize_instruction, plan_round, unique_instructions
+from tasks.generation.generate import plan_examples, split_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
@@ -385,8 +385,8 @@ _CHILD = textwrap.dedent(
     from personas.sampling import PersonaSampler
     from personas.sources import load_personas
     from storage.schemas import INSTRUCTION_SCHEMA
-    from tasks.brainstorm import plan_round
-    from tasks.generate import plan_examples
+    from tasks.generation.brainstorm import plan_round
+    from tasks.generation.generate import plan_examples
 
     pool = load_personas("seed", hub_repo="x", hub_file="y")
     rounds = plan_round(0, {"retrieval": 30, "long_long": 9}, PersonaSampler(pool, 42), 6, 4, 42)

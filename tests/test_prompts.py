@@ -14,7 +14,7 @@ import pytest
 from prompts.placeholders import Choice, PlaceholderSpace
 from prompts.render import OutputInvalid, parse_output, render_brainstorm, render_example
 from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
-from prompts.task_types import TASK_TYPES, get_task_type
+from prompts.task_types import TASK_TYPES, check_placeholder_overrides, get_task_type
 
 ALL_TYPES = ("retrieval", "classification", "short_short", "long_long", "sts", "bitext")
 BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
@@ -305,6 +305,12 @@ def test_placeholder_overrides_only_replace_known_names():
         out = space.sample(rng, overrides={"lang": Choice(["fr"]), "unknown": Choice(["zzz"])})
         assert out["lang"] == "fr"
         assert set(out) == {"lang", "n"}
+
+
+def test_check_placeholder_overrides_names_the_setting_and_the_unknown_placeholder():
+    check_placeholder_overrides({"retrieval": {"num_words": [10]}})  # a known name passes
+    with pytest.raises(ValueError, match=r"generation.placeholder_overrides: retrieval has no placeholder 'word_count'"):
+        check_placeholder_overrides({"retrieval": {"word_count": [10]}})
 
 
 # --- schemas -------------------------------------------------------------------------------------

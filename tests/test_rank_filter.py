@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import DROPPED_SCHEMA
-from tasks.rank_filter import SearchResults, build_index, positive_ranks, rank_filter, search
+from tasks.cleaning.rank_filter import SearchResults, build_index, positive_ranks, rank_filter, search
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -177,8 +177,8 @@ def test_flat_index_choice(monkeypatch):
     """Exact search is the bf16-screened index on bf16 CPUs, faiss's IndexFlatIP without bf16 or with GPUs."""
     import faiss
 
-    import tasks.rank_filter as rf
-    from tasks.exact_search import Bf16ExactIndex
+    import tasks.cleaning.rank_filter as rf
+    from tasks.cleaning.exact_search import Bf16ExactIndex
 
     corpus = clustered(2, n=200)
     monkeypatch.setattr(rf, "bf16_supported", lambda: True)
@@ -194,7 +194,7 @@ def test_bf16_index_filter_decisions_equal_faiss_flat(seed):
     """rank_filter with the bf16-screened exact index decides exactly as with faiss's IndexFlatIP."""
     import faiss
 
-    from tasks.exact_search import Bf16ExactIndex
+    from tasks.cleaning.exact_search import Bf16ExactIndex
 
     rng = np.random.default_rng(seed)
     corpus = clustered(seed, n=4000, dim=64, centers=30)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from storage.catalog import Catalog
 from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
-from tasks.report import distinct_n, write_report
+from tasks.cleaning.report import distinct_n, write_report
 
 CREATED = datetime(2024, 5, 1, tzinfo=timezone.utc)
 EVIL_PERSONA = "<script>alert('persona')</script> a hacker from Lyon"

@@ -21,10 +21,10 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from embed_factory.settings import load_settings  # noqa: E402
+from ground.settings import load_settings  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
 from storage.corpus import CleanStore, StageResult  # noqa: E402
-from storage.location import as_store_path, is_remote  # noqa: E402
+from storage.location import as_store_path, data_root, is_remote  # noqa: E402
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA  # noqa: E402
 from storage.shards import RemoteLock, RunLocked, RunStore, StorageError, list_runs  # noqa: E402
 from test_catalog import check_readme_queries, row_for, write_small_store  # noqa: E402
@@ -195,7 +195,7 @@ def test_heartbeat_keeps_the_lock_and_a_stale_lock_is_taken_over(root):
 
 
 def test_clean_store_on_s3(root, tmp_path):
-    from tasks.embed import EmbeddingCache
+    from tasks.cleaning.embed import EmbeddingCache
 
     store = CleanStore(root, "c1")
     assert not store.has("valid")
@@ -237,7 +237,7 @@ def test_clean_store_on_s3(root, tmp_path):
     assert resolve_export(local, None)[0] == "c1"
     assert mirror_exports(tmp_path / "plain-folder", local) == []  # local storage: nothing to mirror
 
-    from tasks.report import write_report
+    from tasks.cleaning.report import write_report
 
     write_report(Catalog(root), "c1", store.report_path)
     assert b"<html" in store.report_path.read_bytes()[:200].lower()
@@ -262,7 +262,7 @@ def test_catalog_and_readme_queries_on_s3(root):
 def test_cli_query_over_s3_shards(endpoint, tmp_path):
     prefix = uuid.uuid4().hex[:10]
     settings = load_settings(storage={"data_dir": f"s3://{BUCKET}/{prefix}", "endpoint_url": endpoint})
-    write_small_store(settings.storage.root)
+    write_small_store(data_root(settings.storage))
     env = {**os.environ, **AWS_ENV, "EMBED_FACTORY_STORAGE__DATA_DIR": f"s3://{BUCKET}/{prefix}",
            "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint}
     out = tmp_path / "by_task.csv"
@@ -292,16 +292,16 @@ def test_s3_settings_keep_credentials_secret(monkeypatch, endpoint):
     monkeypatch.setenv("EMBED_FACTORY_STORAGE__SECRET_ACCESS_KEY", "very-secret-value")
     settings = load_settings()
     assert settings.storage.data_dir == f"s3://{BUCKET}/p"
-    for text in (settings.model_dump_json(), repr(settings), str(settings.model_dump()), repr(settings.storage.root),
-                 str(settings.storage.root)):
+    for text in (settings.model_dump_json(), repr(settings), str(settings.model_dump()), repr(data_root(settings.storage)),
+                 str(data_root(settings.storage))):
         assert "very-secret-value" not in text and "AKIA-visible-nowhere" not in text
     assert settings.storage.storage_options()["secret"] == "very-secret-value"  # in memory, for s3fs
-    assert str(settings.storage.root) == f"s3://{BUCKET}/p"
+    assert str(data_root(settings.storage)) == f"s3://{BUCKET}/p"
     with pytest.raises(ValueError, match="unsupported storage URL"):
         load_settings(storage={"data_dir": "gs://bucket/x"})
     with pytest.raises(ValueError, match="names no bucket"):
         load_settings(storage={"data_dir": "s3://"})
-    assert load_settings(storage={"data_dir": "data"}).storage.root == Path("data")
+    assert data_root(load_settings(storage={"data_dir": "data"}).storage) == Path("data")
 
 
 # --- the clean flow end to end on S3 -----------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_clean_flow_on_s3(prefect_api_url, endpoint, monkeypatch, tmp_path):
                        **AWS_ENV}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    root = load_settings().storage.root
+    root = data_root(load_settings().storage)
     rows = [example("run-a", i, q, p, negative=TOPICS[(i + 1) % len(TOPICS)][1]) for i, (q, p) in enumerate(TOPICS)]
     rows.append(example("run-a", 90, "", "An empty query must be dropped by validation."))
     RunStore(root, "run-a").write_shard("examples", "g00-00000", rows, [])
@@ -357,7 +357,7 @@ def test_generate_flow_writes_its_run_to_s3(llm_base_url, prefect_api_url, endpo
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     summary = asyncio.run(generate(run_id="s3-run", examples=6, seed=11, task_types=["retrieval", "sts"]))
-    root = load_settings().storage.root
+    root = data_root(load_settings().storage)
     store = RunStore(root, "s3-run")
     examples = store.read_kind("examples")
     assert examples.num_rows == sum(summary["examples_by_type"].values()) > 0

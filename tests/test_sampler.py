@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
-from tasks.sampler import SemiHomogeneousTaskBatchSampler
+from tasks.training.sampler import SemiHomogeneousTaskBatchSampler
 
 
 @st.composite

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from embed_factory.settings import ALL_TASK_TYPES, Settings, load_settings
+from ground.settings import ALL_TASK_TYPES, Settings, load_settings
 
 QWEN = "Qwen/Qwen2-72B-Instruct"
 
@@ -266,10 +266,9 @@ def test_settings_class_is_what_load_settings_builds():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"retrieval": {"word_count": [10]}}, "no placeholder 'word_count'"),
-     ({"retrieval": {"num_words": []}}, "at least one value"),
+    [({"retrieval": {"num_words": []}}, "at least one value"),
      ({"poetry": {"num_words": [10]}}, "placeholder_overrides")],
 )
-def test_placeholder_overrides_reject_unknown_names_and_empty_lists(overrides, message):
+def test_placeholder_overrides_reject_unknown_types_and_empty_lists(overrides, message):
     with pytest.raises(ValidationError, match=message):
         load_settings(generation={"placeholder_overrides": overrides})

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from embed_factory.settings import FinetuneSettings  # noqa: E402
-from tasks.train import (  # noqa: E402
+from ground.settings import FinetuneSettings  # noqa: E402
+from tasks.training.train import (  # noqa: E402
     CARD_SECTION, TrainResult, load_base_model, load_training_rows, train_embedding_model,
 )
 
@@ -29,7 +29,7 @@ THINGS = ["lamp", "chair", "kettle", "bicycle", "guitar", "teapot", "window", "b
 
 
 def write_export(path: Path, rows_per_task: int = 8, short_negatives: bool = True) -> Path:
-    """A KaLM export (``tasks.export`` format): 8 rows per task, 1 or 2 negatives per row."""
+    """A KaLM export (``tasks.cleaning.export`` format): 8 rows per task, 1 or 2 negatives per row."""
     records = []
     i = 0
     for task, instruction in TASKS.items():
@@ -101,7 +101,7 @@ def test_plain_transformers_folder_gets_mean_pooling(tmp_path):
 
 
 def fixed_batch_loss(model, path: Path, cfg: FinetuneSettings, rows: int = 12) -> float:
-    from tasks.losses import build_loss
+    from tasks.training.losses import build_loss
 
     data = load_training_rows(path, cfg.hard_negatives)
     # rows of every task, so the batch mixes easy and hard in-batch negatives

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from embed_factory.settings import default_sts_dir, load_settings
+from ground.settings import default_sts_dir, load_settings
 from processes import start_deploy, stop
 from test_deployments import TINY, wait_for_worker  # shared with the deployment test
 

@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import DROPPED_SCHEMA
 from storage.schemas import EXAMPLE_SCHEMA
-from tasks.validate import degenerate_detail, language_code, validate_examples
+from tasks.cleaning.validate import degenerate_detail, language_code, validate_examples
 
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -37,7 +37,8 @@ def _reap(*_: object) -> None:
 
 
 def _child(command: dict) -> None:
-    from embed_factory import cli, faults
+    from embed_factory import cli
+    from ground import faults
 
     code = 1
     try:

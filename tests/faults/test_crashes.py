@@ -4,7 +4,7 @@ Every kill is a real SIGKILL of a real process running the CLI. Where it lands:
 
 * **generation**: the stub LLM kills the process when its n-th chat request arrives (n seeded), so
   requests are in flight and shards half-answered;
-* **shard commit**: the fault hook (``embed_factory/faults.py``) kills it at the n-th pass of a
+* **shard commit**: the fault hook (``ground/faults.py``) kills it at the n-th pass of a
   commit step: temp file written but not renamed, rejects written but not the data file, data
   file written but not the manifest (between shard write and manifest update), manifest written;
 * **dedup** / **embed+filter** / **export**: the same hook in ``clean`` (stage tables, dedup,

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import SecretStr
 
-from embed_factory.settings import Settings, load_settings
+from ground.settings import Settings, load_settings
 from proxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -341,7 +341,7 @@ def hostile_run(data_dir: Path, run_id: str = "hostile") -> list[dict]:
 def test_sql_injection_text_round_trips_harmlessly(tmp_path):
     from storage.catalog import Catalog
     from storage.shards import RunStore
-    from tasks.dedup import exact_dedup
+    from tasks.cleaning.dedup import exact_dedup
 
     # the data dir's own path carries a quote and a statement too (paths are the only values pasted into DDL)
     data = tmp_path / "it's'; DROP TABLE raw; --" / "data"
@@ -374,7 +374,7 @@ def test_sql_injection_text_round_trips_harmlessly(tmp_path):
 
 def test_report_escapes_persona_and_model_text(tmp_path):
     from storage.catalog import Catalog
-    from tasks.report import write_report
+    from tasks.cleaning.report import write_report
 
     data = tmp_path / "data"
     hostile_run(data)
@@ -432,7 +432,7 @@ def test_no_sql_is_built_from_data_values():
     found = sql_interpolations()
     assert found, "the audit sees the SQL in the code (else it checks nothing)"
     # dedup's exact-duplicate SQL is formatted with a constant list of task types
-    unsafe = [f for f in found if not _safe(f[2]) and not (f[0] == "tasks/dedup.py" and f[2] == "doc_types")]
+    unsafe = [f for f in found if not _safe(f[2]) and not (f[0] == "tasks/cleaning/dedup.py" and f[2] == "doc_types")]
     assert not unsafe, ("values pasted into SQL text; bind them as parameters (? / $name) or quote an identifier "
                         f"from a fixed list with _ident: {unsafe}")
     print(f"[security] {len({(f[0], f[1]) for f in found})} SQL texts with {len(found)} interpolations audited")

@@ -34,8 +34,8 @@ from prompts.render import RenderedPrompt, render_example
 from prompts.schemas import object_schema, string_field
 from prompts.task_types import get_task_type
 from storage.shards import RunStore
-from tasks.generate import count_by_type, plan_examples, split_targets
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
+from tasks.generation.generate import count_by_type, plan_examples, split_targets
+from llm.client import LLMClient, RequestFailed, Sampling
 
 PROMPT = RenderedPrompt(messages=[{"role": "user", "content": "hi"}],
                         schema=object_schema({"answer": string_field(1, 50)}), schema_name="t", prompt_version="v")
@@ -180,7 +180,7 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 90
 def test_vllm_killed_and_restarted_mid_run_loses_no_request(llm_base_url, prefect_api_url, tmp_path):
     """A second embedded vLLM server (own port, pid and log file; the shared one on 8011 stays up)."""
     from embed_factory.llm_server import EmbeddedLLMServer
-    from embed_factory.settings import load_settings
+    from ground.settings import load_settings
 
     port = free_port()
     env = {"EMBED_FACTORY_EMBEDDED_LLM__PORT": str(port), "EMBED_FACTORY_EMBEDDED_LLM__KV_CACHE_GIB": "1",
@@ -243,7 +243,7 @@ REASONS = ("invalid output", "http 429", "http 500", "timeout after retries", "c
 
 
 def test_generation_through_faults_completes_accounts_and_reports(stub, prefect_api_url, tmp_path):
-    from embed_factory.settings import load_settings
+    from ground.settings import load_settings
 
     stub.invalid_every = 9  # the model itself also fails its schema now and then
     max_retries, schema_retries, seed, n, shard_size, topups = 1, 1, 3, 60, 10, 2

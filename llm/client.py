@@ -8,7 +8,7 @@ JSON), is asked again, at most ``schema_retries`` times. Every HTTP attempt is c
 request hook), so ``ClientStats`` reports transport failures and retries, not only outcomes.
 
 Several endpoints (``base_url`` given as a list): each try goes to the endpoint with the fewest
-requests in flight (``tasks/llm_router.py``); a connection error, timeout or 5xx takes that endpoint
+requests in flight (``llm/router.py``); a connection error, timeout or 5xx takes that endpoint
 out of rotation for a cool-down and the request goes to another endpoint, at most ``max_retries + 1``
 tries in all (the ``openai`` client's own retries are off then). When every endpoint is out, a try
 waits at most one longest cool-down, then the request fails with a line naming every endpoint.
@@ -28,9 +28,11 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
+from ground.secrets import reveal
+from ground.settings import Settings
 from prompts.render import OutputInvalid, RenderedPrompt, parse_output
-from tasks.llm_router import EndpointRouter, Lease
-from tasks.llm_router import log as router_log
+from llm.router import EndpointRouter, Lease
+from llm.router import log as router_log
 
 #: statuses that mean "busy, ask again" rather than "this endpoint is broken"
 _THROTTLED = (408, 409, 429)
@@ -104,6 +106,19 @@ class ClientStats:
 
 class LLMClient:
     """One per flow run; safe to share across the concurrent shard tasks of that run's event loop."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, logger: logging.Logger | logging.LoggerAdapter | None = None,
+                      **overrides: Any) -> LLMClient:
+        """The client for the configured endpoint(s): several ``base_urls`` get least-in-flight routing."""
+        llm = settings.llm
+        options: dict[str, Any] = dict(
+            base_url=settings.llm_base_urls, model=settings.llm_model, api_key=reveal(llm.api_key),
+            max_in_flight=llm.max_in_flight, timeout_s=llm.request_timeout_s, max_retries=llm.max_retries,
+            schema_retries=llm.schema_retries, send_seed=llm.send_seed, endpoint_cooldown_s=llm.endpoint_cooldown_s,
+            endpoint_max_cooldown_s=llm.endpoint_max_cooldown_s, logger=logger,
+        )
+        return cls(**{**options, **overrides})
 
     def __init__(
         self,

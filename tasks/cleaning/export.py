@@ -51,8 +51,8 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embed_factory.settings import CleanSettings
-from embed_factory.faults import checkpoint
+from ground.settings import CleanSettings
+from ground.faults import checkpoint
 from storage.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)

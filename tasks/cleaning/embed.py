@@ -32,8 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embed_factory import progress
-from embed_factory.settings import CleanSettings
+from ground import progress
+from ground.compute import bf16_supported, l2_normalize
+from ground.settings import CleanSettings
 from storage.corpus import EMBEDDING_CACHE_SCHEMA, text_hash
 from storage.location import as_store_path, parquet_source
 from storage.shards import StorageError, atomic_write_parquet
@@ -55,16 +56,6 @@ def query_text(instruction: str | None, query: str) -> str:
     return f"Instruct: {instruction}\nQuery: {query}"
 
 
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, float32 (zero rows stay zero)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2:
-        raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return np.ascontiguousarray(vectors / norms, dtype=np.float32)
-
-
 @runtime_checkable
 class Embedder(Protocol):
     """Turns texts into float32, L2-normalised rows (one per text, in order)."""
@@ -75,18 +66,11 @@ class Embedder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
-def cpu_has_bf16() -> bool:
-    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX); otherwise autocast would emulate it."""
-    from tasks.exact_search import bf16_supported
-
-    return bf16_supported()
-
-
 class SentenceTransformerEmbedder:
     """A local sentence-transformers model on the CPU (default: the bundled all-MiniLM-L6-v2).
 
     ``model_path`` is a model folder (or a model already in the Hugging Face cache); nothing is
-    downloaded. ``bf16`` asks for bf16 autocast, used only where :func:`cpu_has_bf16`.
+    downloaded. ``bf16`` asks for bf16 autocast, used only where :func:`ground.compute.bf16_supported`.
     """
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64, bf16: bool = True,
@@ -108,7 +92,7 @@ class SentenceTransformerEmbedder:
         # another busy process shares (e.g. the embedded vLLM server generating), 1 is far faster:
         # OpenMP barriers spin-wait on the descheduled thread.
         self.num_threads = num_threads
-        self.bf16 = bool(bf16) and cpu_has_bf16()
+        self.bf16 = bool(bf16) and bf16_supported()
         self._torch = torch
         # local_files_only: a path, or a model already in the Hugging Face cache; never a download
         self.model = SentenceTransformer(path, device="cpu", local_files_only=True)

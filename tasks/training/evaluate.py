@@ -58,8 +58,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from embed_factory.settings import FinetuneSettings
-from tasks.embed import l2_normalize
+from ground.settings import FinetuneSettings
+from ground.compute import bf16_supported, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -413,9 +413,8 @@ def load_model(path: str | Path | None = None, max_seq_length: int | None = None
 def _default_bf16(model: Any) -> bool:
     if not _is_torch_module(model):
         return False
-    from tasks.embed import cpu_has_bf16
 
-    return cpu_has_bf16()
+    return bf16_supported()
 
 
 def _jsonable(value: Any) -> Any:

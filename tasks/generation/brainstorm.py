@@ -18,15 +18,15 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from embed_factory import progress
-from embed_factory.seeding import stable_seed
+from ground import progress
+from ground.seeding import stable_seed
 from personas.sampling import PersonaSampler
 from personas.sources import Persona
 from prompts.render import render_brainstorm
 from prompts.task_types import get_task_type
 from storage.schemas import INSTRUCTION_SCHEMA
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
-from tasks.llm_client import LLMClient, RequestFailed, Sampling
+from llm.client import LLMClient, RequestFailed, Sampling
 
 #: brainstorm answers overlap; ask for this much more than the deficit
 OVERSHOOT = 1.5

@@ -1,6 +1,6 @@
 """Hard-negative mining (KaLM-Embedding): 7 negatives per query sampled from ranks 50–100.
 
-Mining reuses the rank filter's one search (``tasks.rank_filter.SearchResults``: the top-N corpus
+Mining reuses the rank filter's one search (``tasks.cleaning.rank_filter.SearchResults``: the top-N corpus
 ids and scores of each kept query, N = max(rank_top_k, negative_rank_max)); nothing is searched
 or embedded again.
 
@@ -36,8 +36,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from embed_factory.seeding import stable_seed
-from embed_factory.settings import CleanSettings
+from ground.seeding import stable_seed
+from ground.settings import CleanSettings
 from storage.corpus import MINED_COLUMNS, StageResult
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it

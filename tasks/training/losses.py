@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from embed_factory.settings import FinetuneSettings
+from ground.settings import FinetuneSettings
 
 
 def matryoshka_dims_for(width: int, dims: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[float]]:

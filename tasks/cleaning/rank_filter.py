@@ -1,6 +1,6 @@
 """Ranking-consistency filter (KaLM-Embedding): keep a sample only if its positive ranks in the top k.
 
-Each query, embedded in its instructed form (``tasks.embed.query_text``), searches the corpus of
+Each query, embedded in its instructed form (``tasks.cleaning.embed.query_text``), searches the corpus of
 all unique positive and negative texts by inner product over L2-normalised vectors (= cosine).
 A sample whose own positive is not among the top ``cfg.rank_top_k`` (default 50) results is
 dropped: the query is too broad, or the positive does not answer it.
@@ -14,12 +14,12 @@ the positive ranks below N. The positive's score is the exact dot product ``q ·
 (taken from the search results when the positive is among them, so both sides of the comparison
 come from the same arithmetic). With the ``ivf`` and ``hnsw`` indexes, search is approximate and
 so are the ranks. The ``flat`` (exact) search runs, on CPUs with native bf16, as
-:class:`tasks.exact_search.Bf16ExactIndex`: the same top-N sets and fp32 scores as faiss's
+:class:`tasks.cleaning.exact_search.Bf16ExactIndex`: the same top-N sets and fp32 scores as faiss's
 ``IndexFlatIP`` (up to fp32 rounding order on near-ties at the 1e-7 level), ties ordered by id.
 
 The search is done once, for ``N = max(cfg.rank_top_k, cfg.negative_rank_max)`` results per query;
 :func:`rank_filter` returns them (for the kept rows) so that hard-negative mining
-(``tasks.negatives``) reuses them instead of searching again.
+(``tasks.cleaning.negatives``) reuses them instead of searching again.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import FILTER_COLUMNS, StageResult
-from tasks.exact_search import Bf16ExactIndex, bf16_supported
+from ground.compute import bf16_supported
+from tasks.cleaning.exact_search import Bf16ExactIndex
 
 #: what :func:`build_index` returns: a faiss index or, for exact search on bf16 CPUs, our own
 Index = faiss.Index | Bf16ExactIndex
@@ -58,7 +59,7 @@ def build_index(vectors: np.ndarray, cfg: CleanSettings) -> Index:
     """An inner-product index over ``vectors`` (L2-normalised rows), as ``cfg.index`` asks.
 
     * ``flat``: exact search, the default and KaLM's choice. On a CPU with native bf16 (AVX512-BF16
-      or AMX) and no GPU visible to faiss: :class:`tasks.exact_search.Bf16ExactIndex` (a bf16
+      or AMX) and no GPU visible to faiss: :class:`tasks.cleaning.exact_search.Bf16ExactIndex` (a bf16
       screen with a proven error bound, then exact fp32 rescoring: the same top-N as
       ``IndexFlatIP``, ties by id, ~2-3× faster); otherwise ``IndexFlatIP``.
     * ``ivf``: ``IndexIVFFlat`` with inner-product metric, trained on the corpus; ``nlist`` is capped

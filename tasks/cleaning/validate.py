@@ -42,9 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import StageResult
-from tasks.dedup import dropped_table, normalize_array
+from tasks.cleaning.dedup import dropped_table, normalize_array
 
 STAGE = "validate"
 
@@ -160,7 +160,7 @@ def _tokens(normalized: str) -> set[str]:
 
 
 def instruction_leak_detail(instruction_n: str | None, query_n: str, positive_n: str) -> str | None:
-    """Leak check on *normalized* texts (see :func:`tasks.dedup.normalize_array`)."""
+    """Leak check on *normalized* texts (see :func:`tasks.cleaning.dedup.normalize_array`)."""
     if not instruction_n:
         return None
     if len(instruction_n) >= LEAK_MIN_CHARS:

@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from embed_factory.settings import ALL_TASK_TYPES
+from ground.settings import ALL_TASK_TYPES
 from storage.catalog import Catalog
 from storage.location import as_store_path
 from storage.shards import atomic_write_bytes

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rensa import RMinHash, RMinHashLSH
 
-from embed_factory.settings import CleanSettings
+from ground.settings import CleanSettings
 from storage.corpus import DROPPED_SCHEMA, StageResult
 
 #: task types whose positive is a document, so an equal positive is a duplicate (not classification)

@@ -1,0 +1,1 @@
+"""The LLM client (OpenAI-compatible, schema-constrained, retried) and its multi-endpoint router."""

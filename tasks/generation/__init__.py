@@ -1,0 +1,1 @@
+"""Generation phase: persona expansion, brainstormed instructions, examples (Prefect task wrappers included)."""

@@ -1,0 +1,1 @@
+"""Training phase: task batch sampler, Matryoshka InfoNCE, trainer and evaluation."""

@@ -13,9 +13,11 @@ COPY pyproject.toml README.md ./
 COPY embed_factory embed_factory
 COPY flows flows
 COPY tasks tasks
+COPY llm llm
 COPY personas personas
 COPY prompts prompts
 COPY storage storage
+COPY ground ground
 COPY prefect.yaml* embed-factory.example.toml ./
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" .
 

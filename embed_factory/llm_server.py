@@ -9,6 +9,8 @@ folder (``<cache>/models/<name>``). Nothing is downloaded from a model hub.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,12 +18,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
+from embed_factory.setup_progress import PipProgress, log_tail, run_with_progress
 from ground.settings import EmbeddedLLMSettings
 
 
@@ -35,18 +38,23 @@ class LLMServerError(RuntimeError):
 _REMOVE_FROM_VENV = ["torchvision", "torchaudio", "torchcodec"]
 _ADD_TO_VENV = ["accelerate"]
 
+# prints a line per stage: the set-up's progress line shows the last one
 CONVERT_SCRIPT = r"""
 import importlib.util, pathlib, sys
+print("importing torch and transformers", flush=True)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 package, gguf_file, out = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
 src = pathlib.Path(importlib.util.find_spec(package).origin).parent
+print("reading the tokenizer from the GGUF file", flush=True)
 tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+print("reading and dequantizing the weights", flush=True)
 model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.bfloat16)
 # transformers dequantizes GGUF weights on load; drop the marker so the result saves as plain safetensors
 model.hf_quantizer = None
 if hasattr(model.config, "quantization_config"):
     del model.config.quantization_config
+print("saving safetensors", flush=True)
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
 """
@@ -81,59 +89,102 @@ class EmbeddedLLMServer:
         return self.settings.cache_dir / "logs" / f"vllm-{self.settings.port}.log"
 
     @property
+    def _install_log(self) -> Path:
+        return self.settings.cache_dir / "logs" / "vllm-venv-install.log"
+
+    @property
+    def setup_lock_file(self) -> Path:
+        return self.settings.cache_dir / "vllm-setup.lock"
+
+    @property
     def _venv_marker(self) -> Path:
         return self.settings.venv_dir / ".embed-factory.json"
 
     # --- setup ---------------------------------------------------------------------------------
     def venv_requirements(self) -> list[str]:
-        return [self.settings.vllm_requirement, *self.settings.extra_requirements, *_ADD_TO_VENV,
-                self.settings.model_requirement]
+        return [
+            self.settings.vllm_requirement,
+            *self.settings.extra_requirements,
+            *_ADD_TO_VENV,
+            self.settings.model_requirement,
+        ]
 
     def venv_ready(self) -> bool:
+        if not self.python.exists():
+            return False
         try:
             return json.loads(self._venv_marker.read_text())["requirements"] == self.venv_requirements()
         except (OSError, ValueError, KeyError):
             return False
 
     def ensure_venv(self) -> None:
-        """Create the server's virtual environment once (a few minutes; PyPI only)."""
+        """Create the server's virtual environment once (a few minutes; PyPI only), saying how far it got."""
         if self.venv_ready():
             return
         venv = self.settings.venv_dir
-        log = self.settings.cache_dir / "logs" / "vllm-venv-install.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.say(f"creating the vLLM server environment in {venv} (one time, a few minutes; log: {log})")
+        log_path = self._install_log
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.say(f"creating the vLLM server environment in {venv} (one time, a few minutes; log: {log_path})")
         if venv.exists():
             shutil.rmtree(venv)
-        with log.open("w") as out:
-            steps = [
-                [sys.executable, "-m", "venv", str(venv)],
-                [str(self.python), "-m", "pip", "install", *self.venv_requirements()[:-1]],
-                [str(self.python), "-m", "pip", "install", "--no-deps", self.settings.model_requirement],
+        # --no-compile: pip byte-compiles every module it installs (torch alone ~90 s on 2 busy cores, most of
+        # it never imported); Python compiles what the server imports on its first start instead
+        pip = [str(self.python), "-m", "pip", "install", "--no-compile", "--disable-pip-version-check"]
+        steps = [  # (what the user reads, command, what turns its output into a status line)
+            ("creating the virtual environment", [sys.executable, "-m", "venv", str(venv)], None),
+            (
+                f"installing {self.settings.vllm_requirement} and its dependencies",
+                [*pip, *self.venv_requirements()[:-1]],
+                PipProgress(venv),
+            ),
+            (
+                f"installing the weights package {self.settings.model_requirement}",
+                [*pip, "--no-deps", self.settings.model_requirement],
+                PipProgress(venv),
+            ),
+            (
+                f"removing {', '.join(_REMOVE_FROM_VENV)}",
                 [str(self.python), "-m", "pip", "uninstall", "-y", *_REMOVE_FROM_VENV],
-            ]
-            for step in steps:
-                out.write(f"$ {' '.join(step)}\n")
-                out.flush()
-                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                    raise LLMServerError(f"setting up the vLLM environment failed at `{' '.join(step[2:5])}`; see {log}")
+                None,
+            ),
+        ]
+        started = time.monotonic()
+        with log_path.open("w") as log:
+            for number, (label, cmd, tracker) in enumerate(steps, start=1):
+                self.say(f"[{number}/{len(steps)}] {label}")
+                code, _ = run_with_progress(cmd, log, self.say, label, self.settings.progress_interval_s, tracker)
+                if code != 0:
+                    raise LLMServerError(
+                        f"setting up the vLLM environment failed at `{' '.join(cmd[2:5])}`; see {log_path}"
+                    )
         self._venv_marker.write_text(json.dumps({"requirements": self.venv_requirements()}))
+        self.say(f"vLLM server environment ready in {time.monotonic() - started:.0f}s")
 
     def ensure_model(self) -> Path:
         """Convert the bundled GGUF into a Hugging Face folder once; atomic (temp folder + rename)."""
         target = self.settings.model_dir
         if (target / "config.json").exists():
             return target
-        self.say(f"converting {self.settings.gguf_file} to a Hugging Face folder in {target} (one time)")
+        log_path = self.settings.cache_dir / "logs" / "gguf-convert.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.say(
+            f"converting {self.settings.gguf_file} to a Hugging Face folder in {target} (one time; log: {log_path})"
+        )
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            [str(self.python), "-c", CONVERT_SCRIPT, self.settings.gguf_package, self.settings.gguf_file, str(tmp)],
-            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        if result.returncode != 0:
-            raise LLMServerError(f"GGUF conversion failed: {result.stderr.strip().splitlines()[-1:]}")
+        cmd = [str(self.python), "-c", CONVERT_SCRIPT, self.settings.gguf_package, self.settings.gguf_file, str(tmp)]
+        with log_path.open("w") as log:
+            code, last_line = run_with_progress(
+                cmd,
+                log,
+                self.say,
+                "converting the GGUF weights",
+                self.settings.progress_interval_s,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        if code != 0:
+            raise LLMServerError(f"GGUF conversion failed: {last_line}; see {log_path}")
         os.replace(tmp, target)
         return target
 
@@ -173,48 +224,113 @@ class EmbeddedLLMServer:
         """Start the server unless it already answers; wait for ``/health``."""
         if self._health():
             return self.status()
-        if self._pid() is None:
-            self.ensure_venv()
-            model_dir = self.ensure_model()
-            self._spawn(model_dir)
+        with self._setup_lock():
+            if self._pid() is None and not self._health():  # another process may have started it meanwhile
+                self.ensure_venv()
+                model_dir = self.ensure_model()
+                self._spawn(model_dir)
         self._wait_healthy()
         return self.status()
+
+    @contextlib.contextmanager
+    def _setup_lock(self) -> Iterator[None]:
+        """One process at a time sets up and spawns the server for this cache folder; the others wait.
+
+        Without it, a second `llm up` (or a test session) finds the venv without its marker while the
+        first is still installing, removes it and starts over, and both fail.
+        """
+        self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        with self.setup_lock_file.open("a+") as fh:
+            started = time.monotonic()
+            last_said = started - self.settings.progress_interval_s  # say it at once, then every interval
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if now - last_said >= self.settings.progress_interval_s:
+                        fh.seek(0)
+                        holder = fh.read().strip() or "?"
+                        self.say(
+                            f"another process (pid {holder}) is setting up the vLLM server; waiting "
+                            f"({now - started:.0f}s); its log: {log_tail(self._install_log, 1, 120)}"
+                        )
+                        last_said = now
+                    time.sleep(min(0.5, self.settings.progress_interval_s))
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.truncate(0)
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _spawn(self, model_dir: Path) -> None:
         s = self.settings
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir), "--served-model-name", s.served_model_name,
-            "--host", s.host, "--port", str(s.port), "--dtype", s.dtype,
-            "--max-model-len", str(s.max_model_len), "--max-num-seqs", str(s.max_num_seqs),
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            s.served_model_name,
+            "--host",
+            s.host,
+            "--port",
+            str(s.port),
+            "--dtype",
+            s.dtype,
+            "--max-model-len",
+            str(s.max_model_len),
+            "--max-num-seqs",
+            str(s.max_num_seqs),
             "--disable-uvicorn-access-log",
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib),
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",  # its lines reach the log (and the start-up progress line) as they are printed
+        }
         self.say(f"starting vLLM ({s.served_model_name}) on {s.host}:{s.port}; log: {self.log_file}")
         with self.log_file.open("ab") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True, stdin=subprocess.DEVNULL)
+            # the progress line shows the log's last line: this one, not an earlier start's, until vLLM prints
+            log.write(
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting vLLM (importing torch and vLLM) ---\n".encode()
+            )
+            log.flush()
+            process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, stdin=subprocess.DEVNULL
+            )
         self.pid_file.write_text(str(process.pid))
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.settings.startup_timeout_s
+        started = time.monotonic()
+        deadline = started + self.settings.startup_timeout_s
+        last_said = started
         while time.monotonic() < deadline:
             if self._health():
+                self.say(f"vLLM is healthy after {time.monotonic() - started:.0f}s")
                 return
             if self._pid() is None:
-                raise LLMServerError(f"the vLLM server exited during start-up; last lines of {self.log_file}:\n"
-                                     + self._log_tail())
-            time.sleep(1)
-        raise LLMServerError(f"the vLLM server did not become healthy in {self.settings.startup_timeout_s:.0f}s; "
-                             f"see {self.log_file}")
-
-    def _log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+                raise LLMServerError(
+                    f"the vLLM server exited during start-up; last lines of {self.log_file}:\n"
+                    + log_tail(self.log_file, 15)
+                )
+            if time.monotonic() - last_said >= self.settings.progress_interval_s:
+                last_said = time.monotonic()
+                self.say(f"waiting for vLLM /health ({last_said - started:.0f}s): {log_tail(self.log_file, 1, 160)}")
+            time.sleep(min(1.0, self.settings.progress_interval_s))
+        raise LLMServerError(
+            f"the vLLM server did not become healthy in {self.settings.startup_timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def stop(self, timeout_s: float = 30) -> bool:
         """Stop the server's whole process group (API server + engine); True if one was running."""

@@ -1,5 +1,8 @@
 """The six task types: their templates, placeholder distributions, schemas and field mapping.
 
+The names (and which types brainstorm) come from ``ground/task_types.py``; :func:`spec_table` checks
+at import that the specs here are exactly those.
+
 Templates follow the E5-mistral paper (Wang et al., 2024) as used by KaLM-Embedding: the four
 asymmetric/matching types first brainstorm task instructions (persona as system prompt), then
 generate one example per instruction without the persona; STS and bitext generate directly.
@@ -11,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+from ground.task_types import ALL_TASK_TYPES, BRAINSTORM_TASK_TYPES
 from prompts.placeholders import Choice, PlaceholderSpace
 from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
 
@@ -253,9 +257,25 @@ BITEXT = TaskTypeSpec(
     field_map=("S1", "S2", "S3"),
 )
 
-TASK_TYPES: dict[str, TaskTypeSpec] = {
-    spec.name: spec for spec in (RETRIEVAL, CLASSIFICATION, SHORT_SHORT, LONG_LONG, STS, BITEXT)
-}
+
+def spec_table(specs: Sequence[TaskTypeSpec]) -> dict[str, TaskTypeSpec]:
+    """Specs by name, in ground's order (``ground/task_types.py`` owns the names).
+
+    Raises ``ValueError`` if the specs are not exactly ground's task types, one spec each, or if a spec
+    brainstorms where ground says it does not (or the reverse).
+    """
+    by_name = {spec.name: spec for spec in specs}
+    if len(by_name) != len(specs) or set(by_name) != set(ALL_TASK_TYPES):
+        names = [spec.name for spec in specs]
+        raise ValueError(f"task type specs {names} do not match ground.task_types.ALL_TASK_TYPES {ALL_TASK_TYPES}")
+    brainstormed = sorted(name for name, spec in by_name.items() if spec.brainstorms)
+    if brainstormed != sorted(BRAINSTORM_TASK_TYPES):
+        raise ValueError(f"brainstormed specs {brainstormed} do not match ground.task_types.BRAINSTORM_TASK_TYPES "
+                         f"{BRAINSTORM_TASK_TYPES}")
+    return {name: by_name[name] for name in ALL_TASK_TYPES}
+
+
+TASK_TYPES: dict[str, TaskTypeSpec] = spec_table((RETRIEVAL, CLASSIFICATION, SHORT_SHORT, LONG_LONG, STS, BITEXT))
 
 
 def get_task_type(name: str) -> TaskTypeSpec:

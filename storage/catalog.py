@@ -47,9 +47,7 @@ from __future__ import annotations
 import contextlib
 import glob as globlib
 import json
-import os
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,10 +55,12 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
-from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
 from ground.settings import Settings
+from storage.atomic import atomic_path
 from storage.location import StorePath, as_store_path, data_root, is_remote
-from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
+from storage.schemas import (BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, FILTER_COLUMNS, INSTRUCTION_SCHEMA,
+                             MINED_COLUMNS, REJECT_SCHEMA)
+from storage.shards import list_runs
 
 CATALOG_FILE = "catalog.duckdb"
 _META_TABLE = "_catalog_state"
@@ -366,36 +366,31 @@ class Catalog:
     def to_file(self, sql: str, path: Path | str, params: list[Any] | dict[str, Any] | None = None) -> Path:
         """Write the result of ``sql`` to ``path`` (.csv, .tsv or .parquet) with DuckDB ``COPY``.
 
-        The path is bound as a parameter (never pasted into the SQL); the file is written next to
-        its final name and renamed, so a reader never sees half a file.
+        The path is bound as a parameter (never pasted into the SQL); the file is written atomically
+        (``storage/atomic.py``), so a reader never sees half a file.
         """
         path = Path(path).resolve()
         options = {".csv": "FORMAT csv, HEADER true", ".tsv": "FORMAT csv, HEADER true, DELIMITER '\t'",
                    ".parquet": "FORMAT parquet, COMPRESSION zstd"}.get(path.suffix.lower())
         if options is None:
             raise CatalogError(f"{path.name}: choose a .csv, .tsv or .parquet file name")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         inner = sql.strip().rstrip(";").strip()
-        if isinstance(params, dict):
-            statement = f"COPY ({inner}) TO $catalog_out_path ({options})"
-            bound: Any = {**params, "catalog_out_path": str(tmp)}
-        else:
-            statement, bound = f"COPY ({inner}) TO ? ({options})", [*(params or []), str(tmp)]
         with self._query_connection() as con:
             try:
-                con.execute(statement, bound).fetchall()
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    if isinstance(params, dict):
+                        statement = f"COPY ({inner}) TO $catalog_out_path ({options})"
+                        bound: Any = {**params, "catalog_out_path": str(tmp)}
+                    else:
+                        statement, bound = f"COPY ({inner}) TO ? ({options})", [*(params or []), str(tmp)]
+                    con.execute(statement, bound).fetchall()
             except duckdb.Error as exc:
                 raise CatalogError(str(exc)) from None
-            finally:
-                tmp.unlink(missing_ok=True)
         return path
 
     # --- what exists -------------------------------------------------------------------------------
     def run_ids(self) -> list[str]:
-        runs = self.data_dir / "runs"
-        return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
+        return list_runs(self.data_dir)
 
     def clean_ids(self) -> list[str]:
         """Clean runs, oldest first (by the modification time of their folder; on S3, of inputs.json)."""

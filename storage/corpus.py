@@ -26,38 +26,21 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ground.settings import Settings
-from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
 from ground.faults import checkpoint
-from storage.shards import (StorageError, atomic_write_bytes, atomic_write_parquet, folder_lock,
-                            read_parquet_checked)
+from ground.settings import Settings
+from storage.atomic import AtomicFiles, StorageError, atomic_path, atomic_write_bytes, atomic_write_parquet
+from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
+from storage.schemas import DROPPED_SCHEMA, KALM_SCHEMA, st_schema
+from storage.shards import folder_lock, read_parquet_checked
 
 STAGES = ("valid", "deduped", "filtered", "mined")
-
-#: one dropped row: which stage dropped it and why
-DROPPED_SCHEMA = pa.schema(
-    [
-        ("example_id", pa.string()),
-        ("run_id", pa.string()),
-        ("task_type", pa.string()),
-        ("stage", pa.string()),  # validate | dedup_exact | dedup_near | rank_filter | negatives
-        ("reason", pa.string()),  # short machine-friendly reason, e.g. "empty_query", "near_duplicate"
-        ("detail", pa.string()),  # human detail, e.g. "duplicate of <example_id>", "positive rank 73"
-    ],
-    metadata={"embed_factory.table": "dropped"},
-)
-
-#: columns the rank filter adds
-FILTER_COLUMNS = [("positive_rank", pa.int32()), ("positive_score", pa.float32())]
-#: columns hard-negative mining adds
-MINED_COLUMNS = [("hard_negatives", pa.list_(pa.string())), ("hard_negative_scores", pa.list_(pa.float32()))]
-
-EMBEDDING_CACHE_SCHEMA = pa.schema([("text_hash", pa.string()), ("vector", pa.list_(pa.float32()))])
+#: fault point between the renames of the export's training files
+EXPORT_POINT = "export.part"
 
 
 @dataclass
@@ -192,8 +175,8 @@ def mirror_exports(data_dir: StorePath | str, local_dir: Path) -> list[str]:
     """Copy every complete export (one with its ``README.md`` card) from S3 to ``local_dir``.
 
     Training reads local files, so fine-tuning on S3 storage works on this copy: ``<local_dir>/clean/
-    <clean_id>/export/``. A file whose size matches is not fetched again; each one lands by temp file
-    + rename, and keeps the object's modification time so "the latest export" means the same here.
+    <clean_id>/export/``. A file whose size matches is not fetched again; each one lands atomically
+    (``storage/atomic.py``) and keeps the object's modification time so "the latest export" means the same here.
     Locally there is nothing to do. Returns the clean ids mirrored.
     """
     root = as_store_path(data_dir)
@@ -209,15 +192,78 @@ def mirror_exports(data_dir: StorePath | str, local_dir: Path) -> list[str]:
             target = Path(local_dir) / "clean" / clean_id / "export" / key[len(export) + 1:]
             if target.exists() and target.stat().st_size == info["size"]:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            try:
+            with atomic_path(target) as tmp:
                 fs.get_file(key, str(tmp))
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
             modified = info.get("LastModified")
             if modified is not None:
                 os.utime(target, (modified.timestamp(), modified.timestamp()))
         mirrored.append(clean_id)
     return mirrored
+
+
+class ExportWriter:
+    """The training files of an export, streamed under temp names and renamed together once all are complete.
+
+    Per split: ``<split>.jsonl`` and ``<split>.parquet`` (KaLM records, ``KALM_SCHEMA``) and
+    ``<split>_st.parquet`` (sentence-transformers columns, ``st_schema(negatives)``). A crash leaves the
+    previous files or the new ones (per file: the ``export.part`` fault point sits between the renames),
+    never half a file::
+
+        with ExportWriter(out_dir, ("train", "heldout"), negatives=3) as export:
+            export.write("train", records, st_rows)
+        export.files  # "train.jsonl" -> path, ...
+    """
+
+    def __init__(self, out_dir: Path, splits: Sequence[str], negatives: int, compression: str = "zstd"):
+        self.out_dir = Path(out_dir)
+        self.splits = tuple(splits)
+        self.st_schema = st_schema(negatives)
+        self.compression = compression
+        self.files: dict[str, Path] = {}
+        self._outputs = AtomicFiles(EXPORT_POINT)
+        self._writers: dict[str, dict[str, Any]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ExportWriter:
+        try:
+            for split in self.splits:
+                paths = {kind: self.out_dir / f"{split}{suffix}" for kind, suffix in
+                         (("jsonl", ".jsonl"), ("kalm", ".parquet"), ("st", "_st.parquet"))}
+                self.files.update({path.name: path for path in paths.values()})
+                jsonl = self._outputs.temp_for(paths["jsonl"]).open("w", encoding="utf-8")
+                self._handles.append(jsonl)
+                kalm = pq.ParquetWriter(self._outputs.temp_for(paths["kalm"]), KALM_SCHEMA,
+                                        compression=self.compression)
+                self._handles.append(kalm)
+                st = pq.ParquetWriter(self._outputs.temp_for(paths["st"]), self.st_schema, compression=self.compression)
+                self._handles.append(st)
+                self._writers[split] = {"jsonl": jsonl, "kalm": kalm, "st": st}
+        except BaseException:
+            self._close()
+            self._outputs.discard()
+            raise
+        return self
+
+    def write(self, split: str, records: list[dict[str, Any]], st_rows: list[dict[str, Any]]) -> None:
+        """Append KaLM ``records`` (JSONL and Parquet) and their sentence-transformers rows to ``split``."""
+        if not records:
+            return
+        out = self._writers[split]
+        out["jsonl"].write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        out["kalm"].write_table(pa.Table.from_pylist(records, schema=KALM_SCHEMA))
+        out["st"].write_table(pa.Table.from_pylist(st_rows, schema=self.st_schema))
+
+    def _close(self) -> None:
+        while self._handles:
+            with contextlib.suppress(Exception):
+                self._handles.pop().close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                for handle in self._handles:  # a failing close (disk full) fails the export
+                    handle.close()
+                self._outputs.commit()
+        finally:
+            self._close()
+            self._outputs.discard()  # whatever was not renamed

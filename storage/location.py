@@ -5,8 +5,8 @@ Local paths stay plain ``Path`` objects, so the local behaviour is exactly the o
 ``/``, ``exists()``, ``glob()``, ``open()`` and ``stat()`` calls then work on both, and the few
 operations that differ (atomic writes, Parquet I/O, locks, DuckDB) branch on :func:`is_remote`.
 
-Atomic commits: locally a file is written next to its final name and renamed (``os.replace``). An S3
-object PUT is atomic by itself (readers see the old object or the complete new one), so remote files
+Atomic commits (``storage/atomic.py``): locally a file is written next to its final name and renamed
+(``os.replace``). An S3 object PUT is atomic by itself (readers see the old object or the complete new one), so remote files
 are built in memory and sent in one request to their final key, never streamed there piecewise.
 
 Credentials are never part of a path or a settings dump: they come from the AWS standard chain

@@ -1,4 +1,7 @@
-"""Arrow schemas of every table the factory writes. Only ``storage/`` knows these."""
+"""Arrow schemas of every table and file the factory writes: runs, clean runs, the embedding cache, exports.
+
+The one schema module: the columns of every table are defined here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -88,3 +91,45 @@ INSTRUCTION_SCHEMA = pa.schema(
     ],
     metadata={"embed_factory.table": "instructions", "embed_factory.schema_version": str(SCHEMA_VERSION)},
 )
+
+# --- the clean run (storage/corpus.py) ----------------------------------------------------------
+
+#: one dropped row: which stage dropped it and why
+DROPPED_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("run_id", pa.string()),
+        ("task_type", pa.string()),
+        ("stage", pa.string()),  # validate | dedup_exact | dedup_near | rank_filter | negatives
+        ("reason", pa.string()),  # short machine-friendly reason, e.g. "empty_query", "near_duplicate"
+        ("detail", pa.string()),  # human detail, e.g. "duplicate of <example_id>", "positive rank 73"
+    ],
+    metadata={"embed_factory.table": "dropped"},
+)
+
+#: columns the rank filter adds to the example columns (filtered.parquet)
+FILTER_COLUMNS = [("positive_rank", pa.int32()), ("positive_score", pa.float32())]
+#: columns hard-negative mining adds to the filtered columns (mined.parquet)
+MINED_COLUMNS = [("hard_negatives", pa.list_(pa.string())), ("hard_negative_scores", pa.list_(pa.float32()))]
+
+#: the embedding cache, ``<data_dir>/embeddings/<model_key>/*.parquet``: vectors by text hash
+EMBEDDING_CACHE_SCHEMA = pa.schema([("text_hash", pa.string()), ("vector", pa.list_(pa.float32()))])
+
+# --- the export (training files) -----------------------------------------------------------------
+
+#: KaLM-Embedding / FlagEmbedding records (``<split>.jsonl`` and ``<split>.parquet``)
+KALM_SCHEMA = pa.schema(
+    [
+        ("query", pa.string()),
+        ("pos", pa.list_(pa.string())),
+        ("neg", pa.list_(pa.string())),
+        ("task_name", pa.string()),
+        ("example_id", pa.string()),
+    ]
+)
+
+
+def st_schema(negatives: int) -> pa.Schema:
+    """sentence-transformers columns (``<split>_st.parquet``): anchor, positive, negative_1..negative_n."""
+    names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, negatives + 1)]
+    return pa.schema([(name, pa.string()) for name in names])

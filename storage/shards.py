@@ -10,13 +10,13 @@ Layout of ``<data_dir>/runs/<run_id>/``::
     rejects/<shard>.parquet        requests that ended without a parsed row, with the reason
 
 The data file of a shard is its commit point: its rejects file is written first, then the data
-file by temp file + ``os.replace``, then the manifest. A crash at any point leaves either no data
-file (the shard is redone from scratch, overwriting its rejects) or a complete one (the manifest
+file (atomically, ``storage/atomic.py``), then the manifest. A crash at any point leaves either no
+data file (the shard is redone from scratch, overwriting its rejects) or a complete one (the manifest
 entry is recovered from it on the next run). So a re-run neither loses nor duplicates a row.
 
 ``data_dir`` may also be an ``s3://bucket/prefix`` path (``storage/location.py``): each file is then
-built in memory and PUT to its final key in one request (atomic on S3), in the same order, manifest
-last; the run lock is a lock object created with a conditional PUT and kept alive by a heartbeat.
+one PUT to its final key (atomic on S3), in the same order, manifest last; the run lock is a lock
+object created with a conditional PUT and kept alive by a heartbeat.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
 from ground.settings import Settings
-from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source, put_bytes
+from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet, remove_stale_temps
+from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
     EXAMPLE_SCHEMA,
@@ -53,10 +54,6 @@ log = logging.getLogger(__name__)
 
 ShardKind = Literal["brainstorm", "examples"]
 _DATA_SCHEMAS = {"brainstorm": BRAINSTORM_SCHEMA, "examples": EXAMPLE_SCHEMA}
-
-
-class StorageError(RuntimeError):
-    """A file of the store is missing, unreadable or of the wrong shape (the message names it)."""
 
 
 class RunLocked(StorageError):
@@ -86,77 +83,6 @@ def file_sha256(path: StorePath) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _os_reason(exc: OSError) -> str:
-    """``No space left on device`` from an OSError, also from pyarrow's ("Error writing bytes ... Detail: ...")."""
-    return exc.strerror or str(exc).rpartition("Detail:")[2].strip() or type(exc).__name__
-
-
-def atomic_write_bytes(path: StorePath, data: bytes) -> None:
-    if is_remote(path):
-        put_bytes(path, data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        checkpoint("bytes.tmp")
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, read-only, permissions: one clear line naming the file
-        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_parquet(table: pa.Table, path: StorePath, compression: str = "zstd") -> tuple[int, str] | None:
-    """Write ``table`` so that ``path`` is either absent, the old file, or the complete new one.
-
-    On S3 returns (bytes, sha256) of what it stored, so nobody has to download it again to hash it.
-    """
-    if is_remote(path):  # the whole file in memory, then one PUT to the final key
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=compression)
-        data = sink.getvalue().to_pybytes()
-        put_bytes(path, data)
-        return len(data), hashlib.sha256(data).hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        pq.write_table(table, tmp, compression=compression)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        checkpoint("parquet.tmp")
-        os.replace(tmp, path)
-    except OSError as exc:  # pyarrow's IO errors are OSErrors too
-        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temps(root: StorePath) -> int:
-    """Delete the temp files (``.<name>.tmp-<pid>-<thread>``) that killed writers left under ``root``.
-
-    Only those of processes that are gone: a live writer may still rename its temp file.
-    """
-    if is_remote(root) or not root.exists():
-        return 0
-    removed = 0
-    for tmp in root.rglob(".*.tmp-*"):
-        pid = tmp.name.rpartition(".tmp-")[2].partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        except OSError:
-            pass  # alive, someone else's
-    return removed
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -323,6 +249,7 @@ class RunStore:
 
 
 def list_runs(data_dir: StorePath | str) -> list[str]:
+    """The run ids under ``<data_dir>/runs``, sorted (the catalog and the clean flow both ask this)."""
     runs = as_store_path(data_dir) / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
 

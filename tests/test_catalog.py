@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.catalog import VIEWS, Catalog, CatalogError, CatalogLocked
-from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
-from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
+from storage.schemas import (BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, FILTER_COLUMNS, INSTRUCTION_SCHEMA,
+                             MINED_COLUMNS, REJECT_SCHEMA)
 
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

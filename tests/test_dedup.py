@@ -10,15 +10,15 @@ import pyarrow as pa
 import pytest
 
 from ground.settings import CleanSettings
-from storage.corpus import DROPPED_SCHEMA
-from storage.schemas import EXAMPLE_SCHEMA
+from storage.schemas import DROPPED_SCHEMA, EXAMPLE_SCHEMA
 from tasks.cleaning.dedup import (
+    dedup_key,
     exact_dedup,
     instruction_clusters,
     lsh_bands,
     near_dedup,
-    normalize_text,
 )
+from tasks.generation.brainstorm import instruction_key
 
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -79,15 +79,23 @@ def cfg() -> CleanSettings:
     return CleanSettings()
 
 
-def test_normalization_ignores_case_space_and_punctuation():
-    base = normalize_text("what is minhash")
-    assert normalize_text("What is MinHash?") == base
-    assert normalize_text("  WHAT   is\tminhash!!! ") == base
-    assert normalize_text("What, is... MinHash") == base
-    assert normalize_text("Ｗhat is ＭinHash") == base  # full-width letters (NFKC)
-    assert normalize_text("what is simhash") != base
-    assert normalize_text("Straße") == normalize_text("STRASSE")  # full case folding
-    assert normalize_text(None) is None
+def test_dedup_key_ignores_case_space_and_punctuation():
+    base = dedup_key("what is minhash")
+    assert dedup_key("What is MinHash?") == base
+    assert dedup_key("  WHAT   is\tminhash!!! ") == base
+    assert dedup_key("What, is... MinHash") == base
+    assert dedup_key("Ｗhat is ＭinHash") == base  # full-width letters (NFKC)
+    assert dedup_key("what is simhash") != base
+    assert dedup_key("Straße") == dedup_key("STRASSE")  # full case folding
+    assert dedup_key(None) is None
+
+
+def test_dedup_key_and_instruction_key_are_different_keys():
+    """Examples are compared without any punctuation; brainstormed instructions keep their inner punctuation."""
+    with_comma, without = "Retrieve recipes, that use a given ingredient", "Retrieve recipes that use a given ingredient"
+    assert dedup_key(with_comma) == dedup_key(without)
+    assert instruction_key(with_comma) != instruction_key(without)
+    assert instruction_key("Ｘ-ray") != dedup_key("Ｘ-ray")  # no NFKC, hyphen kept
 
 
 # --------------------------------------------------------------------------- exact

@@ -14,7 +14,8 @@ import pytest
 from ground import progress
 from ground.compute import bf16_supported
 from ground.settings import CleanSettings
-from storage.corpus import EMBEDDING_CACHE_SCHEMA, CleanStore
+from storage.corpus import CleanStore
+from storage.schemas import EMBEDDING_CACHE_SCHEMA
 from tasks.cleaning.embed import (
     EmbeddingCache,
     OpenAIEmbedder,

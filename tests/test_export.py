@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from ground.settings import CleanSettings
-from storage.corpus import FILTER_COLUMNS, MINED_COLUMNS
-from storage.schemas import EXAMPLE_SCHEMA
+from storage.corpus import ExportWriter
+from storage.schemas import EXAMPLE_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.export import (
     ExportError,
     PublishError,
@@ -151,6 +151,28 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ExportError, match="more than once"):
         export_corpus(mined_table([mined_row("a"), mined_row("a")]), tmp_path / "x", CleanSettings())
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_files(tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    first = export_corpus(mined_table(corpus_rows()), out, CleanSettings(heldout_fraction=0.05))
+    before = {name: path.read_bytes() for name, path in first.files.items()}
+    writes = 0
+
+    def failing_write(self, split, records, st_rows):  # the disk fills up after the first batch
+        nonlocal writes
+        writes += 1
+        if writes > 1:
+            raise OSError(28, "No space left on device")
+        original_write(self, split, records, st_rows)
+
+    original_write = ExportWriter.write
+    monkeypatch.setattr(ExportWriter, "write", failing_write)
+    rows = [mined_row(f"r2:retrieval-{i:03d}") for i in range(40)]
+    with pytest.raises(OSError, match="No space"):
+        export_corpus(mined_table(rows), out, CleanSettings(heldout_fraction=0.05))
+    assert {name: path.read_bytes() for name, path in first.files.items()} == before
+    assert sorted(p.name for p in out.iterdir()) == FILES  # no temp file left
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from ground.settings import CleanSettings
-from storage.corpus import DROPPED_SCHEMA
+from storage.schemas import DROPPED_SCHEMA
 from tasks.cleaning.negatives import mine_hard_negatives, normalize_text
 from tasks.cleaning.rank_filter import rank_filter
 

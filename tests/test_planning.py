@@ -19,7 +19,7 @@ from personas.sources import make_persona
 from prompts.render import render_example
 from prompts.task_types import get_task_type
 from storage.schemas import BRAINSTORM_SCHEMA, INSTRUCTION_SCHEMA
-from tasks.generation.brainstorm import OVERSHOOT, deficits, normalize_instruction, plan_round, unique_instructions
+from tasks.generation.brainstorm import OVERSHOOT, deficits, instruction_key, plan_round, unique_instructions
 from tasks.generation.generate import plan_examples, split_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,20 +65,20 @@ def test_split_targets_sums_to_total_and_is_even(total, types):
     assert values == sorted(values, reverse=True)
 
 
-# --- normalize_instruction / deficits ------------------------------------------------------------
+# --- instruction_key / deficits ------------------------------------------------------------------
 
 
-def test_normalize_instruction_ignores_case_space_and_edge_punctuation():
-    base = normalize_instruction("Retrieve recipes that use a given ingredient")
+def test_instruction_key_ignores_case_space_and_edge_punctuation():
+    base = instruction_key("Retrieve recipes that use a given ingredient")
     for variant in [
         "retrieve recipes that use a given ingredient.",
         "  RETRIEVE   recipes that\tuse a given\ningredient!!  ",
         "- Retrieve recipes that use a given ingredient",
         '"Retrieve recipes that use a given ingredient."',
     ]:
-        assert normalize_instruction(variant) == base, variant
-    assert normalize_instruction("Retrieve recipes, that use a given ingredient") != base  # inner punctuation kept
-    assert normalize_instruction(normalize_instruction(" X-ray  images! ")) == normalize_instruction(" X-ray  images! ")
+        assert instruction_key(variant) == base, variant
+    assert instruction_key("Retrieve recipes, that use a given ingredient") != base  # inner punctuation kept
+    assert instruction_key(instruction_key(" X-ray  images! ")) == instruction_key(" X-ray  images! ")
 
 
 def test_deficits():
@@ -201,7 +201,7 @@ def test_unique_instructions_dedups_per_type_and_keeps_first_by_shard():
     tweets = next(r for r in classification if "tweets" in r["normalized"])
     assert tweets["persona"] == "Late persona"
     for r in rows:
-        assert r["normalized"] == normalize_instruction(r["instruction"])
+        assert r["normalized"] == instruction_key(r["instruction"])
     keys = [(r["task_type"], r["normalized"]) for r in rows]
     assert len(set(keys)) == len(keys)
     ids = [r["instruction_id"] for r in rows]
@@ -253,7 +253,7 @@ def instruction_table(per_type: dict[str, int]) -> pa.Table:
             rows.append(
                 {
                     "instruction_id": f"{task_type}-{k + 1:06d}", "task_type": task_type, "instruction": text,
-                    "normalized": normalize_instruction(text), "persona_id": p.persona_id, "persona": p.text,
+                    "normalized": instruction_key(text), "persona_id": p.persona_id, "persona": p.text,
                 }
             )
     return pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)

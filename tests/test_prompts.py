@@ -1,4 +1,5 @@
-"""Prompt templates, placeholder distributions, JSON schemas and output parsing."""
+"""Prompt templates, the task type registry, prompt versions and placeholder distributions (schemas and
+output parsing: ``test_prompt_schemas.py``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import random
 import re
 import string
 
-import jsonschema
 import pytest
 
+from ground.task_types import ALL_TASK_TYPES, BRAINSTORM_TASK_TYPES, DIRECT_TASK_TYPES
 from prompts.placeholders import Choice, PlaceholderSpace
-from prompts.render import OutputInvalid, parse_output, render_brainstorm, render_example
-from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
-from prompts.task_types import TASK_TYPES, check_placeholder_overrides, get_task_type
+from prompts.render import render_brainstorm, render_example
+from prompts.schemas import EXAMPLE_SCHEMAS
+from prompts.task_types import TASK_TYPES, check_placeholder_overrides, get_task_type, spec_table
 
 ALL_TYPES = ("retrieval", "classification", "short_short", "long_long", "sts", "bitext")
 BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
@@ -31,30 +32,6 @@ def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def text_of_length(n: int) -> str:
-    """A non-blank string of exactly ``n`` characters (``n`` >= 1)."""
-    base = ("lorem ipsum dolor sit amet " * (n // 10 + 2)).strip()
-    out = base[:n]
-    if out[-1] == " ":
-        out = out[:-1] + "x"
-    return out
-
-
-def valid_value(schema: dict) -> dict:
-    """A minimal object that satisfies ``schema`` (built from the schema, not from any output)."""
-    value = {}
-    for key, prop in schema["properties"].items():
-        if prop["type"] == "string":
-            value[key] = text_of_length(max(prop.get("minLength", 1), 3))
-        elif prop["type"] == "array":
-            item = prop["items"]
-            value[key] = [text_of_length(max(item.get("minLength", 1), 3)) + f" {i}"
-                          for i in range(prop.get("minItems", 1))]
-        else:  # pragma: no cover - no other types are used
-            raise AssertionError(prop)
-    return value
-
-
 # --- task type registry --------------------------------------------------------------------------
 
 
@@ -62,6 +39,27 @@ def test_registry_has_exactly_the_six_types():
     assert set(TASK_TYPES) == set(ALL_TYPES)
     for name in ALL_TYPES:
         assert get_task_type(name).name == name
+
+
+def test_spec_table_has_ground_names_in_ground_order():
+    """ground/task_types.py owns the names; the spec table here agrees with it, type for type."""
+    assert ALL_TASK_TYPES == ALL_TYPES and BRAINSTORM_TASK_TYPES == BRAINSTORMED and DIRECT_TASK_TYPES == DIRECT
+    assert tuple(TASK_TYPES) == ALL_TASK_TYPES
+    assert {name for name, spec in TASK_TYPES.items() if spec.brainstorms} == set(BRAINSTORM_TASK_TYPES)
+
+
+def test_spec_table_rejects_specs_that_disagree_with_ground():
+    specs = list(TASK_TYPES.values())
+    with pytest.raises(ValueError, match="ALL_TASK_TYPES"):
+        spec_table(specs[:-1])  # one type without a spec
+    with pytest.raises(ValueError, match="ALL_TASK_TYPES"):
+        spec_table([*specs, dataclasses.replace(specs[0], name="poetry")])  # a type ground does not know
+    with pytest.raises(ValueError, match="ALL_TASK_TYPES"):
+        spec_table([*specs, specs[0]])  # a type twice
+    direct_retrieval = dataclasses.replace(TASK_TYPES["retrieval"], brainstorm_template=None)
+    with pytest.raises(ValueError, match="BRAINSTORM_TASK_TYPES"):
+        spec_table([direct_retrieval if spec.name == "retrieval" else spec for spec in specs])
+    assert list(spec_table(specs[::-1])) == list(ALL_TASK_TYPES)  # order from ground, not from the specs
 
 
 def test_unknown_task_type_raises_value_error_naming_it():
@@ -279,7 +277,7 @@ def test_placeholder_sampling_covers_every_value(name):
     draws = [space.sample(rng) for _ in range(3000)]
     for key, choice in space.choices.items():
         seen = {d[key] for d in draws}
-        possible = {v for v, w in zip(choice.values, choice.weights or [1] * len(choice.values)) if w > 0}
+        possible = {v for v, w in zip(choice.values, choice.weights or [1] * len(choice.values), strict=True) if w > 0}
         assert seen == possible, key
     assert all(set(d) == set(space.choices) for d in draws)
 
@@ -309,150 +307,6 @@ def test_placeholder_overrides_only_replace_known_names():
 
 def test_check_placeholder_overrides_names_the_setting_and_the_unknown_placeholder():
     check_placeholder_overrides({"retrieval": {"num_words": [10]}})  # a known name passes
-    with pytest.raises(ValueError, match=r"generation.placeholder_overrides: retrieval has no placeholder 'word_count'"):
+    expected = r"generation.placeholder_overrides: retrieval has no placeholder 'word_count'"
+    with pytest.raises(ValueError, match=expected):
         check_placeholder_overrides({"retrieval": {"word_count": [10]}})
-
-
-# --- schemas -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_example_schema_accepts_valid_object(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    value = valid_value(schema)
-    jsonschema.validate(value, schema)
-    parsed = parse_output(json.dumps(value), schema)
-    assert parsed == value
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_example_schema_rejects_missing_keys(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    for key in schema["properties"]:
-        value = valid_value(schema)
-        del value[key]
-        with pytest.raises(OutputInvalid):
-            parse_output(json.dumps(value), schema)
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_example_schema_rejects_extra_keys(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    value = {**valid_value(schema), "explanation": "I made this up."}
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps(value), schema)
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-@pytest.mark.parametrize("bad", [17, 3.5, None, True, ["a list of words"], {"nested": "object"}])
-def test_example_schema_rejects_wrong_types(name, bad):
-    schema = EXAMPLE_SCHEMAS[name]
-    for key in schema["properties"]:
-        value = {**valid_value(schema), key: bad}
-        with pytest.raises(OutputInvalid):
-            parse_output(json.dumps(value), schema)
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_example_schema_rejects_too_long_strings(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    key, prop = next(iter(schema["properties"].items()))
-    value = {**valid_value(schema), key: text_of_length(prop["maxLength"] + 1)}
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps(value), schema)
-
-
-def test_brainstorm_schema_bounds_the_list():
-    schema = brainstorm_schema(3)
-    ok = ["Retrieve legal precedents for a tenancy dispute.", "Classify tweets by sentiment polarity."]
-    assert parse_output(json.dumps({"tasks": ok}), schema) == {"tasks": ok}
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": []}), schema)
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": ok * 2}), schema)  # 4 > 3
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": ["too short"]}), schema)  # under 10 characters
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": ok, "more": 1}), schema)
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": "Retrieve legal precedents."}), schema)
-
-
-# --- parse_output --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "   ", "not json at all", "{'single': 'quotes'}", '{"user_query": "unterminated', "```json\n{}\n```", None],
-)
-def test_parse_output_rejects_non_json(text):
-    with pytest.raises(OutputInvalid):
-        parse_output(text, EXAMPLE_SCHEMAS["retrieval"])
-
-
-@pytest.mark.parametrize("text", ["[]", '"a string"', "42", "null", "true"])
-def test_parse_output_rejects_json_that_is_not_an_object(text):
-    with pytest.raises(OutputInvalid):
-        parse_output(text, EXAMPLE_SCHEMAS["sts"])
-
-
-def test_output_invalid_is_a_value_error():
-    assert issubclass(OutputInvalid, ValueError)
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_parse_output_strips_whitespace(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    value = valid_value(schema)
-    padded = {k: f"  \n\t{v} \n " for k, v in value.items()}
-    assert parse_output(json.dumps(padded), schema) == value
-
-
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_parse_output_rejects_blank_strings(name):
-    schema = EXAMPLE_SCHEMAS[name]
-    for key, prop in schema["properties"].items():
-        blank = " " * max(prop.get("minLength", 1), 1) + "\n\t"
-        value = {**valid_value(schema), key: blank}
-        with pytest.raises(OutputInvalid, match=key):
-            parse_output(json.dumps(value), schema)
-
-
-def test_parse_output_strips_list_items():
-    schema = brainstorm_schema(4)
-    tasks = ["  Retrieve cooking recipes for a given ingredient.  ", "\tMatch a word with its definition.\n"]
-    assert parse_output(json.dumps({"tasks": tasks}), schema) == {"tasks": [t.strip() for t in tasks]}
-
-
-def test_parse_output_rejects_blank_list_items():
-    """Strings must not be blank: also inside the brainstorm list."""
-    schema = brainstorm_schema(4)
-    tasks = ["Retrieve cooking recipes for a given ingredient.", " " * 12]
-    with pytest.raises(OutputInvalid):
-        parse_output(json.dumps({"tasks": tasks}), schema)
-
-
-PADDABLE = [n for n in ALL_TYPES if any(p.get("minLength", 1) >= 2 for p in EXAMPLE_SCHEMAS[n]["properties"].values())]
-
-
-@pytest.mark.parametrize("name", PADDABLE)
-def test_parse_output_result_satisfies_the_schema_after_stripping(name):
-    """What parse_output returns must itself be valid: padding must not satisfy minLength."""
-    schema = EXAMPLE_SCHEMAS[name]
-    for key, prop in schema["properties"].items():
-        min_len = prop.get("minLength", 1)
-        if min_len < 2:
-            continue
-        short = "x" + " " * (min_len + 5)  # long enough only thanks to trailing spaces
-        value = {**valid_value(schema), key: short}
-        try:
-            parsed = parse_output(json.dumps(value), schema)
-        except OutputInvalid:
-            continue
-        jsonschema.validate(parsed, schema)
-
-
-def test_parse_output_keeps_unicode():
-    schema = EXAMPLE_SCHEMAS["bitext"]
-    value = {"S1": "Der schnelle braune Fuchs.", "S2": "敏捷的棕色狐狸。", "S3": "Быстрая лиса."}
-    assert parse_output(json.dumps(value, ensure_ascii=False), schema) == value

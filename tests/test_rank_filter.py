@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from ground.settings import CleanSettings
-from storage.corpus import DROPPED_SCHEMA
+from storage.schemas import DROPPED_SCHEMA
 from tasks.cleaning.rank_filter import SearchResults, build_index, positive_ranks, rank_filter, search
 
 

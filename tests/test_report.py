@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.catalog import Catalog
-from storage.corpus import DROPPED_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
-from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
+from storage.schemas import (BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, FILTER_COLUMNS, INSTRUCTION_SCHEMA,
+                             MINED_COLUMNS, REJECT_SCHEMA)
 from tasks.cleaning.report import distinct_n, write_report
 
 CREATED = datetime(2024, 5, 1, tzinfo=timezone.utc)

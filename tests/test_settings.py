@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from ground.settings import ALL_TASK_TYPES, Settings, load_settings
+from ground.settings import Settings, load_settings
+from ground.task_types import ALL_TASK_TYPES
 
 QWEN = "Qwen/Qwen2-72B-Instruct"
 

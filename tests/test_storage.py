@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage import atomic
+from storage.atomic import AtomicFiles
+from storage.catalog import Catalog
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
 from storage.shards import (
     RunLocked,
@@ -195,6 +199,64 @@ def test_write_leaves_no_temp_files(store):
     assert leftovers == []
 
 
+# --- the atomic-write helper (storage/atomic.py) -------------------------------------------------
+
+
+def test_atomic_files_rename_nothing_when_the_block_fails(tmp_path):
+    old = tmp_path / "a.txt"
+    old.write_text("old")
+    with pytest.raises(RuntimeError), AtomicFiles() as files:
+        files.temp_for(old).write_text("new")
+        files.temp_for(tmp_path / "sub" / "b.txt").write_text("new")
+        raise RuntimeError("writer failed")
+    assert old.read_text() == "old"
+    assert not (tmp_path / "sub" / "b.txt").exists()
+    assert [p.name for p in tmp_path.rglob("*.tmp-*")] == []
+
+
+def test_atomic_files_pass_the_fault_point_before_each_rename(tmp_path, monkeypatch):
+    targets = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    seen = []  # (point, which targets exist) at each checkpoint
+    monkeypatch.setattr(atomic, "checkpoint", lambda point: seen.append((point, [t.exists() for t in targets])))
+    with AtomicFiles("export.part") as files:
+        for target in targets:
+            files.temp_for(target).write_text(target.name)
+    assert seen == [("export.part", [False, False]), ("export.part", [True, False])]
+    assert [t.read_text() for t in targets] == ["one.txt", "two.txt"]
+
+
+def test_atomic_writers_use_their_fault_points(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(atomic, "checkpoint", seen.append)
+    atomic.atomic_write_bytes(tmp_path / "x.json", b"{}")
+    atomic.atomic_write_parquet(pa.table({"a": [1]}), tmp_path / "x.parquet")
+    with atomic.atomic_path(tmp_path / "y.txt") as tmp:  # no point: no checkpoint
+        tmp.write_text("y")
+    assert seen == ["bytes.tmp", "parquet.tmp"]
+    assert (tmp_path / "x.json").read_bytes() == b"{}" and (tmp_path / "y.txt").read_text() == "y"
+
+
+def test_atomic_write_error_is_a_storage_error_naming_the_file(tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(StorageError, match=r"blocker/x\.json: cannot write"):
+        atomic.atomic_write_bytes(tmp_path / "blocker" / "x.json", b"{}")
+    with pytest.raises(StorageError, match=r"blocker/x\.parquet: cannot write"):
+        atomic.atomic_write_parquet(pa.table({"a": [1]}), tmp_path / "blocker" / "x.parquet")
+
+
+def test_remove_stale_temps_removes_only_those_of_dead_processes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / "a" / f".x.parquet.tmp-{dead_pid}-1"
+    mine = tmp_path / f".y.parquet.tmp-{os.getpid()}-1"
+    parent = tmp_path / f".z.json.tmp-{os.getppid()}-1"
+    for path in (stale, mine, parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    assert atomic.remove_stale_temps(tmp_path) == 1
+    assert not stale.exists() and mine.exists() and parent.exists()
+
+
 # --- checked reads -------------------------------------------------------------------------------
 
 
@@ -296,7 +358,9 @@ def test_list_runs(tmp_path):
     assert list_runs(tmp_path) == []
     RunStore(tmp_path, "b-run").write_run_info({})
     RunStore(tmp_path, "a-run").write_run_info({})
+    (tmp_path / "runs" / "not-a-run.txt").write_text("")
     assert list_runs(tmp_path) == ["a-run", "b-run"]
+    assert Catalog(tmp_path).run_ids() == ["a-run", "b-run"]  # the catalog asks the same listing
 
 
 # --- run ids and locking -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Generated data repeats itself: a model asked many times for "a query about X" answers with the same
 query, or with the same document under a reworded query. Duplicates waste training steps and, worse,
 become false negatives in the in-batch softmax (two rows of one batch with the same positive). This
-module removes them in two passes, both keyed on the *normalized* text (:func:`normalize_array`:
+module removes them in two passes, both keyed on the *normalized* text (:func:`dedup_keys`:
 NFKC, casefold, punctuation and symbols removed, whitespace collapsed):
 
 * :func:`exact_dedup` (DuckDB over the Arrow table): a row whose normalized query equals an earlier
@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 from rensa import RMinHash, RMinHashLSH
 
 from ground.settings import CleanSettings
-from storage.corpus import DROPPED_SCHEMA, StageResult
+from storage.corpus import StageResult
+from storage.schemas import DROPPED_SCHEMA
 
 #: task types whose positive is a document, so an equal positive is a duplicate (not classification)
 DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", "sts", "bitext")
@@ -58,10 +59,13 @@ STAGE_NEAR = "dedup_near"
 # --------------------------------------------------------------------------- normalization
 
 
-def normalize_array(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Array:
-    """Normalized text (NFKC, casefold, punctuation/symbols -> space, collapsed whitespace); nulls stay null.
+def dedup_keys(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Array:
+    """The key each text is deduplicated on: NFKC, casefold, every run of punctuation, symbols and
+    whitespace -> one space, trimmed; nulls stay null. Exact dedup, near dedup and validate's equality
+    and leak checks compare these.
 
-    ``"Hello,   WORLD!"`` and ``"hello world"`` normalize alike; so do full-width and ASCII letters.
+    ``"Hello,   WORLD!"`` and ``"hello world"`` get the same key; so do full-width and ASCII letters.
+    (Brainstormed instructions have their own, gentler key: ``tasks.generation.brainstorm.instruction_key``.)
     """
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
@@ -75,9 +79,9 @@ def normalize_array(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -
     return pc.utf8_trim_whitespace(spaced)
 
 
-def normalize_text(text: str | None) -> str | None:
-    """:func:`normalize_array` for one string."""
-    return normalize_array([text])[0].as_py()
+def dedup_key(text: str | None) -> str | None:
+    """:func:`dedup_keys` of one string."""
+    return dedup_keys([text])[0].as_py()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -161,8 +165,8 @@ def exact_dedup(table: pa.Table) -> StageResult:
         "row_idx": pa.array(np.arange(table.num_rows, dtype=np.int64)),
         "example_id": table.column("example_id"),
         "task_type": table.column("task_type"),
-        "qn": normalize_array(table.column("query")),
-        "pn": normalize_array(table.column("positive")),
+        "qn": dedup_keys(table.column("query")),
+        "pn": dedup_keys(table.column("positive")),
     })
     doc_types = ", ".join(f"'{t}'" for t in DOC_POSITIVE_TYPES)
     con = duckdb.connect()
@@ -281,8 +285,8 @@ def near_dedup(table: pa.Table, cfg: CleanSettings) -> StageResult:
     n = table.num_rows
     example_ids = table.column("example_id").to_pylist()
     task_types = table.column("task_type").to_pylist()
-    qn = normalize_array(table.column("query"))
-    pn = normalize_array(table.column("positive"))
+    qn = dedup_keys(table.column("query"))
+    pn = dedup_keys(table.column("positive"))
     q_len = pc.fill_null(pc.utf8_length(qn), 0).to_numpy(zero_copy_only=False)
     p_len = pc.fill_null(pc.utf8_length(pn), 0).to_numpy(zero_copy_only=False)
 
@@ -348,7 +352,7 @@ def instruction_clusters(instructions: pa.Table, cfg: CleanSettings) -> dict[str
     The number of distinct values is the number of unique instructions."""
     ids = instructions.column("instruction_id").to_pylist()
     types = instructions.column("task_type").to_pylist()
-    texts = normalize_array(instructions.column("instruction")).to_pylist()
+    texts = dedup_keys(instructions.column("instruction")).to_pylist()
     result: dict[str, str] = {}
     by_type: dict[str, list[int]] = {}
     for i, t in enumerate(types):

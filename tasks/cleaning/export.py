@@ -24,8 +24,8 @@ The split is deterministic: every ``example_id`` is hashed with ``cfg.seed`` (BL
 each task type, the ``round(rows * cfg.heldout_fraction)`` rows with the smallest hashes are held
 out, so every task type with at least ``1 / heldout_fraction`` rows has held-out rows, the
 proportion is the same for every type, and the split depends neither on row order nor on other
-task types. Files are streamed to temporary names and renamed when complete, so a crash leaves the
-previous export or none, never half a file.
+task types. The files themselves are written by ``storage.corpus.ExportWriter``: streamed to temporary
+names and renamed when complete, so a crash leaves the previous export or none, never half a file.
 
 ``write_dataset_card(out_dir, result, meta)`` writes the Hugging Face ``README.md`` (YAML front
 matter: license, task categories, configs for the train/held-out files) and
@@ -35,25 +35,21 @@ Hugging Face dataset repository. The token is never printed, logged or put in an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ground.settings import CleanSettings
-from ground.faults import checkpoint
-from storage.shards import atomic_write_bytes
+from storage.atomic import atomic_path, atomic_write_bytes
+from storage.corpus import ExportWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +57,6 @@ SPLITS = ("train", "heldout")
 LICENSE = "cc-by-nc-sa-4.0"  # Persona Hub (proj-persona/PersonaHub) is CC-BY-NC-SA-4.0; the data inherits it
 REQUIRED_COLUMNS = ("example_id", "task_type", "instruction", "query", "positive")
 BATCH_ROWS = 8192
-
-KALM_SCHEMA = pa.schema(
-    [
-        ("query", pa.string()),
-        ("pos", pa.list_(pa.string())),
-        ("neg", pa.list_(pa.string())),
-        ("task_name", pa.string()),
-        ("example_id", pa.string()),
-    ]
-)
-
-
-def st_schema(negatives: int) -> pa.Schema:
-    """sentence-transformers columns: anchor, positive, negative_1..negative_n."""
-    names = ["anchor", "positive"] + [f"negative_{i}" for i in range(1, negatives + 1)]
-    return pa.schema([(name, pa.string()) for name in names])
-
 
 class ExportError(RuntimeError):
     """The input table cannot be exported (the message says why)."""
@@ -171,65 +150,6 @@ def split_mask(example_ids: list[str], task_types: list[str], fraction: float, s
     return mask
 
 
-# --- atomic streaming ---------------------------------------------------------------------------
-class _AtomicOutputs:
-    """Several files written under temporary names and renamed together once all are complete."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[Path, Path]] = []
-
-    def temp_for(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        self._pending.append((tmp, path))
-        return tmp
-
-    def commit(self) -> None:
-        for tmp, _ in self._pending:
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
-        for tmp, path in self._pending:
-            checkpoint("export.part")  # crash tests: a kill between the renames
-            os.replace(tmp, path)
-        self._pending.clear()
-
-    def discard(self) -> None:
-        for tmp, _ in self._pending:
-            tmp.unlink(missing_ok=True)
-        self._pending.clear()
-
-
-@contextlib.contextmanager
-def _split_writers(out_dir: Path, negatives: int) -> Iterator[tuple[dict[str, Any], dict[str, Path]]]:
-    outputs = _AtomicOutputs()
-    files: dict[str, Path] = {}
-    writers: dict[str, Any] = {}
-    handles: list[Any] = []
-    try:
-        for split in SPLITS:
-            files[f"{split}.jsonl"] = out_dir / f"{split}.jsonl"
-            files[f"{split}.parquet"] = out_dir / f"{split}.parquet"
-            files[f"{split}_st.parquet"] = out_dir / f"{split}_st.parquet"
-            jsonl = outputs.temp_for(files[f"{split}.jsonl"]).open("w", encoding="utf-8")
-            handles.append(jsonl)
-            kalm = pq.ParquetWriter(outputs.temp_for(files[f"{split}.parquet"]), KALM_SCHEMA, compression="zstd")
-            handles.append(kalm)
-            st = pq.ParquetWriter(outputs.temp_for(files[f"{split}_st.parquet"]), st_schema(negatives),
-                                  compression="zstd")
-            handles.append(st)
-            writers[split] = {"jsonl": jsonl, "kalm": kalm, "st": st}
-        yield writers, files
-        for handle in handles:
-            handle.close()
-        handles.clear()
-        outputs.commit()
-    finally:
-        for handle in handles:
-            with contextlib.suppress(Exception):
-                handle.close()
-        outputs.discard()
-
-
 def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
     index = batch.schema.get_field_index(name)
     return batch.column(index).to_pylist() if index >= 0 else [None] * batch.num_rows
@@ -255,7 +175,7 @@ def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportR
     neg_hist: dict[str, Counter] = {split: Counter() for split in SPLITS}
     neg_names = [f"negative_{i}" for i in range(1, cap + 1)]
     offset = 0
-    with _split_writers(out_dir, cap) as (writers, files):
+    with ExportWriter(out_dir, SPLITS, cap) as export:
         for batch in table.to_batches(max_chunksize=BATCH_ROWS):
             cols = {name: _column(batch, name) for name in
                     ("example_id", "task_type", "instruction", "query", "positive", "negative", "hard_negatives")}
@@ -281,15 +201,10 @@ def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportR
                 neg_hist[split][len(negs)] += 1
             offset += batch.num_rows
             for split in SPLITS:
-                if not kalm_rows[split]:
-                    continue
-                out = writers[split]
-                out["jsonl"].write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kalm_rows[split]))
-                out["kalm"].write_table(pa.Table.from_pylist(kalm_rows[split], schema=KALM_SCHEMA))
-                out["st"].write_table(pa.Table.from_pylist(st_rows[split], schema=st_schema(cap)))
+                export.write(split, kalm_rows[split], st_rows[split])
     result = ExportResult(
         out_dir=out_dir,
-        files=files,
+        files=export.files,
         counts={split: dict(sorted(counts[split].items())) for split in SPLITS},
         negatives_per_query=cap,
         heldout_fraction=cfg.heldout_fraction,
@@ -477,14 +392,8 @@ def _copy_local(export_dir: Path, dest: Path) -> None:
     for src in sorted(export_dir.rglob("*")):
         if src.is_dir() or src.name.startswith("."):
             continue
-        target = dest / src.relative_to(export_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
+        with atomic_path(dest / src.relative_to(export_dir)) as tmp:
             shutil.copy2(src, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def publish_dataset(export_dir: Path, target: str, token: Any = None) -> str:

@@ -47,8 +47,12 @@ class BrainstormShard:
     requests: tuple[BrainstormRequest, ...]
 
 
-def normalize_instruction(text: str) -> str:
-    """Case-, space- and edge-punctuation-insensitive form used for instruction dedup."""
+def instruction_key(text: str) -> str:
+    """The key brainstormed instructions are deduplicated on (the ``normalized`` column of the instructions).
+
+    Whitespace collapsed and casefolded, punctuation stripped from the ends only: "Retrieve recipes, that ..."
+    stays apart from "Retrieve recipes that ..." (unlike ``tasks.cleaning.dedup.dedup_key`` of the examples).
+    """
     text = " ".join(text.split()).casefold()
     return re.sub(r"^[\W_]+|[\W_]+$", "", text)
 
@@ -138,7 +142,7 @@ def unique_instructions(brainstorm: pa.Table, targets: Mapping[str, int]) -> pa.
         task_type = row["task_type"]
         if task_type not in targets or counts[task_type] >= targets[task_type]:
             continue
-        normalized = normalize_instruction(row["instruction"])
+        normalized = instruction_key(row["instruction"])
         if len(normalized) < 10 or (task_type, normalized) in seen:
             continue
         seen.add((task_type, normalized))

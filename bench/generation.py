@@ -2,22 +2,30 @@
 
 Both sides send the same rendered example prompts (with ``response_format``) at the same number of
 requests in flight. The pipeline side is the real thing: the Prefect ``generate-shard`` tasks inside
-a flow, the schema-validating client, and atomic Parquet shard writes. Trials alternate
-(bare, pipeline, bare, pipeline, ...) to spread machine noise over both. The ratio is printed last.
+a flow, the schema-validating client, and atomic Parquet shard writes. Trials alternate which side
+goes first (bare, pipeline / pipeline, bare / ...) to spread machine noise over both; the median and
+range of each side and of the per-trial ratio (pipeline / bare) are printed last.
 
-    python bench/generation.py --requests 96 --concurrency 16 --trials 2
+    python bench/generation.py --requests 96 --concurrency 16 --trials 3
+    python bench/generation.py --stub          # no LLM server: tests/faults/stub_llm.py's deterministic stub
 
-Needs the LLM server (``embed-factory llm up``) and a Prefect API (started here if none).
+Needs the LLM server (``embed-factory llm up``; 127.0.0.1:8011 for the embedded one) unless ``--stub``;
+uses the configured Prefect API, else a throw-away one for the bench's lifetime. With ``--stub`` the
+answers cost no model time, so the ratio measures the pipeline's own overhead (validation, Prefect
+tasks, shard writes) at its worst; the stub's deliberately invalid answers (one in 9) are turned off
+so both sides get the same work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,15 +34,14 @@ from prefect import flow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embed_factory.prefect_server import resolve_api_url  # noqa: E402
 from ground.settings import load_settings  # noqa: E402
-from flows.generate import run_shards  # noqa: E402
+from llm.client import LLMClient, Sampling  # noqa: E402
 from prompts.render import render_example  # noqa: E402
 from prompts.task_types import TASK_TYPES, get_task_type  # noqa: E402
 from storage.schemas import INSTRUCTION_SCHEMA  # noqa: E402
 from storage.shards import RunStore  # noqa: E402
 from tasks.generation.generate import ExampleShard, example_shard_task, plan_examples, split_targets  # noqa: E402
-from llm.client import LLMClient, Sampling  # noqa: E402
+from tasks.generation.rounds import run_shards  # noqa: E402
 
 INSTRUCTIONS = {
     "retrieval": "Given a question about home gardening, retrieve forum posts that answer it.",
@@ -86,39 +93,71 @@ async def pipeline_flow(base_url: str, model: str, api_key: str, shards: list[Ex
     return client.stats.completion_tokens, elapsed
 
 
+def spread(values: list[float], unit: str) -> str:
+    return f"median {statistics.median(values):8.2f} {unit} (range {min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=96, help="requests per trial and side")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight, both sides")
     parser.add_argument("--shard-size", type=int, default=48)
     parser.add_argument("--shards-in-flight", type=int, default=2)
-    parser.add_argument("--trials", type=int, default=2, help="alternating trials per side")
+    parser.add_argument("--trials", type=int, default=3, help="trials per side, alternating which goes first")
     parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--stub", action="store_true", help="serve tests/faults/stub_llm.py's stub instead")
     args = parser.parse_args()
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
 
     settings = load_settings()
     sampling = Sampling(settings.llm.temperature, settings.llm.top_p, args.max_tokens or settings.llm.max_tokens)
-    base_url, model, key = settings.llm_base_url, settings.llm_model, settings.llm.api_key.get_secret_value()
     shards = bench_plan(args.requests, args.shard_size, settings.generation.seed)
-    api_url = resolve_api_url(settings, print)
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
 
-    bare, pipe = [], []
-    with tempfile.TemporaryDirectory() as tmp, temporary_settings(updates={PREFECT_API_URL: api_url}):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the bench's API
+    configured = settings.prefect.api_url or os.environ.get("PREFECT_API_URL")
+
+    if args.stub:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults"))
+        from stub_llm import StubLLM
+
+        server = StubLLM(invalid_every=0)
+    else:
+        server = nullcontext()
+    # a configured Prefect API, else a throw-away one (SQLite in a temp dir) for this bench only
+    api = temporary_settings(updates={PREFECT_API_URL: configured}) if configured else prefect_test_harness(600)
+    with server as stub, tempfile.TemporaryDirectory() as tmp, api:
+        if stub is not None:
+            base_url, model, key = stub.base_url, stub.model, "EMPTY"
+        else:
+            base_url, model = settings.llm_base_url, settings.llm_model
+            key = settings.llm.api_key.get_secret_value()
+        print(f"server {base_url} ({'stub' if stub is not None else model}), {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        sides = {
+            "bare client": lambda: bare_client(base_url, model, key, shards, sampling, args.concurrency),
+            "pipeline": lambda: pipeline_flow(base_url, model, key, shards, sampling, args.concurrency,
+                                              args.shards_in_flight, tmp),
+        }
         asyncio.run(bare_client(base_url, model, key, shards[:1], sampling, args.concurrency))  # warm-up
+        rates: dict[str, list[float]] = {name: [] for name in sides}
         for trial in range(args.trials):
-            tokens, elapsed = asyncio.run(bare_client(base_url, model, key, shards, sampling, args.concurrency))
-            bare.append(tokens / elapsed)
-            print(f"trial {trial}: bare client  {tokens:6d} tokens in {elapsed:6.1f}s = {bare[-1]:7.1f} tok/s")
-            tokens, elapsed = asyncio.run(pipeline_flow(base_url, model, key, shards, sampling, args.concurrency,
-                                                        args.shards_in_flight, tmp))
-            pipe.append(tokens / elapsed)
-            print(f"trial {trial}: pipeline     {tokens:6d} tokens in {elapsed:6.1f}s = {pipe[-1]:7.1f} tok/s")
+            order = list(sides) if trial % 2 == 0 else list(sides)[::-1]
+            for name in order:
+                tokens, elapsed = asyncio.run(sides[name]())
+                rates[name].append(tokens / elapsed)
+                print(f"trial {trial}: {name:<12} {tokens:6d} tokens in {elapsed:6.1f}s = {rates[name][-1]:8.1f} tok/s",
+                      flush=True)
+    bare, pipe = rates["bare client"], rates["pipeline"]
+    ratios = [p / b for p, b in zip(pipe, bare, strict=True)]
     print(f"requests/trial {args.requests}, concurrency {args.concurrency}, trials {args.trials}, "
-          f"max_tokens {sampling.max_tokens}")
-    print(f"bare client mean {statistics.mean(bare):.1f} tok/s; pipeline mean {statistics.mean(pipe):.1f} tok/s")
-    print(f"ratio pipeline/bare: {statistics.mean(pipe) / statistics.mean(bare):.3f}")
+          f"max_tokens {sampling.max_tokens}, server {'stub' if args.stub else model}, "
+          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"  bare client {spread(bare, 'tok/s')}")
+    print(f"  pipeline    {spread(pipe, 'tok/s')}")
+    print(f"  ratio pipeline/bare: {spread(ratios, 'x')}")
 
 
 if __name__ == "__main__":

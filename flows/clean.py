@@ -1,36 +1,38 @@
 """Flow ``clean``: raw shards → valid → deduped → rank-filtered → mined → export + catalog + report.
 
-Orchestration only: every stage is a function in ``tasks/`` wrapped as a Prefect task here, and
-``storage/`` writes every stage table. A stage whose table exists is not recomputed, so a crashed
-clean run resumes where it stopped; embeddings are cached by text hash across runs.
+Orchestration only. The clean run is the plain list of steps :data:`STAGES`; each step is a few
+calls of ``tasks/cleaning`` functions (as Prefect tasks) and commits its table through
+``storage.corpus.CleanStore``. A step whose commit table exists is skipped, so a crashed clean run
+resumes at its first missing table; embeddings are cached by text hash across runs. Validation
+(per shard) and near-dedup (per task type) map onto the task runner of ``flows/runners.py``.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.task_runners import TaskRunner
 
+from flows.runners import stage_runner
 from ground.faults import checkpoint
 from ground.settings import CleanSettings, Settings, load_settings
-from flows.runners import stage_runner
+from storage.atomic import remove_stale_temps
 from storage.catalog import Catalog
 from storage.corpus import CleanStore, StageResult
-from storage.location import data_root
+from storage.location import StorePath
 from storage.schemas import EXAMPLE_SCHEMA
-from storage.shards import RunStore, list_runs, read_parquet_checked, remove_stale_temps
+from storage.shards import RunStore, list_runs, read_parquet_checked
 from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
-from tasks.cleaning.embed import EmbeddingCache, encode_cached, make_embedder, query_text
+from tasks.cleaning.embed import RankingVectors, embed_for_ranking
 from tasks.cleaning.export import export_corpus, publish_dataset, write_dataset_card
-from tasks.cleaning.negatives import mine_hard_negatives
-from tasks.cleaning.rank_filter import build_index, rank_filter
+from tasks.cleaning.negatives import filter_and_mine
 from tasks.cleaning.report import write_report
 from tasks.cleaning.validate import validate_examples
 
@@ -46,15 +48,10 @@ class CleanSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-# --- thin task wrappers ------------------------------------------------------------------------
+# --- Prefect tasks over the tasks/cleaning functions --------------------------------------------
 @task(name="validate-shard", cache_policy=NO_CACHE, task_run_name="validate-{path.parent.parent.name}-{path.stem}")
 def validate_shard(path, cfg: CleanSettings) -> StageResult:
     return validate_examples(read_parquet_checked(path, EXAMPLE_SCHEMA), cfg)
-
-
-@task(name="dedup-exact", cache_policy=NO_CACHE)
-def dedup_exact(table: pa.Table) -> StageResult:
-    return exact_dedup(table)
 
 
 @task(name="dedup-near", cache_policy=NO_CACHE, task_run_name="dedup-near-{task_type}")
@@ -62,119 +59,151 @@ def dedup_near(task_type: str, part: pa.Table, cfg: CleanSettings) -> StageResul
     return near_dedup_part(part, cfg)
 
 
-@task(name="embed", cache_policy=NO_CACHE)
-def embed(table: pa.Table, cfg: CleanSettings, store: CleanStore) -> dict[str, Any]:
-    """Embed instructed queries and the corpus (unique positives ∪ negatives) once, with the cache."""
-    embedder = make_embedder(cfg)
-    cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))  # fp32 and bf16 vectors kept apart
-    queries = [query_text(i, q) for i, q in zip(table["instruction"].to_pylist(), table["query"].to_pylist())]
-    positives = table["positive"].to_pylist()
-    negatives = [n for n in table["negative"].to_pylist() if n]
-    corpus = list(dict.fromkeys(positives + negatives))
-    position = {text: i for i, text in enumerate(corpus)}
-    return {
-        "query_vecs": encode_cached(queries, embedder, cache),
-        "corpus_texts": corpus,
-        "corpus_vecs": encode_cached(corpus, embedder, cache),
-        "positive_idx": np.array([position[p] for p in positives], dtype=np.int64),
-    }
+dedup_exact = task(exact_dedup, name="dedup-exact", cache_policy=NO_CACHE)
+embed = task(embed_for_ranking, name="embed", cache_policy=NO_CACHE)
+rank_filter_and_mine = task(filter_and_mine, name="rank-filter-and-mine", cache_policy=NO_CACHE)
 
 
-@task(name="rank-filter-and-mine", cache_policy=NO_CACHE)
-def filter_and_mine(table: pa.Table, emb: dict[str, Any], cfg: CleanSettings) -> tuple[StageResult, StageResult]:
-    index = build_index(emb["corpus_vecs"], cfg)
-    filtered, search = rank_filter(table, emb["query_vecs"], emb["corpus_vecs"], emb["positive_idx"], cfg, index)
+# --- the steps -----------------------------------------------------------------------------------
+#: stage tables checked against (and cast to) a schema when read; the others are read as written
+TABLE_SCHEMAS = {"valid": EXAMPLE_SCHEMA, "deduped": EXAMPLE_SCHEMA}
+
+
+@dataclass
+class CleanContext:
+    """What the steps share: the clean run's store and inputs, the runner, and the tables committed so far."""
+
+    settings: Settings
+    store: CleanStore
+    runs: list[str]
+    shard_files: list[StorePath]
+    runner: TaskRunner
+    publish_to: str | None = None
+    vectors: RankingVectors | None = None  # from the embed step, for the filter step
+    _tables: dict[str, pa.Table] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> CleanSettings:
+        return self.settings.clean
+
+    def table(self, stage: str) -> pa.Table:
+        """A committed stage table, read (and checked) once."""
+        if stage not in self._tables:
+            self._tables[stage] = self.store.read_stage(stage, TABLE_SCHEMAS.get(stage))
+        return self._tables[stage]
+
+
+def validate(ctx: CleanContext) -> None:
+    files = ctx.shard_files
+    futures = ctx.runner.map(validate_shard, {"path": files, "cfg": unmapped(ctx.cfg)}) if files else []
+    results = [future.result() for future in futures]
+    ctx.store.write_inputs(ctx.runs)
+    kept = pa.concat_tables([r.kept for r in results]) if results else EXAMPLE_SCHEMA.empty_table()
+    dropped = pa.concat_tables([r.dropped for r in results]) if results else StageResult.dropped_rows([])
+    ctx.store.write_stage("valid", StageResult(kept, dropped), drop_stage="validate")
+
+
+def dedup(ctx: CleanContext) -> None:
+    exact = dedup_exact(ctx.table("valid"))
+    parts = split_by_task_type(exact.kept)
+    futures = ctx.runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()),
+                                          "cfg": unmapped(ctx.cfg)}) if parts else []
+    near = merge_near_parts(exact.kept, [future.result() for future in futures])
+    checkpoint("dedup.done")
+    ctx.store.write_dropped("dedup_exact", exact.dropped)
+    ctx.store.write_stage("deduped", near, drop_stage="dedup_near")
+
+
+def embed_deduped(ctx: CleanContext) -> None:
+    deduped = ctx.table("deduped")
+    if deduped.num_rows == 0:
+        raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
+    ctx.vectors = embed(deduped, ctx.cfg, ctx.store)
+
+
+def filter_and_mine_deduped(ctx: CleanContext) -> None:
     # mining reuses the filter's one search, restricted to the rows it kept
-    mined = mine_hard_negatives(filtered.kept, search.ids, search.scores, emb["corpus_texts"], emb["corpus_vecs"],
-                                emb["positive_idx"][search.rows], cfg)
-    return filtered, mined
+    filtered, mined = rank_filter_and_mine(ctx.table("deduped"), ctx.vectors, ctx.cfg)
+    ctx.store.write_stage("filtered", filtered, drop_stage="rank_filter")
+    ctx.store.write_stage("mined", mined, drop_stage="negatives")
 
 
-# --- the flow ----------------------------------------------------------------------------------
-def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None, publish_to: str | None = None) -> CleanSummary:
-    data_dir = data_root(settings.storage)  # a local folder or an s3:// prefix
-    store = CleanStore(data_dir, clean_id, settings.storage.compression)
-    runs = runs or list_runs(data_dir)
+def export(ctx: CleanContext) -> None:
+    store, cfg = ctx.store, ctx.cfg
+    result = export_corpus(ctx.table("mined"), store.export_dir, cfg)
+    write_dataset_card(store.export_dir, result, {"clean_id": store.clean_id, "runs": ctx.runs,
+                                                  "model": ctx.settings.llm_model,
+                                                  "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2"})
+    checkpoint("export.card")
+    if ctx.publish_to:
+        publish_dataset(store.export_dir, ctx.publish_to, token=os.environ.get("HF_TOKEN"))
+    store.upload_export()  # on S3: the staged export goes up, card last
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its key in CleanSummary.stage_seconds
+    run: Callable[[CleanContext], None]
+    commit: str | None  # the stage table whose existence means this step is done; None: it always runs
+
+
+#: the clean run, in order
+STAGES = (
+    Stage("validate", validate, commit="valid"),
+    Stage("dedup", dedup, commit="deduped"),
+    Stage("embed", embed_deduped, commit="mined"),  # its vectors serve only the next step
+    Stage("filter_and_mine", filter_and_mine_deduped, commit="mined"),
+    Stage("export", export, commit=None),  # rewritten from mined on every run
+)
+
+
+# --- the flow ------------------------------------------------------------------------------------
+def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None,
+              publish_to: str | None = None) -> CleanSummary:
+    store = CleanStore.from_settings(settings, clean_id)
+    runs = runs or list_runs(store.data_dir)
     if not runs:
-        raise ValueError(f"no generation runs under {data_dir}/runs; run `embed-factory run` first")
+        raise ValueError(f"no generation runs under {store.data_dir}/runs; run `embed-factory run` first")
     # the CPU-heavy stages (validation per shard, near-dedup per task type) map onto threads or Dask
     with store.exclusive(), stage_runner(settings.clean) as runner:  # a second `clean` of the same id fails at once
         remove_stale_temps(store.data_dir / "embeddings")  # stale temp files go
-        return _clean_stages(settings, store, runs, publish_to, runner)
+        ctx = CleanContext(settings, store, runs, example_shards(settings, runs), runner, publish_to)
+        return summarize(ctx, run_stages(ctx, STAGES))
 
 
-def _clean_stages(settings: Settings, store: CleanStore, runs: list[str], publish_to: str | None,
-                  runner: TaskRunner) -> CleanSummary:
+def example_shards(settings: Settings, runs: list[str]) -> list[StorePath]:
+    """The example shard files of ``runs``, run by run, each run's in shard order."""
+    return [path for run_id in runs
+            for path in sorted((RunStore.from_settings(settings, run_id).root / "examples").glob("*.parquet"))]
+
+
+def run_stages(ctx: CleanContext, stages: tuple[Stage, ...]) -> dict[str, float]:
+    """Run each step whose commit table is missing; returns the seconds each step that ran took."""
     logger = get_run_logger()
-    cfg = settings.clean
-    data_dir, clean_id = store.data_dir, store.clean_id
     seconds: dict[str, float] = {}
-
-    def timed(name: str, started: float) -> None:
-        seconds[name] = round(time.monotonic() - started, 2)
-        logger.info("stage %s done in %.1fs", name, seconds[name])
-
-    shard_files = [path for run_id in runs for path in sorted((RunStore(data_dir, run_id).root / "examples").glob("*.parquet"))]
-    if not store.has("valid"):
+    for stage in stages:
+        if stage.commit is not None and ctx.store.has(stage.commit):
+            continue
         started = time.monotonic()
-        futures = runner.map(validate_shard, {"path": shard_files, "cfg": unmapped(cfg)}) if shard_files else []
-        results = [future.result() for future in futures]
-        store.write_inputs(runs)
-        kept = pa.concat_tables([r.kept for r in results]) if results else EXAMPLE_SCHEMA.empty_table()
-        dropped = pa.concat_tables([r.dropped for r in results]) if results else StageResult.dropped_rows([])
-        store.write_stage("valid", StageResult(kept, dropped), drop_stage="validate")
-        timed("validate", started)
-    valid = store.read_stage("valid", EXAMPLE_SCHEMA)
+        stage.run(ctx)
+        seconds[stage.name] = round(time.monotonic() - started, 2)
+        logger.info("stage %s done in %.1fs", stage.name, seconds[stage.name])
+    return seconds
 
-    if not store.has("deduped"):
-        started = time.monotonic()
-        exact = dedup_exact(valid)
-        parts = split_by_task_type(exact.kept)
-        futures = runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()),
-                                          "cfg": unmapped(cfg)}) if parts else []
-        near = merge_near_parts(exact.kept, [future.result() for future in futures])
-        checkpoint("dedup.done")
-        store.write_dropped("dedup_exact", exact.dropped)
-        store.write_stage("deduped", near, drop_stage="dedup_near")
-        timed("dedup", started)
-    deduped = store.read_stage("deduped", EXAMPLE_SCHEMA)
 
-    if not store.has("mined"):
-        if deduped.num_rows == 0:
-            raise ValueError(f"no rows survived validation and dedup in {store.root}; nothing to filter")
-        started = time.monotonic()
-        emb = embed(deduped, cfg, store)
-        timed("embed", started)
-        started = time.monotonic()
-        filtered, mined = filter_and_mine(deduped, emb, cfg)
-        store.write_stage("filtered", filtered, drop_stage="rank_filter")
-        store.write_stage("mined", mined, drop_stage="negatives")
-        timed("filter_and_mine", started)
-    mined_table = store.read_stage("mined")
-
-    started = time.monotonic()
-    result = export_corpus(mined_table, store.export_dir, cfg)
-    write_dataset_card(store.export_dir, result, {"clean_id": clean_id, "runs": runs, "model": settings.llm_model,
-                                                  "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2"})
-    checkpoint("export.card")
-    if publish_to:
-        publish_dataset(store.export_dir, publish_to, token=os.environ.get("HF_TOKEN"))
-    export_location = store.upload_export()  # on S3: the staged export goes up, card last
-    timed("export", started)
-
-    catalog = Catalog(data_dir)
+def summarize(ctx: CleanContext, seconds: dict[str, float]) -> CleanSummary:
+    """Refresh the catalog, write the report, and count each table's rows from its footer."""
+    store = ctx.store
+    catalog = Catalog.from_settings(ctx.settings)
     catalog.refresh()
     checkpoint("catalog.refreshed")
-    report = write_report(catalog, clean_id, store.report_path)
-
-    counts = {"raw": sum(store.count(path) for path in shard_files)}
-    dropped_counts: dict[str, int] = {}
+    report = write_report(catalog, store.clean_id, store.report_path)
+    counts = {"raw": sum(store.count(path) for path in ctx.shard_files)}
     for stage in ("valid", "deduped", "filtered", "mined"):
         counts[stage] = store.count(store.stage_path(stage))
-    for path in sorted((store.root / "dropped").glob("*.parquet")):
-        dropped_counts[path.stem] = store.count(path)
-    logger.info("clean %s: %s; dropped %s", clean_id, counts, dropped_counts)
-    return CleanSummary(clean_id, runs, counts, dropped_counts, str(export_location), str(report), seconds)
+    dropped = {path.stem: store.count(path) for path in sorted((store.root / "dropped").glob("*.parquet"))}
+    get_run_logger().info("clean %s: %s; dropped %s", store.clean_id, counts, dropped)
+    return CleanSummary(store.clean_id, ctx.runs, counts, dropped, str(store.export_location), str(report), seconds)
 
 
 @flow(name="clean", flow_run_name="clean-{clean_id}")

@@ -7,8 +7,8 @@ runs it on the process work pool; its nightly cron schedule is registered switch
 ``embed-factory deploy --schedule`` (or ``prefect.pipeline_schedule = true``).
 
 The subflow runs are named ``<stage>-<id> (pipeline)``: the ``finetune`` deployment's trigger (a
-completed ``clean`` flow run starts a fine-tune, ``embed_factory/deploy.py``) skips clean runs whose
-name ends in :data:`SUBFLOW_SUFFIX`, because the pipeline fine-tunes by itself.
+completed ``clean`` flow run starts a fine-tune, ``embed_factory/deployments/finetune_trigger.py``)
+skips clean runs whose name ends in :data:`SUBFLOW_SUFFIX`, because the pipeline fine-tunes by itself.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from ground.settings import TaskTypeName
 from flows.clean import clean
 from flows.finetune import finetune as finetune_flow
 from flows.generate import generate
+from ground.settings import TaskTypeName
 
-#: the end of every subflow run name of a ``pipeline`` run; the finetune trigger (embed_factory/deploy.py)
-#: skips clean runs whose name ends so, since the pipeline fine-tunes by itself
+#: the end of every subflow run name of a ``pipeline`` run; the finetune trigger
+#: (embed_factory/deployments/finetune_trigger.py) skips clean runs whose name ends so: the pipeline fine-tunes itself
 SUBFLOW_SUFFIX = " (pipeline)"
 
 

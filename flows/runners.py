@@ -14,7 +14,7 @@ does not depend on the runner.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner

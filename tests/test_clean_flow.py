@@ -108,14 +108,22 @@ def test_clean_flow_funnel_and_export(prefect_api_url, fixture_runs, monkeypatch
 
 
 def test_clean_resumes_without_redoing_finished_stages(prefect_api_url, fixture_runs):
-    run_clean("c-resume")
+    first = run_clean("c-resume")
+    assert list(first["stage_seconds"]) == ["validate", "dedup", "embed", "filter_and_mine", "export"]
     store = CleanStore(fixture_runs, "c-resume")
-    valid_mtime = store.stage_path("valid").stat().st_mtime_ns
+    mtimes = {stage: store.stage_path(stage).stat().st_mtime_ns for stage in ("valid", "deduped")}
+    mined = store.read_stage("mined")
     store.stage_path("mined").unlink()  # as if it crashed before mining finished
     store.stage_path("filtered").unlink()
     summary = run_clean("c-resume")
-    assert store.stage_path("valid").stat().st_mtime_ns == valid_mtime
+    # only the steps whose table was missing ran again (and the export, which every run rewrites)
+    assert list(summary["stage_seconds"]) == ["embed", "filter_and_mine", "export"]
+    assert {stage: store.stage_path(stage).stat().st_mtime_ns for stage in ("valid", "deduped")} == mtimes
+    assert store.read_stage("mined").equals(mined)
     assert summary["counts"]["mined"] == pq.read_metadata(store.stage_path("mined")).num_rows
+
+    again = run_clean("c-resume")  # everything committed: only the export is rewritten
+    assert list(again["stage_seconds"]) == ["export"] and again["counts"] == summary["counts"]
 
 
 def test_corrupt_shard_stops_with_its_name(prefect_api_url, fixture_runs):

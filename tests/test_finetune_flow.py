@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from ground.settings import CleanSettings, default_sts_dir
+from ground.settings import CleanSettings
 from processes import stop
 from storage.corpus import CleanStore
 from storage.shards import RunStore, now_utc
@@ -111,8 +111,10 @@ def make_generation_run(data_dir: Path, run_id: str, n: int) -> None:
 @pytest.fixture
 def tiny_finetune(data_dir, monkeypatch):
     """Small, fast fine-tune settings (environment, so subprocesses get them too)."""
-    if not (default_sts_dir() / "stsb-en-test.csv").exists():
-        pytest.fail(f"the STS Benchmark is missing: {default_sts_dir()}/stsb-en-test.csv")
+    from tasks.training.evaluate import bundled_sts_dir
+
+    if not (bundled_sts_dir() / "stsb-en-test.csv").exists():
+        pytest.fail(f"the bundled STS Benchmark is missing: {bundled_sts_dir()}/stsb-en-test.csv")
     for key, value in {"STS_LANGUAGES": '["en"]', "STS_MAX_PAIRS": "40", "BATCH_SIZE": "8",
                        "MAX_SEQ_LENGTH": "64", "EVAL_BATCH_SIZE": "32", "HARD_NEGATIVES": "1",
                        "MATRYOSHKA_DIMS": "[256, 64]", "MATRYOSHKA_WEIGHTS": "[1.0, 0.3]"}.items():
@@ -177,6 +179,44 @@ def test_finetune_flow_on_tiny_export(prefect_api_url, tiny_finetune):
     assert not list((data_dir / "models").glob(".*"))
 
 
+def test_model_store_promotes_whole_models_only(tmp_path):
+    from storage.models import ModelStore, PlacedModel
+
+    store = ModelStore(tmp_path)
+    final = store.model_dir("Qwen/Qwen2-0.5B", "c1")
+    assert final == tmp_path / "models" / "Qwen2-0.5B-c1"
+    assert store.model_dir(None, "c1").name == "all-MiniLM-L6-v2-c1"
+
+    with pytest.raises(RuntimeError, match="training failed"), store.staging(final) as staged:
+        (staged.root / "final").mkdir(parents=True)
+        raise RuntimeError("training failed")
+    assert list((tmp_path / "models").iterdir()) == [], "a failed run leaves nothing behind"
+
+    # the trainer wrote into the staging folder: eval.json beside the model, the folder moved into place
+    with store.staging(final) as staged:
+        model = staged.root / "final"
+        model.mkdir(parents=True)
+        (model / "modules.json").write_text("v1")
+        staged.eval_path(model).write_text("{}")
+        placed = staged.promote(model)
+    assert placed == PlacedModel(final / "final", final / "final" / "eval.json")
+    assert (placed.model_dir / "modules.json").read_text() == "v1" and placed.eval_path.exists()
+
+    # it wrote elsewhere: copied into model/ with eval.json at the top; the previous model is replaced
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "modules.json").write_text("v2")
+    with store.staging(final) as staged:
+        assert staged.eval_path(elsewhere) == staged.root / "eval.json"
+        staged.root.mkdir()
+        staged.eval_path(elsewhere).write_text("{}")
+        placed = staged.promote(elsewhere)
+    assert placed == PlacedModel(final / "model", final / "eval.json")
+    assert (final / "model" / "modules.json").read_text() == "v2" and placed.eval_path.exists()
+    assert not (final / "final").exists(), "nothing of the previous model is left"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["Qwen2-0.5B-c1"]
+
+
 def test_no_export_is_a_clear_error(prefect_api_url, data_dir):
     from flows.finetune import FinetuneError, finetune
 
@@ -229,7 +269,7 @@ async def _deployment_with_trigger():
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from embed_factory.deploy import FULL_NAME, TRIGGER_NAME
+    from embed_factory.deployments.finetune_trigger import FULL_NAME, TRIGGER_NAME
 
     async with get_client() as client:
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -35,9 +36,10 @@ import pyarrow.parquet as pq
 from ground import progress
 from ground.compute import bf16_supported, l2_normalize
 from ground.settings import CleanSettings
-from storage.corpus import EMBEDDING_CACHE_SCHEMA, text_hash
+from storage.corpus import CleanStore, text_hash
 from storage.location import as_store_path, parquet_source
-from storage.shards import StorageError, atomic_write_parquet
+from storage.atomic import StorageError, atomic_write_parquet
+from storage.schemas import EMBEDDING_CACHE_SCHEMA
 
 #: texts handed to the embedder per call inside encode_cached (progress granularity; bounds memory)
 ENCODE_CHUNK = 4096
@@ -294,3 +296,32 @@ def encode_cached(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCach
             progress.advance("embed", len(batch))
         cache.add(todo, np.concatenate(blocks))
     return cache.get(hashes)
+
+
+# --- the vectors of a clean run's ranking stages -----------------------------------------------
+@dataclass(frozen=True)
+class RankingVectors:
+    """What the rank filter and negative mining share, embedded once per clean run."""
+
+    query_vecs: np.ndarray  # (rows, dim): each row's instructed query (:func:`query_text`)
+    corpus_texts: list[str]  # the corpus: unique positives, then unique negatives, first occurrence first
+    corpus_vecs: np.ndarray  # (corpus, dim)
+    positive_idx: np.ndarray  # (rows,) int64: each row's positive in the corpus
+
+
+def embed_for_ranking(table: pa.Table, cfg: CleanSettings, store: CleanStore) -> RankingVectors:
+    """Embed instructed queries and the corpus (unique positives ∪ negatives) once, with the cache."""
+    embedder = make_embedder(cfg)
+    cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))  # fp32 and bf16 vectors kept apart
+    instructions, questions = table["instruction"].to_pylist(), table["query"].to_pylist()
+    queries = [query_text(i, q) for i, q in zip(instructions, questions, strict=True)]
+    positives = table["positive"].to_pylist()
+    negatives = [n for n in table["negative"].to_pylist() if n]
+    corpus = list(dict.fromkeys(positives + negatives))
+    position = {text: i for i, text in enumerate(corpus)}
+    return RankingVectors(
+        query_vecs=encode_cached(queries, embedder, cache),
+        corpus_texts=corpus,
+        corpus_vecs=encode_cached(corpus, embedder, cache),
+        positive_idx=np.array([position[p] for p in positives], dtype=np.int64),
+    )

@@ -38,7 +38,10 @@ import pyarrow as pa
 
 from ground.seeding import stable_seed
 from ground.settings import CleanSettings
-from storage.corpus import MINED_COLUMNS, StageResult
+from storage.corpus import StageResult
+from storage.schemas import MINED_COLUMNS
+from tasks.cleaning.embed import RankingVectors
+from tasks.cleaning.rank_filter import build_index, rank_filter
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it
 NEAR_DUP_COSINE = 0.95
@@ -222,3 +225,12 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
         ]
     )
     return StageResult(kept=kept, dropped=dropped)
+
+
+def filter_and_mine(table: pa.Table, vectors: RankingVectors, cfg: CleanSettings) -> tuple[StageResult, StageResult]:
+    """The rank filter, then mining on its one search restricted to the rows it kept: (filtered, mined)."""
+    index = build_index(vectors.corpus_vecs, cfg)
+    filtered, search = rank_filter(table, vectors.query_vecs, vectors.corpus_vecs, vectors.positive_idx, cfg, index)
+    mined = mine_hard_negatives(filtered.kept, search.ids, search.scores, vectors.corpus_texts, vectors.corpus_vecs,
+                                vectors.positive_idx[search.rows], cfg)
+    return filtered, mined

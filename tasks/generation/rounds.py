@@ -1,0 +1,183 @@
+"""The steps of a generation run: persona pool → brainstorm rounds → example and top-up rounds.
+
+Each step plans its rounds from the settings and the shards already committed, skips the shards
+that are complete, and runs the rest (``run_shards``); so a run killed anywhere re-plans the same
+shards when resumed and redoes only what was not committed. ``flows/generate.py`` calls the steps
+in order inside the run's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import get_run_logger
+
+from ground import progress
+from ground.settings import GenerationSettings, PersonaSettings
+from llm.client import LLMClient, Sampling
+from personas.sampling import PersonaSampler
+from personas.sources import Persona, load_personas, read_persona_jsonl
+from prompts.task_types import get_task_type
+from storage.schemas import EXAMPLE_SCHEMA
+from storage.shards import RunStore, read_parquet_checked
+from tasks.generation.brainstorm import (
+    brainstorm_shard_task,
+    deficits,
+    plan_round,
+    unique_instructions,
+)
+from tasks.generation.expand_personas import expand_personas
+from tasks.generation.generate import (
+    count_by_type,
+    example_shard_task,
+    plan_examples,
+    split_targets,
+)
+
+ShardTask = Callable[[RunStore, object, LLMClient, Sampling], Awaitable[object]]
+
+
+@dataclass
+class ShardTally:
+    """Shards this session ran (``written``) and found committed by an earlier session (``skipped``)."""
+
+    written: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class Brainstormed:
+    instructions: pa.Table  # the unique instructions (INSTRUCTION_SCHEMA), as written to instructions.parquet
+    short: dict[str, int]  # instructions still missing per task type after the last round (only types short)
+    max_rounds: int
+
+    @property
+    def warning(self) -> str | None:
+        if not self.short:
+            return None
+        return f"unique instructions short of target after {self.max_rounds} rounds: {self.short}"
+
+
+async def run_shards(shard_task: ShardTask, store: RunStore, shards: Sequence, client: LLMClient, sampling: Sampling,
+                     shards_in_flight: int) -> list:
+    """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client."""
+    gate = asyncio.Semaphore(shards_in_flight)
+
+    async def run(shard):
+        async with gate:
+            return await shard_task(store, shard, client, sampling)
+
+    return await asyncio.gather(*(run(shard) for shard in shards))
+
+
+def before_round(table: pa.Table, round_prefix: str) -> pa.Table:
+    """Rows of the shards of rounds before ``round_prefix`` (shard ids sort by round): all a round's plan may use.
+
+    A run killed mid-round has some of that round's shards; planning from them would re-plan the
+    round differently, so a resumed run would skip or redo other requests than the killed one had.
+    """
+    return table.filter(pc.less(table["shard_id"], round_prefix))
+
+
+def example_targets(gen: GenerationSettings) -> dict[str, int]:
+    """Parsed examples wanted per task type."""
+    return split_targets(gen.examples, gen.task_types)
+
+
+def instruction_targets(gen: GenerationSettings) -> dict[str, int]:
+    """Unique instructions wanted per brainstormed type: ``unique_instructions`` split, else one per example."""
+    brainstormed = [t for t in gen.task_types if get_task_type(t).brainstorms]
+    if gen.unique_instructions:
+        return split_targets(gen.unique_instructions, brainstormed) if brainstormed else {}
+    wanted = example_targets(gen)
+    return {t: wanted[t] for t in brainstormed}
+
+
+def _todo(store: RunStore, kind: str, shards: Sequence, tally: ShardTally) -> list:
+    """The planned shards not yet committed; counts the committed ones as skipped."""
+    todo = [s for s in shards if not store.is_complete(kind, s.shard_id)]
+    tally.skipped += len(shards) - len(todo)
+    return todo
+
+
+async def persona_pool(store: RunStore, cfg: PersonaSettings, client: LLMClient, sampling: Sampling,
+                       seed: int) -> list[Persona]:
+    """The run's personas: read (and expanded, if configured) once, then reused from the run folder."""
+    if store.personas_path.exists():
+        pool = read_persona_jsonl(store.personas_path)
+    else:
+        pool = load_personas(cfg.source, hub_repo=cfg.hub_repo, hub_file=cfg.hub_file,
+                             hub_revision=cfg.hub_revision, limit=cfg.limit)
+        if cfg.expand_rounds:
+            pool = await expand_personas(pool, client, sampling, cfg.expand_rounds, cfg.expand_per_persona, seed)
+        store.write_personas([(x.persona_id, x.text) for x in pool])
+    get_run_logger().info("persona pool: %d personas", len(pool))
+    return pool
+
+
+async def brainstorm_to_targets(store: RunStore, gen: GenerationSettings, sampler: PersonaSampler,
+                                client: LLMClient, sampling: Sampling, tally: ShardTally) -> Brainstormed:
+    """Brainstorm rounds until every brainstormed type has its unique instructions (or the rounds run out)."""
+    logger = get_run_logger()
+    targets = instruction_targets(gen)
+    for round_idx in range(gen.max_brainstorm_rounds):
+        # from earlier rounds' shards only, so a resumed run plans this round exactly as before
+        instructions = unique_instructions(before_round(store.read_kind("brainstorm"), f"b{round_idx:03d}"), targets)
+        missing = deficits(instructions, targets)
+        if not any(missing.values()):
+            break
+        shards = plan_round(round_idx, missing, sampler, gen.instructions_per_brainstorm, gen.shard_size, gen.seed)
+        todo = _todo(store, "brainstorm", shards, tally)
+        progress.add_total("brainstorm", sum(len(s.requests) for s in todo))
+        logger.info("brainstorm round %d: deficits %s, %d shard(s) to run, %d done",
+                    round_idx, missing, len(todo), len(shards) - len(todo))
+        await run_shards(brainstorm_shard_task, store, todo, client, sampling, gen.shards_in_flight)
+        tally.written += len(todo)
+    else:  # the rounds ran out: what every round brought
+        instructions = unique_instructions(store.read_kind("brainstorm"), targets)
+    store.write_instructions(instructions)
+    result = Brainstormed(instructions, {t: n for t, n in deficits(instructions, targets).items() if n},
+                          gen.max_brainstorm_rounds)
+    if result.warning:
+        logger.warning(result.warning)
+    return result
+
+
+def _examples_by_type(store: RunStore, shards: Sequence) -> dict[str, int]:
+    """Examples per task type in the given (committed) example shards."""
+    counts: dict[str, int] = {}
+    for shard in shards:
+        for task_type, n in count_by_type(read_parquet_checked(store.shard_path("examples", shard.shard_id),
+                                                               EXAMPLE_SCHEMA)).items():
+            counts[task_type] = counts.get(task_type, 0) + n
+    return counts
+
+
+async def examples_with_topups(store: RunStore, gen: GenerationSettings, instructions: pa.Table, client: LLMClient,
+                               sampling: Sampling, tally: ShardTally) -> dict[str, int]:
+    """The example round, then top-up rounds for what failed; returns the examples per task type.
+
+    Each round's plan depends only on the counts of the rounds before it, added up from each
+    round's own shards once it is done (no shard is read twice).
+    """
+    logger = get_run_logger()
+    targets = example_targets(gen)
+    have: dict[str, int] = {}
+    for round_idx in range(gen.max_topup_rounds + 1):
+        wanted = targets if round_idx == 0 else {t: max(0, targets[t] - have.get(t, 0)) for t in targets}
+        if not any(wanted.values()):
+            break
+        shards = plan_examples(store.run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size,
+                               gen.placeholder_overrides)
+        todo = _todo(store, "examples", shards, tally)
+        progress.add_total("generate", sum(len(s.requests) for s in todo))
+        logger.info("generation round %d: %d shard(s) to run, %d done", round_idx, len(todo), len(shards) - len(todo))
+        await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight)
+        tally.written += len(todo)
+        for task_type, n in _examples_by_type(store, shards).items():
+            have[task_type] = have.get(task_type, 0) + n
+    return have

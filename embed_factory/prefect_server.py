@@ -11,8 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -21,6 +21,11 @@ from ground.settings import Settings
 
 class PrefectServerError(RuntimeError):
     pass
+
+
+def prefect_ui_url(api_url: str) -> str:
+    """The Prefect UI's address for an API address (``http://host:4200/api`` → ``http://host:4200``)."""
+    return api_url.removesuffix("/api")
 
 
 class LocalPrefectServer:
@@ -35,7 +40,7 @@ class LocalPrefectServer:
 
     @property
     def ui_url(self) -> str:
-        return f"http://{self.settings.prefect.host}:{self.settings.prefect.port}"
+        return prefect_ui_url(self.api_url)
 
     @property
     def pid_file(self) -> Path:

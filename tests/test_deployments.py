@@ -27,7 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embed_factory import deploy
+from embed_factory.deployments import DeployError
+from embed_factory.deployments import project as prefect_yaml
+from embed_factory.deployments.finetune_trigger import clean_completed_trigger
+from embed_factory.deployments.runs import coerce_parameters, parse_param_pairs
 from ground.settings import load_settings
 from processes import start_deploy, stop
 
@@ -54,16 +57,16 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd=ROOT, timeout: float 
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
-def local_specs(**settings_overrides) -> list[deploy.DeploymentSpec]:
+def local_specs(**settings_overrides) -> list[prefect_yaml.DeploymentSpec]:
     settings = load_settings(**settings_overrides)
-    return deploy.load_project(deploy.project_values(settings, ROOT))
+    return prefect_yaml.load_project(prefect_yaml.project_values(settings, ROOT))
 
 
 # --- prefect.yaml, no server ----------------------------------------------------------------------------
 def test_prefect_yaml_passes_prefects_own_model():
     from prefect.cli.deploy._models import PrefectYamlModel  # what `prefect deploy` validates the file with
 
-    raw = yaml.safe_load(deploy.PROJECT_FILE.read_text())
+    raw = yaml.safe_load(prefect_yaml.PROJECT_FILE.read_text())
     model = PrefectYamlModel.model_validate(raw)
     assert [d.name for d in model.deployments] == list(EXPECTED)
     assert {d.name: d.entrypoint for d in model.deployments} == EXPECTED
@@ -97,13 +100,13 @@ def test_pools_schedule_and_pull_step_per_profile(monkeypatch):
     assert local["generate"].pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                              {"directory": str(ROOT)}}]
     production = {s.name: s.work_pool for s in local_specs(profile="production")}
-    assert production == {"generate": "cpu-pool", "clean": "cpu-pool", "finetune": "gpu-pool", "pipeline": "cpu-pool"}
+    assert production == {"generate": "cpu-pool", "clean": "gpu-pool", "finetune": "gpu-pool", "pipeline": "cpu-pool"}
 
     (schedule,) = local["pipeline"].schedules
-    assert schedule["active"] is False and schedule["slug"] == deploy.PIPELINE_SCHEDULE_SLUG
+    assert schedule["active"] is False and schedule["slug"] == prefect_yaml.PIPELINE_SCHEDULE_SLUG
     assert [s for n, s in local.items() if n != "pipeline" and s.schedules] == []
-    assert deploy._schedule(schedule, None)["active"] is False  # off by default
-    switched_on = deploy._schedule(schedule, True)
+    assert prefect_yaml._schedule(schedule, None)["active"] is False  # off by default
+    switched_on = prefect_yaml._schedule(schedule, True)
     assert switched_on["active"] is True and switched_on["schedule"].cron == "0 3 * * *"
 
 
@@ -114,7 +117,7 @@ def test_yaml_trigger_is_the_python_trigger():
     finetune = next(s for s in local_specs() if s.name == "finetune")
     (spec,) = finetune.triggers
     from_yaml = TypeAdapter(DeploymentTriggerTypes).validate_python(spec)
-    assert from_yaml.model_dump() == deploy.clean_completed_trigger().model_dump()
+    assert from_yaml.model_dump() == clean_completed_trigger().model_dump()
 
 
 @pytest.mark.parametrize("run_name, fires", [("clean-c1", True), ("clean-c1 (pipeline)", False)])
@@ -126,9 +129,8 @@ def test_trigger_skips_the_clean_stage_of_a_pipeline(run_name, fires):
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.types._datetime import now
 
-    from flows.pipeline import SUBFLOW_SUFFIX
 
-    python_trigger = deploy.clean_completed_trigger()
+    python_trigger = clean_completed_trigger()
     python_trigger.set_deployment_id(uuid4())
     automation = python_trigger.as_automation()
     trigger = EventTrigger.model_validate(automation.trigger.model_dump())
@@ -155,7 +157,7 @@ def test_trigger_parameters_render_from_the_clean_run(clean_parameters, expected
     from prefect.server.events.actions import RunDeployment
     from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
 
-    parameters = dict(deploy.clean_completed_trigger({"max_steps": 2}).parameters)
+    parameters = dict(clean_completed_trigger({"max_steps": 2}).parameters)
     RunDeployment._upgrade_v1_templates(parameters)  # what the server does with these templates
     context = HydrationContext(raise_on_error=True, render_jinja=True,
                                jinja_context={"flow_run": SimpleNamespace(parameters=clean_parameters)})
@@ -167,29 +169,29 @@ def test_a_placeholder_without_value_is_one_clear_error(tmp_path, monkeypatch):
     project = tmp_path / "prefect.yaml"
     project.write_text("deployments:\n  - name: x\n    entrypoint: flows.clean.clean\n"
                        "    work_pool:\n      name: '{{ $NOT_SET_ANYWHERE }}'\n")
-    with pytest.raises(deploy.DeployError, match=r"deployments\[0\]\.work_pool\.name: .*NOT_SET_ANYWHERE"):
-        deploy.load_project({}, project)
+    with pytest.raises(DeployError, match=r"deployments\[0\]\.work_pool\.name: .*NOT_SET_ANYWHERE"):
+        prefect_yaml.load_project({}, project)
     project.write_text("deployments:\n  - name: x\n    entrypoint: flows/clean.py:clean\n    work_pool: {name: p}\n")
-    with pytest.raises(deploy.DeployError, match="module path entrypoint"):
-        deploy.load_project({}, project)
+    with pytest.raises(DeployError, match="module path entrypoint"):
+        prefect_yaml.load_project({}, project)
 
 
 # --- --param ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline_schema() -> dict:
     spec = next(s for s in local_specs() if s.name == "pipeline")
-    deployment, _ = deploy.build_from_spec(spec)
+    deployment, _ = prefect_yaml.build_from_spec(spec)
     return deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
 
 
 def test_params_are_typed_by_the_schema(pipeline_schema):
-    raw = deploy.parse_param_pairs(["examples=6", "task_types=retrieval,sts", "run_id=123", "finetune=false",
+    raw = parse_param_pairs(["examples=6", "task_types=retrieval,sts", "run_id=123", "finetune=false",
                                     "max_steps=null", "profile=local", "seed=7", 'clean_id="c=1"'])
-    assert deploy.coerce_parameters(raw, pipeline_schema, "pipeline/pipeline") == {
+    assert coerce_parameters(raw, pipeline_schema, "pipeline/pipeline") == {
         "examples": 6, "task_types": ["retrieval", "sts"], "run_id": "123", "finetune": False, "max_steps": None,
         "profile": "local", "seed": 7, "clean_id": "c=1"}
-    raw = deploy.parse_param_pairs(['task_types=["bitext"]'])
-    assert deploy.coerce_parameters(raw, pipeline_schema, "p")["task_types"] == ["bitext"]
+    raw = parse_param_pairs(['task_types=["bitext"]'])
+    assert coerce_parameters(raw, pipeline_schema, "p")["task_types"] == ["bitext"]
 
 
 @pytest.mark.parametrize("pairs, message", [
@@ -204,19 +206,19 @@ def test_params_are_typed_by_the_schema(pipeline_schema):
     (["finetune=maybe"], "parameter finetune: 'maybe' is not of type 'boolean'"),
 ])
 def test_bad_params_are_one_line_errors(pipeline_schema, pairs, message):
-    with pytest.raises(deploy.DeployError) as caught:
-        deploy.coerce_parameters(deploy.parse_param_pairs(pairs), pipeline_schema, "pipeline/pipeline")
+    with pytest.raises(DeployError) as caught:
+        coerce_parameters(parse_param_pairs(pairs), pipeline_schema, "pipeline/pipeline")
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_required_parameter_is_named():
     spec = next(s for s in local_specs() if s.name == "generate")
-    deployment, _ = deploy.build_from_spec(spec)
+    deployment, _ = prefect_yaml.build_from_spec(spec)
     schema = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
-    with pytest.raises(deploy.DeployError, match="parameter run_id is required: add --param run_id=VALUE"):
-        deploy.coerce_parameters({"examples": "3"}, schema, "generate/generate")
-    with pytest.raises(deploy.DeployError, match="parameter examples: 'x' is not integer or null"):
-        deploy.coerce_parameters({"examples": "x"}, schema, "generate/generate")  # type errors first
+    with pytest.raises(DeployError, match="parameter run_id is required: add --param run_id=VALUE"):
+        coerce_parameters({"examples": "3"}, schema, "generate/generate")
+    with pytest.raises(DeployError, match="parameter examples: 'x' is not integer or null"):
+        coerce_parameters({"examples": "x"}, schema, "generate/generate")  # type errors first
 
 
 @pytest.mark.parametrize("command", ["deploy", "trigger"])
@@ -278,7 +280,7 @@ def clean_server(prefect_api_url, monkeypatch):
     """The session's test server, without this file's deployments, pools and runs before and after."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     for name in ("EMBED_FACTORY_PREFECT__WORK_POOL", "EMBED_FACTORY_PREFECT__GPU_WORK_POOL",
-                 "EMBED_FACTORY_PREFECT__PIPELINE_SCHEDULE", deploy.PROJECT_DIR_VAR):
+                 "EMBED_FACTORY_PREFECT__PIPELINE_SCHEDULE", prefect_yaml.PROJECT_DIR_VAR):
         monkeypatch.delenv(name, raising=False)
     asyncio.run(_remove_everything())
     yield prefect_api_url
@@ -288,9 +290,9 @@ def clean_server(prefect_api_url, monkeypatch):
 def test_register_matches_prefect_deploy(clean_server, tmp_path):
     """`prefect deploy --all` on prefect.yaml and register_project register the same deployments."""
     settings = load_settings()
-    deploy.ensure_work_pool("local-pool")
+    prefect_yaml.ensure_work_pool("local-pool")
     env = {"PREFECT_API_URL": clean_server, "EMBED_FACTORY_PREFECT__WORK_POOL": "local-pool",
-           "EMBED_FACTORY_PREFECT__GPU_WORK_POOL": "local-pool", deploy.PROJECT_DIR_VAR: str(tmp_path)}
+           "EMBED_FACTORY_PREFECT__GPU_WORK_POOL": "local-pool", prefect_yaml.PROJECT_DIR_VAR: str(tmp_path)}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT,
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
@@ -299,7 +301,7 @@ def test_register_matches_prefect_deploy(clean_server, tmp_path):
     t_prefect = time.monotonic() - started
 
     started = time.monotonic()
-    registered = deploy.register_project(settings, project_dir=tmp_path)
+    registered = prefect_yaml.register_project(settings, project_dir=tmp_path)
     t_ours = time.monotonic() - started
     ours = asyncio.run(_read_deployments())
     print(f"prefect deploy --all {t_prefect:.1f}s, register_project {t_ours:.1f}s")
@@ -318,9 +320,9 @@ def test_register_matches_prefect_deploy(clean_server, tmp_path):
     assert ours["pipeline"]["schema"]["properties"]["examples"]["description"]
 
     # one flag switches the schedule on (and re-deploying without it switches it off again)
-    deploy.register_project(settings, schedule=True, project_dir=tmp_path)
+    prefect_yaml.register_project(settings, schedule=True, project_dir=tmp_path)
     assert asyncio.run(_read_deployments())["pipeline"]["schedules"] == [("pipeline-nightly", "0 3 * * *", True)]
-    deploy.register_project(settings, project_dir=tmp_path)
+    prefect_yaml.register_project(settings, project_dir=tmp_path)
     assert asyncio.run(_read_deployments())["pipeline"]["schedules"] == [("pipeline-nightly", "0 3 * * *", False)]
 
 
@@ -330,7 +332,7 @@ def test_cli_trigger_user_errors(clean_server, tmp_path):
     assert result.returncode == 1
     assert "no deployment 'pipeline'" in result.stderr
 
-    deploy.register_project(load_settings(), project_dir=tmp_path)
+    prefect_yaml.register_project(load_settings(), project_dir=tmp_path)
     for args, message in [
         (["trigger", "pipelin"], "no deployment 'pipelin'; deployments: clean/clean, finetune/finetune, "
                                  "generate/generate"),

@@ -1,0 +1,116 @@
+"""``embed-factory run``: generate examples of every task type, then clean them into a training corpus."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from uuid import uuid4
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embed_factory.cli.data import clean_flow, print_clean_summary
+from embed_factory.cli.frame import (
+    ConfigOption,
+    ProfileOption,
+    command_frame,
+    fail,
+    load_cli_settings,
+    prefect_at,
+    say,
+    stage_bars,
+    typed,
+)
+from embed_factory.llm_server import EmbeddedLLMServer
+from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
+from ground.task_types import ALL_TASK_TYPES
+from personas.sources import load_personas
+from storage.shards import RunStore
+
+if TYPE_CHECKING:
+    from flows.generate import GenerateSummary
+
+TASK_TYPE_LIST = ", ".join(ALL_TASK_TYPES)
+
+
+def run(
+    examples: int | None = typer.Option(None, "--examples", "-n", min=1,
+                                        help="Target number of parsed examples (default: the profile's)."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Run id; re-use one to resume it (default: new)."),
+    task_types: list[str] | None = typer.Option(None, "--task-type", "-t",
+                                                help=f"Task type(s) to generate: {TASK_TYPE_LIST}."),
+    seed: int | None = typer.Option(None, help="Sampling seed for personas and placeholders."),
+    clean_after: bool = typer.Option(True, "--clean/--no-clean",
+                                     help="Clean all runs into a training corpus after generating."),
+    instructions: int | None = typer.Option(None, "--instructions", min=1,
+                                            help="Target unique brainstormed instructions."),
+    profile: str | None = ProfileOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Generate examples of all 6 task types, then clean them into a training corpus.
+
+    Starts the embedded vLLM and local Prefect servers if needed. Re-use --run-id to resume a run.
+    """
+    settings = load_cli_settings(config, profile)
+    unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
+    if unknown:
+        fail(f"unknown task type(s) {', '.join(unknown)}; choose from {TASK_TYPE_LIST}", 2)
+    with command_frame():  # check cheap inputs before starting any server
+        if settings.personas.source != "hub":
+            load_personas(settings.personas.source, hub_repo="", hub_file="", limit=settings.personas.limit)
+        RunStore.from_settings(settings, run_id or "check")
+    if not settings.uses_embedded_llm:  # a configured endpoint must answer before anything is written
+        from embed_factory.doctor import FAIL, check_llm
+
+        check = check_llm(settings)
+        if check.status == FAIL:
+            fail(f"LLM endpoint: {check.detail}" + (f"; {check.fix}" if check.fix else ""))
+    run_id = run_id or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
+    with command_frame(interrupted=f"interrupted; resume with: embed-factory run --run-id {run_id}"):
+        if settings.uses_embedded_llm:
+            EmbeddedLLMServer(settings.embedded_llm, say).start()
+        api_url = resolve_api_url(settings, say)
+        summary = generate_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile)
+        print_generate_summary(summary, api_url)
+        if clean_after:
+            print_clean_summary(clean_flow(api_url, run_id, None, None, settings.profile))
+
+
+def generate_flow(api_url: str, run_id: str, examples, task_types, seed, instructions, profile) -> GenerateSummary:
+    """Run the generate flow here, its stages as bars; its summary."""
+    from flows.generate import GenerateSummary, generate
+
+    bar = stage_bars(failed=True)
+    say(f"run {run_id}: flow run in the Prefect UI at {prefect_ui_url(api_url)}")
+    with prefect_at(api_url, bar):
+        summary = asyncio.run(generate(run_id=run_id, examples=examples, task_types=task_types, seed=seed,
+                                       unique_instructions=instructions, profile=profile))
+    return typed(GenerateSummary, summary)
+
+
+def print_generate_summary(summary: GenerateSummary, api_url: str) -> None:
+    out = Console()
+    table = Table(title=f"run {summary.run_id}")
+    table.add_column("task type")
+    table.add_column("examples", justify="right")
+    table.add_column("unique instructions", justify="right")
+    for task_type, count in summary.examples_by_type.items():
+        table.add_row(task_type, str(count), str(summary.unique_instructions.get(task_type, "-")))
+    table.add_row("[bold]total", f"[bold]{summary.examples}", "")
+    out.print(table)
+    out.print(f"requests: {summary.requests}  rejects: {summary.rejects} "
+              f"(failure rate {summary.failure_rate:.1%})  completion tokens/s: {summary.tokens_per_s:.1f}  "
+              f"elapsed: {summary.elapsed_s:.0f}s  shards written/skipped: "
+              f"{summary.shards_written}/{summary.shards_skipped}")
+    out.print(f"LLM: {summary.llm_calls} calls, {summary.http_attempts} HTTP attempts, "
+              f"{summary.transport_failures} transport failures ({summary.transport_failure_rate:.1%}), "
+              f"{summary.transport_retries} transport retries, {summary.schema_retries} schema retries")
+    for warning in summary.warnings:
+        out.print(f"[yellow]warning:[/] {warning}")
+    run_dir = summary.run_dir
+    out.print(f"shards: {run_dir}/examples/*.parquet   rejects: {run_dir}/rejects/*.parquet")
+    out.print(f"query:  duckdb -c \"SELECT task_type, count(*) FROM '{run_dir}/examples/*.parquet' GROUP BY 1\"")
+    out.print(f"UI:     {prefect_ui_url(api_url)}/runs")

@@ -1,0 +1,150 @@
+"""The training commands: ``finetune`` (one fine-tune here) and ``serve`` (fine-tune after every clean run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from embed_factory.cli.frame import (
+    ConfigOption,
+    ProfileOption,
+    command_frame,
+    console,
+    load_cli_settings,
+    prefect_at,
+    stage_bars,
+    say,
+    typed,
+)
+from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
+
+if TYPE_CHECKING:
+    from flows.finetune import FinetuneSummary
+
+
+def finetune(
+    clean_id: str | None = typer.Option(None, "--clean-id",
+                                        help="Clean run whose export to train on "
+                                             "(default: the latest with an export)."),
+    base_model: str | None = typer.Option(None, "--base-model",
+                                          help="Model folder (or a model already in the Hugging Face cache) to "
+                                               "start from (default: finetune.base_model, else the bundled "
+                                               "all-MiniLM-L6-v2)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1,
+                                         help="Stop training after this many optimizer steps "
+                                              "(default: one epoch)."),
+    profile: str | None = ProfileOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Fine-tune an embedding model on a clean run's export; evaluate it on STS before and after.
+
+    Writes the model (sentence-transformers format, with its model card) and eval.json (before, after, delta) to <data_dir>/models/<model>-<clean_id>/, and prints the STS Spearman (and held-out nDCG@10) before/after/delta per Matryoshka dimension. Starts the local Prefect server if needed.
+    """  # noqa: E501 (typer keeps line breaks: one paragraph, one line)
+    from flows.finetune import FinetuneSummary, check_base_model, local_data_dir, resolve_export
+    from flows.finetune import finetune as finetune_flow
+
+    settings = load_cli_settings(config, profile)
+    with command_frame(interrupted="interrupted; nothing was moved into place"):  # FinetuneError is a ValueError
+        resolved_id, _, _ = resolve_export(local_data_dir(settings), clean_id)  # cheap checks before any server
+        check_base_model(base_model or settings.finetune.base_model)
+        api_url = resolve_api_url(settings, say)
+        say(f"fine-tuning on clean run {resolved_id}; flow run in the Prefect UI at {prefect_ui_url(api_url)}")
+        with prefect_at(api_url, stage_bars()):  # evaluation and training steps as bars
+            summary = finetune_flow(clean_id=resolved_id, base_model=base_model, max_steps=max_steps,
+                                    profile=settings.profile)
+    print_finetune_summary(typed(FinetuneSummary, summary))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_delta(value) -> str:
+    if value is None:
+        return "-"
+    colour = "green" if value > 0 else "red" if value < 0 else "white"
+    return f"[{colour}]{value:+.4f}[/]"
+
+
+def print_finetune_summary(summary: FinetuneSummary) -> None:
+    """Before/after/delta per Matryoshka dimension, then the training figures and where the model is."""
+    out = Console()
+    before, after, change = summary.before, summary.after, summary.delta  # the metrics as eval.json has them
+    sts_b, sts_a = (before.get("sts") or {}), (after.get("sts") or {})
+    langs = sts_a.get("languages") or []
+    what = (f"STS Spearman ({langs[0]})" if len(langs) == 1 else f"STS Spearman (mean of {', '.join(langs)})")
+    has_ret = bool(change.get("retrieval"))
+    if has_ret:
+        what += " and held-out nDCG@10"
+    table = Table(title=f"{summary.base_model} fine-tuned on {summary.clean_id}: {what}")
+    table.add_column("dim", justify="right")
+    for col in ("before", "after", "delta"):
+        table.add_column(f"STS {col}", justify="right")
+    if has_ret:
+        for col in ("before", "after", "delta"):
+            table.add_column(f"nDCG {col}", justify="right")
+    spear_b = (sts_b.get("spearman") or {}).get("mean", {})
+    spear_a = (sts_a.get("spearman") or {}).get("mean", {})
+    spear_d = (change.get("sts") or {}).get("mean", {})
+    dims = [str(d) for d in after.get("dims") or sorted({*spear_a}, key=int, reverse=True)]
+    for dim in dims:
+        row = [dim, _fmt(spear_b.get(dim)), _fmt(spear_a.get(dim)), _fmt_delta(spear_d.get(dim))]
+        if has_ret:
+            rb = ((before.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
+            ra = ((after.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
+            rd = (change.get("retrieval") or {}).get(dim, {})
+            row += [_fmt(rb.get("ndcg@10")), _fmt(ra.get("ndcg@10")), _fmt_delta(rd.get("ndcg@10"))]
+        table.add_row(*row)
+    out.print(table)
+    if len(langs) > 1:
+        per_lang = {lang: v for lang, v in (change.get("sts") or {}).items() if lang != "mean"}
+        top = dims[0] if dims else None
+        if top:
+            out.print("STS delta per language at dim " + top + ": "
+                      + ", ".join(f"{lang} {v.get(top, 0) or 0:+.4f}" for lang, v in per_lang.items()))
+    tr = summary.train
+    out.print(f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
+              f"{tr['train_seconds'] or 0:.0f}s, loss {_fmt(tr.get('loss_start'))} → {_fmt(tr.get('loss_end'))} "
+              f"(mean of the first and last {tr.get('loss_window') or 1} logged steps)")
+    out.print(f"model: {summary.model_dir}")
+    out.print(f"eval:  {summary.eval_path}")
+
+
+def serve(
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1,
+                                         help="Cap the training steps of every run this deployment starts."),
+    base_model: str | None = typer.Option(None, "--base-model",
+                                          help="Base model of every run this deployment starts "
+                                               "(default: finetune.base_model)."),
+    limit: int = typer.Option(1, "--limit", min=1, help="Fine-tunes that may run at once on this machine."),
+    work_pool: str | None = typer.Option(None, "--work-pool",
+                                         help="Instead of serving here, register the deployment and its trigger on "
+                                              "this work pool and exit (production: gpu-pool, whose worker runs "
+                                              "the fine-tunes)."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Serve the finetune/finetune deployment: a fine-tune starts whenever a `clean` flow run completes.
+
+    Its trigger listens for prefect.flow-run.Completed events of the flow `clean` and fine-tunes on that clean run's export (its clean_id). Runs execute on this machine, one at a time by default; Ctrl-C stops serving. Start one by hand with: prefect deployment run 'finetune/finetune' [-p clean_id=ID]. Starts the local Prefect server if needed.
+    """  # noqa: E501 (typer keeps line breaks: one paragraph, one line)
+    from embed_factory.deployments.finetune_trigger import FULL_NAME, register_finetune
+    from embed_factory.deployments.serving import serve_finetune
+    from flows.finetune import check_base_model
+
+    settings = load_cli_settings(config)
+    parameters = {"max_steps": max_steps, "base_model": base_model}
+    with command_frame(stopped="stopped serving"):
+        check_base_model(base_model)
+        api_url = resolve_api_url(settings, say)
+        with prefect_at(api_url):
+            if work_pool:
+                deployment_id = register_finetune(settings, work_pool, parameters)
+                console.print(f"[green]registered[/] {FULL_NAME} ({deployment_id}) on work pool {work_pool!r} with "
+                              f"its trigger; a worker runs it: prefect worker start --pool {work_pool}")
+                return
+            say(f"serving {FULL_NAME} (trigger: flow `clean` Completed); UI {prefect_ui_url(api_url)}; Ctrl-C stops")
+            serve_finetune(settings, parameters, limit=limit)

@@ -26,13 +26,13 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ground.settings import load_settings  # noqa: E402
 from flows.finetune import FinetuneError, check_base_model, resolve_export  # noqa: E402
+from ground.settings import load_settings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
 
     def evaluate(path):
-        """On a GPU: the model on the GPU, fp32 (fast, both sides alike); on the CPU: tasks.training.evaluate's default."""
+        """On a GPU: the model on the GPU, fp32 (fast, both sides alike); on the CPU: tasks.training.evaluate's
+        default."""
         if not on_gpu:
             return evaluate_model(path, cfg, heldout_path)
         from tasks.training.evaluate import load_model
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train_embedding_model(train_path, out_dir, cfg)
         print(f"trained: {result.steps} steps, {result.samples} samples in {result.train_seconds:.1f}s "
               f"({result.epochs:.2f} epochs, {result.device}, {result.precision}"
-              f"{', gradient checkpointing' if result.device == 'cuda' else ''}); loss "
-              f"{result.first_loss:.4f} -> {result.last_loss:.4f}")
+              f"{', gradient checkpointing' if result.gradient_checkpointing else ''}); loss "
+              f"{result.loss_start:.4f} -> {result.loss_end:.4f} (mean of the first and last {result.loss_window} "
+              "steps)")
         after = evaluate(str(result.model_dir))
     print(f"after:  STS-B en Spearman ({after['sts']['pairs']['en']} pairs, {after['precision']}, "
           f"{after['seconds']:.1f}s)  {fmt_dims(after['sts']['spearman']['en'])}")
@@ -139,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
 
     record = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "clean_id": clean_id, "train_rows": rows, "device": device, "torch": torch.__version__,
         "steps": result.steps, "batch_size": args.batch_size, "samples": result.samples,
         "rows_per_step": result.samples / result.steps if result.steps else None,
         "train_seconds": result.train_seconds, "samples_per_s": result.samples_per_s,
-        "precision": result.precision, "losses": result.losses,
+        "precision": result.precision, "losses": result.losses, "loss_start": result.loss_start,
+        "loss_end": result.loss_end, "loss_window": result.loss_window,
         "before": before, "after": after, "delta": change, "total_seconds": total,
     }
     out = Path(__file__).resolve().parent / "results" / f"finetune-{datetime.now():%Y%m%d-%H%M%S}.json"

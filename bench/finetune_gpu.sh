@@ -19,7 +19,7 @@
 #   OUT             if set, the results JSON is copied there as well
 #
 # Nothing is downloaded: HF_HUB_OFFLINE=1, weights come from the bundled package or MODEL_DIR, the
-# STS Benchmark from ../shared/data/stsb-multi-mt (or EMBED_FACTORY_STS_DIR), the training data
+# STS Benchmark bundled in tasks/training/data/stsb-multi-mt (or finetune.sts_dir), the training data
 # from data/clean/<clean_id>/export (copy data/clean/<id>/export over if the machine has none).
 set -euo pipefail
 

@@ -20,9 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-TaskTypeName = Literal["retrieval", "classification", "short_short", "long_long", "sts", "bitext"]
-ALL_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_short", "long_long", "sts", "bitext")
-BRAINSTORM_TASK_TYPES: tuple[str, ...] = ("retrieval", "classification", "short_short", "long_long")
+from ground.task_types import ALL_TASK_TYPES, TaskTypeName
 
 DEFAULT_CONFIG_FILE = "embed-factory.toml"
 
@@ -74,6 +72,8 @@ class EmbeddedLLMSettings(Section):
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_gib: int = Field(2, ge=1)
     startup_timeout_s: float = Field(900, gt=0)
+    # the longest silence while setting up (pip, GGUF conversion, waiting for /health): one status line this often
+    progress_interval_s: float = Field(5.0, gt=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     @property
@@ -142,6 +142,14 @@ class PersonaSettings(Section):
     hub_file: str = "persona.jsonl"
     hub_revision: str | None = None
     limit: int | None = Field(None, ge=1)  # read at most this many personas
+    # a bad line (not UTF-8, not JSON, no "persona") refuses the file; true: skip it and count it
+    skip_bad_lines: bool = False
+    # The persona is the brainstorm system prompt: max_model_len 2048 - brainstorm_max_tokens 320 - the longest
+    # brainstorm prompt (160 tokens) leaves 1,568 tokens for it. SmolLM2's tokenizer needs 1.8 tokens per
+    # Chinese or Japanese character (English 0.2, Russian 0.75, Arabic 0.9), so 800 characters fit in each of
+    # them (tests/test_personas.py checks it with the real tokenizer); 5x the longest bundled persona. None: no limit.
+    max_chars: int | None = Field(800, ge=50)
+    too_long: Literal["truncate", "skip"] = "truncate"  # what happens to a persona over max_chars (counted)
     expand_rounds: int = Field(0, ge=0)  # persona-to-persona expansion rounds before generation
     expand_per_persona: int = Field(2, ge=1, le=10)
 
@@ -204,6 +212,8 @@ class CleanSettings(Section):
     # ranking-consistency filter
     rank_top_k: int = Field(50, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
+    #: exact search's device: "auto" = faiss-gpu if importable, else CUDA torch if present, else the CPU
+    search_device: Literal["auto", "cpu", "cuda"] = "auto"
     ivf_nlist: int = Field(1024, ge=1)
     ivf_nprobe: int = Field(32, ge=1)
     hnsw_m: int = Field(32, ge=4)
@@ -222,11 +232,6 @@ class CleanSettings(Section):
     dask_workers: int = Field(2, ge=1)  # the LocalCluster's worker processes (one thread each)
 
 
-def default_sts_dir() -> Path:
-    """The STS Benchmark (11 languages) beside the checkout: ../shared/data/stsb-multi-mt."""
-    return Path(os.environ.get("EMBED_FACTORY_STS_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb-multi-mt"))
-
-
 class FinetuneSettings(Section):
     """Downstream fine-tuning (KaLM defaults) and its evaluation."""
 
@@ -243,10 +248,13 @@ class FinetuneSettings(Section):
     max_seq_length: int = Field(128, ge=16)  # 256 with 7 negatives at batch 32 needs > 16 GB on CPU
     hard_negatives: int = Field(7, ge=0)  # per query, from the export's neg list
     seed: int = 42
+    bf16: bool | None = None  # bf16 autocast while training; None: on a CUDA GPU with bf16 or a CPU with native bf16
+    gradient_checkpointing: bool | None = None  # None: on a CUDA GPU (trades speed for memory)
     # evaluation
-    sts_dir: Path = Field(default_factory=default_sts_dir)
+    sts_dir: Path | None = None  # None: the STS Benchmark test split bundled with tasks.training (11 languages)
     sts_languages: list[str] = ["en", "de", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh"]
-    sts_max_pairs: int | None = Field(None, ge=1)  # per language; None: the whole test split
+    # pairs per language, a seeded sample (the same pairs before and after); None: the whole split (1,379)
+    sts_max_pairs: int | None = Field(200, ge=1)
     eval_batch_size: int = Field(64, ge=1)
 
     @field_validator("matryoshka_weights")
@@ -338,7 +346,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shards_in_flight": 8,
         },
         "personas": {"source": "hub"},
-        "finetune": {"base_model": "Qwen/Qwen2-0.5B", "max_seq_length": 512},
+        "finetune": {"base_model": "Qwen/Qwen2-0.5B", "max_seq_length": 512, "sts_max_pairs": None},
         "prefect": {"api_url": "http://prefect-server:4200/api", "work_pool": "cpu-pool", "gpu_work_pool": "gpu-pool"},
     },
 }

@@ -139,7 +139,7 @@ STS_C2 = [9.99, 7.75, 5.0, 0.1]
 
 def sts_fixture(tmp_path: Path, lang: str = "en", reverse: bool = False):
     vectors, rows = {}, []
-    for i, (b2, c2) in enumerate(zip(STS_B2, STS_C2)):
+    for i, (b2, c2) in enumerate(zip(STS_B2, STS_C2, strict=True)):
         s1, s2 = f"{lang} first {i}", f"{lang} second {i}"
         vectors[s1] = [1.0, 0.0, 0.0, 0.0]
         vectors[s2] = [1.0, math.sqrt(b2), math.sqrt(c2), 0.0]
@@ -168,15 +168,88 @@ def test_evaluate_sts_per_dim_with_designed_vectors(tmp_path):
     assert info["pairs"] == {"en": 4, "de": 4} and info["texts"] == 16 and info["dims"] == [4, 2]
 
 
-def test_evaluate_sts_max_pairs_takes_the_first_pairs(tmp_path):
-    vectors = sts_fixture(tmp_path)
-    model = FakeModel(vectors)
+def test_evaluate_sts_max_pairs_is_a_seeded_sample_in_file_order(tmp_path):
+    rows = [[f"a{i}", f"b{i}", str(i % 6)] for i in range(50)]
+    write_csv(tmp_path / "sts" / "stsb-en-test.csv", rows)
+    write_csv(tmp_path / "sts" / "stsb-de-test.csv", [[f"de {a}", f"de {b}", score] for a, b, score in rows])
+    s1, s2, scores = load_sts(tmp_path / "sts", "en", max_pairs=10, seed=7)
+    picked = [int(t[1:]) for t in s1]
+    assert len(picked) == 10 and picked == sorted(picked) and len(set(picked)) == 10  # file order, no repeats
+    assert s2 == [f"b{i}" for i in picked] and scores.tolist() == [float(i % 6) for i in picked]
+    assert picked != list(range(10))  # a sample over the file, not its head (STS-B is ordered by genre)
+    # the same pairs on every call (before and after fine-tuning) and in every (row-aligned) language
+    assert load_sts(tmp_path / "sts", "en", max_pairs=10, seed=7)[0] == s1
+    assert load_sts(tmp_path / "sts", "de", max_pairs=10, seed=7)[0] == [f"de {t}" for t in s1]
+    assert load_sts(tmp_path / "sts", "en", max_pairs=10, seed=8)[0] != s1
+    # None, or at least the file's size: the whole file
+    assert load_sts(tmp_path / "sts", "en", max_pairs=None)[0] == [f"a{i}" for i in range(50)]
+    assert load_sts(tmp_path / "sts", "en", max_pairs=50, seed=7)[0] == [f"a{i}" for i in range(50)]
+    with pytest.raises(ValueError, match="at least 1"):
+        load_sts(tmp_path / "sts", "en", max_pairs=0)
+
+    # evaluate_sts samples with cfg.seed: exactly the pairs load_sts gives
+    model = FakeModel({t: [1.0, float(len(t))] for row in rows for t in row[:2]})
     info = {}
-    evaluate_sts(model, cfg_for(tmp_path, sts_max_pairs=2), info=info)
-    assert info["pairs"] == {"en": 2}
-    assert sorted(model.calls[0]) == sorted(["en first 0", "en second 0", "en first 1", "en second 1"])
-    s1, s2, scores = load_sts(tmp_path / "sts", "en", max_pairs=3)
-    assert s1 == ["en first 0", "en first 1", "en first 2"] and scores.tolist() == [0.0, 1.0, 2.0]
+    evaluate_sts(model, cfg_for(tmp_path, sts_max_pairs=10, seed=7), info=info)
+    assert info["pairs"] == {"en": 10}
+    assert sorted(model.calls[0]) == sorted([*s1, *s2])
+
+
+def test_sts_dir_none_is_the_bundled_benchmark_with_its_license(tmp_path):
+    cfg = FinetuneSettings()
+    assert cfg.sts_dir is None and ev.sts_dir_for(cfg) == ev.bundled_sts_dir()
+    assert ev.sts_dir_for(FinetuneSettings(sts_dir=tmp_path)) == tmp_path
+    bundled = ev.bundled_sts_dir()
+    assert bundled.is_relative_to(Path(ev.__file__).resolve().parent)  # inside the package, not beside the checkout
+    for lang in cfg.sts_languages:
+        s1, _, scores = load_sts(bundled, lang)
+        assert len(s1) == 1379 and 0 <= scores.min() and scores.max() <= 5, lang
+    assert "CC BY-SA" in (bundled / "README.md").read_text() + (bundled / "LICENSE").read_text()
+    assert "Philip May" in (bundled / "LICENSE").read_text()
+
+
+def test_local_profile_samples_the_sts_pairs_production_scores_whole_splits():
+    from ground.settings import load_settings
+
+    assert load_settings(profile="local").finetune.sts_max_pairs == 200
+    assert load_settings(profile="production").finetune.sts_max_pairs is None
+
+
+def test_encoding_reports_progress_per_chunk_and_keeps_the_order(tmp_path, monkeypatch):
+    from ground import progress
+
+    reports = []
+
+    class Listener:
+        def add_total(self, stage, n):
+            reports.append(("total", stage, n))
+
+        def advance(self, stage, n=1, ok=True):
+            reports.append(("advance", stage, n))
+
+    monkeypatch.setattr(ev, "_ENCODE_CHUNK_BATCHES", 2)
+    texts = [f"text {'x' * (i % 7)} {i}" for i in range(23)]
+    model = FakeModel({t: [float(i + 1), 1.0] for i, t in enumerate(texts)})
+    remove = progress.add_listener(Listener())
+    try:
+        vectors = encode(model, [*texts, texts[0]], batch_size=3, stage="evaluate")  # one duplicate
+    finally:
+        remove()
+    # 23 unique texts in chunks of 2 batches x 3 = 6, longest first; one report per chunk
+    assert [len(call) for call in model.calls] == [6, 6, 6, 5]
+    assert [len(t) for call in model.calls for t in call] == sorted((len(t) for t in texts), reverse=True)
+    assert reports == [("total", "evaluate", 23)] + [("advance", "evaluate", n) for n in (6, 6, 6, 5)]
+    expected = np.asarray([[i + 1, 1.0] for i in range(23)], dtype=np.float32)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(vectors[:23], expected) and np.allclose(vectors[23], expected[0])
+    # no stage: no reports
+    reports.clear()
+    remove = progress.add_listener(Listener())
+    try:
+        encode(FakeModel(model.vectors), texts, batch_size=3)
+    finally:
+        remove()
+    assert reports == []
 
 
 def test_missing_sts_file_names_the_file(tmp_path):
@@ -229,7 +302,8 @@ def heldout_fixture(tmp_path: Path) -> tuple[Path, dict[str, list[float]]]:
         "sn": [0.1, 1.0, 0.0, 0.0],
     }
     rows = [
-        {"query": "Instruct: find\nQuery: q1", "pos": ["p1"], "neg": ["n1"], "task_name": "retrieval", "example_id": "e1"},
+        {"query": "Instruct: find\nQuery: q1", "pos": ["p1"], "neg": ["n1"], "task_name": "retrieval",
+         "example_id": "e1"},
         {"query": "Instruct: find\nQuery: q2", "pos": ["p2a", "p2b"], "neg": ["n2", "n1"], "task_name": "retrieval",
          "example_id": "e2"},
         {"query": "Instruct: sts\nQuery: s", "pos": ["sp"], "neg": ["sn"], "task_name": "sts", "example_id": "e3"},
@@ -316,9 +390,7 @@ def test_evaluate_model_delta_and_save(tmp_path):
 
 
 def test_real_minilm_smoke_on_20_english_pairs():
-    cfg = FinetuneSettings(sts_languages=["en"], sts_max_pairs=20)
-    if not ev.sts_file(cfg.sts_dir, "en").is_file():
-        pytest.skip(f"STS Benchmark not at {cfg.sts_dir}")
+    cfg = FinetuneSettings(sts_languages=["en"], sts_max_pairs=20)  # the bundled benchmark
     result = evaluate_model(None, cfg, bf16=False)
     assert result["width"] == 384 and result["dims"] == [384, 256, 128, 64]
     assert result["sts"]["pairs"] == {"en": 20}

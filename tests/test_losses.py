@@ -89,7 +89,7 @@ def hand_loss(emb, dims, weights, scale=100.0, hard_negatives=True):
     """InfoNCE at temperature 1/scale over in-batch positives + every row's hard negatives, per dim."""
     emb = emb if hard_negatives else emb[:2]
     total = torch.tensor(0.0)
-    for dim, weight in zip(dims, weights):
+    for dim, weight in zip(dims, weights, strict=True):
         cut = [F.normalize(e[:, :dim].float(), dim=-1) for e in emb]
         queries, docs = cut[0], torch.cat(cut[1:], dim=0)  # docs: P_1..P_B, N1_1..N1_B, N2_1..N2_B
         logits = scale * queries @ docs.T

@@ -15,7 +15,13 @@ import torch  # noqa: E402
 
 from ground.settings import FinetuneSettings  # noqa: E402
 from tasks.training.train import (  # noqa: E402
-    CARD_SECTION, TrainResult, load_base_model, load_training_rows, train_embedding_model,
+    CARD_SECTION,
+    TrainResult,
+    load_base_model,
+    load_training_rows,
+    smoothed_losses,
+    train_embedding_model,
+    training_precision,
 )
 
 TASKS = {
@@ -100,6 +106,28 @@ def test_plain_transformers_folder_gets_mean_pooling(tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_smoothed_losses_average_a_tenth_of_the_steps_at_each_end():
+    losses = [5.0, 3.0, 9.0, 1.0, 2.0, 2.0, 4.0, 0.5, 1.5, 7.0, 1.0, 3.0, 6.0, 2.0, 0.0, 4.0, 8.0, 1.0, 2.0, 3.0, 0.0]
+    start, end, window = smoothed_losses(losses)  # 21 steps: ceil(2.1) = 3 at each end
+    assert window == 3 and start == pytest.approx((5 + 3 + 9) / 3) and end == pytest.approx((2 + 3 + 0) / 3)
+    assert smoothed_losses([2.0, 4.0]) == (2.0, 4.0, 1)  # at least one step
+    assert smoothed_losses([1.0, 2.0, 3.0, 4.0], share=0.5) == (1.5, 3.5, 2)
+    assert smoothed_losses([]) == (None, None, 0)
+
+
+def test_training_precision_follows_the_settings_else_the_machine(monkeypatch):
+    import tasks.training.train as train_module
+
+    monkeypatch.setattr(train_module, "bf16_supported", lambda: True)
+    assert training_precision(FinetuneSettings(), on_gpu=False) == (True, False)  # CPU with native bf16
+    monkeypatch.setattr(train_module, "bf16_supported", lambda: False)
+    assert training_precision(FinetuneSettings(), on_gpu=False) == (False, False)
+    assert training_precision(FinetuneSettings(bf16=True, gradient_checkpointing=True), on_gpu=False) == (True, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training_precision(FinetuneSettings(), on_gpu=True) == (True, True)  # a CUDA GPU: both
+    assert training_precision(FinetuneSettings(bf16=False, gradient_checkpointing=False), on_gpu=True) == (False, False)
+
+
 def fixed_batch_loss(model, path: Path, cfg: FinetuneSettings, rows: int = 12) -> float:
     from tasks.training.losses import build_loss
 
@@ -128,16 +156,35 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
         calls.append(model)
         return {"sts_en_spearman": 0.5, "pairs": 3}
 
+    from ground import progress
+
+    reports = []
+
+    class Listener:
+        def add_total(self, stage, n):
+            reports.append(("total", stage, n))
+
+        def advance(self, stage, n=1, ok=True):
+            reports.append(("advance", stage, n))
+
     out = tmp_path / "model"
-    result = train_embedding_model(path, out, cfg, eval_callback=evaluate)
+    remove = progress.add_listener(Listener())
+    try:
+        result = train_embedding_model(path, out, cfg, eval_callback=evaluate)
+    finally:
+        remove()
 
     assert isinstance(result, TrainResult) and result.model_dir == out
     # 32 rows, 8 per task, batch 8 at ratio 1: 4 full single-task batches per epoch, every row used
     assert result.rows == 32 and result.rows_skipped == 0 and result.hard_negatives == 1
     assert result.steps == 8 and result.samples == 64 and len(result.losses) == 8
     assert result.first_loss == result.losses[0] and result.last_loss == result.losses[-1]
+    # 8 steps: 10% rounds up to a window of 1 step at each end
+    assert (result.loss_start, result.loss_end, result.loss_window) == smoothed_losses(result.losses)
+    assert reports == [("total", "train", 8)] + [("advance", "train", 1)] * 8
     assert result.samples_per_s > 0 and result.train_seconds > 0
-    assert result.device == "cpu" and result.precision == "fp32"
+    assert result.device == "cpu" and result.precision == ("bf16" if training_precision(cfg, False)[0] else "fp32")
+    assert result.gradient_checkpointing is False
     assert result.matryoshka_dims == [384, 256, 128, 64]
     assert result.matryoshka_weights == [1.0, 0.2, 0.1, 0.1]
     assert len(calls) == 1 and result.eval_metrics == {"sts_en_spearman": 0.5, "pairs": 3}
@@ -154,6 +201,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     assert "MatryoshkaLoss" in card  # from the library's generated card
     assert CARD_SECTION in card
     assert "temperature 0.01" in card and "384 (weight 1)" in card and "64 (weight 0.1)" in card
+    assert "mean of the first and last 1 of 8 steps" in card
     assert "sts_en_spearman" in card
     assert (out / "embed_factory_training.json").exists()
     assert not list(tmp_path.glob(".model.*")) and not list(tmp_path.glob(".trainer-*"))

@@ -15,14 +15,14 @@ Completed with its run graph and three subflow runs, each with its number of tas
 subflow's page (Task Runs tab) lists its task runs by name, as the API has them. The UI is the one
 ``prefect server start`` serves by default (Prefect's Vue UI in 3.9). Screenshots go to
 ``$EMBED_FACTORY_TEST_ARTIFACTS`` or ``tests/artifacts/`` (gitignored); the test prints the folder.
-Skipped only when chromium is absent.
+Skipped only when chromium is absent, and then failed under CI=true (``require_tool`` in conftest.py; .ci/run
+installs it); chromium is looked for before any server starts.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,19 +31,22 @@ from pathlib import Path
 
 import pytest
 
-from ground.settings import default_sts_dir, load_settings
+from ground.settings import load_settings
 from processes import start_deploy, stop
 from test_deployments import TINY, wait_for_worker  # shared with the deployment test
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("EMBED_FACTORY_TEST_ARTIFACTS") or ROOT / "tests" / "artifacts")
 DEPLOYMENTS = ("generate", "clean", "finetune", "pipeline")
 
-pytestmark = [
-    pytest.mark.llm,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)"),
-]
+pytestmark = pytest.mark.llm
+
+
+@pytest.fixture(scope="session")
+def chromium(require_tool) -> str:
+    """Debian's chromium; session-scoped so that, first in the test's arguments, it is looked for before the
+    session's vLLM server starts."""
+    return require_tool("chromium", "Debian: apt-get install chromium")
 
 
 def free_port() -> int:
@@ -96,11 +99,13 @@ def task_run_names(flow_run_id) -> list[str]:
     return sorted(r.name for r in runs)
 
 
-def test_ui_shows_deployments_and_a_completed_pipeline_run(llm_base_url, ui_server, tmp_path):
+def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_url, ui_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    if not (default_sts_dir() / "stsb-en-test.csv").exists():
-        pytest.fail(f"the STS Benchmark is missing: {default_sts_dir()}/stsb-en-test.csv")
+    from tasks.training.evaluate import bundled_sts_dir
+
+    if not (bundled_sts_dir() / "stsb-en-test.csv").exists():
+        pytest.fail(f"the bundled STS Benchmark is missing: {bundled_sts_dir()}/stsb-en-test.csv")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"screenshots: {ARTIFACTS}")
     env = {**os.environ, **TINY, "EMBED_FACTORY_KEEP_LLM": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -137,7 +142,7 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(llm_base_url, ui_serv
     ui = ui_server.ui_url
     shots = {}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(60_000)

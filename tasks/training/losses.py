@@ -19,9 +19,11 @@ skipped, and the others keep their own weights. For all-MiniLM-L6-v2 (384-d) and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from ground.settings import FinetuneSettings
+if TYPE_CHECKING:  # at run time only build_loss needs it, as an annotation: bench/gpu_check.py runs without pydantic
+    from ground.settings import FinetuneSettings
 
 
 def matryoshka_dims_for(width: int, dims: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[float]]:
@@ -48,7 +50,7 @@ def matryoshka_dims_for(width: int, dims: Sequence[int], weights: Sequence[float
         raise ValueError(f"Matryoshka dims repeat: {dims}")
     if any(w < 0 for w in weights):
         raise ValueError(f"Matryoshka weights must be non-negative, got {weights}")
-    pairs = sorted(zip((int(d) for d in dims), weights), key=lambda p: p[0], reverse=True)
+    pairs = sorted(zip((int(d) for d in dims), weights, strict=True), key=lambda p: p[0], reverse=True)
     out_dims, out_weights = [width], [pairs[0][1]]
     for dim, weight in pairs:
         if dim < width:

@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,7 +196,7 @@ class SemiHomogeneousTaskBatchSampler(DefaultBatchSampler):
         texts: Sequence[Sequence[str]] | None = None,
         seed: int | None = None,
         duplicates: str = "all",
-    ) -> Callable[..., "SemiHomogeneousTaskBatchSampler"]:
+    ) -> Callable[..., SemiHomogeneousTaskBatchSampler]:
         """A callable for ``SentenceTransformerTrainingArguments(batch_sampler=...)``.
 
         The trainer calls it with ``(dataset, batch_size=, drop_last=, valid_label_columns=,
@@ -337,7 +338,7 @@ class SemiHomogeneousTaskBatchSampler(DefaultBatchSampler):
             dropped = len(leftover)
         else:
             # single-task batches of at most batch_size rows, still without a repeated text
-            for t, pool in enumerate(task_pools):
+            for pool in task_pools:
                 while pool.size:
                     batch, batch_set, seen = [], set(), Seen()
                     fill(pool, min(size, pool.size), batch, batch_set, seen)
@@ -368,7 +369,7 @@ def _dataset_texts(dataset: Any, exclude: Sequence[str] = ()) -> list[list[str]]
             columns.append(list(dataset[name]))
     if not columns:
         return None
-    return [[v for v in row if isinstance(v, str)] for row in zip(*columns)]
+    return [[v for v in row if isinstance(v, str)] for row in zip(*columns, strict=True)]
 
 
 def _hash_texts(texts: Sequence[Sequence[str]] | None, n: int) -> np.ndarray | None:

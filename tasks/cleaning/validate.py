@@ -1,8 +1,8 @@
 """Validation: the first cleaning stage, which drops generated examples that cannot be training pairs.
 
 Generation already checks the *shape* of every output (JSON schema); this stage checks the
-*content* of the mapped ``query`` / ``positive`` / ``negative`` fields, row by row, and drops a row
-at the first check it fails (the check's code is the ``reason``, with a human ``detail``):
+*content* of the mapped ``query`` / ``positive`` / ``negative`` fields and drops a row at the first
+check it fails (the check's code is the ``reason``, with a human ``detail``):
 
 =========================  ==================================================================
 ``empty_query``            query missing or blank
@@ -26,25 +26,49 @@ at the first check it fails (the check's code is the ``reason``, with a human ``
                            ``language_min_chars`` characters
 =========================  ==================================================================
 
-Kept rows keep the input schema and order. Cheap checks are vectorised with Arrow compute; the rest
-run in Python only on the rows still alive.
+Kept rows keep the input schema and order. What each check means on one text is defined in
+:mod:`tasks.cleaning.text_checks`. Here presence and lengths are Arrow compute; degenerate text and
+instruction leaks are first *screened* for whole columns with polars, and the per-text function runs
+only on the flagged rows, where it confirms the verdict and writes the detail. A screen may flag too
+much, never too little, so the verdicts are the per-text functions' own. The screens split and strip
+text with Python's own whitespace, letter/digit and case-folding tables (:func:`python_text_classes`),
+not the regex engine's, whose Unicode version differs. zlib and py3langid run per row, on live rows.
 """
 
 from __future__ import annotations
 
-import json
-import zlib
-from collections import Counter
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ground.settings import CleanSettings
 from storage.corpus import StageResult
-from tasks.cleaning.dedup import dropped_table, normalize_array
+from tasks.cleaning.dedup import dedup_keys, dropped_table
+from tasks.cleaning.text_checks import (
+    DEGENERATE_MIN_CHARS,
+    LEAK_MIN_CHARS,
+    LEAK_MIN_TOKENS,
+    LEAK_TOKEN_OVERLAP,
+    MAX_TOP_TOKEN_SHARE,
+    MAX_ZLIB_RATIO,
+    MIN_DISTINCT_CHARS,
+    MIN_LETTER_RATIO,
+    REPEAT_MIN_TOKENS,
+    ZLIB_MIN_BYTES,
+    _np,
+    _requested_languages,
+    degenerate_detail,
+    instruction_leak_detail,
+    language_mismatch_detail,
+    letter_ratios,
+    zlib_ratio,
+)
 
 STAGE = "validate"
 
@@ -56,188 +80,121 @@ LABEL_TYPES: tuple[str, ...] = ("classification",)
 DOC_QUERY_TYPES: tuple[str, ...] = ("long_long",)
 LABEL_MAX_CHARS = 100
 
-# degenerate-text thresholds (calibrated on natural text in several languages and on loops)
-DEGENERATE_MIN_CHARS = 20  # shorter fields are only checked for having a letter or digit
-MIN_DISTINCT_CHARS = 5  # fewer distinct non-space characters in a >= 20-char text is degenerate
-MIN_LETTER_RATIO = 0.2  # letters (incl. combining marks) over non-space characters
-REPEAT_MIN_TOKENS = 10
-MAX_TOP_TOKEN_SHARE = 0.5  # one token making up half of the tokens
-ZLIB_MIN_BYTES = 200
-MAX_ZLIB_RATIO = 6.0  # natural prose compresses 2-3.5x (up to ~5x for lists); loops 8x and more
-
-# instruction leak
-LEAK_MIN_CHARS = 20
-LEAK_MIN_TOKENS = 4
-LEAK_TOKEN_OVERLAP = 0.9
-
-# language identification
-LANGUAGE_MIN_PROB = 0.9
-LANGUAGE_SAMPLE_CHARS = 300  # py3langid walks bytes in Python: identify on the first 300 characters
-
-#: language names used by prompts/task_types.py (and a few more) -> ISO 639-1
-LANGUAGE_CODES: dict[str, str] = {
-    "english": "en", "chinese": "zh", "spanish": "es", "french": "fr", "german": "de", "japanese": "ja",
-    "russian": "ru", "portuguese": "pt", "italian": "it", "korean": "ko", "arabic": "ar", "hindi": "hi",
-    "dutch": "nl", "polish": "pl", "turkish": "tr", "vietnamese": "vi", "indonesian": "id", "swedish": "sv",
-    "czech": "cs", "danish": "da", "finnish": "fi", "greek": "el", "hebrew": "he", "hungarian": "hu",
-    "norwegian": "no", "persian": "fa", "romanian": "ro", "thai": "th", "ukrainian": "uk", "malay": "ms",
-    "bengali": "bn", "urdu": "ur", "tamil": "ta", "catalan": "ca",
-}
-#: py3langid's "no linguistic content" (URLs, numbers, code): not a language, so never a mismatch
-NO_LANGUAGE = frozenset({"zxx", "und"})
-#: detections that do not count as a mismatch for a requested language: varieties and close
-#: languages that py3langid confuses with it (kanji-only Japanese reads as Chinese, etc.)
-COMPATIBLE_CODES: dict[str, frozenset[str]] = {
-    "en": frozenset({"en", "pcm"}),
-    "zh": frozenset({"zh", "wuu", "yue"}),
-    "ja": frozenset({"ja", "zh", "wuu", "yue"}),
-    "es": frozenset({"es", "gl", "an", "ext"}),
-    "pt": frozenset({"pt", "gl"}),
-    "fr": frozenset({"fr", "wa", "oc"}),
-    "de": frozenset({"de", "lb"}),
-    "it": frozenset({"it", "vec", "lij"}),
-    "nl": frozenset({"nl", "af", "fy"}),
-    "ar": frozenset({"ar", "arz", "ary"}),
-    "hi": frozenset({"hi", "mr", "ne"}),
-    "id": frozenset({"id", "ms", "jv"}),
-    "ms": frozenset({"ms", "id"}),
-    "sv": frozenset({"sv", "no", "nn", "da"}),
-    "no": frozenset({"no", "nn", "da", "sv"}),
-    "da": frozenset({"da", "no", "nn", "sv"}),
-    "tr": frozenset({"tr", "az"}),
-}
+FIELDS = ("query", "positive", "negative")
+#: the distinct-character screen looks at this many leading characters (a prefix has no more)
+DISTINCT_PREFIX_CHARS = 64
+#: what degenerate_detail does not count as a distinct character
+DISTINCT_IGNORED = " \t\n\r\f\v"
 
 
-# --------------------------------------------------------------------------- single-text checks
+# --------------------------------------------------------------------------- Python's text tables for polars
 
 
-def degenerate_detail(text: str, letter_ratio: float | None = None) -> str | None:
-    """Why ``text`` is degenerate (repetition, junk), or None. Thresholds: see module constants.
+@dataclass(frozen=True)
+class PythonTextClasses:
+    """Python's str.isspace / str.isalnum / str.casefold, as polars arguments (exact, any Unicode version)."""
 
-    ``letter_ratio`` (letters and combining marks over non-space characters) may be passed in when
-    it was computed for a whole column (:func:`letter_ratios`).
-    """
-    s = text.strip()
-    if not any(ch.isalnum() for ch in s):
-        return "no letter or digit"
-    if len(s) < DEGENERATE_MIN_CHARS:
-        return None
-    distinct = set(s)
-    distinct.difference_update(" \t\n\r\f\v")
-    if len(distinct) < MIN_DISTINCT_CHARS:
-        return f"only {len(distinct)} distinct characters in {len(s)}"
-    if letter_ratio is None:
-        letter_ratio = float(letter_ratios(pa.array([s]))[0])
-    if letter_ratio < MIN_LETTER_RATIO:
-        return f"only {letter_ratio:.0%} letters"
-    tokens = s.casefold().split()
-    # a token with half of the tokens leaves at most n/2 + 1 distinct ones (cheap pre-check)
-    if len(tokens) >= REPEAT_MIN_TOKENS and len(set(tokens)) <= len(tokens) // 2 + 1:
-        token, count = Counter(tokens).most_common(1)[0]
-        if count / len(tokens) >= MAX_TOP_TOKEN_SHARE:
-            return f"token {token[:20]!r} is {count} of {len(tokens)} tokens"
-    raw = s.encode("utf-8")
-    if len(raw) >= ZLIB_MIN_BYTES:
-        ratio = len(raw) / len(zlib.compress(raw, 6))
-        if ratio > MAX_ZLIB_RATIO:
-            return f"compresses {ratio:.1f}x (repetition)"
-    return None
+    whitespace: str  # every character str.strip() and str.split() treat as space
+    whitespace_run: str  # regex: one or more of them
+    other_whitespace: str  # regex: one of them that is not " "
+    alnum: str  # regex: one character for which str.isalnum() holds
+    fold_from: list[str]  # characters that str.casefold() changes ...
+    fold_to: list[str]  # ... and what it changes them to
 
 
-def letter_ratios(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Per text: letters and combining marks (Devanagari vowel signs...) over non-space characters
-    (1.0 for null or blank texts). Arrow regexes over runs, not per character, to stay fast."""
-    length = _np(pc.fill_null(pc.utf8_length(texts), 0)).astype(float)
-    other = pc.replace_substring_regex(texts, pattern=r"[\p{L}\p{M}\s\p{Z}]+", replacement="")
-    spaces = pc.replace_substring_regex(texts, pattern=r"[^\s\p{Z}]+", replacement="")
-    nonspace = length - _np(pc.fill_null(pc.utf8_length(spaces), 0))
-    letters = nonspace - _np(pc.fill_null(pc.utf8_length(other), 0))
-    return np.divide(letters, nonspace, out=np.ones_like(letters), where=nonspace > 0)
-
-
-def _tokens(normalized: str) -> set[str]:
-    return set(normalized.split())
-
-
-def instruction_leak_detail(instruction_n: str | None, query_n: str, positive_n: str) -> str | None:
-    """Leak check on *normalized* texts (see :func:`tasks.cleaning.dedup.normalize_array`)."""
-    if not instruction_n:
-        return None
-    if len(instruction_n) >= LEAK_MIN_CHARS:
-        padded = f" {instruction_n} "
-        if padded in f" {query_n} ":
-            return "instruction text inside the query"
-        if padded in f" {positive_n} ":
-            return "instruction text inside the positive"
-    q_tokens = _tokens(query_n)
-    if len(q_tokens) >= LEAK_MIN_TOKENS:
-        overlap = len(q_tokens & _tokens(instruction_n)) / len(q_tokens)
-        if overlap >= LEAK_TOKEN_OVERLAP:
-            return f"{overlap:.0%} of the query's tokens are the instruction's"
-    return None
-
-
-# --------------------------------------------------------------------------- language
+def _regex_class(ranges: list[tuple[int, int]]) -> str:
+    return "[" + "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges) + "]"
 
 
 @lru_cache(maxsize=1)
-def language_identifier():
-    """py3langid with normalized (calibrated) probabilities; loaded once (about 1.5 s)."""
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
-def language_code(name: str | None) -> str | None:
-    """ISO 639-1 code of a prompt language name ("English" -> "en"); None if unknown."""
-    if not isinstance(name, str):
-        return None
-    key = name.strip().casefold()
-    if key in LANGUAGE_CODES:
-        return LANGUAGE_CODES[key]
-    return key if key in LANGUAGE_CODES.values() else None
-
-
-def detect_language(text: str) -> tuple[str, float]:
-    """(ISO code, probability) of ``text``'s language, from its first LANGUAGE_SAMPLE_CHARS characters."""
-    lang, prob = language_identifier().classify(text[:LANGUAGE_SAMPLE_CHARS])
-    return lang, float(prob)
+def python_text_classes() -> PythonTextClasses:
+    """Built once per process (~0.3 s) from Python's own Unicode database, which ``re`` shares with str."""
+    codepoints = np.arange(0x110000, dtype="<u4")
+    every = codepoints[(codepoints < 0xD800) | (codepoints >= 0xE000)].tobytes().decode("utf-32-le")
+    whitespace = "".join(re.findall(r"\s", every))  # sre's \s is str.isspace, its \w is isalnum + "_"
+    alnum = [(ord(every[m.start()]), ord(every[m.end() - 1])) for m in re.finditer(r"[^\W_]+", every)]
+    # case folding ends at plane 1 (the tests check all planes); it is per character
+    folds = {c: c.casefold() for c in map(chr, range(0x20000)) if c.casefold() != c}
+    return PythonTextClasses(
+        whitespace=whitespace,
+        whitespace_run=_regex_class([(ord(c), ord(c)) for c in whitespace]) + "+",
+        other_whitespace=_regex_class([(ord(c), ord(c)) for c in whitespace if c != " "]),
+        alnum=_regex_class(alnum),
+        fold_from=list(folds),
+        fold_to=list(folds.values()),
+    )
 
 
-def language_mismatch_detail(text: str | None, requested: str | None, field: str,
-                             min_chars: int) -> str | None:
-    """Detail when ``text`` is confidently in another language than ``requested`` (a prompt name)."""
-    code = language_code(requested)
-    if code is None or text is None or len(text.strip()) < min_chars:
-        return None
-    detected, prob = detect_language(text.strip())
-    if detected in NO_LANGUAGE:
-        return None
-    if prob >= LANGUAGE_MIN_PROB and detected not in COMPATIBLE_CODES.get(code, frozenset({code})):
-        return f"{field}: requested {requested} ({code}), detected {detected} (p={prob:.2f})"
-    return None
+def python_tokens(text: pl.Expr) -> pl.Expr:
+    """``text.split()`` as a polars list (an empty text gives ``[""]``)."""
+    classes = python_text_classes()
+    return text.str.strip_chars(classes.whitespace).str.replace_all(classes.whitespace_run, " ").str.split(" ")
 
 
-@lru_cache(maxsize=65536)
-def _requested_languages(placeholders: str | None, task_type: str | None) -> tuple[str | None, str | None]:
-    """(language asked for the query, language asked for the positive) from the placeholders JSON."""
-    try:
-        values = json.loads(placeholders) if placeholders else {}
-    except (TypeError, ValueError):
-        return None, None
-    if not isinstance(values, dict):
-        return None, None
-    if task_type == "bitext":
-        return values.get("src_lang"), values.get("tgt_lang")
-    lang = values.get("language")
-    return lang, lang
+# --------------------------------------------------------------------------- screens (superset of each check)
+
+
+def degenerate_screen(texts: pa.ChunkedArray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Live rows whose text :func:`degenerate_detail` may call degenerate (it returns None for the others),
+    and the letter ratio per row that degenerate_detail reads (computed where it reads it: live texts of
+    at least DEGENERATE_MIN_CHARS characters with a letter or digit; 1.0 elsewhere)."""
+    classes = python_text_classes()
+    text = pl.col("text").str.strip_chars(classes.whitespace)
+    frame = pl.from_arrow(pa.table({"text": texts})).select(
+        length=text.str.len_chars().fill_null(0),
+        n_bytes=text.str.len_bytes().fill_null(0),
+        alnum=text.str.contains(classes.alnum).fill_null(False),
+        # distinct characters of a prefix: as many as the whole text has, at most
+        distinct=text.str.slice(0, DISTINCT_PREFIX_CHARS).str.split("")
+        .list.set_difference(pl.lit(list(DISTINCT_IGNORED))).list.len().fill_null(0),
+        tokens=python_tokens(text.str.replace_many(classes.fold_from, classes.fold_to)),
+    ).with_columns(
+        n_tokens=pl.col("tokens").list.len().fill_null(0),
+        top_token=pl.col("tokens").list.eval(pl.element().unique_counts().max()).list.first(),
+    )
+    length, alnum = frame["length"].to_numpy(), frame["alnum"].to_numpy()
+    present = live & (length > 0)
+    long = present & alnum & (length >= DEGENERATE_MIN_CHARS)
+    ratio = np.ones(len(length))
+    ratio[long] = letter_ratios(texts.filter(pa.array(long)))
+    n_tokens, top_token = frame["n_tokens"].to_numpy(), frame["top_token"].fill_null(0).to_numpy()
+    flagged = present & ~alnum
+    flagged |= long & (frame["distinct"].to_numpy() < MIN_DISTINCT_CHARS)
+    flagged |= long & (ratio < MIN_LETTER_RATIO)
+    flagged |= long & (n_tokens >= REPEAT_MIN_TOKENS) & (top_token >= MAX_TOP_TOKEN_SHARE * n_tokens)
+    # zlib has no vectorised form: compress the live long texts that nothing else flagged
+    rows = np.flatnonzero(long & ~flagged & (frame["n_bytes"].to_numpy() >= ZLIB_MIN_BYTES))
+    flagged[rows] = [zlib_ratio(text.strip().encode("utf-8")) > MAX_ZLIB_RATIO
+                     for text in texts.take(pa.array(rows, type=pa.int64())).to_pylist()]
+    return flagged, ratio
+
+
+def instruction_leak_screen(instruction_n: pa.Array, query_n: pa.Array, positive_n: pa.Array) -> np.ndarray:
+    """Rows (of normalized texts) where :func:`instruction_leak_detail` may find a leak.
+
+    Tokens are split on " " alone (empty ones dropped): that is ``split()`` unless a text holds another of
+    Python's whitespace characters (normalization leaves few: U+1680, U+2028...), and such rows are flagged.
+    """
+    other_whitespace = python_text_classes().other_whitespace
+    padded = {name: pl.lit(" ") + pl.col(name).fill_null("") + pl.lit(" ") for name in ("i", "q", "p")}
+    frame = pl.from_arrow(pa.table({"i": instruction_n, "q": query_n, "p": positive_n})).select(
+        inside=(pl.col("i").str.len_chars() >= LEAK_MIN_CHARS)
+        & (padded["q"].str.contains(padded["i"], literal=True) | padded["p"].str.contains(padded["i"], literal=True)),
+        odd_space=pl.col("q").str.contains(other_whitespace) | pl.col("i").str.contains(other_whitespace),
+        q_tokens=pl.col("q").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
+        i_tokens=pl.col("i").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
+    ).select(
+        pl.col("inside").fill_null(False) | pl.col("odd_space").fill_null(False),
+        shared=pl.col("q_tokens").list.set_intersection(pl.col("i_tokens")).list.len(),
+        q_count=pl.col("q_tokens").list.len(),
+    )
+    shared, q_count = frame["shared"].to_numpy(), frame["q_count"].to_numpy()
+    share = np.divide(shared, q_count, out=np.zeros(len(q_count)), where=q_count > 0)  # as Python divides
+    overlap = (q_count >= LEAK_MIN_TOKENS) & (share >= LEAK_TOKEN_OVERLAP)
+    return frame["inside"].to_numpy() | overlap
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def _np(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(array.to_numpy(zero_copy_only=False))
 
 
 class _Verdicts:
@@ -258,12 +215,24 @@ class _Verdicts:
         for i in np.flatnonzero(mask & self.alive):
             self._drop(int(i), reason, detail(int(i)))
 
-    def check_each(self, reason: str, check: Callable[[int], str | None]) -> None:
-        """Drop the live rows for which ``check`` returns a detail (a per-row check)."""
-        for i in np.flatnonzero(self.alive):
+    def check_each(self, reason: str, check: Callable[[int], str | None], screened: np.ndarray | None = None) -> None:
+        """Drop the live rows (those ``screened`` in, if given) for which ``check`` returns a detail."""
+        for i in np.flatnonzero(self.alive if screened is None else self.alive & screened):
             found = check(int(i))
             if found is not None:
                 self._drop(int(i), reason, found)
+
+
+def _normalized(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """dedup_keys of ``column``'s ``rows``, normalizing each distinct value once."""
+    values = column.take(pa.array(rows, type=pa.int64()))
+    distinct = pc.unique(values)
+    return dedup_keys(distinct).take(pc.index_in(values, value_set=distinct))
+
+
+def _values_at(column: pa.ChunkedArray, rows: np.ndarray) -> dict[int, object]:
+    """{row: Python value} for ``rows`` of ``column``."""
+    return dict(zip(rows.tolist(), column.take(pa.array(rows, type=pa.int64())).to_pylist(), strict=True))
 
 
 def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
@@ -276,7 +245,7 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
     is_label = _np(pc.is_in(task_type, value_set=pa.array(LABEL_TYPES)))
     is_doc_query = _np(pc.is_in(task_type, value_set=pa.array(DOC_QUERY_TYPES)))
 
-    fields = {name: table.column(name) for name in ("query", "positive", "negative")}
+    fields = {name: table.column(name) for name in FIELDS}
     trimmed = {name: pc.utf8_trim_whitespace(col) for name, col in fields.items()}
     length = {name: _np(pc.fill_null(pc.utf8_length(col), 0)) for name, col in trimmed.items()}
     present = {name: length[name] > 0 for name in fields}
@@ -302,40 +271,53 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
         v.flag(present[name] & (ln > hi), f"{name}_too_long",
                lambda i, name=name, ln=ln, hi=hi: f"{name} has {ln[i]} chars (max {hi[i]})")
 
-    # 3. degenerate text
-    texts = {name: col.to_pylist() for name, col in fields.items()}
-    ratios = {name: letter_ratios(col) for name, col in fields.items()}
+    # 3. degenerate text: screened per column, confirmed (and described) per flagged row, fields in order
+    maybe_degenerate = np.zeros(n, dtype=bool)
+    ratios = {}
+    for name, col in fields.items():
+        flagged, ratios[name] = degenerate_screen(col, v.alive)
+        maybe_degenerate |= flagged
 
     def degenerate(i: int) -> str | None:
-        for name in ("query", "positive", "negative"):
-            text = texts[name][i]
+        for name in FIELDS:
+            text = fields[name][i].as_py()
             if text is not None and text.strip():
                 found = degenerate_detail(text, float(ratios[name][i]))
                 if found:
                     return f"{name}: {found}"
         return None
 
-    v.check_each("degenerate", degenerate)
+    v.check_each("degenerate", degenerate, screened=maybe_degenerate)
 
-    # 4. equal fields after normalization
-    norm = {name: normalize_array(col) for name, col in fields.items()}
-    same_qp = _np(pc.fill_null(pc.equal(norm["query"], norm["positive"]), False))
-    v.flag(same_qp, "positive_equals_query", lambda i: "positive equals the query (normalized)")
-    same_pn = _np(pc.fill_null(pc.equal(norm["positive"], norm["negative"]), False))
-    v.flag(same_pn, "positive_equals_negative", lambda i: "positive equals the negative (normalized)")
+    # 4. equal fields after normalization (live rows only)
+    live = np.flatnonzero(v.alive)
+    norm = {name: _normalized(col, live) for name, col in fields.items()}
+    for reason, a, b in (("positive_equals_query", "positive", "query"),
+                         ("positive_equals_negative", "positive", "negative")):
+        same = np.zeros(n, dtype=bool)
+        same[live] = _np(pc.fill_null(pc.equal(norm[a], norm[b]), False))
+        v.flag(same, reason, lambda i, a=a, b=b: f"{a} equals the {b} (normalized)")
 
-    # 5. instruction leaking into the outputs
-    instr_n = normalize_array(table.column("instruction")).to_pylist()
-    query_n, positive_n = norm["query"].to_pylist(), norm["positive"].to_pylist()
+    # 5. instruction leaking into the outputs: screened, then confirmed per flagged row
+    instruction_n = _normalized(table.column("instruction"), live)
+    maybe_leak = np.zeros(n, dtype=bool)
+    maybe_leak[live] = instruction_leak_screen(instruction_n, norm["query"], norm["positive"])
+    position = np.full(n, -1)
+    position[live] = np.arange(len(live))
     v.check_each("instruction_leak",
-                 lambda i: instruction_leak_detail(instr_n[i], query_n[i] or "", positive_n[i] or ""))
+                 lambda i: instruction_leak_detail(instruction_n[position[i]].as_py(),
+                                                   norm["query"][position[i]].as_py() or "",
+                                                   norm["positive"][position[i]].as_py() or ""),
+                 screened=maybe_leak)
 
-    # 6. language
+    # 6. language (py3langid, per live row)
     if cfg.check_language:
-        placeholders = table.column("placeholders").to_pylist()
+        placeholders = table.column("placeholders")
+        live = np.flatnonzero(v.alive)
+        texts = {name: _values_at(fields[name], live) for name in ("query", "positive")}
 
         def mismatch(i: int) -> str | None:
-            want_q, want_p = _requested_languages(placeholders[i], types[i])
+            want_q, want_p = _requested_languages(placeholders[i].as_py(), types[i])
             return (language_mismatch_detail(texts["query"][i], want_q, "query", cfg.language_min_chars)
                     or language_mismatch_detail(texts["positive"][i], want_p, "positive",
                                                 cfg.language_min_chars))

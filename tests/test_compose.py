@@ -1,14 +1,17 @@
-"""docker-compose.yml, checked by a real Compose implementation (``docker-compose config``, Debian's
-1.29.2): it validates with the variables of .env.example, fails when a required secret is missing, and
-its resolved form has every service, health check, GPU reservation and loopback-only port it should,
-with secrets only in environment variables. Skipped where docker-compose is not installed."""
+"""docker-compose.yml, checked two ways.
+
+Plain Python, with no tool: .env.example lists exactly the variables the file uses, and no secret is a
+literal in the file. A real Compose implementation (``docker-compose config``, Debian's 1.29.2): the file
+validates with the variables of .env.example, fails when a required secret is missing, and its resolved
+form has every service, health check, GPU reservation and loopback-only port it should, with secrets only
+in environment variables. Those tests skip where docker-compose is not installed, and fail under CI=true
+(``require_tool`` in conftest.py; .ci/run installs it)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,12 +23,9 @@ from ground.settings import PROFILES
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-COMPOSE = shutil.which("docker-compose")
 #: the Compose Specification JSON schema that Debian's docker-compose ships (offline)
 SPEC_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
-
-pytestmark = pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed "
-                                                        "(Debian: apt-get install docker-compose)")
+INSTALL = "Debian: apt-get install docker-compose"
 
 #: required variables (``${VAR:?…}``) with a distinct value each, so a leak can be traced
 SECRETS = {
@@ -40,11 +40,18 @@ SERVICES = {"postgres", "prefect-server", "vllm", "embeddings", "minio", "minio-
 GPU_SERVICES = {"vllm", "embeddings", "worker-gpu"}
 
 
-def compose(*args: str, env: dict[str, str], env_file: Path) -> subprocess.CompletedProcess:
-    """Run docker-compose on the repository's file with exactly ``env`` (plus PATH/HOME) and ``env_file``."""
-    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    return subprocess.run([COMPOSE, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *args],
-                          env={**base, **env}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="session")
+def compose(require_tool):
+    """``compose(*args, env=, env_file=, file=)``: docker-compose on ``file`` (the repository's by default) with
+    exactly ``env`` (plus PATH/HOME) and ``env_file``, run in the file's folder."""
+    binary = require_tool("docker-compose", INSTALL)
+
+    def run(*args: str, env: dict[str, str], env_file: Path, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+        base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+        return subprocess.run([binary, "--env-file", str(env_file), "-f", str(file), *args],
+                              env={**base, **env}, cwd=file.parent, capture_output=True, text=True, timeout=120)
+
+    return run
 
 
 @pytest.fixture
@@ -56,7 +63,7 @@ def empty_env_file(tmp_path) -> Path:
 
 
 @pytest.fixture
-def resolved(empty_env_file) -> dict:
+def resolved(compose, empty_env_file) -> dict:
     """The resolved configuration (``docker-compose config``) with the test secrets and VLLM_TP=8."""
     proc = compose("config", env={**SECRETS, "VLLM_TP": "8"}, env_file=empty_env_file)
     assert proc.returncode == 0, proc.stderr
@@ -76,30 +83,7 @@ def env_example_variables() -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-# --- validation by docker-compose itself ---------------------------------------------------------
-
-
-def test_validates_with_the_variables_of_env_example():
-    proc = compose("config", "-q", env={}, env_file=ENV_EXAMPLE)
-    assert proc.returncode == 0, proc.stderr
-
-
-@pytest.mark.parametrize("missing", sorted(SECRETS))
-def test_a_missing_required_secret_fails_validation(missing, empty_env_file):
-    env = {k: v for k, v in SECRETS.items() if k != missing}
-    proc = compose("config", "-q", env=env, env_file=empty_env_file)
-    assert proc.returncode != 0
-    assert f"set {missing}" in proc.stderr  # the file's own message names the variable
-
-
-def test_a_broken_file_fails_validation(tmp_path, empty_env_file):
-    """The same check rejects a schema error, so passing above means something."""
-    broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE_FILE.read_text().replace("    healthcheck:\n", "    healthcheckz:\n", 1))
-    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    proc = subprocess.run([COMPOSE, "--env-file", str(empty_env_file), "-f", str(broken), "config", "-q"],
-                          env={**base, **SECRETS}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "healthcheckz" in proc.stderr
+# --- the file itself, in plain Python (no tool needed) ----------------------------------------------
 
 
 def test_env_example_lists_exactly_the_variables_the_file_uses():
@@ -111,11 +95,44 @@ def test_env_example_lists_exactly_the_variables_the_file_uses():
         assert documented[name].startswith(("change-me", "embed-factory")), name
 
 
-def test_matches_the_compose_specification_schema(resolved):
-    if not SPEC_SCHEMA.exists():
-        pytest.skip(f"{SPEC_SCHEMA} not present (it comes with Debian's docker-compose)")
-    jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads(SPEC_SCHEMA.read_text())
+def test_the_file_itself_holds_no_secret_values():
+    """Every secret-looking key in the file takes its value from a variable, never a literal."""
+    for lineno, line in enumerate(COMPOSE_FILE.read_text().splitlines(), 1):
+        m = re.match(r"\s*([A-Z0-9_]*(PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY)[A-Z0-9_]*):\s*(.*)", line)
+        if m:
+            value = m.group(3).split(" #")[0].strip()
+            assert value.startswith("${") or value == "", f"line {lineno}: {line.strip()}"
+    assert "--api-key" not in COMPOSE_FILE.read_text()  # vLLM reads VLLM_API_KEY: no key on a command line
+
+
+# --- validation by docker-compose itself ---------------------------------------------------------
+
+
+def test_validates_with_the_variables_of_env_example(compose):
+    proc = compose("config", "-q", env={}, env_file=ENV_EXAMPLE)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_a_missing_required_secret_fails_validation(compose, missing, empty_env_file):
+    env = {k: v for k, v in SECRETS.items() if k != missing}
+    proc = compose("config", "-q", env=env, env_file=empty_env_file)
+    assert proc.returncode != 0
+    assert f"set {missing}" in proc.stderr  # the file's own message names the variable
+
+
+def test_a_broken_file_fails_validation(compose, tmp_path, empty_env_file):
+    """The same check rejects a schema error, so passing above means something."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("    healthcheck:\n", "    healthcheckz:\n", 1))
+    proc = compose("config", "-q", env=SECRETS, env_file=empty_env_file, file=broken)
+    assert proc.returncode != 0 and "healthcheckz" in proc.stderr
+
+
+def test_matches_the_compose_specification_schema(resolved, require_tool):
+    import jsonschema  # a dependency of the factory itself
+
+    schema = json.loads(Path(require_tool(SPEC_SCHEMA, INSTALL)).read_text())
     validator = jsonschema.Draft201909Validator(schema)  # its $schema names draft 2019-09
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(e.path))
     assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
@@ -205,13 +222,3 @@ def test_no_secret_outside_environment_variables(resolved):
         outside = json.dumps({k: v for k, v in service.items() if k != "environment"})
         for var, value in SECRETS.items():
             assert value not in outside, f"{var} leaks into {name} outside its environment"
-
-
-def test_the_file_itself_holds_no_secret_values():
-    """Every secret-looking key in the file takes its value from a variable, never a literal."""
-    for lineno, line in enumerate(COMPOSE_FILE.read_text().splitlines(), 1):
-        m = re.match(r"\s*([A-Z0-9_]*(PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY)[A-Z0-9_]*):\s*(.*)", line)
-        if m:
-            value = m.group(3).split(" #")[0].strip()
-            assert value.startswith("${") or value == "", f"line {lineno}: {line.strip()}"
-    assert "--api-key" not in COMPOSE_FILE.read_text()  # vLLM reads VLLM_API_KEY: no key on a command line

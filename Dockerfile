@@ -19,10 +19,20 @@ COPY prompts prompts
 COPY storage storage
 COPY ground ground
 COPY prefect.yaml* embed-factory.example.toml ./
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" .
+# EXTRAS="[gpu]" (worker-gpu) adds faiss-gpu; it and faiss-cpu both ship the module `faiss`, so faiss-cpu goes
+# and faiss-gpu is reinstalled over the files they shared
+ARG EXTRAS=""
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" ".${EXTRAS}" \
+ && if pip show faiss-gpu >/dev/null 2>&1; then \
+      pip uninstall -y faiss-cpu \
+      && pip install --no-deps --force-reinstall "faiss-gpu==$(pip show faiss-gpu | sed -n 's/^Version: //p')"; \
+    fi
 
 # no secrets in the image: every credential comes from the environment at run time.
 # Flow runs start in /app (prefect.yaml's pull step); local files (models, export copies) go to /data.
 ENV EMBED_FACTORY_PROJECT_DIR=/app
-RUN useradd --create-home --uid 10001 factory && mkdir -p /data && chown factory /data
+# /home/factory/.cache/huggingface exists in the image so that a new named volume mounted there (compose's
+# factory-hf-cache) starts owned by `factory`
+RUN useradd --create-home --uid 10001 factory && mkdir -p /data /home/factory/.cache/huggingface \
+ && chown factory /data && chown -R factory /home/factory/.cache
 USER factory

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+import jsonschema.exceptions
+import jsonschema.protocols
+import jsonschema.validators
 
 from prompts.task_types import BRAINSTORM_TAIL, PERSONA_SYSTEM_TEMPLATE, TaskTypeSpec
 
@@ -65,14 +69,24 @@ def parse_output(text: str, schema: dict[str, Any]) -> dict[str, Any]:
     except (json.JSONDecodeError, TypeError) as exc:
         raise OutputInvalid(f"not JSON: {exc}") from None
     cleaned = _strip_strings(value)
-    try:
-        jsonschema.validate(cleaned, schema)
-    except jsonschema.ValidationError as exc:
-        where = ".".join(map(str, exc.absolute_path)) or "(root)"
-        raise OutputInvalid(f"schema: {where}: {exc.message}") from None
+    # the same error jsonschema.validate() reports (best_match), without re-checking the schema each call
+    error = jsonschema.exceptions.best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(cleaned))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "(root)"
+        raise OutputInvalid(f"schema: {where}: {error.message}") from None
     if _has_blank(cleaned):
         raise OutputInvalid("blank string in output")
     return cleaned
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str) -> jsonschema.protocols.Validator:
+    """One checked validator per schema: jsonschema.validate() re-checks the schema against its metaschema
+    on every call (3.1 of parse_output's 4.0 ms of CPU per answer, bench/fleet.py's profile)."""
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def _has_blank(value: Any) -> bool:

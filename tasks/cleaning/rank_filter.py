@@ -32,12 +32,14 @@ import numpy as np
 import pyarrow as pa
 
 from ground.settings import CleanSettings
-from storage.corpus import FILTER_COLUMNS, StageResult
+from storage.corpus import StageResult
+from storage.schemas import FILTER_COLUMNS
 from ground.compute import bf16_supported
+from tasks.cleaning.device_search import TorchExactIndex, cuda_available
 from tasks.cleaning.exact_search import Bf16ExactIndex
 
 #: what :func:`build_index` returns: a faiss index or, for exact search on bf16 CPUs, our own
-Index = faiss.Index | Bf16ExactIndex
+Index = faiss.Index | Bf16ExactIndex | TorchExactIndex
 
 #: queries per faiss search call: bounds the result arrays and faiss's scratch memory
 SEARCH_BATCH = 8192
@@ -58,7 +60,10 @@ def result_width(cfg: CleanSettings) -> int:
 def build_index(vectors: np.ndarray, cfg: CleanSettings) -> Index:
     """An inner-product index over ``vectors`` (L2-normalised rows), as ``cfg.index`` asks.
 
-    * ``flat``: exact search, the default and KaLM's choice. On a CPU with native bf16 (AVX512-BF16
+    * ``flat``: exact search, the default and KaLM's choice. With faiss-gpu: ``IndexFlatIP`` on all GPUs.
+      With CUDA torch but no faiss-gpu: :class:`tasks.cleaning.device_search.TorchExactIndex` (fp32
+      GEMMs on the GPU, same top-N and ties as the CPU path); ``cfg.search_device = "cpu"`` opts out.
+      On a CPU with native bf16 (AVX512-BF16
       or AMX) and no GPU visible to faiss: :class:`tasks.cleaning.exact_search.Bf16ExactIndex` (a bf16
       screen with a proven error bound, then exact fp32 rescoring: the same top-N as
       ``IndexFlatIP``, ties by id, ~2-3× faster); otherwise ``IndexFlatIP``.
@@ -70,8 +75,13 @@ def build_index(vectors: np.ndarray, cfg: CleanSettings) -> Index:
     """
     vectors = _as_matrix(vectors)
     n, dim = vectors.shape
-    if cfg.index == "flat" and _num_gpus() == 0 and bf16_supported():
-        return Bf16ExactIndex(vectors)
+    if cfg.index == "flat" and _num_gpus() == 0:
+        if cfg.search_device != "cpu" and cuda_available():
+            return TorchExactIndex(vectors, "cuda")  # CUDA torch without faiss-gpu: fp32 GEMMs on the GPU
+        if cfg.search_device == "cuda":
+            raise ValueError("clean.search_device = 'cuda' but torch sees no CUDA device")
+        if bf16_supported():
+            return Bf16ExactIndex(vectors)
     if cfg.index == "flat":
         index: faiss.Index = faiss.IndexFlatIP(dim)
         index.add(vectors)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.cleaning.exact_search import BF16_U, MISSING_SCORE, Bf16ExactIndex, _bf16_floor, _select_top
+from tasks.cleaning.exact_scan import BF16_U, _bf16_floor, _select_top
+from tasks.cleaning.exact_search import MISSING_SCORE, Bf16ExactIndex
 
 DIM = 384
 

@@ -241,7 +241,7 @@ def check_vllm_env(settings: Settings) -> Check:
 
 
 def check_personas(settings: Settings) -> Check:
-    from personas.sources import HUB_SOURCE, PersonaFileError, read_persona_jsonl, seed_path
+    from personas.sources import HUB_SOURCE, PersonaFileError, load_persona_pool, seed_path
 
     p = settings.personas
     if p.source == HUB_SOURCE:
@@ -254,10 +254,12 @@ def check_personas(settings: Settings) -> Check:
                      "the first run downloads it (network; HF_TOKEN if needed) or set personas.source to a JSONL file")
     path = seed_path() if p.source == "seed" else Path(p.source).expanduser()
     try:
-        count = len(read_persona_jsonl(path, limit=p.limit))
+        load = load_persona_pool(p)
     except PersonaFileError as exc:
         return Check("personas", FAIL, str(exc), "fix the file or set personas.source (\"seed\" = the bundled set)")
-    return Check("personas", OK, f"{count} personas readable from {'the bundled seed set' if p.source == 'seed' else path}")
+    where = "the bundled seed set" if p.source == "seed" else path
+    notes = "".join(f"; {note}" for note in load.notes())
+    return Check("personas", OK, f"{len(load.personas)} personas readable from {where}{notes}")
 
 
 def failed(checks: list[Check]) -> bool:

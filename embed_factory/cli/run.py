@@ -27,7 +27,7 @@ from embed_factory.cli.frame import (
 from embed_factory.llm_server import EmbeddedLLMServer
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
 from ground.task_types import ALL_TASK_TYPES
-from personas.sources import load_personas
+from personas.sources import load_persona_pool
 from storage.shards import RunStore
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ def run(
         fail(f"unknown task type(s) {', '.join(unknown)}; choose from {TASK_TYPE_LIST}", 2)
     with command_frame():  # check cheap inputs before starting any server
         if settings.personas.source != "hub":
-            load_personas(settings.personas.source, hub_repo="", hub_file="", limit=settings.personas.limit)
+            for note in load_persona_pool(settings.personas).notes():  # refused as the flow would refuse it
+                say(f"personas: {note}")
         RunStore.from_settings(settings, run_id or "check")
     if not settings.uses_embedded_llm:  # a configured endpoint must answer before anything is written
         from embed_factory.doctor import FAIL, check_llm

@@ -20,7 +20,7 @@ from ground import progress
 from ground.settings import GenerationSettings, PersonaSettings
 from llm.client import LLMClient, Sampling
 from personas.sampling import PersonaSampler
-from personas.sources import Persona, load_personas, read_persona_jsonl
+from personas.sources import Persona, load_persona_pool, read_persona_jsonl
 from prompts.task_types import get_task_type
 from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, read_parquet_checked
@@ -110,8 +110,10 @@ async def persona_pool(store: RunStore, cfg: PersonaSettings, client: LLMClient,
     if store.personas_path.exists():
         pool = read_persona_jsonl(store.personas_path)
     else:
-        pool = load_personas(cfg.source, hub_repo=cfg.hub_repo, hub_file=cfg.hub_file,
-                             hub_revision=cfg.hub_revision, limit=cfg.limit)
+        load = load_persona_pool(cfg)  # bad lines skipped and over-long personas cut as the settings say
+        for note in load.notes():
+            get_run_logger().warning("personas: %s", note)
+        pool = load.personas
         if cfg.expand_rounds:
             pool = await expand_personas(pool, client, sampling, cfg.expand_rounds, cfg.expand_per_persona, seed)
         store.write_personas([(x.persona_id, x.text) for x in pool])

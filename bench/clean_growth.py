@@ -71,10 +71,14 @@ DOMAINS = {
     "money": "budget invoice pension mortgage savings account transfer receipt loan interest payment",
     "health": "sleep posture stretch knee ankle vitamin hydration fever headache muscle routine",
 }
-ADJECTIVES = ("new old small heavy cheap noisy loose bent worn quiet bright cold wet dusty stiff cracked "
-              "second-hand reliable sticky slow").split()
-VERBS = ("stops working|makes a grinding noise|keeps slipping|gets too hot|will not start|leaks|drains quickly|"
-         "feels loose|smells burnt|breaks after a week|shows an error|rattles").split("|")
+ADJECTIVES = (
+    "new old small heavy cheap noisy loose bent worn quiet bright cold wet dusty stiff cracked "
+    "second-hand reliable sticky slow"
+).split()
+VERBS = (
+    "stops working|makes a grinding noise|keeps slipping|gets too hot|will not start|leaks|drains quickly|"
+    "feels loose|smells burnt|breaks after a week|shows an error|rattles"
+).split("|")
 SENTENCES = (
     "The {brand} {code} {noun} {verb} when the {noun2} is {adj}.",
     "Most owners fix this by checking the {noun2} first and replacing the {adj} {noun} if needed.",
@@ -116,9 +120,15 @@ def synthetic_rows(n: int, run_id: str, seed: int) -> list[dict]:
     def slots() -> dict:
         domain = rng.randrange(len(domains))
         code = f"{pick('KXRTMV')}-{rng.randrange(100, 10000)}"
-        return {"domain": domain, "brand": brand_name(rng.randrange(300)), "code": code,
-                "noun": pick(domains[domain]), "noun2": pick(domains[domain]), "verb": pick(VERBS),
-                "adj": pick(ADJECTIVES)}
+        return {
+            "domain": domain,
+            "brand": brand_name(rng.randrange(300)),
+            "code": code,
+            "noun": pick(domains[domain]),
+            "noun2": pick(domains[domain]),
+            "verb": pick(VERBS),
+            "adj": pick(ADJECTIVES),
+        }
 
     created = now_utc()
     rows = []
@@ -130,28 +140,51 @@ def synthetic_rows(n: int, run_id: str, seed: int) -> list[dict]:
         if task_type == "long_long":  # queries of this type are documents about the same product
             query = document(s)
         negative = document({**slots(), "domain": s["domain"]}) if task_type == "retrieval" else None
-        rows.append({
-            "example_id": f"{run_id}:r00-{task_type}-{i:07d}", "run_id": run_id, "shard_id": f"g00-{i // 5000:05d}",
-            "task_type": task_type, "instruction": INSTRUCTION,
-            "instruction_id": f"{task_type}-000001", "persona_id": "p_bench", "persona": "A hands-on owner.",
-            "placeholders": json.dumps({"language": "English"}), "prompt_version": "v1", "model": "bench",
-            "sampling": "{}", "attempts": 1, "prompt_tokens": 120, "completion_tokens": 200, "latency_s": 1.0,
-            "finish_reason": "stop", "query": query, "positive": positive, "negative": negative,
-            "parsed": "{}", "raw_text": "{}", "created_at": created,
-        })
+        rows.append(
+            {
+                "example_id": f"{run_id}:r00-{task_type}-{i:07d}",
+                "run_id": run_id,
+                "shard_id": f"g00-{i // 5000:05d}",
+                "task_type": task_type,
+                "instruction": INSTRUCTION,
+                "instruction_id": f"{task_type}-000001",
+                "persona_id": "p_bench",
+                "persona": "A hands-on owner.",
+                "placeholders": json.dumps({"language": "English"}),
+                "prompt_version": "v1",
+                "model": "bench",
+                "sampling": "{}",
+                "attempts": 1,
+                "prompt_tokens": 120,
+                "completion_tokens": 200,
+                "latency_s": 1.0,
+                "finish_reason": "stop",
+                "query": query,
+                "positive": positive,
+                "negative": negative,
+                "parsed": "{}",
+                "raw_text": "{}",
+                "created_at": created,
+            }
+        )
     for i in rng.sample(range(n), n // 100):  # invalid: empty query
         rows[i]["query"] = ""
     dup = rng.sample(range(n), n // 25)
     for d in dup[: len(dup) // 2]:  # exact duplicates of another row (case and spacing differ)
         src = rows[rng.randrange(n)]
-        rows[d].update(query=src["query"].upper(), positive=src["positive"] + "  ", negative=src["negative"],
-                       task_type=src["task_type"])
-    for d in dup[len(dup) // 2:]:  # near duplicates: one word of the positive changed
+        rows[d].update(
+            query=src["query"].upper(),
+            positive=src["positive"] + "  ",
+            negative=src["negative"],
+            task_type=src["task_type"],
+        )
+    for d in dup[len(dup) // 2 :]:  # near duplicates: one word of the positive changed
         src = rows[rng.randrange(n)]
         words = src["positive"].split()
         words[len(words) // 2] = "however"
-        rows[d].update(query=src["query"], positive=" ".join(words), negative=src["negative"],
-                       task_type=src["task_type"])
+        rows[d].update(
+            query=src["query"], positive=" ".join(words), negative=src["negative"], task_type=src["task_type"]
+        )
     return rows
 
 
@@ -161,7 +194,7 @@ def write_shards(data_dir: Path, n: int, seed: int, shard_rows: int) -> None:
     store = RunStore(data_dir, "bench-run")
     rows = synthetic_rows(n, "bench-run", seed)
     for k, start in enumerate(range(0, n, shard_rows)):
-        store.write_shard("examples", f"g00-{k:05d}", rows[start:start + shard_rows], [])
+        store.write_shard("examples", f"g00-{k:05d}", rows[start : start + shard_rows], [])
 
 
 # --- the child: one clean run, instrumented ---------------------------------------------------
@@ -187,8 +220,7 @@ class HashBagEmbedder:
         from scipy.sparse import csr_matrix
 
         vocab, word_id, find = self.vocab, self._word_id, re.compile(r"[a-z0-9]+").findall
-        token_ids = [[vocab[w] if w in vocab else word_id(w) for w in find(t.lower())] or [word_id("")]
-                     for t in texts]
+        token_ids = [[vocab[w] if w in vocab else word_id(w) for w in find(t.lower())] or [word_id("")] for t in texts]
         indptr = np.cumsum([0] + [len(t) for t in token_ids])
         indices = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(indptr[-1]))
         bag = csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(texts), len(self.vocab)))
@@ -258,6 +290,7 @@ def instrument(clock: StageClock) -> None:
             finally:
                 if then:
                     clock.enter(then)
+
         call.__wrapped__ = fn
         return call
 
@@ -274,10 +307,12 @@ def instrument(clock: StageClock) -> None:
     def make_embedder(cfg):
         clock.enter("embed")
         return embedder
+
     rebind(original_make, make_embedder)
 
     def no_model(*_args, **_kwargs):
         raise RuntimeError("bench: the real embedding model was about to load; the make_embedder hook missed")
+
     embed_module.SentenceTransformerEmbedder.__init__ = no_model
 
 
@@ -292,9 +327,19 @@ def child(rows: int, out: Path) -> None:
     summary = clean(clean_id=f"growth-{rows}")
     total = time.perf_counter() - started
     clock.stop()
-    out.write_text(json.dumps({"rows": rows, "total_s": total, "baseline_rss": baseline, "seconds": clock.seconds,
-                               "peak_rss": clock.peak, "flow_stage_seconds": summary.get("stage_seconds", {}),
-                               "counts": summary.get("counts", {})}))
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "total_s": total,
+                "baseline_rss": baseline,
+                "seconds": clock.seconds,
+                "peak_rss": clock.peak,
+                "flow_stage_seconds": summary.get("stage_seconds", {}),
+                "counts": summary.get("counts", {}),
+            }
+        )
+    )
 
 
 # --- the parent: sizes, subprocesses, growth exponents --------------------------------------------
@@ -304,10 +349,16 @@ def run_size(rows: int, work: Path, seed: int, shard_rows: int, api_url: str) ->
     write_shards(data_dir, rows, seed, shard_rows)
     print(f"  {rows} rows: shards written in {time.perf_counter() - started:.0f} s; cleaning ...", flush=True)
     out = work / f"n{rows}.json"
-    env = {**os.environ, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data_dir), "PREFECT_API_URL": api_url,
-           "PREFECT_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, __file__, "--child", str(rows), "--out", str(out)], env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": str(data_dir),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "TQDM_DISABLE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(rows), "--out", str(out)], env=env, capture_output=True, text=True
+    )
     if done.returncode != 0:
         sys.exit(f"clean of {rows} rows failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -338,8 +389,12 @@ def report(results: list[dict]) -> None:
     print("peak RSS (GiB) during each stage (whole process; baseline after imports first)")
     print(f"  {'baseline':<10}" + "".join(f"{r['baseline_rss'] / gib:11.2f}" for r in results))
     for stage in (*STAGES,):
-        print(f"  {stage:<10}" + "".join(f"{r['peak_rss'][stage] / gib:11.2f}" if stage in r["peak_rss"]
-                                        else f"{'-':>11}" for r in results))
+        print(
+            f"  {stage:<10}"
+            + "".join(
+                f"{r['peak_rss'][stage] / gib:11.2f}" if stage in r["peak_rss"] else f"{'-':>11}" for r in results
+            )
+        )
     print("the flow's own stage_seconds (includes table writes; filter and mine may be one entry):")
     for r in results:
         print(f"  {r['rows']:>9,}: {r['flow_stage_seconds']}  counts {r['counts']}")
@@ -364,8 +419,11 @@ def main() -> None:
 
     from ground.settings import load_settings
 
-    print(f"clean flow growth over {sizes} rows, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          "each size in a fresh process; model time excluded (hashing embedder)", flush=True)
+    print(
+        f"clean flow growth over {sizes} rows, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        "each size in a fresh process; model time excluded (hashing embedder)",
+        flush=True,
+    )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the bench's API
     configured = load_settings().prefect.api_url or os.environ.get("PREFECT_API_URL")
     results = []

@@ -51,8 +51,16 @@ from tasks.cleaning.negatives import mine_hard_negatives  # noqa: E402
 from tasks.cleaning.rank_filter import build_index, rank_filter, result_width, search  # noqa: E402
 
 #: keywords of sentence-transformers' mine_hard_negatives this bench passes (present since 3.1)
-ST_KEYWORDS = ("corpus", "range_min", "range_max", "num_negatives", "sampling_strategy", "use_faiss",
-               "output_format", "verbose")
+ST_KEYWORDS = (
+    "corpus",
+    "range_min",
+    "range_max",
+    "num_negatives",
+    "sampling_strategy",
+    "use_faiss",
+    "output_format",
+    "verbose",
+)
 
 
 def rss_bytes() -> int:
@@ -101,21 +109,23 @@ def synthetic_examples(n: int, seed: int) -> pa.Table:
     src = rng.integers(0, n, len(dup))
     for d, s in zip(dup[: len(dup) // 2], src, strict=False):  # exact (case/space-insensitive) duplicates
         queries[d], docs[d] = queries[s].upper(), docs[s] + "  "
-    for d, s in zip(dup[len(dup) // 2:], src[len(dup) // 2:], strict=True):  # near duplicates: one word changed
+    for d, s in zip(dup[len(dup) // 2 :], src[len(dup) // 2 :], strict=True):  # near duplicates: one word changed
         tokens = docs[s].split()
         tokens[len(tokens) // 2] = "changed"
         queries[d], docs[d] = queries[s] + " extra", " ".join(tokens)
     task_types = np.array(["retrieval", "long_long", "short_short", "sts", "bitext", "classification"])
     columns = {name: pa.nulls(n, field.type) for name, field in zip(EXAMPLE_SCHEMA.names, EXAMPLE_SCHEMA, strict=True)}
-    columns.update({
-        "example_id": pa.array([f"bench:{i:08d}" for i in range(n)]),
-        "run_id": pa.array(["bench"] * n),
-        "task_type": pa.array(task_types[rng.integers(0, 5, n)]),  # document-positive types
-        "instruction": pa.array(["Given a query, retrieve a relevant document."] * n),
-        "query": pa.array(queries),
-        "positive": pa.array(docs),
-        "negative": pa.array([None] * n, pa.string()),
-    })
+    columns.update(
+        {
+            "example_id": pa.array([f"bench:{i:08d}" for i in range(n)]),
+            "run_id": pa.array(["bench"] * n),
+            "task_type": pa.array(task_types[rng.integers(0, 5, n)]),  # document-positive types
+            "instruction": pa.array(["Given a query, retrieve a relevant document."] * n),
+            "query": pa.array(queries),
+            "positive": pa.array(docs),
+            "negative": pa.array([None] * n, pa.string()),
+        }
+    )
     return pa.table(columns, schema=EXAMPLE_SCHEMA)
 
 
@@ -144,8 +154,10 @@ def reference_function():
 
     missing = [k for k in ST_KEYWORDS if k not in inspect.signature(st_mine).parameters]
     if missing:
-        sys.exit(f"sentence-transformers {sentence_transformers.__version__}: mine_hard_negatives lacks "
-                 f"{missing}; this bench needs >= 3.1")
+        sys.exit(
+            f"sentence-transformers {sentence_transformers.__version__}: mine_hard_negatives lacks "
+            f"{missing}; this bench needs >= 3.1"
+        )
     return sentence_transformers.__version__, st_mine
 
 
@@ -194,13 +206,23 @@ class PrecomputedModel:
         raise AttributeError(f"PrecomputedModel has no {name!r}: this sentence-transformers version needs it")
 
 
-def reference_mine(st_mine, model: PrecomputedModel, dataset, corpus_texts: list[str], cfg: CleanSettings,
-                   strategy: str):
+def reference_mine(
+    st_mine, model: PrecomputedModel, dataset, corpus_texts: list[str], cfg: CleanSettings, strategy: str
+):
     random.seed(cfg.seed)  # its "random" strategy draws from Python's random
     before = model.encoded
-    out = st_mine(dataset, model, corpus=corpus_texts, range_min=cfg.negative_rank_min,
-                  range_max=cfg.negative_rank_max, num_negatives=cfg.negatives_per_query,
-                  sampling_strategy=strategy, use_faiss=True, output_format="n-tuple", verbose=False)
+    out = st_mine(
+        dataset,
+        model,
+        corpus=corpus_texts,
+        range_min=cfg.negative_rank_min,
+        range_max=cfg.negative_rank_max,
+        num_negatives=cfg.negatives_per_query,
+        sampling_strategy=strategy,
+        use_faiss=True,
+        output_format="n-tuple",
+        verbose=False,
+    )
     if model.encoded - before != 2:
         raise RuntimeError(f"reference encoded {model.encoded - before} lists, expected 2 (queries, corpus)")
     return out
@@ -218,7 +240,7 @@ def brute_force_keep(queries, corpus, positive_idx, k: int, sample: np.ndarray) 
     pos_scores = np.einsum("ij,ij->i", q, corpus[positive_idx[sample]])
     higher = np.zeros(len(sample), dtype=np.int64)
     for start in range(0, len(corpus), 65536):
-        higher += (q @ corpus[start:start + 65536].T > pos_scores[:, None]).sum(axis=1)
+        higher += (q @ corpus[start : start + 65536].T > pos_scores[:, None]).sum(axis=1)
     return higher + 1 <= k
 
 
@@ -226,9 +248,10 @@ def embedding_throughput(texts_n: int) -> None:
     from ground.compute import bf16_supported
     from tasks.cleaning.embed import SentenceTransformerEmbedder
 
-    sentences = [f"A sentence about topic {i % 37} with detail number {i} for the embedding benchmark."
-                 for i in range(texts_n)]
-    for bf16 in ([False, True] if bf16_supported() else [False]):
+    sentences = [
+        f"A sentence about topic {i % 37} with detail number {i} for the embedding benchmark." for i in range(texts_n)
+    ]
+    for bf16 in [False, True] if bf16_supported() else [False]:
         embedder = SentenceTransformerEmbedder(bf16=bf16)
         embedder.encode(sentences[:16])  # warm-up
         start = time.perf_counter()
@@ -241,8 +264,9 @@ def spread(values: list[float], unit_: str = "s") -> str:
     return f"median {statistics.median(values):7.2f} {unit_} (range {min(values):.2f}-{max(values):.2f})"
 
 
-def check_equal_decisions(st_mine, model, dataset, rows, queries, corpus, positive_idx, corpus_texts,
-                          cfg: CleanSettings) -> None:
+def check_equal_decisions(
+    st_mine, model, dataset, rows, queries, corpus, positive_idx, corpus_texts, cfg: CleanSettings
+) -> None:
     """Untimed: both sides with ``top`` selection; equal negatives on rows where both read the same window."""
     top = cfg.model_copy(update={"negative_mode": "top"})
     ours, ids = our_mine(rows, queries, corpus, positive_idx, corpus_texts, top)
@@ -254,8 +278,10 @@ def check_equal_decisions(st_mine, model, dataset, rows, queries, corpus, positi
     their_negs = {int(a[1:]): list(negs) for a, negs in zip(their_columns["anchor"], negative_lists, strict=True)}
     rows_checked = np.flatnonzero(comparable)
     equal = sum(set(our_negs.get(f"bench:{i:08d}", [])) == set(their_negs.get(int(i), [])) for i in rows_checked)
-    print(f"  negatives equal to sentence-transformers' ('top' selection) on {equal}/{len(rows_checked)} rows "
-          f"whose positive is beyond the top {ids.shape[1]} (the rows where both read the same window)")
+    print(
+        f"  negatives equal to sentence-transformers' ('top' selection) on {equal}/{len(rows_checked)} rows "
+        f"whose positive is beyond the top {ids.shape[1]} (the rows where both read the same window)"
+    )
 
 
 def main() -> None:
@@ -271,9 +297,11 @@ def main() -> None:
     st_version, st_mine = reference_function()  # before anything slow: a wrong version stops here
     cfg = CleanSettings()
     n = args.samples
-    print(f"samples {n}, corpus {2 * n}, dim {args.dim}, k {cfg.rank_top_k}, negatives {cfg.negatives_per_query} "
-          f"from ranks {cfg.negative_rank_min}-{cfg.negative_rank_max}, sentence-transformers {st_version}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"samples {n}, corpus {2 * n}, dim {args.dim}, k {cfg.rank_top_k}, negatives {cfg.negatives_per_query} "
+        f"from ranks {cfg.negative_rank_min}-{cfg.negative_rank_max}, sentence-transformers {st_version}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     results: dict = {}
 
     if not args.skip_dedup:
@@ -290,8 +318,14 @@ def main() -> None:
     queries, corpus, positive_idx = synthetic_embeddings(n, args.dim, args.seed)
     query_texts = [f"q{i}" for i in range(n)]
     corpus_texts = [f"d{i}" for i in range(len(corpus))]
-    rows = pa.table({"example_id": [f"bench:{i:08d}" for i in range(n)], "run_id": ["bench"] * n,
-                     "task_type": ["retrieval"] * n, "query": query_texts})
+    rows = pa.table(
+        {
+            "example_id": [f"bench:{i:08d}" for i in range(n)],
+            "run_id": ["bench"] * n,
+            "task_type": ["retrieval"] * n,
+            "query": query_texts,
+        }
+    )
     dataset = Dataset.from_dict({"anchor": query_texts, "positive": corpus_texts[:n]})
     model = PrecomputedModel(args.dim, (query_texts, queries), (corpus_texts, corpus))
     print(f"  embedding matrices: {(queries.nbytes + corpus.nbytes) / 2**30:.2f} GiB")
@@ -315,10 +349,12 @@ def main() -> None:
     with measured("ours, flow path: filter + mine kept", results):
         index = build_index(corpus, cfg)
         filtered, found = rank_filter(rows, queries, corpus, positive_idx, cfg, index)
-        mined = mine_hard_negatives(filtered.kept, found.ids, found.scores, corpus_texts, corpus,
-                                    positive_idx[found.rows], cfg)
-    print(f"  kept {filtered.kept.num_rows} of {n} (positive in top {cfg.rank_top_k}), "
-          f"mined rows {mined.kept.num_rows}")
+        mined = mine_hard_negatives(
+            filtered.kept, found.ids, found.scores, corpus_texts, corpus, positive_idx[found.rows], cfg
+        )
+    print(
+        f"  kept {filtered.kept.num_rows} of {n} (positive in top {cfg.rank_top_k}), mined rows {mined.kept.num_rows}"
+    )
     sample = np.random.default_rng(1).choice(n, size=min(args.check_queries, n), replace=False)
     expected = brute_force_keep(queries, corpus, positive_idx, cfg.rank_top_k, sample)
     kept_ids = set(filtered.kept["example_id"].to_pylist())
@@ -335,8 +371,10 @@ def main() -> None:
     ratios = [b / a for a, b in zip(ours, theirs, strict=True)]
     print(f"mining {n} queries x {2 * n} corpus, {args.trials} trials, load average now {os.getloadavg()[0]:.1f}:")
     print(f"  ours                  {spread(ours)}   peak RSS +{max(r for _, r in results['ours']) / 2**30:.2f} GiB")
-    print(f"  sentence-transformers {spread(theirs)}   peak RSS "
-          f"+{max(r for _, r in results['sentence-transformers']) / 2**30:.2f} GiB")
+    print(
+        f"  sentence-transformers {spread(theirs)}   peak RSS "
+        f"+{max(r for _, r in results['sentence-transformers']) / 2**30:.2f} GiB"
+    )
     print(f"  speed ratio (sentence-transformers / ours): {spread(ratios, 'x')}")
 
 

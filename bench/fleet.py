@@ -187,11 +187,28 @@ class FleetResult:
 @contextmanager
 def stub_fleet(config: FleetConfig) -> Iterator[dict[str, Any]]:
     m = config.latency
-    command = [sys.executable, str(HERE / "fleet_stub.py"), "--endpoints", str(config.endpoints),
-               "--per-endpoint", str(config.per_endpoint), "--ttft", str(m.ttft_s), "--decode-rate",
-               str(m.decode_tokens_per_s), "--tokens", str(m.tokens), "--tokens-spread", str(m.tokens_spread),
-               "--time-scale", str(m.time_scale), "--seed", str(config.seed),
-               "--max-seconds", str(config.max_seconds + 300)]  # it stops when we close its stdin
+    command = [
+        sys.executable,
+        str(HERE / "fleet_stub.py"),
+        "--endpoints",
+        str(config.endpoints),
+        "--per-endpoint",
+        str(config.per_endpoint),
+        "--ttft",
+        str(m.ttft_s),
+        "--decode-rate",
+        str(m.decode_tokens_per_s),
+        "--tokens",
+        str(m.tokens),
+        "--tokens-spread",
+        str(m.tokens_spread),
+        "--time-scale",
+        str(m.time_scale),
+        "--seed",
+        str(config.seed),
+        "--max-seconds",
+        str(config.max_seconds + 300),
+    ]  # it stops when we close its stdin
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready: list[str] = []
@@ -245,25 +262,37 @@ def fleet_client(config: FleetConfig, urls: list[str], model: str) -> tuple[LLMC
     """The client as generation builds it: ``LLMClient.from_settings`` on settings naming the fleet."""
     notes = []
     cap = next(m.le for m in LLMSettings.model_fields["max_in_flight"].metadata if hasattr(m, "le"))
-    settings = load_settings(llm={"base_urls": urls, "model": model, "max_in_flight": min(config.target, cap),
-                                  "max_tokens": 2 * config.latency.tokens, "request_timeout_s": 600.0})
+    settings = load_settings(
+        llm={
+            "base_urls": urls,
+            "model": model,
+            "max_in_flight": min(config.target, cap),
+            "max_tokens": 2 * config.latency.tokens,
+            "request_timeout_s": 600.0,
+        }
+    )
     overrides: dict[str, Any] = {}
     if config.target > cap:
         overrides["max_in_flight"] = config.target
-        notes.append(f"llm.max_in_flight is capped at {cap} by ground/settings.py; the bench passes "
-                     f"{config.target} to from_settings as an override")
+        notes.append(
+            f"llm.max_in_flight is capped at {cap} by ground/settings.py; the bench passes "
+            f"{config.target} to from_settings as an override"
+        )
     if config.http_connections:
-        limits = openai_http.Limits(max_connections=config.http_connections,
-                              max_keepalive_connections=config.http_connections)
+        limits = openai_http.Limits(
+            max_connections=config.http_connections, max_keepalive_connections=config.http_connections
+        )
         overrides["http_client"] = openai.DefaultAsyncHttpxClient(limits=limits)
         notes.append(f"what-if: the client's HTTP pool raised to {config.http_connections} connections")
     else:
         from openai._constants import DEFAULT_CONNECTION_LIMITS as pool
 
         if pool.max_connections and pool.max_connections < config.target:
-            notes.append(f"the openai client's default HTTP pool allows {pool.max_connections} connections "
-                         f"({pool.max_keepalive_connections} kept alive): at most that many requests on the wire "
-                         f"of the {config.target} in flight (try --http-connections)")
+            notes.append(
+                f"the openai client's default HTTP pool allows {pool.max_connections} connections "
+                f"({pool.max_keepalive_connections} kept alive): at most that many requests on the wire "
+                f"of the {config.target} in flight (try --http-connections)"
+            )
     return LLMClient.from_settings(settings, **overrides), notes
 
 
@@ -288,12 +317,26 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
         except (TimeoutError, OSError, ValueError) as exc:  # keep the last counters
             notes.append(f"stub stats unreadable at {time.monotonic() - start:.0f}s: {exc!r}")
         s = client.stats
-        samples.append(Sample(time.monotonic() - start, s.requests, s.succeeded + s.failed, time.process_time(),
-                              _main_thread_busy_s(), lag, stub["open"], stub["active"]))
+        samples.append(
+            Sample(
+                time.monotonic() - start,
+                s.requests,
+                s.succeeded + s.failed,
+                time.process_time(),
+                _main_thread_busy_s(),
+                lag,
+                stub["open"],
+                stub["active"],
+            )
+        )
         if samples[-1].t >= printed[0] + 10:  # a line every ~10 s for long runs
             printed[0] = samples[-1].t
-            print(f"  {samples[-1].t:6.0f}s: {s.succeeded + s.failed} done, {s.in_flight} in flight in the client, "
-                  f"{stub['open']} in the stubs, loop lag {lag:.2f}s", file=sys.stderr, flush=True)
+            print(
+                f"  {samples[-1].t:6.0f}s: {s.succeeded + s.failed} done, {s.in_flight} in flight in the client, "
+                f"{stub['open']} in the stubs, loop lag {lag:.2f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     async def sampler(stop: asyncio.Event) -> None:
         deadline = start + config.max_seconds + 30
@@ -309,7 +352,8 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
     try:
         records = await asyncio.wait_for(
             run_shards(run_example_shard, store, shards, client, settings_sampling, shards_in_flight),
-            timeout=config.max_seconds)
+            timeout=config.max_seconds,
+        )
     except TimeoutError:
         timed_out, records = True, []
         notes.append(f"stopped after --max-seconds {config.max_seconds}: figures cover what finished")
@@ -321,12 +365,24 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
     examples = sorted((store.root / "examples").glob("*.parquet"))
     latencies = [x for p in examples for x in pq.read_table(str(p), columns=["latency_s"])["latency_s"].to_pylist()]
     result = FleetResult(
-        config=config, samples=samples, total=total, succeeded=client.stats.succeeded, failed=client.stats.failed,
-        http_attempts=client.stats.http_attempts, rows_written=len(latencies), shards_written=len(records),
-        per_endpoint=[e["requests"] for e in client.router.snapshot().values()], stub=stub, elapsed_s=elapsed,
-        cpu_s=time.process_time(), rss_start_mib=rss_start,
+        config=config,
+        samples=samples,
+        total=total,
+        succeeded=client.stats.succeeded,
+        failed=client.stats.failed,
+        http_attempts=client.stats.http_attempts,
+        rows_written=len(latencies),
+        shards_written=len(records),
+        per_endpoint=[e["requests"] for e in client.router.snapshot().values()],
+        stub=stub,
+        elapsed_s=elapsed,
+        cpu_s=time.process_time(),
+        rss_start_mib=rss_start,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        mean_latency_s=statistics.fmean(latencies) if latencies else 0.0, timed_out=timed_out, notes=notes)
+        mean_latency_s=statistics.fmean(latencies) if latencies else 0.0,
+        timed_out=timed_out,
+        notes=notes,
+    )
     result.window = steady_window(result)
     return result
 
@@ -347,8 +403,12 @@ def _watchdog(config: FleetConfig, done: threading.Event) -> None:
     """The hard time bound: a factory whose event loop is stuck in one long pass cannot honour its own timeout."""
     limit = config.max_seconds + 120
     if not done.wait(limit):
-        print(f"fleet: no result {limit:.0f}s after the start (the factory's event loop did not come back); "
-              "exiting (the stub process stops with us)", file=sys.stderr, flush=True)
+        print(
+            f"fleet: no result {limit:.0f}s after the start (the factory's event loop did not come back); "
+            "exiting (the stub process stops with us)",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(3)
 
 
@@ -436,8 +496,16 @@ def main() -> None:
     if min(args.endpoints, args.per_endpoint, args.requests, args.shard_size) < 1 or args.time_scale <= 0:
         p.error("counts must be >= 1 and --time-scale > 0")
     latency = LatencyModel(args.ttft, args.decode_rate, args.tokens, args.tokens_spread, args.time_scale)
-    config = FleetConfig(args.endpoints, args.per_endpoint, args.in_flight, args.requests, args.shard_size, latency,
-                         args.http_connections, max_seconds=args.max_seconds)
+    config = FleetConfig(
+        args.endpoints,
+        args.per_endpoint,
+        args.in_flight,
+        args.requests,
+        args.shard_size,
+        latency,
+        args.http_connections,
+        max_seconds=args.max_seconds,
+    )
     result = run_fleet(config, args.profile)
     print(report(result), flush=True)
     if args.profile:

@@ -104,8 +104,9 @@ class Fleet:
 
     async def start(self) -> None:
         for endpoint in self.endpoints:
-            server = await asyncio.start_server(lambda r, w, e=endpoint: self._connection(e, r, w), HOST, 0,
-                                                backlog=4096, limit=MAX_HEADER_BYTES)
+            server = await asyncio.start_server(
+                lambda r, w, e=endpoint: self._connection(e, r, w), HOST, 0, backlog=4096, limit=MAX_HEADER_BYTES
+            )
             endpoint.port = server.sockets[0].getsockname()[1]
             self.servers.append(server)
 
@@ -132,8 +133,9 @@ class Fleet:
                     return
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = (request_line.split(" ", 2) + ["", ""])[:3]
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (line.partition(":") for line in header_lines if line)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines if line)
+                }
                 length = int(headers.get("content-length") or 0)
                 if length > MAX_BODY_BYTES:
                     self.counters.bad_requests += 1
@@ -141,9 +143,12 @@ class Fleet:
                 body = await reader.readexactly(length) if length else b""
                 status, payload = await self._route(endpoint, method, path.split("?")[0].rstrip("/"), body)
                 data = json.dumps(payload).encode()
-                writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                             "Connection: keep-alive\r\n\r\n".encode() + data)
+                writer.write(
+                    f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                    "Connection: keep-alive\r\n\r\n".encode()
+                    + data
+                )
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
                     return
@@ -198,13 +203,23 @@ class Fleet:
         c.service_s += service
         c.completion_tokens += tokens
         return {
-            "id": f"chatcmpl-fleet-{endpoint.index}-{c.served}", "object": "chat.completion", "created": 0,
+            "id": f"chatcmpl-fleet-{endpoint.index}-{c.served}",
+            "object": "chat.completion",
+            "created": 0,
             "model": request.get("model", MODEL),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "length" if tokens == request.get("max_tokens") else "stop",
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_words, "completion_tokens": tokens,
-                      "total_tokens": prompt_words + tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length" if tokens == request.get("max_tokens") else "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_words,
+                "completion_tokens": tokens,
+                "total_tokens": prompt_words + tokens,
+            },
         }
 
 
@@ -220,9 +235,18 @@ async def serve(args: argparse.Namespace) -> None:
     model = LatencyModel(args.ttft, args.decode_rate, args.tokens, args.tokens_spread, args.time_scale)
     fleet = Fleet(args.endpoints, args.per_endpoint, model, args.seed)
     await fleet.start()
-    print(json.dumps({"urls": fleet.urls, "stats_url": f"http://{HOST}:{fleet.endpoints[0].port}/stats",
-                      "model": MODEL, "mean_service_s": model.mean_service_s, "open_files": raise_open_files_limit()}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "urls": fleet.urls,
+                "stats_url": f"http://{HOST}:{fleet.endpoints[0].port}/stats",
+                "model": MODEL,
+                "mean_service_s": model.mean_service_s,
+                "open_files": raise_open_files_limit(),
+            }
+        ),
+        flush=True,
+    )
     loop, stdin_closed = asyncio.get_running_loop(), asyncio.Event()
 
     def on_stdin() -> None:  # an empty read is EOF: the bench closed the pipe or is gone

@@ -52,25 +52,43 @@ INSTRUCTIONS = {
 
 
 def bench_plan(n: int, shard_size: int, seed: int) -> list[ExampleShard]:
-    rows = [{"instruction_id": f"{t}-000001", "task_type": t, "instruction": text, "normalized": text.lower(),
-             "persona_id": "p_bench", "persona": "A benchmark persona."} for t, text in INSTRUCTIONS.items()]
+    rows = [
+        {
+            "instruction_id": f"{t}-000001",
+            "task_type": t,
+            "instruction": text,
+            "normalized": text.lower(),
+            "persona_id": "p_bench",
+            "persona": "A benchmark persona.",
+        }
+        for t, text in INSTRUCTIONS.items()
+    ]
     table = pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)
     return plan_examples("bench", 0, split_targets(n, list(TASK_TYPES)), table, seed, shard_size)
 
 
-async def bare_client(base_url: str, model: str, api_key: str, shards: list[ExampleShard], sampling: Sampling,
-                      concurrency: int) -> tuple[int, float]:
+async def bare_client(
+    base_url: str, model: str, api_key: str, shards: list[ExampleShard], sampling: Sampling, concurrency: int
+) -> tuple[int, float]:
     """The reference: one AsyncOpenAI client, a semaphore, nothing else."""
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
-    prompts = [render_example(get_task_type(r.task_type), r.instruction, dict(r.placeholders))
-               for shard in shards for r in shard.requests]
+    prompts = [
+        render_example(get_task_type(r.task_type), r.instruction, dict(r.placeholders))
+        for shard in shards
+        for r in shard.requests
+    ]
 
     async def one(prompt) -> int:
         async with gate:
             response = await client.chat.completions.create(
-                model=model, messages=prompt.messages, response_format=prompt.response_format,
-                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+                model=model,
+                messages=prompt.messages,
+                response_format=prompt.response_format,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+            )
             return response.usage.completion_tokens
 
     start = time.perf_counter()
@@ -81,11 +99,20 @@ async def bare_client(base_url: str, model: str, api_key: str, shards: list[Exam
 
 
 @flow(name="bench-generation")
-async def pipeline_flow(base_url: str, model: str, api_key: str, shards: list[ExampleShard], sampling: Sampling,
-                        concurrency: int, shards_in_flight: int, data_dir: str) -> tuple[int, float]:
+async def pipeline_flow(
+    base_url: str,
+    model: str,
+    api_key: str,
+    shards: list[ExampleShard],
+    sampling: Sampling,
+    concurrency: int,
+    shards_in_flight: int,
+    data_dir: str,
+) -> tuple[int, float]:
     store = RunStore(Path(data_dir), f"bench-{time.time_ns()}")
-    client = LLMClient(base_url, model, api_key, max_in_flight=concurrency, schema_retries=0,
-                       send_seed=load_settings().llm.send_seed)
+    client = LLMClient(
+        base_url, model, api_key, max_in_flight=concurrency, schema_retries=0, send_seed=load_settings().llm.send_seed
+    )
     start = time.perf_counter()
     await run_shards(example_shard_task, store, shards, client, sampling, shards_in_flight)
     elapsed = time.perf_counter() - start
@@ -134,12 +161,15 @@ def main() -> None:
         else:
             base_url, model = settings.llm_base_url, settings.llm_model
             key = settings.llm.api_key.get_secret_value()
-        print(f"server {base_url} ({'stub' if stub is not None else model}), {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"server {base_url} ({'stub' if stub is not None else model}), {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         sides = {
             "bare client": lambda: bare_client(base_url, model, key, shards, sampling, args.concurrency),
-            "pipeline": lambda: pipeline_flow(base_url, model, key, shards, sampling, args.concurrency,
-                                              args.shards_in_flight, tmp),
+            "pipeline": lambda: pipeline_flow(
+                base_url, model, key, shards, sampling, args.concurrency, args.shards_in_flight, tmp
+            ),
         }
         asyncio.run(bare_client(base_url, model, key, shards[:1], sampling, args.concurrency))  # warm-up
         rates: dict[str, list[float]] = {name: [] for name in sides}
@@ -148,13 +178,17 @@ def main() -> None:
             for name in order:
                 tokens, elapsed = asyncio.run(sides[name]())
                 rates[name].append(tokens / elapsed)
-                print(f"trial {trial}: {name:<12} {tokens:6d} tokens in {elapsed:6.1f}s = {rates[name][-1]:8.1f} tok/s",
-                      flush=True)
+                print(
+                    f"trial {trial}: {name:<12} {tokens:6d} tokens in {elapsed:6.1f}s = {rates[name][-1]:8.1f} tok/s",
+                    flush=True,
+                )
     bare, pipe = rates["bare client"], rates["pipeline"]
     ratios = [p / b for p, b in zip(pipe, bare, strict=True)]
-    print(f"requests/trial {args.requests}, concurrency {args.concurrency}, trials {args.trials}, "
-          f"max_tokens {sampling.max_tokens}, server {'stub' if args.stub else model}, "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"requests/trial {args.requests}, concurrency {args.concurrency}, trials {args.trials}, "
+        f"max_tokens {sampling.max_tokens}, server {'stub' if args.stub else model}, "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
     print(f"  bare client {spread(bare, 'tok/s')}")
     print(f"  pipeline    {spread(pipe, 'tok/s')}")
     print(f"  ratio pipeline/bare: {spread(ratios, 'x')}")

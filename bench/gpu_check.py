@@ -35,10 +35,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.cleaning.device_search import TorchExactIndex  # noqa: E402
 from tasks.training.losses import matryoshka_dims_for  # noqa: E402
 
-QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=4096)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
+QWEN2_0_5B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151_936,
+    max_position_embeddings=4096,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=512,
+)
 
 
 def unit_vectors(n: int, dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -77,10 +91,18 @@ def check_search(args, device: torch.device) -> dict:
             if any(abs(exact[row, i] - boundary) > 1e-5 for i in differing):
                 mismatched_rows += 1
     flops = 2.0 * args.queries * args.corpus * args.dim
-    return {"queries": args.queries, "corpus": args.corpus, "dim": args.dim, "k": args.k,
-            "seconds": round(seconds, 3), "tflops": round(flops / seconds / 1e12, 2),
-            "sample": len(sample), "mismatched_rows": mismatched_rows, "max_score_error": worst_score_error,
-            "equal_to_exact": mismatched_rows == 0 and worst_score_error < 1e-5}
+    return {
+        "queries": args.queries,
+        "corpus": args.corpus,
+        "dim": args.dim,
+        "k": args.k,
+        "seconds": round(seconds, 3),
+        "tflops": round(flops / seconds / 1e12, 2),
+        "sample": len(sample),
+        "mismatched_rows": mismatched_rows,
+        "max_score_error": worst_score_error,
+        "equal_to_exact": mismatched_rows == 0 and worst_score_error < 1e-5,
+    }
 
 
 def random_decoder(folder: Path, shape: dict, seq: int):
@@ -140,11 +162,21 @@ def check_training(args, device: torch.device) -> dict:
             times.append(time.perf_counter() - started)
             losses.append(loss.item())
     per_step = float(np.median(times))
-    return {"shape": "tiny" if args.tiny else "Qwen2-0.5B", "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "seq": args.seq, "batch": args.batch, "negatives": args.negatives, "bf16": bf16,
-            "gradient_checkpointing": True, "steps_timed": len(times), "seconds_per_step": round(per_step, 3),
-            "samples_per_s": round(args.batch / per_step, 2), "loss_first": losses[0], "loss_last": losses[-1],
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None}
+    return {
+        "shape": "tiny" if args.tiny else "Qwen2-0.5B",
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "seq": args.seq,
+        "batch": args.batch,
+        "negatives": args.negatives,
+        "bf16": bf16,
+        "gradient_checkpointing": True,
+        "steps_timed": len(times),
+        "seconds_per_step": round(per_step, 3),
+        "samples_per_s": round(args.batch / per_step, 2),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,8 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device visible to torch (use --device cpu --tiny for a functional check)")
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     results["search"] = check_search(args, device)
     print(json.dumps({"search": results["search"]}), flush=True)
     results["training"] = check_training(args, device)

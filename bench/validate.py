@@ -43,35 +43,51 @@ from tasks.cleaning.validate import python_text_classes, validate_examples  # no
 # --- synthetic shards -------------------------------------------------------------------------
 #: common words per prompt language; CJK ones are joined without spaces
 VOCABULARY: dict[str, tuple[str, ...]] = {
-    "English": tuple("the house heat pump winter cold air water energy family garden kitchen window roof wall "
-                     "insulation cost price neighbour city village engineer summer morning evening system pipe "
-                     "floor door power bill month year repair service noise comfort temperature which because "
-                     "would should about their there people never always between without through".split()),
-    "French": tuple("le la les une des maison chaleur pompe hiver froid air eau énergie famille jardin cuisine "
-                    "fenêtre toit mur isolation prix voisin ville village ingénieur été matin soir système tuyau "
-                    "porte facture mois année réparation bruit confort température parce que avec pour dans "
-                    "sans toujours jamais entre notre leur être avoir très".split()),
-    "German": tuple("der die das ein eine Haus Wärme Pumpe Winter kalt Luft Wasser Energie Familie Garten "
-                    "Küche Fenster Dach Wand Dämmung Preis Nachbar Stadt Dorf Ingenieur Sommer Morgen Abend "
-                    "System Rohr Boden Tür Rechnung Monat Jahr Reparatur Lärm Temperatur weil mit für ohne "
-                    "immer nicht auch sehr zwischen unsere werden haben ist".split()),
-    "Spanish": tuple("el la los las una casa calor bomba invierno frío aire agua energía familia jardín cocina "
-                     "ventana techo pared aislamiento precio vecino ciudad pueblo ingeniero verano mañana tarde "
-                     "sistema tubo suelo puerta factura mes año reparación ruido temperatura porque con para sin "
-                     "siempre nunca entre nuestro también muy está".split()),
-    "Russian": tuple("дом тепло насос зима холодный воздух вода энергия семья сад кухня окно крыша стена "
-                     "изоляция цена сосед город деревня инженер лето утро вечер система труба пол дверь счёт "
-                     "месяц год ремонт шум температура потому что с для без всегда никогда между наш очень "
-                     "было будет этот".split()),
-    "Hindi": tuple("घर गर्मी पंप सर्दी ठंडा हवा पानी ऊर्जा परिवार बगीचा रसोई खिड़की छत दीवार कीमत पड़ोसी शहर "
-                   "गांव इंजीनियर गर्मियों सुबह शाम प्रणाली पाइप दरवाजा बिल महीना साल मरम्मत शोर तापमान क्योंकि "
-                   "के लिए साथ बिना हमेशा कभी नहीं हमारा बहुत है था".split()),
-    "Chinese": tuple("房子 热泵 冬天 寒冷 空气 水 能源 家庭 花园 厨房 窗户 屋顶 墙壁 保温 价格 邻居 城市 村庄 工程师 "
-                     "夏天 早上 晚上 系统 管道 地板 门 账单 每月 今年 维修 噪音 舒适 温度 因为 所以 我们 他们 "
-                     "非常 可以 已经 没有 这个 那个 的 了 是 在".split()),
-    "Japanese": tuple("家 ヒートポンプ 冬 寒い 空気 水 エネルギー 家族 庭 台所 窓 屋根 壁 断熱 価格 近所 町 村 "
-                      "技術者 夏 朝 夜 システム 配管 床 ドア 請求書 毎月 今年 修理 騒音 快適 温度 ので から "
-                      "です ます は が を に で と の ません".split()),
+    "English": tuple(
+        "the house heat pump winter cold air water energy family garden kitchen window roof wall "
+        "insulation cost price neighbour city village engineer summer morning evening system pipe "
+        "floor door power bill month year repair service noise comfort temperature which because "
+        "would should about their there people never always between without through".split()
+    ),
+    "French": tuple(
+        "le la les une des maison chaleur pompe hiver froid air eau énergie famille jardin cuisine "
+        "fenêtre toit mur isolation prix voisin ville village ingénieur été matin soir système tuyau "
+        "porte facture mois année réparation bruit confort température parce que avec pour dans "
+        "sans toujours jamais entre notre leur être avoir très".split()
+    ),
+    "German": tuple(
+        "der die das ein eine Haus Wärme Pumpe Winter kalt Luft Wasser Energie Familie Garten "
+        "Küche Fenster Dach Wand Dämmung Preis Nachbar Stadt Dorf Ingenieur Sommer Morgen Abend "
+        "System Rohr Boden Tür Rechnung Monat Jahr Reparatur Lärm Temperatur weil mit für ohne "
+        "immer nicht auch sehr zwischen unsere werden haben ist".split()
+    ),
+    "Spanish": tuple(
+        "el la los las una casa calor bomba invierno frío aire agua energía familia jardín cocina "
+        "ventana techo pared aislamiento precio vecino ciudad pueblo ingeniero verano mañana tarde "
+        "sistema tubo suelo puerta factura mes año reparación ruido temperatura porque con para sin "
+        "siempre nunca entre nuestro también muy está".split()
+    ),
+    "Russian": tuple(
+        "дом тепло насос зима холодный воздух вода энергия семья сад кухня окно крыша стена "
+        "изоляция цена сосед город деревня инженер лето утро вечер система труба пол дверь счёт "
+        "месяц год ремонт шум температура потому что с для без всегда никогда между наш очень "
+        "было будет этот".split()
+    ),
+    "Hindi": tuple(
+        "घर गर्मी पंप सर्दी ठंडा हवा पानी ऊर्जा परिवार बगीचा रसोई खिड़की छत दीवार कीमत पड़ोसी शहर "
+        "गांव इंजीनियर गर्मियों सुबह शाम प्रणाली पाइप दरवाजा बिल महीना साल मरम्मत शोर तापमान क्योंकि "
+        "के लिए साथ बिना हमेशा कभी नहीं हमारा बहुत है था".split()
+    ),
+    "Chinese": tuple(
+        "房子 热泵 冬天 寒冷 空气 水 能源 家庭 花园 厨房 窗户 屋顶 墙壁 保温 价格 邻居 城市 村庄 工程师 "
+        "夏天 早上 晚上 系统 管道 地板 门 账单 每月 今年 维修 噪音 舒适 温度 因为 所以 我们 他们 "
+        "非常 可以 已经 没有 这个 那个 的 了 是 在".split()
+    ),
+    "Japanese": tuple(
+        "家 ヒートポンプ 冬 寒い 空気 水 エネルギー 家族 庭 台所 窓 屋根 壁 断熱 価格 近所 町 村 "
+        "技術者 夏 朝 夜 システム 配管 床 ドア 請求書 毎月 今年 修理 騒音 快適 温度 ので から "
+        "です ます は が を に で と の ません".split()
+    ),
 }
 CJK = {"Chinese", "Japanese"}
 TASK_TYPES = ("retrieval", "classification", "short_short", "long_long", "sts", "bitext")
@@ -111,8 +127,9 @@ def defect(rng: np.random.Generator, row: dict) -> None:
     elif kind == 3:
         row["query"] = row["query"] * 60
     elif kind == 4:
-        row["positive"] = rng.choice(["I love you. " * 30, "a" * 60, "spam eggs spam spam spam ham spam " * 4,
-                                      "?!?! ... --- !!!"])
+        row["positive"] = rng.choice(
+            ["I love you. " * 30, "a" * 60, "spam eggs spam spam spam ham spam " * 4, "?!?! ... --- !!!"]
+        )
     elif kind == 5:
         row["positive"] = "  " + row["query"].upper() + "!! "
     elif kind == 6:
@@ -152,9 +169,14 @@ def synthetic_shard(n: int, seed: int, defect_share: float = 0.15) -> pa.Table:
             positive = salad(rng, language, int(rng.integers(200, 1500)))
             negative = salad(rng, language, int(rng.integers(200, 1500)))
         row = {
-            "example_id": f"bench:{seed:03d}-{i:07d}", "run_id": "bench", "shard_id": f"g00-{seed:05d}",
-            "task_type": task_type, "instruction": INSTRUCTIONS[task_type],
-            "placeholders": json.dumps(placeholders), "query": query, "positive": str(positive),
+            "example_id": f"bench:{seed:03d}-{i:07d}",
+            "run_id": "bench",
+            "shard_id": f"g00-{seed:05d}",
+            "task_type": task_type,
+            "instruction": INSTRUCTIONS[task_type],
+            "placeholders": json.dumps(placeholders),
+            "query": query,
+            "positive": str(positive),
             "negative": None if negative is None else str(negative),
         }
         if rng.random() < defect_share:
@@ -169,8 +191,9 @@ def synthetic_shard(n: int, seed: int, defect_share: float = 0.15) -> pa.Table:
 # --- the implementation before polars -----------------------------------------------------------
 def revision_before_polars() -> str:
     """The newest commit whose validate.py does not use polars (the comparison's baseline)."""
-    commits = subprocess.run(["git", "log", "--format=%H", "--", MODULE], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout.split()
+    commits = subprocess.run(
+        ["git", "log", "--format=%H", "--", MODULE], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
     for commit in commits:
         if "import polars" not in git_show(commit):
             return commit
@@ -178,16 +201,19 @@ def revision_before_polars() -> str:
 
 
 def git_show(rev: str) -> str:
-    return subprocess.run(["git", "show", f"{rev}:{MODULE}"], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", "show", f"{rev}:{MODULE}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def load_revision(rev: str, folder: Path):
     """validate.py as of ``rev``, imported as a module of its own (it imports today's dedup helpers)."""
     source = git_show(rev)
     if not hasattr(dedup, "normalize_array"):  # renamed since; same function
-        source = source.replace("from tasks.cleaning.dedup import dropped_table, normalize_array",
-                                "from tasks.cleaning.dedup import dedup_keys as normalize_array, dropped_table")
+        source = source.replace(
+            "from tasks.cleaning.dedup import dropped_table, normalize_array",
+            "from tasks.cleaning.dedup import dedup_keys as normalize_array, dropped_table",
+        )
     path = folder / f"validate_{rev[:12]}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -216,8 +242,10 @@ def timed(validate, shards: list[pa.Table], cfg: CleanSettings):
 def summary(name: str, rows: int, walls: list[float], cpus: list[float]) -> float:
     per_s = sorted(rows / w for w in walls)
     per_cpu_s = sorted(rows / c for c in cpus)
-    print(f"  {name:<8} {statistics.median(per_s):8.0f} rows/s  (range {per_s[0]:.0f}-{per_s[-1]:.0f})   "
-          f"{statistics.median(per_cpu_s):8.0f} rows/CPU-s  (range {per_cpu_s[0]:.0f}-{per_cpu_s[-1]:.0f})")
+    print(
+        f"  {name:<8} {statistics.median(per_s):8.0f} rows/s  (range {per_s[0]:.0f}-{per_s[-1]:.0f})   "
+        f"{statistics.median(per_cpu_s):8.0f} rows/CPU-s  (range {per_cpu_s[0]:.0f}-{per_cpu_s[-1]:.0f})"
+    )
     return statistics.median(per_s)
 
 
@@ -228,8 +256,11 @@ def main() -> None:
     parser.add_argument("--shards", nargs="*", help="real example shards (parquet) instead of synthetic ones")
     parser.add_argument("--trials", type=int, default=3, help="alternating trials per side (>= 3)")
     parser.add_argument("--rev", help="baseline revision (default: newest validate.py without polars)")
-    parser.add_argument("--no-language", action="store_true",
-                        help="check_language off: time only the checks polars screens (py3langid is the same code)")
+    parser.add_argument(
+        "--no-language",
+        action="store_true",
+        help="check_language off: time only the checks polars screens (py3langid is the same code)",
+    )
     args = parser.parse_args()
 
     if args.shards:
@@ -237,7 +268,8 @@ def main() -> None:
         source = f"{len(shards)} real shards"
     else:
         sizes = [args.shard_rows] * (args.rows // args.shard_rows) + [args.rows % args.shard_rows] * bool(
-            args.rows % args.shard_rows)
+            args.rows % args.shard_rows
+        )
         shards = [synthetic_shard(size, seed) for seed, size in enumerate(sizes)]
         source = f"{len(shards)} synthetic shards"
     rows = sum(s.num_rows for s in shards)
@@ -245,8 +277,10 @@ def main() -> None:
     rev = args.rev or revision_before_polars()
     with tempfile.TemporaryDirectory() as folder:
         before = load_revision(rev, Path(folder))
-    print(f"validation: {rows} rows in {source}; before = {MODULE} at {rev[:12]}, after = working tree; "
-          f"check_language={cfg.check_language}")
+    print(
+        f"validation: {rows} rows in {source}; before = {MODULE} at {rev[:12]}, after = working tree; "
+        f"check_language={cfg.check_language}"
+    )
 
     # one-off costs, outside the trials: py3langid's model (each side loads its own), Python's text tables
     start = time.perf_counter()
@@ -260,7 +294,7 @@ def main() -> None:
     cpus = {name: [] for name in sides}
     reference = None
     for trial in range(max(3, args.trials)):
-        for name in (("before", "after") if trial % 2 == 0 else ("after", "before")):
+        for name in ("before", "after") if trial % 2 == 0 else ("after", "before"):
             results, wall, cpu = timed(sides[name], shards, cfg)
             walls[name].append(wall)
             cpus[name].append(cpu)
@@ -271,8 +305,10 @@ def main() -> None:
 
     kept, dropped = reference
     reasons = Counter(reason for _, reason, _ in dropped)
-    print(f"  identical verdicts on both sides: {len(kept)} kept, {len(dropped)} dropped "
-          f"({', '.join(f'{r} {c}' for r, c in reasons.most_common())})")
+    print(
+        f"  identical verdicts on both sides: {len(kept)} kept, {len(dropped)} dropped "
+        f"({', '.join(f'{r} {c}' for r, c in reasons.most_common())})"
+    )
     median_before = summary("before", rows, walls["before"], cpus["before"])
     median_after = summary("after", rows, walls["after"], cpus["after"])
     print(f"  speed-up (median rows/s): {median_after / median_before:.2f}x")

@@ -21,9 +21,9 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 from pydantic import ValidationError
@@ -49,8 +49,14 @@ def run_checks(timeout_s: float = 3.0) -> list[Check]:
         settings = load_settings()
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return [Check("config", FAIL, f"invalid settings: {errors}",
-                      "fix the key in embed-factory.toml (or $EMBED_FACTORY_CONFIG) or the EMBED_FACTORY_* variable")]
+        return [
+            Check(
+                "config",
+                FAIL,
+                f"invalid settings: {errors}",
+                "fix the key in embed-factory.toml (or $EMBED_FACTORY_CONFIG) or the EMBED_FACTORY_* variable",
+            )
+        ]
     except ValueError as exc:
         return [Check("config", FAIL, f"invalid settings: {exc}", "choose a valid profile / config file")]
     checks: list[tuple[str, Callable[[], Check]]] = [
@@ -104,15 +110,18 @@ def _check_endpoint(url: str, settings: Settings, key: str, timeout_s: float) ->
     else:
         down_fix = f"start the server behind {url} or fix llm.base_url(s) / EMBED_FACTORY_LLM__BASE_URL"
     try:
-        response = httpx.get(f"{url.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"},
-                             timeout=timeout_s)
+        response = httpx.get(f"{url.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s)
     except httpx.HTTPError as exc:
         # the embedded server is started on demand by `run`, so its absence is not fatal
         status = WARN if settings.uses_embedded_llm else FAIL
         return Check("llm", status, f"{url} unreachable ({type(exc).__name__})", down_fix)
     if response.status_code in (401, 403):
-        return Check("llm", FAIL, f"{url} refused the API key (HTTP {response.status_code})",
-                     "set EMBED_FACTORY_LLM__API_KEY to the server's key")
+        return Check(
+            "llm",
+            FAIL,
+            f"{url} refused the API key (HTTP {response.status_code})",
+            "set EMBED_FACTORY_LLM__API_KEY to the server's key",
+        )
     if response.status_code != 200:
         return Check("llm", FAIL, f"{url}/models answered HTTP {response.status_code}", down_fix)
     try:
@@ -120,8 +129,12 @@ def _check_endpoint(url: str, settings: Settings, key: str, timeout_s: float) ->
     except (ValueError, KeyError, TypeError, AttributeError):
         return Check("llm", FAIL, f"{url}/models did not answer an OpenAI model list", down_fix)
     if model not in served:
-        return Check("llm", FAIL, f"{url} serves {', '.join(served) or 'no model'}, not {model}",
-                     f"set llm.model to one of: {', '.join(served)}" if served else down_fix)
+        return Check(
+            "llm",
+            FAIL,
+            f"{url} serves {', '.join(served) or 'no model'}, not {model}",
+            f"set llm.model to one of: {', '.join(served)}" if served else down_fix,
+        )
     return Check("llm", OK, f"{url} serves {model}")
 
 
@@ -145,10 +158,15 @@ def check_prefect(settings: Settings, timeout_s: float = 3.0) -> Check:
     if healthy:
         return Check("prefect", OK, f"{url} answers")
     if local:
-        return Check("prefect", WARN, f"the local Prefect server ({url}) is not running",
-                     "run `embed-factory prefect up` (`embed-factory run` also starts it)")
-    return Check("prefect", FAIL, f"{url} does not answer",
-                 "start that Prefect server or fix prefect.api_url / PREFECT_API_URL")
+        return Check(
+            "prefect",
+            WARN,
+            f"the local Prefect server ({url}) is not running",
+            "run `embed-factory prefect up` (`embed-factory run` also starts it)",
+        )
+    return Check(
+        "prefect", FAIL, f"{url} does not answer", "start that Prefect server or fix prefect.api_url / PREFECT_API_URL"
+    )
 
 
 def check_disk(settings: Settings) -> Check:
@@ -165,11 +183,19 @@ def check_disk(settings: Settings) -> Check:
     minimum = settings.storage.min_free_gib
     detail = f"{free / GIB:.1f} GiB free at {existing}"
     if free < minimum * GIB:
-        return Check("disk", FAIL, f"{detail} (< {minimum:g} GiB)",
-                     "free space there or point storage.data_dir (EMBED_FACTORY_STORAGE__DATA_DIR) elsewhere")
+        return Check(
+            "disk",
+            FAIL,
+            f"{detail} (< {minimum:g} GiB)",
+            "free space there or point storage.data_dir (EMBED_FACTORY_STORAGE__DATA_DIR) elsewhere",
+        )
     if free < 5 * minimum * GIB:
-        return Check("disk", WARN, f"{detail} (< {5 * minimum:g} GiB): enough for a small run only",
-                     "free space or move storage.data_dir before a large run")
+        return Check(
+            "disk",
+            WARN,
+            f"{detail} (< {5 * minimum:g} GiB): enough for a small run only",
+            "free space or move storage.data_dir before a large run",
+        )
     return Check("disk", OK, detail)
 
 
@@ -213,7 +239,7 @@ def venv_package_version(venv: Path, name: str) -> str | None:
     prefix = name.replace("-", "_").lower() + "-"
     for info in venv.glob("lib/python*/site-packages/*.dist-info"):
         if info.name.lower().startswith(prefix):
-            return info.name[len(prefix):].removesuffix(".dist-info")
+            return info.name[len(prefix) :].removesuffix(".dist-info")
     return None
 
 
@@ -232,11 +258,17 @@ def check_vllm_env(settings: Settings) -> Check:
     if version is None:
         return Check("vllm-env", WARN, f"no {requirement.name} in {emb.venv_dir}", setup_fix)
     if not requirement.specifier.contains(version, prereleases=True) or not server.venv_ready():
-        return Check("vllm-env", WARN, f"{requirement.name} {version} in {emb.venv_dir} does not match "
-                                       f"{emb.vllm_requirement} (or the setup was interrupted)", setup_fix)
+        return Check(
+            "vllm-env",
+            WARN,
+            f"{requirement.name} {version} in {emb.venv_dir} does not match "
+            f"{emb.vllm_requirement} (or the setup was interrupted)",
+            setup_fix,
+        )
     if not (emb.model_dir / "config.json").exists():
-        return Check("vllm-env", WARN, f"{requirement.name} {version} ready; model {emb.model_dir} not converted yet",
-                     setup_fix)
+        return Check(
+            "vllm-env", WARN, f"{requirement.name} {version} ready; model {emb.model_dir} not converted yet", setup_fix
+        )
     return Check("vllm-env", OK, f"{requirement.name} {version} in {emb.venv_dir}; model {emb.model_dir}")
 
 
@@ -250,13 +282,17 @@ def check_personas(settings: Settings) -> Check:
         cached = try_to_load_from_cache(p.hub_repo, p.hub_file, revision=p.hub_revision, repo_type="dataset")
         if isinstance(cached, str):
             return Check("personas", OK, f"{p.hub_repo}/{p.hub_file} in the Hugging Face cache")
-        return Check("personas", WARN, f"{p.hub_repo}/{p.hub_file} is not in the local Hugging Face cache",
-                     "the first run downloads it (network; HF_TOKEN if needed) or set personas.source to a JSONL file")
+        return Check(
+            "personas",
+            WARN,
+            f"{p.hub_repo}/{p.hub_file} is not in the local Hugging Face cache",
+            "the first run downloads it (network; HF_TOKEN if needed) or set personas.source to a JSONL file",
+        )
     path = seed_path() if p.source == "seed" else Path(p.source).expanduser()
     try:
         load = load_persona_pool(p)
     except PersonaFileError as exc:
-        return Check("personas", FAIL, str(exc), "fix the file or set personas.source (\"seed\" = the bundled set)")
+        return Check("personas", FAIL, str(exc), 'fix the file or set personas.source ("seed" = the bundled set)')
     where = "the bundled seed set" if p.source == "seed" else path
     notes = "".join(f"; {note}" for note in load.notes())
     return Check("personas", OK, f"{len(load.personas)} personas readable from {where}{notes}")
@@ -264,4 +300,3 @@ def check_personas(settings: Settings) -> Check:
 
 def failed(checks: list[Check]) -> bool:
     return any(c.status == FAIL for c in checks)
-

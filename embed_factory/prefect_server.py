@@ -82,10 +82,22 @@ class LocalPrefectServer:
             self.say(f"starting a local Prefect server on {self.ui_url} (PREFECT_HOME={self.home})")
             with self.log_file.open("ab") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "prefect", "server", "start",
-                     "--host", self.settings.prefect.host, "--port", str(self.settings.prefect.port)],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, **self.env()}, start_new_session=True,
+                    [
+                        sys.executable,
+                        "-m",
+                        "prefect",
+                        "server",
+                        "start",
+                        "--host",
+                        self.settings.prefect.host,
+                        "--port",
+                        str(self.settings.prefect.port),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.env()},
+                    start_new_session=True,
                 )
             self.pid_file.write_text(str(process.pid))
         deadline = time.monotonic() + self.settings.prefect.startup_timeout_s

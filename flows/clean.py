@@ -106,8 +106,11 @@ def validate(ctx: CleanContext) -> None:
 def dedup(ctx: CleanContext) -> None:
     exact = dedup_exact(ctx.table("valid"))
     parts = split_by_task_type(exact.kept)
-    futures = ctx.runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()),
-                                          "cfg": unmapped(ctx.cfg)}) if parts else []
+    futures = (
+        ctx.runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()), "cfg": unmapped(ctx.cfg)})
+        if parts
+        else []
+    )
     near = merge_near_parts(exact.kept, [future.result() for future in futures])
     checkpoint("dedup.done")
     ctx.store.write_dropped("dedup_exact", exact.dropped)
@@ -131,9 +134,16 @@ def filter_and_mine_deduped(ctx: CleanContext) -> None:
 def export(ctx: CleanContext) -> None:
     store, cfg = ctx.store, ctx.cfg
     result = export_corpus(ctx.table("mined"), store.export_dir, cfg)
-    write_dataset_card(store.export_dir, result, {"clean_id": store.clean_id, "runs": ctx.runs,
-                                                  "model": ctx.settings.llm_model,
-                                                  "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2"})
+    write_dataset_card(
+        store.export_dir,
+        result,
+        {
+            "clean_id": store.clean_id,
+            "runs": ctx.runs,
+            "model": ctx.settings.llm_model,
+            "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2",
+        },
+    )
     checkpoint("export.card")
     if ctx.publish_to:
         publish_dataset(store.export_dir, ctx.publish_to, token=os.environ.get("HF_TOKEN"))
@@ -158,8 +168,9 @@ STAGES = (
 
 
 # --- the flow ------------------------------------------------------------------------------------
-def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None,
-              publish_to: str | None = None) -> CleanSummary:
+def clean_run(
+    settings: Settings, clean_id: str, runs: list[str] | None = None, publish_to: str | None = None
+) -> CleanSummary:
     store = CleanStore.from_settings(settings, clean_id)
     runs = runs or list_runs(store.data_dir)
     if not runs:
@@ -173,8 +184,11 @@ def clean_run(settings: Settings, clean_id: str, runs: list[str] | None = None,
 
 def example_shards(settings: Settings, runs: list[str]) -> list[StorePath]:
     """The example shard files of ``runs``, run by run, each run's in shard order."""
-    return [path for run_id in runs
-            for path in sorted((RunStore.from_settings(settings, run_id).root / "examples").glob("*.parquet"))]
+    return [
+        path
+        for run_id in runs
+        for path in sorted((RunStore.from_settings(settings, run_id).root / "examples").glob("*.parquet"))
+    ]
 
 
 def run_stages(ctx: CleanContext, stages: tuple[Stage, ...]) -> dict[str, float]:
@@ -207,8 +221,9 @@ def summarize(ctx: CleanContext, seconds: dict[str, float]) -> CleanSummary:
 
 
 @flow(name="clean", flow_run_name="clean-{clean_id}")
-def clean(clean_id: str, runs: list[str] | None = None, publish_to: str | None = None,
-          profile: str | None = None) -> dict[str, Any]:
+def clean(
+    clean_id: str, runs: list[str] | None = None, publish_to: str | None = None, profile: str | None = None
+) -> dict[str, Any]:
     """Validate, deduplicate, rank-filter and mine hard negatives over generation runs; export the corpus.
 
     Args:

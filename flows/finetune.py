@@ -22,8 +22,15 @@ from ground.settings import FinetuneSettings, Settings, load_settings
 from storage.models import DEFAULT_MODEL_NAME, FinetuneError, ModelStore, check_base_model, resolve_export
 
 # the CLI and the benchmarks check their input with these before starting a flow run
-__all__ = ["FinetuneError", "FinetuneSummary", "check_base_model", "finetune", "finetune_run", "local_data_dir",
-           "resolve_export"]
+__all__ = [
+    "FinetuneError",
+    "FinetuneSummary",
+    "check_base_model",
+    "finetune",
+    "finetune_run",
+    "local_data_dir",
+    "resolve_export",
+]
 
 
 @dataclass
@@ -66,8 +73,17 @@ def _round(value: Any) -> float | None:
 
 
 def _train_figures(result: Any) -> dict[str, Any]:
-    fields = ("steps", "samples", "samples_per_s", "train_seconds", "first_loss", "last_loss", "loss_start", "loss_end",
-              "loss_window")
+    fields = (
+        "steps",
+        "samples",
+        "samples_per_s",
+        "train_seconds",
+        "first_loss",
+        "last_loss",
+        "loss_start",
+        "loss_end",
+        "loss_window",
+    )
     return {name: getattr(result, name, None) for name in fields}
 
 
@@ -110,8 +126,13 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
     store = ModelStore.from_settings(settings)
     export = store.export(clean_id)
     final_dir = store.model_dir(cfg.base_model, export.clean_id)
-    logger.info("fine-tuning %s on %s (held-out: %s) into %s", cfg.base_model or DEFAULT_MODEL_NAME,
-                export.train_path, export.heldout_path or "none", final_dir)
+    logger.info(
+        "fine-tuning %s on %s (held-out: %s) into %s",
+        cfg.base_model or DEFAULT_MODEL_NAME,
+        export.train_path,
+        export.heldout_path or "none",
+        final_dir,
+    )
 
     before = evaluate_base(cfg.base_model, cfg, export.heldout_path)
     with store.staging(final_dir) as staged:
@@ -135,8 +156,13 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
         delta=change,
     )
     store.write_summary(final_dir, asdict(summary))
-    logger.info("model %s: %s steps, %s samples/s; key deltas %s", placed.model_dir, summary.train["steps"],
-                summary.train["samples_per_s"], summary.key_deltas)
+    logger.info(
+        "model %s: %s steps, %s samples/s; key deltas %s",
+        placed.model_dir,
+        summary.train["steps"],
+        summary.train["samples_per_s"],
+        summary.key_deltas,
+    )
     return summary
 
 
@@ -148,8 +174,9 @@ def _run_name() -> str:
 
 
 @flow(name="finetune", flow_run_name=_run_name)
-def finetune(clean_id: str | None = None, base_model: str | None = None, max_steps: int | None = None,
-             profile: str | None = None) -> dict[str, Any]:
+def finetune(
+    clean_id: str | None = None, base_model: str | None = None, max_steps: int | None = None, profile: str | None = None
+) -> dict[str, Any]:
     """Fine-tune an embedding model on a clean run's export (default: the latest) and evaluate it before and after.
 
     Args:

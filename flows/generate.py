@@ -100,8 +100,17 @@ def make_client(settings: Settings) -> LLMClient:
     return LLMClient.from_settings(settings, logger=get_run_logger())
 
 
-def summarize(settings: Settings, store: RunStore, stats: ClientStats, *, pool_size: int, brainstormed: Brainstormed,
-              by_type: dict[str, int], tally: ShardTally, elapsed: float) -> GenerateSummary:
+def summarize(
+    settings: Settings,
+    store: RunStore,
+    stats: ClientStats,
+    *,
+    pool_size: int,
+    brainstormed: Brainstormed,
+    by_type: dict[str, int],
+    tally: ShardTally,
+    elapsed: float,
+) -> GenerateSummary:
     """The run's summary, with a warning for each target missed and each failure rate over the threshold."""
     logger = get_run_logger()
     targets = example_targets(settings.generation)
@@ -113,11 +122,15 @@ def summarize(settings: Settings, store: RunStore, stats: ClientStats, *, pool_s
     if short:
         found.append(f"examples short of target: {short}")
     if transport_rate > settings.llm.warn_failure_rate:
-        found.append(f"{stats.transport_failures} of {stats.http_attempts} HTTP attempts to the LLM server "
-                     f"failed ({transport_rate:.1%}; {stats.transport_retries} transport retries)")
+        found.append(
+            f"{stats.transport_failures} of {stats.http_attempts} HTTP attempts to the LLM server "
+            f"failed ({transport_rate:.1%}; {stats.transport_retries} transport retries)"
+        )
     if requests and rejects.num_rows / requests > settings.llm.warn_failure_rate:
-        found.append(f"{rejects.num_rows} of {requests} requests were rejected "
-                     f"({rejects.num_rows / requests:.1%}); reasons: {rejects_by_reason(rejects)}")
+        found.append(
+            f"{rejects.num_rows} of {requests} requests were rejected "
+            f"({rejects.num_rows / requests:.1%}); reasons: {rejects_by_reason(rejects)}"
+        )
     for warning in found:
         logger.warning(warning)
     # the brainstorm step logged its warning when it found it
@@ -144,11 +157,23 @@ def summarize(settings: Settings, store: RunStore, stats: ClientStats, *, pool_s
         schema_retries=stats.schema_retries,
         transport_failure_rate=transport_rate,
     )
-    logger.info("run %s: %d examples %s, %d rejects, %.0f completion tokens/s", store.run_id, summary.examples,
-                summary.examples_by_type, summary.rejects, summary.tokens_per_s)
-    logger.info("LLM: %d calls, %d HTTP attempts, %d transport failures (%.1f%%), %d transport retries, "
-                "%d schema retries", stats.requests, stats.http_attempts, stats.transport_failures,
-                100 * transport_rate, stats.transport_retries, stats.schema_retries)
+    logger.info(
+        "run %s: %d examples %s, %d rejects, %.0f completion tokens/s",
+        store.run_id,
+        summary.examples,
+        summary.examples_by_type,
+        summary.rejects,
+        summary.tokens_per_s,
+    )
+    logger.info(
+        "LLM: %d calls, %d HTTP attempts, %d transport failures (%.1f%%), %d transport retries, %d schema retries",
+        stats.requests,
+        stats.http_attempts,
+        stats.transport_failures,
+        100 * transport_rate,
+        stats.transport_retries,
+        stats.schema_retries,
+    )
     return summary
 
 
@@ -163,12 +188,27 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
         async with make_client(settings) as client:
             brainstorm_sampling = Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens)
             pool = await persona_pool(store, settings.personas, client, brainstorm_sampling, gen.seed)
-            brainstormed = await brainstorm_to_targets(store, gen, PersonaSampler(pool, gen.seed), client,
-                                                       brainstorm_sampling, tally)
-            by_type = await examples_with_topups(store, gen, brainstormed.instructions, client,
-                                                 Sampling(llm.temperature, llm.top_p, llm.max_tokens), tally)
-        return summarize(settings, store, client.stats, pool_size=len(pool), brainstormed=brainstormed,
-                         by_type=by_type, tally=tally, elapsed=time.monotonic() - started)
+            brainstormed = await brainstorm_to_targets(
+                store, gen, PersonaSampler(pool, gen.seed), client, brainstorm_sampling, tally
+            )
+            by_type = await examples_with_topups(
+                store,
+                gen,
+                brainstormed.instructions,
+                client,
+                Sampling(llm.temperature, llm.top_p, llm.max_tokens),
+                tally,
+            )
+        return summarize(
+            settings,
+            store,
+            client.stats,
+            pool_size=len(pool),
+            brainstormed=brainstormed,
+            by_type=by_type,
+            tally=tally,
+            elapsed=time.monotonic() - started,
+        )
 
 
 @flow(name="generate", flow_run_name="generate-{run_id}")
@@ -190,7 +230,15 @@ async def generate(
         unique_instructions: Target unique brainstormed instructions (default: what examples needs).
         profile: Settings profile: local or production (default: the environment's).
     """
-    overrides = {k: v for k, v in {"examples": examples, "task_types": task_types, "seed": seed,
-                                   "unique_instructions": unique_instructions}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "examples": examples,
+            "task_types": task_types,
+            "seed": seed,
+            "unique_instructions": unique_instructions,
+        }.items()
+        if v is not None
+    }
     settings = load_settings(profile=profile, generation=overrides)
     return asdict(await generate_run(settings, run_id))

@@ -76,15 +76,26 @@ async def pipeline(
     clean_id = clean_id or f"clean-{run_id.removeprefix('run-')}"
 
     generated = await generate.with_options(flow_run_name=f"generate-{run_id}{SUBFLOW_SUFFIX}")(
-        run_id=run_id, examples=examples, task_types=task_types, seed=seed,
-        unique_instructions=unique_instructions, profile=profile)
+        run_id=run_id,
+        examples=examples,
+        task_types=task_types,
+        seed=seed,
+        unique_instructions=unique_instructions,
+        profile=profile,
+    )
     cleaned = clean.with_options(flow_run_name=f"clean-{clean_id}{SUBFLOW_SUFFIX}")(
-        clean_id=clean_id, runs=None if clean_all_runs else [run_id], profile=profile)
+        clean_id=clean_id, runs=None if clean_all_runs else [run_id], profile=profile
+    )
     tuned = None
     if finetune:
         tuned = finetune_flow.with_options(flow_run_name=f"finetune-{clean_id}{SUBFLOW_SUFFIX}")(
-            clean_id=clean_id, base_model=base_model, max_steps=max_steps, profile=profile)
-    logger.info("pipeline %s: %d examples, %d rows after cleaning, model %s", run_id,
-                sum(generated["examples_by_type"].values()), cleaned["counts"].get("mined", 0),
-                tuned["model_dir"] if tuned else "(not fine-tuned)")
+            clean_id=clean_id, base_model=base_model, max_steps=max_steps, profile=profile
+        )
+    logger.info(
+        "pipeline %s: %d examples, %d rows after cleaning, model %s",
+        run_id,
+        sum(generated["examples_by_type"].values()),
+        cleaned["counts"].get("mined", 0),
+        tuned["model_dir"] if tuned else "(not fine-tuned)",
+    )
     return {"run_id": run_id, "clean_id": clean_id, "generate": generated, "clean": cleaned, "finetune": tuned}

@@ -36,7 +36,8 @@ def stage_runner(cfg: CleanSettings) -> Iterator[TaskRunner]:
     if cfg.dask_address:
         runner = DaskTaskRunner(address=cfg.dask_address)
     else:
-        runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1,
-                                                "processes": True})
+        runner = DaskTaskRunner(
+            cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True}
+        )
     with runner:
         yield runner

@@ -5,7 +5,8 @@ Stages never know who listens: with no listener installed, reports cost a dict l
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class ProgressListener(Protocol):

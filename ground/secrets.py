@@ -23,7 +23,7 @@ def reveal(secret: SecretStr | str | None) -> str | None:
     value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
     if not value or not value.startswith(BLOCK_PREFIX):
         return value
-    name = value[len(BLOCK_PREFIX):].strip()
+    name = value[len(BLOCK_PREFIX) :].strip()
     from prefect.blocks.system import Secret
 
     try:

@@ -277,7 +277,9 @@ class StorageSettings(Section):
     data_dir: Path | str = Path("data")  # a local folder, or an s3://bucket/prefix URL (kept as a string)
     compression: str = "zstd"
     min_free_gib: float = Field(2.0, ge=0)  # `embed-factory doctor` fails below this, warns below 5x
-    endpoint_url: str | None = None  # S3-compatible endpoint, e.g. MinIO http://minio:9000; None: AWS_ENDPOINT_URL or AWS
+    endpoint_url: str | None = (
+        None  # S3-compatible endpoint, e.g. MinIO http://minio:9000; None: AWS_ENDPOINT_URL or AWS
+    )
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION
     access_key_id: SecretStr | None = None  # None: the AWS standard chain
     secret_access_key: SecretStr | None = None

@@ -21,8 +21,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import openai
@@ -30,9 +31,9 @@ from openai import AsyncOpenAI
 
 from ground.secrets import reveal
 from ground.settings import Settings
-from prompts.render import OutputInvalid, RenderedPrompt, parse_output
 from llm.router import EndpointRouter, Lease
 from llm.router import log as router_log
+from prompts.render import OutputInvalid, RenderedPrompt, parse_output
 
 #: statuses that mean "busy, ask again" rather than "this endpoint is broken"
 _THROTTLED = (408, 409, 429)
@@ -108,15 +109,23 @@ class LLMClient:
     """One per flow run; safe to share across the concurrent shard tasks of that run's event loop."""
 
     @classmethod
-    def from_settings(cls, settings: Settings, logger: logging.Logger | logging.LoggerAdapter | None = None,
-                      **overrides: Any) -> LLMClient:
+    def from_settings(
+        cls, settings: Settings, logger: logging.Logger | logging.LoggerAdapter | None = None, **overrides: Any
+    ) -> LLMClient:
         """The client for the configured endpoint(s): several ``base_urls`` get least-in-flight routing."""
         llm = settings.llm
         options: dict[str, Any] = dict(
-            base_url=settings.llm_base_urls, model=settings.llm_model, api_key=reveal(llm.api_key),
-            max_in_flight=llm.max_in_flight, timeout_s=llm.request_timeout_s, max_retries=llm.max_retries,
-            schema_retries=llm.schema_retries, send_seed=llm.send_seed, endpoint_cooldown_s=llm.endpoint_cooldown_s,
-            endpoint_max_cooldown_s=llm.endpoint_max_cooldown_s, logger=logger,
+            base_url=settings.llm_base_urls,
+            model=settings.llm_model,
+            api_key=reveal(llm.api_key),
+            max_in_flight=llm.max_in_flight,
+            timeout_s=llm.request_timeout_s,
+            max_retries=llm.max_retries,
+            schema_retries=llm.schema_retries,
+            send_seed=llm.send_seed,
+            endpoint_cooldown_s=llm.endpoint_cooldown_s,
+            endpoint_max_cooldown_s=llm.endpoint_max_cooldown_s,
+            logger=logger,
         )
         return cls(**{**options, **overrides})
 
@@ -130,7 +139,7 @@ class LLMClient:
         max_retries: int = 4,
         schema_retries: int = 2,
         send_seed: bool = False,
-        http_client: "httpx.AsyncClient | None" = None,  # tests inject a mock transport here
+        http_client: httpx.AsyncClient | None = None,  # tests inject a mock transport here
         endpoint_cooldown_s: float = 2.0,
         endpoint_max_cooldown_s: float = 60.0,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
@@ -143,12 +152,18 @@ class LLMClient:
         self.send_seed = send_seed
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stats = ClientStats()
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=max_retries,
-                                   http_client=self._counting(http_client or openai.DefaultAsyncHttpxClient()))
+        self._client = AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout_s,
+            max_retries=max_retries,
+            http_client=self._counting(http_client or openai.DefaultAsyncHttpxClient()),
+        )
         # several endpoints: the router retries elsewhere, so each endpoint's client (sharing the HTTP pool) does not
         self._tries = max_retries + 1
-        self._endpoint_clients = {url: self._client.with_options(base_url=url, max_retries=0) for url in urls} \
-            if len(urls) > 1 else {}
+        self._endpoint_clients = (
+            {url: self._client.with_options(base_url=url, max_retries=0) for url in urls} if len(urls) > 1 else {}
+        )
 
     def _counting(self, http_client):
         """Count every HTTP attempt on ``http_client`` into ``stats`` (an httpx request hook)."""
@@ -162,7 +177,7 @@ class LLMClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def __aenter__(self) -> "LLMClient":
+    async def __aenter__(self) -> LLMClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -191,7 +206,9 @@ class LLMClient:
                 raise RequestFailed("timeout after retries", attempt) from None
             except openai.APIConnectionError as exc:
                 self._count_failure()
-                raise RequestFailed(f"connection error after retries: {_short(str(exc.__cause__ or exc))}", attempt) from None
+                raise RequestFailed(
+                    f"connection error after retries: {_short(str(exc.__cause__ or exc))}", attempt
+                ) from None
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (the openai client does not retry it)
                 response = f"{type(exc).__name__}: {exc}"
             if not getattr(response, "choices", None):  # not JSON, or JSON without choices: ask again
@@ -230,8 +247,15 @@ class LLMClient:
 
     async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int):
         extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}
-        request = dict(model=self.model, messages=prompt.messages, response_format=prompt.response_format,
-                       temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens, **extra)
+        request = dict(
+            model=self.model,
+            messages=prompt.messages,
+            response_format=prompt.response_format,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            **extra,
+        )
         async with self._slots:
             self.stats.requests += 1
             self.stats.in_flight += 1

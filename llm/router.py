@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ class EndpointRouter:
         if lease.generation != e.generation:
             return  # acquired before the last take-out: says nothing about the endpoint now
         if not e.in_rotation:
-            self.logger.info("LLM endpoint %s is back in rotation (out %d time(s); last: %s)", e.url, e.taken_out,
-                             e.reason)
+            self.logger.info(
+                "LLM endpoint %s is back in rotation (out %d time(s); last: %s)", e.url, e.taken_out, e.reason
+            )
             e.down_until = None
         e.failures_in_row = 0
 
@@ -137,8 +138,14 @@ class EndpointRouter:
         e.reason = reason
         e.taken_out += 1
         left = sum(x.in_rotation for x in self.endpoints)
-        self.logger.warning("LLM endpoint %s out of rotation for %.1fs after: %s (%d of %d endpoints in rotation)",
-                            e.url, cooldown, reason, left, len(self.endpoints))
+        self.logger.warning(
+            "LLM endpoint %s out of rotation for %.1fs after: %s (%d of %d endpoints in rotation)",
+            e.url,
+            cooldown,
+            reason,
+            left,
+            len(self.endpoints),
+        )
 
     def release(self, lease: Lease) -> None:
         """The request ended without saying anything about the endpoint (e.g. it was cancelled)."""
@@ -168,6 +175,14 @@ class EndpointRouter:
 
     def snapshot(self) -> dict[str, dict[str, int | bool]]:
         """Per-endpoint counters, e.g. for a run summary or a test."""
-        return {e.url: {"requests": e.requests, "answered": e.answered, "failed": e.failed,
-                        "in_flight": e.in_flight, "taken_out": e.taken_out, "in_rotation": e.in_rotation}
-                for e in self.endpoints}
+        return {
+            e.url: {
+                "requests": e.requests,
+                "answered": e.answered,
+                "failed": e.failed,
+                "in_flight": e.in_flight,
+                "taken_out": e.taken_out,
+                "in_rotation": e.in_rotation,
+            }
+            for e in self.endpoints
+        }

@@ -36,9 +36,7 @@ LONG = string_field(20, 3000)
 LABEL = string_field(1, 100)
 
 EXAMPLE_SCHEMAS: dict[str, dict[str, Any]] = {
-    "retrieval": object_schema(
-        {"user_query": SHORT, "positive_document": LONG, "hard_negative_document": LONG}
-    ),
+    "retrieval": object_schema({"user_query": SHORT, "positive_document": LONG, "hard_negative_document": LONG}),
     "classification": object_schema({"input_text": LONG, "label": LABEL, "misleading_label": LABEL}),
     "short_short": object_schema({"input": SHORT, "positive_document": SHORT}),
     "long_long": object_schema({"input": LONG, "positive_document": LONG}),

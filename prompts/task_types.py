@@ -13,22 +13,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ground.task_types import ALL_TASK_TYPES, BRAINSTORM_TASK_TYPES
 from prompts.placeholders import Choice, PlaceholderSpace
 from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
 
 LANGUAGES = Choice(
-    ["English", "Chinese", "Spanish", "French", "German", "Japanese", "Russian", "Portuguese", "Italian",
-     "Korean", "Arabic", "Hindi", "Dutch", "Polish", "Turkish", "Vietnamese", "Indonesian", "Swedish"],
+    [
+        "English",
+        "Chinese",
+        "Spanish",
+        "French",
+        "German",
+        "Japanese",
+        "Russian",
+        "Portuguese",
+        "Italian",
+        "Korean",
+        "Arabic",
+        "Hindi",
+        "Dutch",
+        "Polish",
+        "Turkish",
+        "Vietnamese",
+        "Indonesian",
+        "Swedish",
+    ],
     [40, 20, 5, 5, 5, 4, 4, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1],
 )
 DIFFICULTY = Choice(["high school", "college", "PhD"])
 CLARITY = Choice(["clear", "understandable with some effort", "ambiguous"])
 
-JSON_ONLY = "Your output must always be a JSON object only, do not explain yourself or output anything else. Be creative!"
+JSON_ONLY = (
+    "Your output must always be a JSON object only, do not explain yourself or output anything else. Be creative!"
+)
 BRAINSTORM_TAIL = (
     'Your output must always be a JSON object {{"tasks": [...]}} whose list has exactly {n} strings, '
     "each a distinct task in one sentence. Do not explain yourself or output anything else. Be creative!"
@@ -270,8 +291,10 @@ def spec_table(specs: Sequence[TaskTypeSpec]) -> dict[str, TaskTypeSpec]:
         raise ValueError(f"task type specs {names} do not match ground.task_types.ALL_TASK_TYPES {ALL_TASK_TYPES}")
     brainstormed = sorted(name for name, spec in by_name.items() if spec.brainstorms)
     if brainstormed != sorted(BRAINSTORM_TASK_TYPES):
-        raise ValueError(f"brainstormed specs {brainstormed} do not match ground.task_types.BRAINSTORM_TASK_TYPES "
-                         f"{BRAINSTORM_TASK_TYPES}")
+        raise ValueError(
+            f"brainstormed specs {brainstormed} do not match ground.task_types.BRAINSTORM_TASK_TYPES "
+            f"{BRAINSTORM_TASK_TYPES}"
+        )
     return {name: by_name[name] for name in ALL_TASK_TYPES}
 
 
@@ -291,5 +314,6 @@ def check_placeholder_overrides(overrides: dict[str, dict[str, Any]]) -> None:
         known = get_task_type(task_type).placeholders.choices
         for name in names:
             if name not in known:
-                raise ValueError(f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; "
-                                 f"it has {sorted(known)}")
+                raise ValueError(
+                    f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; it has {sorted(known)}"
+                )

@@ -49,8 +49,9 @@ import glob as globlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -58,8 +59,15 @@ import pyarrow as pa
 from ground.settings import Settings
 from storage.atomic import atomic_path
 from storage.location import StorePath, as_store_path, data_root, is_remote
-from storage.schemas import (BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, FILTER_COLUMNS, INSTRUCTION_SCHEMA,
-                             MINED_COLUMNS, REJECT_SCHEMA)
+from storage.schemas import (
+    BRAINSTORM_SCHEMA,
+    DROPPED_SCHEMA,
+    EXAMPLE_SCHEMA,
+    FILTER_COLUMNS,
+    INSTRUCTION_SCHEMA,
+    MINED_COLUMNS,
+    REJECT_SCHEMA,
+)
 from storage.shards import list_runs
 
 CATALOG_FILE = "catalog.duckdb"
@@ -119,9 +127,18 @@ def duckdb_type(dtype: pa.DataType) -> str:
     if pa.types.is_boolean(dtype):
         return "BOOLEAN"
     simple = {
-        pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-        pa.uint8(): "UTINYINT", pa.uint16(): "USMALLINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT",
-        pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.date32(): "DATE", pa.binary(): "BLOB",
+        pa.int8(): "TINYINT",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.uint8(): "UTINYINT",
+        pa.uint16(): "USMALLINT",
+        pa.uint32(): "UINTEGER",
+        pa.uint64(): "UBIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.date32(): "DATE",
+        pa.binary(): "BLOB",
     }
     if dtype in simple:
         return simple[dtype]
@@ -173,7 +190,7 @@ class Catalog:
     def _remote_views(self, fs: Any) -> dict[str, bool]:
         """Which views have files on S3, from one recursive listing of runs/ and clean/ each."""
         root = self.data_dir.path
-        keys = [key[len(root) + 1:] for top in ("runs", "clean") for key in fs.find(f"{root}/{top}")]
+        keys = [key[len(root) + 1 :] for top in ("runs", "clean") for key in fs.find(f"{root}/{top}")]
         patterns = {view: _glob_regex(VIEWS[view][0]) for view in VIEWS}
         return {view: any(pattern.fullmatch(key) for key in keys) for view, pattern in patterns.items()}
 
@@ -185,8 +202,10 @@ class Catalog:
         try:
             fs = fs or self.data_dir.fs
             if not fs.exists(bucket):
-                raise CatalogError(f"{self.data_dir}: bucket {bucket!r} not found (or not visible with these "
-                                   "credentials); check storage.data_dir and storage.endpoint_url")
+                raise CatalogError(
+                    f"{self.data_dir}: bucket {bucket!r} not found (or not visible with these "
+                    "credentials); check storage.data_dir and storage.endpoint_url"
+                )
             return {"data_dir": str(self.data_dir), "views": self._remote_views(fs)}
         except CatalogError:
             raise
@@ -332,7 +351,7 @@ class Catalog:
         return con
 
     @contextlib.contextmanager
-    def session(self) -> Iterator["Catalog"]:
+    def session(self) -> Iterator[Catalog]:
         """Run many queries on one read-only connection (opening the file costs tens of ms).
 
         Inside the block the views are not re-checked; the file stays open read-only, so another
@@ -370,8 +389,11 @@ class Catalog:
         (``storage/atomic.py``), so a reader never sees half a file.
         """
         path = Path(path).resolve()
-        options = {".csv": "FORMAT csv, HEADER true", ".tsv": "FORMAT csv, HEADER true, DELIMITER '\t'",
-                   ".parquet": "FORMAT parquet, COMPRESSION zstd"}.get(path.suffix.lower())
+        options = {
+            ".csv": "FORMAT csv, HEADER true",
+            ".tsv": "FORMAT csv, HEADER true, DELIMITER '\t'",
+            ".parquet": "FORMAT parquet, COMPRESSION zstd",
+        }.get(path.suffix.lower())
         if options is None:
             raise CatalogError(f"{path.name}: choose a .csv, .tsv or .parquet file name")
         inner = sql.strip().rstrip(";").strip()
@@ -399,8 +421,10 @@ class Catalog:
             return []
         dirs = [p for p in clean.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if self.remote:  # S3 has no folders: a clean run's inputs.json is its first object
+
             def started(p: StorePath) -> float:
                 inputs = p / "inputs.json"
                 return inputs.stat().st_mtime if inputs.exists() else 0.0
+
             return [p.name for p in sorted(dirs, key=lambda p: (started(p), p.name))]
         return [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime, p.name))]

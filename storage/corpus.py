@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,16 +123,18 @@ class CleanStore:
 
         A clean run that leaves nothing but its lock (it failed before its first table) is removed.
         """
-        return folder_lock(self.root, self.clean_id, what="clean run", option="--clean-id", error=CleanLocked,
-                           remove_if_empty=True)
+        return folder_lock(
+            self.root, self.clean_id, what="clean run", option="--clean-id", error=CleanLocked, remove_if_empty=True
+        )
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
 
     def write_stage(self, stage: str, result: StageResult, drop_stage: str | None = None) -> None:
         """Dropped rows first, then the stage table (its commit point)."""
-        atomic_write_parquet(result.dropped.cast(DROPPED_SCHEMA), self.dropped_path(drop_stage or stage),
-                             self.compression)
+        atomic_write_parquet(
+            result.dropped.cast(DROPPED_SCHEMA), self.dropped_path(drop_stage or stage), self.compression
+        )
         checkpoint("stage.dropped")
         atomic_write_parquet(result.kept, self.stage_path(stage), self.compression)
         checkpoint("stage.table")
@@ -189,7 +192,7 @@ def mirror_exports(data_dir: StorePath | str, local_dir: Path) -> list[str]:
         export = card.rsplit("/", 1)[0]
         clean_id = export.split("/")[-2]
         for key, info in sorted(fs.find(export, detail=True).items()):
-            target = Path(local_dir) / "clean" / clean_id / "export" / key[len(export) + 1:]
+            target = Path(local_dir) / "clean" / clean_id / "export" / key[len(export) + 1 :]
             if target.exists() and target.stat().st_size == info["size"]:
                 continue
             with atomic_path(target) as tmp:
@@ -227,13 +230,16 @@ class ExportWriter:
     def __enter__(self) -> ExportWriter:
         try:
             for split in self.splits:
-                paths = {kind: self.out_dir / f"{split}{suffix}" for kind, suffix in
-                         (("jsonl", ".jsonl"), ("kalm", ".parquet"), ("st", "_st.parquet"))}
+                paths = {
+                    kind: self.out_dir / f"{split}{suffix}"
+                    for kind, suffix in (("jsonl", ".jsonl"), ("kalm", ".parquet"), ("st", "_st.parquet"))
+                }
                 self.files.update({path.name: path for path in paths.values()})
                 jsonl = self._outputs.temp_for(paths["jsonl"]).open("w", encoding="utf-8")
                 self._handles.append(jsonl)
-                kalm = pq.ParquetWriter(self._outputs.temp_for(paths["kalm"]), KALM_SCHEMA,
-                                        compression=self.compression)
+                kalm = pq.ParquetWriter(
+                    self._outputs.temp_for(paths["kalm"]), KALM_SCHEMA, compression=self.compression
+                )
                 self._handles.append(kalm)
                 st = pq.ParquetWriter(self._outputs.temp_for(paths["st"]), self.st_schema, compression=self.compression)
                 self._handles.append(st)

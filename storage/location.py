@@ -6,8 +6,9 @@ Local paths stay plain ``Path`` objects, so the local behaviour is exactly the o
 operations that differ (atomic writes, Parquet I/O, locks, DuckDB) branch on :func:`is_remote`.
 
 Atomic commits (``storage/atomic.py``): locally a file is written next to its final name and renamed
-(``os.replace``). An S3 object PUT is atomic by itself (readers see the old object or the complete new one), so remote files
-are built in memory and sent in one request to their final key, never streamed there piecewise.
+(``os.replace``). An S3 object PUT is atomic by itself (readers see the old object or the complete new
+one), so remote files are built in memory and sent in one request to their final key, never streamed
+there piecewise.
 
 Credentials are never part of a path or a settings dump: they come from the AWS standard chain
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` / ``AWS_REGION``, ~/.aws,
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from upath import UPath
 
@@ -27,7 +28,7 @@ from ground.settings import REMOTE_SCHEMES, StorageSettings, check_url, is_url
 
 __all__ = ["REMOTE_SCHEMES", "StorePath", "as_store_path", "check_url", "data_root", "is_remote", "is_url"]
 
-StorePath = Union[Path, UPath]
+StorePath = Path | UPath
 
 
 def as_store_path(data_dir: str | os.PathLike[str] | UPath, storage_options: dict[str, Any] | None = None) -> StorePath:

@@ -57,8 +57,11 @@ def clean_runs_with_export(data_dir: Path) -> list[str]:
     root = Path(data_dir) / "clean"
     if not root.is_dir():
         return []
-    found = [(p.stat().st_mtime, p.parent.parent.name) for p in root.glob("*/export/train.parquet")
-             if not p.parent.parent.name.startswith(".")]
+    found = [
+        (p.stat().st_mtime, p.parent.parent.name)
+        for p in root.glob("*/export/train.parquet")
+        if not p.parent.parent.name.startswith(".")
+    ]
     return [clean_id for _, clean_id in sorted(found)]
 
 
@@ -68,8 +71,10 @@ def resolve_export(data_dir: Path, clean_id: str | None) -> ExportFiles:
     if clean_id is None:
         ids = clean_runs_with_export(data_dir)
         if not ids:
-            raise FinetuneError(f"no clean run with an export under {data_dir / 'clean'}; "
-                                "run `embed-factory clean` (or `embed-factory run`) first")
+            raise FinetuneError(
+                f"no clean run with an export under {data_dir / 'clean'}; "
+                "run `embed-factory clean` (or `embed-factory run`) first"
+            )
         clean_id = ids[-1]
     try:
         store = CleanStore(data_dir, clean_id)
@@ -109,9 +114,11 @@ def check_base_model(base_model: str | None) -> None:
                 return
         except Exception:  # noqa: BLE001, S110 - an invalid repo id is reported below
             pass
-    raise FinetuneError(f"base model {base_model!r}: no such folder"
-                        + ("" if looks_local else " and not in the local Hugging Face cache")
-                        + "; models are never downloaded at run time, pass a model folder (--base-model PATH)")
+    raise FinetuneError(
+        f"base model {base_model!r}: no such folder"
+        + ("" if looks_local else " and not in the local Hugging Face cache")
+        + "; models are never downloaded at run time, pass a model folder (--base-model PATH)"
+    )
 
 
 @dataclass(frozen=True)

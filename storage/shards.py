@@ -31,9 +31,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator, Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,7 +75,7 @@ class ShardRecord:
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def file_sha256(path: StorePath) -> str:
@@ -94,15 +95,40 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def reject_row(*, example_id: str, run_id: str, shard_id: str, stage: str, task_type: str,
-               instruction: str | None, persona_id: str | None, prompt_version: str, model: str,
-               attempts: int, reason: str, finish_reason: str | None, raw_text: str | None,
-               created_at: datetime) -> dict[str, Any]:
+def reject_row(
+    *,
+    example_id: str,
+    run_id: str,
+    shard_id: str,
+    stage: str,
+    task_type: str,
+    instruction: str | None,
+    persona_id: str | None,
+    prompt_version: str,
+    model: str,
+    attempts: int,
+    reason: str,
+    finish_reason: str | None,
+    raw_text: str | None,
+    created_at: datetime,
+) -> dict[str, Any]:
     """One row of the rejects table (REJECT_SCHEMA): a request that ended without a parsed answer."""
-    return {"example_id": example_id, "run_id": run_id, "shard_id": shard_id, "stage": stage,
-            "task_type": task_type, "instruction": instruction, "persona_id": persona_id,
-            "prompt_version": prompt_version, "model": model, "attempts": attempts, "reason": reason,
-            "finish_reason": finish_reason, "raw_text": raw_text, "created_at": created_at}
+    return {
+        "example_id": example_id,
+        "run_id": run_id,
+        "shard_id": shard_id,
+        "stage": stage,
+        "task_type": task_type,
+        "instruction": instruction,
+        "persona_id": persona_id,
+        "prompt_version": prompt_version,
+        "model": model,
+        "attempts": attempts,
+        "reason": reason,
+        "finish_reason": finish_reason,
+        "raw_text": raw_text,
+        "created_at": created_at,
+    }
 
 
 def read_parquet_checked(path: StorePath, schema: pa.Schema) -> pa.Table:
@@ -123,8 +149,7 @@ def read_parquet_checked(path: StorePath, schema: pa.Schema) -> pa.Table:
 class RunStore:
     """Everything one run writes, under ``<data_dir>/runs/<run_id>``."""
 
-    def __init__(self, data_dir: StorePath | str, run_id: str, compression: str = "zstd",
-                 lock_ttl_s: float = 120.0):
+    def __init__(self, data_dir: StorePath | str, run_id: str, compression: str = "zstd", lock_ttl_s: float = 120.0):
         if not run_id or "/" in run_id or run_id.startswith("."):
             raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-' and '_'")
         self.run_id = run_id
@@ -255,9 +280,16 @@ def list_runs(data_dir: StorePath | str) -> list[str]:
 
 
 @contextlib.contextmanager
-def folder_lock(root: StorePath, owner_id: str, *, what: str = "run", option: str = "--run-id",
-                error: type[StorageError] = RunLocked, ttl_s: float = 120.0,
-                remove_if_empty: bool = False) -> Iterator[None]:
+def folder_lock(
+    root: StorePath,
+    owner_id: str,
+    *,
+    what: str = "run",
+    option: str = "--run-id",
+    error: type[StorageError] = RunLocked,
+    ttl_s: float = 120.0,
+    remove_if_empty: bool = False,
+) -> Iterator[None]:
     """Hold the lock of a run folder: a second writer fails at once with ``error`` ("run 'x' … --run-id").
 
     Locally an ``flock`` on ``root/.lock``, on S3 a :class:`RemoteLock`. Holding it, temp files left by
@@ -276,8 +308,10 @@ def folder_lock(root: StorePath, owner_id: str, *, what: str = "run", option: st
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.close()
-            raise error(f"{what} {owner_id!r} is being written by another process ({root}); "
-                        f"wait for it or choose another {option}") from None
+            raise error(
+                f"{what} {owner_id!r} is being written by another process ({root}); "
+                f"wait for it or choose another {option}"
+            ) from None
         with contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(fh.fileno()), os.stat(lock_path)):
                 break  # the lock file we hold is still the one in place (not removed by a finished writer)
@@ -303,8 +337,16 @@ class RemoteLock:
     conditioned on the stale lock's ETag, so of two processes racing for it exactly one wins.
     """
 
-    def __init__(self, path: StorePath, run_id: str, ttl_s: float = 120.0, *, what: str = "run",
-                 option: str = "--run-id", error: type[StorageError] = RunLocked):
+    def __init__(
+        self,
+        path: StorePath,
+        run_id: str,
+        ttl_s: float = 120.0,
+        *,
+        what: str = "run",
+        option: str = "--run-id",
+        error: type[StorageError] = RunLocked,
+    ):
         self.path, self.run_id, self.ttl_s = path, run_id, ttl_s
         self.what, self.option, self.error = what, option, error  # for the message: "run 'x' … --run-id"
         self.fs, self.key = path.fs, path.path
@@ -314,8 +356,14 @@ class RemoteLock:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "expires_at": time.time() + self.ttl_s}).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires_at": time.time() + self.ttl_s,
+            }
+        ).encode()
 
     def _put(self, **condition: str) -> str:
         response = self.fs.pipe_file(self.key, self._body(), **condition)
@@ -323,8 +371,10 @@ class RemoteLock:
 
     def _locked(self, holder: dict[str, Any] | None) -> StorageError:
         who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "another process"
-        return self.error(f"{self.what} {self.run_id!r} is being written by {who} ({self.path}); "
-                          f"wait for it or choose another {self.option}")
+        return self.error(
+            f"{self.what} {self.run_id!r} is being written by {who} ({self.path}); "
+            f"wait for it or choose another {self.option}"
+        )
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         if float(holder.get("expires_at", 0)) < time.time():
@@ -374,7 +424,7 @@ class RemoteLock:
             if self.fs.info(self.key).get("ETag") == self._etag:
                 self.fs.rm_file(self.key)
 
-    def __enter__(self) -> "RemoteLock":
+    def __enter__(self) -> RemoteLock:
         self.acquire()
         return self
 

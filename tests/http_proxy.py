@@ -30,10 +30,14 @@ def make_app(upstream: str):
 
     async def forward(request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-        reply = await client.request(request.method, request.url.path, params=request.query_params,
-                                     content=await request.body(), headers=headers)
-        return Response(reply.content, status_code=reply.status_code,
-                        headers={k: v for k, v in reply.headers.items() if k.lower() not in _DROP})
+        reply = await client.request(
+            request.method, request.url.path, params=request.query_params, content=await request.body(), headers=headers
+        )
+        return Response(
+            reply.content,
+            status_code=reply.status_code,
+            headers={k: v for k, v in reply.headers.items() if k.lower() not in _DROP},
+        )
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
 
@@ -63,8 +67,9 @@ class Proxy:
 def start_proxy(upstream: str, timeout_s: float = 30.0) -> Proxy:
     """Start a proxy to ``upstream`` (an origin, no path) and wait until ``/v1/models`` answers through it."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, __file__, upstream, str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, __file__, upstream, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     proxy = Proxy(process, port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

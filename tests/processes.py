@@ -30,6 +30,12 @@ def stop(process: subprocess.Popen) -> None:
 def start_deploy(project: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     """`embed-factory deploy` (register, then run a worker) in ``project``, its output in ``log``."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "deploy"], cwd=project, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "embed_factory.cli", "deploy"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )

@@ -11,39 +11,74 @@ from storage.corpus import CleanStore
 from storage.shards import RunStore, now_utc
 
 TOPICS = [
-    ("How do I repot a root-bound fern without killing it?",
-     "Repotting a root-bound fern: water it the day before, ease it out of the pot, loosen the outer roots with "
-     "your fingers, and set it in a pot one size larger with fresh peat-free compost. Keep it out of direct sun "
-     "for a week while the roots recover."),
-    ("What causes brake squeal on a mountain bike?",
-     "Disc brakes on mountain bikes squeal when the pads are contaminated with oil, glazed from long descents, or "
-     "when the caliper is misaligned with the rotor. Cleaning the rotor with alcohol and bedding in new pads "
-     "usually stops the noise."),
-    ("Which documents do I need to renew a passport abroad?",
-     "To renew a passport while living abroad you usually need the application form, your current passport, two "
-     "recent photographs that meet the size rules, proof of residence, and the fee paid by card at the consulate."),
-    ("How long should sourdough starter ferment before baking?",
-     "A healthy sourdough starter is ready to bake with four to eight hours after feeding, when it has doubled, "
-     "smells pleasantly sour and a spoonful floats in water. Cold kitchens slow it down considerably."),
-    ("Why does my laptop fan run constantly?",
-     "A laptop fan that never stops is often caused by dust in the heatsink, a background process using the CPU, "
-     "or outdated firmware. Cleaning the vents with compressed air and checking the task manager helps most."),
-    ("What is the best way to learn musical scales on piano?",
-     "Learning piano scales works best slowly with a metronome: practise hands separately, use the standard "
-     "fingering, then hands together, and raise the tempo a few beats at a time once every note is even."),
+    (
+        "How do I repot a root-bound fern without killing it?",
+        "Repotting a root-bound fern: water it the day before, ease it out of the pot, loosen the outer roots with "
+        "your fingers, and set it in a pot one size larger with fresh peat-free compost. Keep it out of direct sun "
+        "for a week while the roots recover.",
+    ),
+    (
+        "What causes brake squeal on a mountain bike?",
+        "Disc brakes on mountain bikes squeal when the pads are contaminated with oil, glazed from long descents, or "
+        "when the caliper is misaligned with the rotor. Cleaning the rotor with alcohol and bedding in new pads "
+        "usually stops the noise.",
+    ),
+    (
+        "Which documents do I need to renew a passport abroad?",
+        "To renew a passport while living abroad you usually need the application form, your current passport, two "
+        "recent photographs that meet the size rules, proof of residence, and the fee paid by card at the consulate.",
+    ),
+    (
+        "How long should sourdough starter ferment before baking?",
+        "A healthy sourdough starter is ready to bake with four to eight hours after feeding, when it has doubled, "
+        "smells pleasantly sour and a spoonful floats in water. Cold kitchens slow it down considerably.",
+    ),
+    (
+        "Why does my laptop fan run constantly?",
+        "A laptop fan that never stops is often caused by dust in the heatsink, a background process using the CPU, "
+        "or outdated firmware. Cleaning the vents with compressed air and checking the task manager helps most.",
+    ),
+    (
+        "What is the best way to learn musical scales on piano?",
+        "Learning piano scales works best slowly with a metronome: practise hands separately, use the standard "
+        "fingering, then hands together, and raise the tempo a few beats at a time once every note is even.",
+    ),
 ]
 
 
-def example(run_id: str, i: int, query: str, positive: str, negative: str | None = None,
-            task_type: str = "retrieval", language: str = "English") -> dict:
+def example(
+    run_id: str,
+    i: int,
+    query: str,
+    positive: str,
+    negative: str | None = None,
+    task_type: str = "retrieval",
+    language: str = "English",
+) -> dict:
     return {
-        "example_id": f"{run_id}:r00-{task_type}-{i:06d}", "run_id": run_id, "shard_id": "g00-00000",
-        "task_type": task_type, "instruction": "Given a question, retrieve a passage that answers it.",
-        "instruction_id": f"{task_type}-000001", "persona_id": "p_x", "persona": "A curious person.",
-        "placeholders": json.dumps({"language": language}), "prompt_version": "v", "model": "m",
-        "sampling": "{}", "attempts": 1, "prompt_tokens": 10, "completion_tokens": 20, "latency_s": 1.0,
-        "finish_reason": "stop", "query": query, "positive": positive, "negative": negative,
-        "parsed": "{}", "raw_text": "{}", "created_at": now_utc(),
+        "example_id": f"{run_id}:r00-{task_type}-{i:06d}",
+        "run_id": run_id,
+        "shard_id": "g00-00000",
+        "task_type": task_type,
+        "instruction": "Given a question, retrieve a passage that answers it.",
+        "instruction_id": f"{task_type}-000001",
+        "persona_id": "p_x",
+        "persona": "A curious person.",
+        "placeholders": json.dumps({"language": language}),
+        "prompt_version": "v",
+        "model": "m",
+        "sampling": "{}",
+        "attempts": 1,
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "latency_s": 1.0,
+        "finish_reason": "stop",
+        "query": query,
+        "positive": positive,
+        "negative": negative,
+        "parsed": "{}",
+        "raw_text": "{}",
+        "created_at": now_utc(),
     }
 
 
@@ -61,8 +96,7 @@ def fixture_runs(data_dir):
     rows.append(example("run-a", 91, TOPICS[0][0], TOPICS[0][0], TOPICS[3][1]))  # positive equals query
     make_run(data_dir, "run-a", rows)
     # a second run repeats a query: cross-run exact duplicate
-    make_run(data_dir, "run-b", [example("run-b", 0, TOPICS[1][0].upper(), TOPICS[1][1] + " ",
-                                         negative=TOPICS[2][1])])
+    make_run(data_dir, "run-b", [example("run-b", 0, TOPICS[1][0].upper(), TOPICS[1][1] + " ", negative=TOPICS[2][1])])
     return data_dir
 
 

@@ -11,8 +11,14 @@ import pytest
 def cli(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "embed_factory.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["llm"], ["llm", "up"], ["prefect"]])
@@ -34,8 +40,12 @@ def test_help_everywhere(command):
 def test_bad_persona_file_is_one_clear_error(tmp_path, content, expected):
     bad = tmp_path / "personas.jsonl"
     bad.write_bytes(content)
-    result = cli("run", "-n", "1", env={"EMBED_FACTORY_PERSONAS__SOURCE": str(bad),
-                                        "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data")})
+    result = cli(
+        "run",
+        "-n",
+        "1",
+        env={"EMBED_FACTORY_PERSONAS__SOURCE": str(bad), "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data")},
+    )
     assert result.returncode == 1
     assert expected in result.stderr and str(bad) in result.stderr.replace("\n", "")
     assert "Traceback" not in result.stderr + result.stdout
@@ -59,9 +69,23 @@ def test_missing_config_file_is_reported(tmp_path):
 
 
 # --- the package's pieces, in process -----------------------------------------------------------------------
-COMMANDS = [["run"], ["clean"], ["query"], ["report"], ["finetune"], ["serve"], ["doctor"], ["deploy"], ["trigger"],
-            ["llm", "up"], ["llm", "down"], ["llm", "status"], ["prefect", "up"], ["prefect", "down"],
-            ["prefect", "status"]]
+COMMANDS = [
+    ["run"],
+    ["clean"],
+    ["query"],
+    ["report"],
+    ["finetune"],
+    ["serve"],
+    ["doctor"],
+    ["deploy"],
+    ["trigger"],
+    ["llm", "up"],
+    ["llm", "down"],
+    ["llm", "status"],
+    ["prefect", "up"],
+    ["prefect", "down"],
+    ["prefect", "status"],
+]
 
 
 def test_every_command_is_registered_with_its_help():
@@ -113,10 +137,24 @@ def test_summaries_are_printed_from_their_dataclasses(capsys):
     from flows.clean import CleanSummary
     from flows.generate import GenerateSummary
 
-    summary = GenerateSummary(run_id="r1", run_dir="/data/runs/r1", examples_by_type={"retrieval": 7, "sts": 5},
-                              rejects=3, requests=15, failure_rate=0.2, completion_tokens=900, tokens_per_s=45.0,
-                              elapsed_s=20.0, unique_instructions={"retrieval": 4}, personas=8, shards_written=2,
-                              shards_skipped=1, warnings=["few personas"], llm_calls=17, http_attempts=19)
+    summary = GenerateSummary(
+        run_id="r1",
+        run_dir="/data/runs/r1",
+        examples_by_type={"retrieval": 7, "sts": 5},
+        rejects=3,
+        requests=15,
+        failure_rate=0.2,
+        completion_tokens=900,
+        tokens_per_s=45.0,
+        elapsed_s=20.0,
+        unique_instructions={"retrieval": 4},
+        personas=8,
+        shards_written=2,
+        shards_skipped=1,
+        warnings=["few personas"],
+        llm_calls=17,
+        http_attempts=19,
+    )
     assert typed(GenerateSummary, asdict(summary)) == summary  # what the flow returns, typed again
     assert typed(GenerateSummary, summary) is summary
     print_generate_summary(typed(GenerateSummary, asdict(summary)), "http://127.0.0.1:4200/api")
@@ -126,13 +164,18 @@ def test_summaries_are_printed_from_their_dataclasses(capsys):
     assert "LLM: 17 calls, 19 HTTP attempts" in out and "warning: few personas" in out
     assert "UI:     http://127.0.0.1:4200/runs" in out and "/data/runs/r1/examples/*.parquet" in out
 
-    clean = CleanSummary(clean_id="c1", runs=["r1", "r2"], counts={"valid": 10, "mined": 6},
-                         dropped={"exact_dup": 4}, export_dir="/data/clean/c1/export", report="/data/report.html")
+    clean = CleanSummary(
+        clean_id="c1",
+        runs=["r1", "r2"],
+        counts={"valid": 10, "mined": 6},
+        dropped={"exact_dup": 4},
+        export_dir="/data/clean/c1/export",
+        report="/data/report.html",
+    )
     print_clean_summary(typed(CleanSummary, asdict(clean)))
     out = capsys.readouterr().out
     assert "clean c1 (2 run(s))" in out and "dropped: exact_dup 4" in out
     assert "export: /data/clean/c1/export   report: /data/report.html" in out
-
 
 
 def test_finetune_summary_is_printed_from_its_dataclass(capsys):
@@ -146,20 +189,37 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
         return {"sts": {"languages": ["en"], "spearman": {"mean": spearman}}, "dims": [384, 64]}
 
     summary = FinetuneSummary(
-        clean_id="c1", base_model="mini", train_path="/d/train.parquet", heldout_path=None,
-        model_dir="/d/models/mini-c1", eval_path="/d/models/mini-c1/eval.json",
-        train={"steps": 5, "samples": 40, "samples_per_s": 8.0, "train_seconds": 5.0, "first_loss": 1.25,
-               "last_loss": 0.5},
-        key_deltas={}, before=sts({"384": 0.8, "64": 0.7}), after=sts({"384": 0.85, "64": 0.65}),
-        delta={"sts": {"mean": {"384": 0.05, "64": -0.05}}})
+        clean_id="c1",
+        base_model="mini",
+        train_path="/d/train.parquet",
+        heldout_path=None,
+        model_dir="/d/models/mini-c1",
+        eval_path="/d/models/mini-c1/eval.json",
+        train={
+            "steps": 5,
+            "samples": 40,
+            "samples_per_s": 8.0,
+            "train_seconds": 5.0,
+            "first_loss": 1.25,
+            "last_loss": 0.5,
+        },
+        key_deltas={},
+        before=sts({"384": 0.8, "64": 0.7}),
+        after=sts({"384": 0.85, "64": 0.65}),
+        delta={"sts": {"mean": {"384": 0.05, "64": -0.05}}},
+    )
     print_finetune_summary(typed(FinetuneSummary, asdict(summary)))
     out = capsys.readouterr().out
     assert "mini fine-tuned on c1: STS Spearman (en)" in out.replace("\n", " ").replace("  ", " ")
-    rows = {line.split()[1]: line.split()[3:8:2] for line in out.splitlines() if line.startswith("│ ") and
-            line.split()[1] in ("384", "64")}
+    rows = {
+        line.split()[1]: line.split()[3:8:2]
+        for line in out.splitlines()
+        if line.startswith("│ ") and line.split()[1] in ("384", "64")
+    }
     assert rows == {"384": ["0.8000", "0.8500", "+0.0500"], "64": ["0.7000", "0.6500", "-0.0500"]}, out
     assert "training: 5 steps, 40 samples, 8.0 samples/s, 5s, loss 1.2500 → 0.5000" in out
     assert "model: /d/models/mini-c1" in out and "eval:  /d/models/mini-c1/eval.json" in out
+
 
 def test_prefect_ui_url():
     from embed_factory.prefect_server import prefect_ui_url

@@ -48,8 +48,14 @@ def compose(require_tool):
 
     def run(*args: str, env: dict[str, str], env_file: Path, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
         base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-        return subprocess.run([binary, "--env-file", str(env_file), "-f", str(file), *args],
-                              env={**base, **env}, cwd=file.parent, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [binary, "--env-file", str(env_file), "-f", str(file), *args],
+            env={**base, **env},
+            cwd=file.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 

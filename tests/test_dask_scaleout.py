@@ -28,8 +28,12 @@ def test_near_dedup_per_task_type_merges_to_the_global_result():
     cfg = CleanSettings()
     rows = near_rows() + [
         make_example("l1", "long_long", query=text_of(40, seed=40), positive=text_of(60, seed=41)),
-        make_example("l0", "long_long", query=one_word_changed(text_of(40, seed=40), 5, "telescope"),
-                     positive=one_word_changed(text_of(60, seed=41), 7, "telescope")),
+        make_example(
+            "l0",
+            "long_long",
+            query=one_word_changed(text_of(40, seed=40), 5, "telescope"),
+            positive=one_word_changed(text_of(60, seed=41), 7, "telescope"),
+        ),
         make_example("c1", "classification", query=text_of(30, seed=50), positive="positive"),
     ]
     for seed in range(3):
@@ -43,7 +47,10 @@ def test_near_dedup_per_task_type_merges_to_the_global_result():
         assert merged.kept.equals(whole.kept) and merged.dropped.equals(whole.dropped)
         assert merged.kept.schema == table.schema
     empty = table_of([])
-    assert merge_near_parts(empty, [near_dedup_part(p, cfg) for p in split_by_task_type(empty).values()]).kept.num_rows == 0
+    assert (
+        merge_near_parts(empty, [near_dedup_part(p, cfg) for p in split_by_task_type(empty).values()]).kept.num_rows
+        == 0
+    )
 
 
 def test_runner_settings_build_the_named_dask_runner():
@@ -71,14 +78,23 @@ def make_runs(data_dir) -> None:
                 k = 10 * s + i
                 task_type = "retrieval" if (i + s) % 2 else "long_long"
                 q = query if s == 0 else f"{query} (variant {k} about {text_of(4, seed=k)})"
-                rows.append(example(run_id, k, q, positive + f" Note {k}.", negative=TOPICS[(i + 1) % n][1],
-                                    task_type=task_type))
+                rows.append(
+                    example(
+                        run_id, k, q, positive + f" Note {k}.", negative=TOPICS[(i + 1) % n][1], task_type=task_type
+                    )
+                )
             rows.append(example(run_id, 90 + s, "", "An empty query is dropped by validation."))
             if run_id == "run-b":  # a cross-run exact duplicate and a near-duplicate query
-                rows.append(example(run_id, 95, TOPICS[1][0].upper(), TOPICS[1][1] + " Note 1.", TOPICS[2][1],
-                                    task_type="retrieval"))
-                rows.append(example(run_id, 96, f"{TOPICS[5][0]} {TOPICS[5][0]}", TOPICS[4][1] + " Note 96.",
-                                    task_type="retrieval"))
+                rows.append(
+                    example(
+                        run_id, 95, TOPICS[1][0].upper(), TOPICS[1][1] + " Note 1.", TOPICS[2][1], task_type="retrieval"
+                    )
+                )
+                rows.append(
+                    example(
+                        run_id, 96, f"{TOPICS[5][0]} {TOPICS[5][0]}", TOPICS[4][1] + " Note 96.", task_type="retrieval"
+                    )
+                )
             RunStore(data_dir, run_id).write_shard("examples", f"g00-{s:05d}", rows, [])
 
 
@@ -102,14 +118,20 @@ def test_clean_flow_on_dask_equals_threads(prefect_api_url, data_dir, monkeypatc
     from flows.clean import clean
 
     make_runs(data_dir)
-    for key, value in {"NEGATIVES_PER_QUERY": "2", "NEGATIVE_RANK_MIN": "1", "NEGATIVE_RANK_MAX": "10",
-                       "RANK_TOP_K": "3"}.items():
+    for key, value in {
+        "NEGATIVES_PER_QUERY": "2",
+        "NEGATIVE_RANK_MIN": "1",
+        "NEGATIVE_RANK_MAX": "10",
+        "RANK_TOP_K": "3",
+    }.items():
         monkeypatch.setenv(f"EMBED_FACTORY_CLEAN__{key}", value)
 
     threads = clean(clean_id="c-thread")
 
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         monkeypatch.setenv("EMBED_FACTORY_CLEAN__TASK_RUNNER", "dask")
         monkeypatch.setenv("EMBED_FACTORY_CLEAN__DASK_ADDRESS", cluster.scheduler_address)
         with distributed.get_task_stream(client=client) as stream:  # every task the scheduler ran meanwhile

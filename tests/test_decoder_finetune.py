@@ -43,8 +43,10 @@ def converted_decoder() -> Path:
     server = EmbeddedLLMServer(settings)
     if Path(server.python).exists():
         return server.ensure_model()
-    reason = (f"no converted decoder at {settings.model_dir} and no vLLM venv to convert it "
-              f"({server.python}); run `embed-factory llm up` once")
+    reason = (
+        f"no converted decoder at {settings.model_dir} and no vLLM venv to convert it "
+        f"({server.python}); run `embed-factory llm up` once"
+    )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -78,9 +80,18 @@ def test_decoder_fine_tunes_saves_and_reloads_to_the_same_vectors(tmp_path):
     width = config.hidden_size
 
     train_path = write_export(tmp_path / "train.parquet", rows_per_task=2)
-    cfg = FinetuneSettings(base_model=str(base), max_steps=3, batch_size=4, max_seq_length=24, hard_negatives=1,
-                           learning_rate=1e-4, gradient_checkpointing=True, eval_batch_size=8,
-                           sts_languages=["en"], sts_max_pairs=12)
+    cfg = FinetuneSettings(
+        base_model=str(base),
+        max_steps=3,
+        batch_size=4,
+        max_seq_length=24,
+        hard_negatives=1,
+        learning_rate=1e-4,
+        gradient_checkpointing=True,
+        eval_batch_size=8,
+        sts_languages=["en"],
+        sts_max_pairs=12,
+    )
     trained = {}
 
     def evaluate(model):
@@ -104,8 +115,11 @@ def test_decoder_fine_tunes_saves_and_reloads_to_the_same_vectors(tmp_path):
     assert -1.0 <= result.eval_metrics["sts_en_spearman"] <= 1.0  # not NaN: the pairs' cosines differ
 
     # distinct texts, distinct vectors (a chat template rendered around every text made them all one vector)
-    texts = ["Instruct: Retrieve a passage\nQuery: how do I descale a kettle?",
-             "Soak it in vinegar and water for an hour.", "a red bicycle"]
+    texts = [
+        "Instruct: Retrieve a passage\nQuery: how do I descale a kettle?",
+        "Soak it in vinegar and water for an hour.",
+        "a red bicycle",
+    ]
     expected = model.encode(texts, convert_to_tensor=True)
     assert float((expected[0] @ expected[1:].T).max()) < 0.99
     # the weights moved from the (bf16) checkpoint's

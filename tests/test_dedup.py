@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
@@ -20,11 +20,13 @@ from tasks.cleaning.dedup import (
 )
 from tasks.generation.brainstorm import instruction_key
 
-CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
-WORDS = ("river mountain library engine garden violin harbor candle meadow planet circuit lantern "
-         "forest bridge market canyon orchard glacier compass theatre island bakery tunnel museum "
-         "desert falcon mirror pottery satellite village quarry anchor blossom cathedral").split()
+WORDS = (
+    "river mountain library engine garden violin harbor candle meadow planet circuit lantern "
+    "forest bridge market canyon orchard glacier compass theatre island bakery tunnel museum "
+    "desert falcon mirror pottery satellite village quarry anchor blossom cathedral"
+).split()
 
 
 def text_of(n_words: int, seed: int) -> str:
@@ -32,8 +34,9 @@ def text_of(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def make_example(example_id: str, task_type: str = "retrieval", query: str = "q", positive: str = "p",
-                 negative: str | None = "n") -> dict:
+def make_example(
+    example_id: str, task_type: str = "retrieval", query: str = "q", positive: str = "p", negative: str | None = "n"
+) -> dict:
     """One row with every EXAMPLE_SCHEMA column filled."""
     row = {
         "example_id": example_id,
@@ -70,8 +73,15 @@ def table_of(rows: list[dict]) -> pa.Table:
 
 def dropped_map(result) -> dict[str, tuple[str, str]]:
     d = result.dropped
-    return {e: (r, det) for e, r, det in zip(d.column("example_id").to_pylist(), d.column("reason").to_pylist(),
-                                             d.column("detail").to_pylist())}
+    return {
+        e: (r, det)
+        for e, r, det in zip(
+            d.column("example_id").to_pylist(),
+            d.column("reason").to_pylist(),
+            d.column("detail").to_pylist(),
+            strict=False,
+        )
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,10 @@ def test_dedup_key_ignores_case_space_and_punctuation():
 
 def test_dedup_key_and_instruction_key_are_different_keys():
     """Examples are compared without any punctuation; brainstormed instructions keep their inner punctuation."""
-    with_comma, without = "Retrieve recipes, that use a given ingredient", "Retrieve recipes that use a given ingredient"
+    with_comma, without = (
+        "Retrieve recipes, that use a given ingredient",
+        "Retrieve recipes that use a given ingredient",
+    )
     assert dedup_key(with_comma) == dedup_key(without)
     assert instruction_key(with_comma) != instruction_key(without)
     assert instruction_key("Ｘ-ray") != dedup_key("Ｘ-ray")  # no NFKC, hyphen kept
@@ -128,8 +141,9 @@ def test_exact_duplicates_keep_the_smallest_example_id_whatever_the_order(order)
         assert reason == "duplicate_query"
         assert "e01" in detail
     # kept rows: input order, input schema
-    assert result.kept.column("example_id").to_pylist() == [r["example_id"] for r in rows
-                                                            if r["example_id"] not in dropped]
+    assert result.kept.column("example_id").to_pylist() == [
+        r["example_id"] for r in rows if r["example_id"] not in dropped
+    ]
     assert result.kept.schema == table.schema
     assert result.dropped.schema.equals(DROPPED_SCHEMA)
     assert set(result.dropped.column("stage").to_pylist()) == {"dedup_exact"}
@@ -137,12 +151,15 @@ def test_exact_duplicates_keep_the_smallest_example_id_whatever_the_order(order)
 
 def test_classification_labels_repeat_but_document_positives_do_not():
     rows = [
-        make_example("c1", "classification", query="The food was cold and late.", positive="negative",
-                     negative="positive"),
-        make_example("c2", "classification", query="Great service, friendly staff!", positive="Negative.",
-                     negative="positive"),
-        make_example("c3", "classification", query="Terrible parking, never again.", positive="negative",
-                     negative="neutral"),
+        make_example(
+            "c1", "classification", query="The food was cold and late.", positive="negative", negative="positive"
+        ),
+        make_example(
+            "c2", "classification", query="Great service, friendly staff!", positive="Negative.", negative="positive"
+        ),
+        make_example(
+            "c3", "classification", query="Terrible parking, never again.", positive="negative", negative="neutral"
+        ),
         make_example("r2", "retrieval", query="best hiking boots", positive="Hiking boots: a buyer's guide."),
         make_example("r1", "retrieval", query="waterproof trail shoes", positive="hiking boots -- a buyer's guide"),
         make_example("s1", "short_short", query="cat", positive="A small domesticated feline."),
@@ -168,8 +185,7 @@ def test_positive_pass_only_compares_rows_the_query_pass_kept():
 
 
 def test_exact_dedup_is_deterministic_and_handles_nulls_and_empty():
-    rows = exact_rows() + [make_example("n1", query=None, positive=None), make_example("n2", query=None,
-                                                                                     positive=None)]
+    rows = exact_rows() + [make_example("n1", query=None, positive=None), make_example("n2", query=None, positive=None)]
     table = table_of(rows)
     first, second = exact_dedup(table), exact_dedup(table)
     assert first.kept.equals(second.kept) and first.dropped.equals(second.dropped)
@@ -196,12 +212,15 @@ def near_rows() -> list[dict]:
         make_example("n2", query=text_of(40, seed=2), positive=text_of(60, seed=12)),  # clearly different
         make_example("n4", query=text_of(40, seed=3), positive=text_of(60, seed=13)),
         # positive near-duplicate of n2's (one word changed), query different
-        make_example("n5", query=text_of(40, seed=4),
-                     positive=one_word_changed(text_of(60, seed=12), 30, "telescope")),
+        make_example("n5", query=text_of(40, seed=4), positive=one_word_changed(text_of(60, seed=12), 30, "telescope")),
         # same near-duplicate positive pair in short_short: positives of short types are not near-deduped
         make_example("s1", "short_short", query=text_of(10, seed=5), positive=text_of(60, seed=20)),
-        make_example("s2", "short_short", query=text_of(10, seed=6),
-                     positive=one_word_changed(text_of(60, seed=20), 10, "telescope")),
+        make_example(
+            "s2",
+            "short_short",
+            query=text_of(10, seed=6),
+            positive=one_word_changed(text_of(60, seed=20), 10, "telescope"),
+        ),
         # the near-duplicate query in another task type: kept
         make_example("x1", "long_long", query=base, positive=text_of(60, seed=30)),
     ]
@@ -221,8 +240,9 @@ def test_near_duplicates_go_and_different_texts_stay(cfg, order):
     assert dropped["n3"][0] == "near_duplicate_query" and "n1" in dropped["n3"][1]
     assert dropped["n5"][0] == "near_duplicate_positive" and "n2" in dropped["n5"][1]
     assert set(result.dropped.column("stage").to_pylist()) == {"dedup_near"}
-    assert result.kept.column("example_id").to_pylist() == [r["example_id"] for r in rows
-                                                            if r["example_id"] not in dropped]
+    assert result.kept.column("example_id").to_pylist() == [
+        r["example_id"] for r in rows if r["example_id"] not in dropped
+    ]
     assert result.kept.schema == table.schema
 
 
@@ -274,11 +294,13 @@ def test_instruction_clusters_map_to_the_smallest_id_within_task_type(cfg):
         ("retrieval-000006", "retrieval", "find songs"),
         ("classification-000001", "classification", base),
     ]
-    table = pa.table({
-        "instruction_id": [r[0] for r in rows],
-        "task_type": [r[1] for r in rows],
-        "instruction": [r[2] for r in rows],
-    })
+    table = pa.table(
+        {
+            "instruction_id": [r[0] for r in rows],
+            "task_type": [r[1] for r in rows],
+            "instruction": [r[2] for r in rows],
+        }
+    )
     mapping = instruction_clusters(table, cfg)
     assert mapping == {
         "retrieval-000003": "retrieval-000001",

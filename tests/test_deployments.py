@@ -35,26 +35,42 @@ from ground.settings import load_settings
 from processes import start_deploy, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"generate": "flows.generate.generate", "clean": "flows.clean.clean",
-            "finetune": "flows.finetune.finetune", "pipeline": "flows.pipeline.pipeline"}
+EXPECTED = {
+    "generate": "flows.generate.generate",
+    "clean": "flows.clean.clean",
+    "finetune": "flows.finetune.finetune",
+    "pipeline": "flows.pipeline.pipeline",
+}
 
 
 # small, cheap clean and fine-tune settings for tiny corpora (environment, so the worker's flow runs get them)
 TINY = {
-    "EMBED_FACTORY_FINETUNE__STS_LANGUAGES": '["en"]', "EMBED_FACTORY_FINETUNE__STS_MAX_PAIRS": "40",
-    "EMBED_FACTORY_FINETUNE__BATCH_SIZE": "4", "EMBED_FACTORY_FINETUNE__MAX_SEQ_LENGTH": "64",
-    "EMBED_FACTORY_FINETUNE__EVAL_BATCH_SIZE": "32", "EMBED_FACTORY_FINETUNE__HARD_NEGATIVES": "1",
-    "EMBED_FACTORY_FINETUNE__MATRYOSHKA_DIMS": "[256, 64]", "EMBED_FACTORY_FINETUNE__MATRYOSHKA_WEIGHTS": "[1.0, 0.3]",
+    "EMBED_FACTORY_FINETUNE__STS_LANGUAGES": '["en"]',
+    "EMBED_FACTORY_FINETUNE__STS_MAX_PAIRS": "40",
+    "EMBED_FACTORY_FINETUNE__BATCH_SIZE": "4",
+    "EMBED_FACTORY_FINETUNE__MAX_SEQ_LENGTH": "64",
+    "EMBED_FACTORY_FINETUNE__EVAL_BATCH_SIZE": "32",
+    "EMBED_FACTORY_FINETUNE__HARD_NEGATIVES": "1",
+    "EMBED_FACTORY_FINETUNE__MATRYOSHKA_DIMS": "[256, 64]",
+    "EMBED_FACTORY_FINETUNE__MATRYOSHKA_WEIGHTS": "[1.0, 0.3]",
     "EMBED_FACTORY_FINETUNE__MAX_STEPS": "2",
-    "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10", "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
-    "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10", "EMBED_FACTORY_CLEAN__NEGATIVES_PER_QUERY": "2",
+    "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10",
+    "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+    "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10",
+    "EMBED_FACTORY_CLEAN__NEGATIVES_PER_QUERY": "2",
     "EMBED_FACTORY_CLEAN__HELDOUT_FRACTION": "0",
 }
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd=ROOT, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embed_factory.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def local_specs(**settings_overrides) -> list[prefect_yaml.DeploymentSpec]:
@@ -70,8 +86,9 @@ def test_prefect_yaml_passes_prefects_own_model():
     model = PrefectYamlModel.model_validate(raw)
     assert [d.name for d in model.deployments] == list(EXPECTED)
     assert {d.name: d.entrypoint for d in model.deployments} == EXPECTED
-    assert raw["pull"] == [{"prefect.deployments.steps.set_working_directory":
-                            {"directory": "{{ $EMBED_FACTORY_PROJECT_DIR }}"}}]
+    assert raw["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $EMBED_FACTORY_PROJECT_DIR }}"}}
+    ]
 
 
 def test_entrypoints_load_and_parameters_match_the_flows():
@@ -97,8 +114,9 @@ def test_pools_schedule_and_pull_step_per_profile(monkeypatch):
     monkeypatch.delenv("EMBED_FACTORY_PREFECT__GPU_WORK_POOL", raising=False)
     local = {s.name: s for s in local_specs()}
     assert {s.work_pool for s in local.values()} == {"local-pool"}
-    assert local["generate"].pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                             {"directory": str(ROOT)}}]
+    assert local["generate"].pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ]
     production = {s.name: s.work_pool for s in local_specs(profile="production")}
     assert production == {"generate": "cpu-pool", "clean": "gpu-pool", "finetune": "gpu-pool", "pipeline": "cpu-pool"}
 
@@ -129,27 +147,36 @@ def test_trigger_skips_the_clean_stage_of_a_pipeline(run_name, fires):
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.types._datetime import now
 
-
     python_trigger = clean_completed_trigger()
     python_trigger.set_deployment_id(uuid4())
     automation = python_trigger.as_automation()
     trigger = EventTrigger.model_validate(automation.trigger.model_dump())
     event = ReceivedEvent(
-        occurred=now("UTC"), event="prefect.flow-run.Completed",
+        occurred=now("UTC"),
+        event="prefect.flow-run.Completed",
         resource={"prefect.resource.id": f"prefect.flow-run.{uuid4()}", "prefect.resource.name": run_name},
-        related=[{"prefect.resource.id": f"prefect.flow.{uuid4()}", "prefect.resource.role": "flow",
-                  "prefect.resource.name": "clean"}],
-        id=uuid4())
+        related=[
+            {
+                "prefect.resource.id": f"prefect.flow.{uuid4()}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": "clean",
+            }
+        ],
+        id=uuid4(),
+    )
     assert trigger.covers(event) is fires
     other_flow = event.model_copy(update={"related": [{**event.related[0].root, "prefect.resource.name": "generate"}]})
     assert trigger.covers(other_flow) is False
 
 
-@pytest.mark.parametrize("clean_parameters, expected", [
-    ({"clean_id": "c1"}, {"clean_id": "c1", "profile": None}),  # a clean deployment run given only its id
-    ({"clean_id": "c1", "profile": None, "runs": None}, {"clean_id": "c1", "profile": None}),
-    ({"clean_id": "c1", "profile": "production"}, {"clean_id": "c1", "profile": "production"}),
-])
+@pytest.mark.parametrize(
+    "clean_parameters, expected",
+    [
+        ({"clean_id": "c1"}, {"clean_id": "c1", "profile": None}),  # a clean deployment run given only its id
+        ({"clean_id": "c1", "profile": None, "runs": None}, {"clean_id": "c1", "profile": None}),
+        ({"clean_id": "c1", "profile": "production"}, {"clean_id": "c1", "profile": "production"}),
+    ],
+)
 def test_trigger_parameters_render_from_the_clean_run(clean_parameters, expected):
     """The server's own rendering of the run-deployment action (a missing key must not break it)."""
     from types import SimpleNamespace
@@ -159,16 +186,19 @@ def test_trigger_parameters_render_from_the_clean_run(clean_parameters, expected
 
     parameters = dict(clean_completed_trigger({"max_steps": 2}).parameters)
     RunDeployment._upgrade_v1_templates(parameters)  # what the server does with these templates
-    context = HydrationContext(raise_on_error=True, render_jinja=True,
-                               jinja_context={"flow_run": SimpleNamespace(parameters=clean_parameters)})
+    context = HydrationContext(
+        raise_on_error=True, render_jinja=True, jinja_context={"flow_run": SimpleNamespace(parameters=clean_parameters)}
+    )
     assert hydrate(parameters, context) == {**expected, "max_steps": 2}
 
 
 def test_a_placeholder_without_value_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     project = tmp_path / "prefect.yaml"
-    project.write_text("deployments:\n  - name: x\n    entrypoint: flows.clean.clean\n"
-                       "    work_pool:\n      name: '{{ $NOT_SET_ANYWHERE }}'\n")
+    project.write_text(
+        "deployments:\n  - name: x\n    entrypoint: flows.clean.clean\n"
+        "    work_pool:\n      name: '{{ $NOT_SET_ANYWHERE }}'\n"
+    )
     with pytest.raises(DeployError, match=r"deployments\[0\]\.work_pool\.name: .*NOT_SET_ANYWHERE"):
         prefect_yaml.load_project({}, project)
     project.write_text("deployments:\n  - name: x\n    entrypoint: flows/clean.py:clean\n    work_pool: {name: p}\n")
@@ -185,26 +215,46 @@ def pipeline_schema() -> dict:
 
 
 def test_params_are_typed_by_the_schema(pipeline_schema):
-    raw = parse_param_pairs(["examples=6", "task_types=retrieval,sts", "run_id=123", "finetune=false",
-                                    "max_steps=null", "profile=local", "seed=7", 'clean_id="c=1"'])
+    raw = parse_param_pairs(
+        [
+            "examples=6",
+            "task_types=retrieval,sts",
+            "run_id=123",
+            "finetune=false",
+            "max_steps=null",
+            "profile=local",
+            "seed=7",
+            'clean_id="c=1"',
+        ]
+    )
     assert coerce_parameters(raw, pipeline_schema, "pipeline/pipeline") == {
-        "examples": 6, "task_types": ["retrieval", "sts"], "run_id": "123", "finetune": False, "max_steps": None,
-        "profile": "local", "seed": 7, "clean_id": "c=1"}
+        "examples": 6,
+        "task_types": ["retrieval", "sts"],
+        "run_id": "123",
+        "finetune": False,
+        "max_steps": None,
+        "profile": "local",
+        "seed": 7,
+        "clean_id": "c=1",
+    }
     raw = parse_param_pairs(['task_types=["bitext"]'])
     assert coerce_parameters(raw, pipeline_schema, "p")["task_types"] == ["bitext"]
 
 
-@pytest.mark.parametrize("pairs, message", [
-    (["examples"], "expected NAME=VALUE"),
-    (["=3"], "expected NAME=VALUE"),
-    (["seed=1", "seed=2"], "--param seed given twice"),
-    (["nope=1"], "has no parameter 'nope'; parameters: run_id, examples"),
-    (["examples=abc"], "parameter examples: 'abc' is not integer or null"),
-    (["examples=1.5"], "parameter examples: 1.5 is not integer or null"),
-    (["task_types=retrieval,poetry"], "parameter task_types[1]: 'poetry' is not one of"),
-    (["profile=prod"], "parameter profile: 'prod' is not one of ['local', 'production']"),
-    (["finetune=maybe"], "parameter finetune: 'maybe' is not of type 'boolean'"),
-])
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["examples"], "expected NAME=VALUE"),
+        (["=3"], "expected NAME=VALUE"),
+        (["seed=1", "seed=2"], "--param seed given twice"),
+        (["nope=1"], "has no parameter 'nope'; parameters: run_id, examples"),
+        (["examples=abc"], "parameter examples: 'abc' is not integer or null"),
+        (["examples=1.5"], "parameter examples: 1.5 is not integer or null"),
+        (["task_types=retrieval,poetry"], "parameter task_types[1]: 'poetry' is not one of"),
+        (["profile=prod"], "parameter profile: 'prod' is not one of ['local', 'production']"),
+        (["finetune=maybe"], "parameter finetune: 'maybe' is not of type 'boolean'"),
+    ],
+)
 def test_bad_params_are_one_line_errors(pipeline_schema, pairs, message):
     with pytest.raises(DeployError) as caught:
         coerce_parameters(parse_param_pairs(pairs), pipeline_schema, "pipeline/pipeline")
@@ -238,12 +288,24 @@ async def _read_deployments() -> dict:
             d = await client.read_deployment_by_name(f"{name}/{name}")
             automations = await client.read_resource_related_automations(f"prefect.deployment.{d.id}")
             out[name] = {
-                "id": d.id, "entrypoint": d.entrypoint, "work_pool": d.work_pool_name, "pull_steps": d.pull_steps,
-                "parameters": d.parameters, "tags": sorted(d.tags), "description": d.description,
+                "id": d.id,
+                "entrypoint": d.entrypoint,
+                "work_pool": d.work_pool_name,
+                "pull_steps": d.pull_steps,
+                "parameters": d.parameters,
+                "tags": sorted(d.tags),
+                "description": d.description,
                 "schema": d.parameter_openapi_schema,
                 "schedules": sorted((s.slug, s.schedule.cron, s.active) for s in d.schedules),
-                "triggers": sorted((a.name, str(a.trigger.match), str(a.trigger.match_related),
-                                    str(getattr(a.actions[0], "parameters", None))) for a in automations),
+                "triggers": sorted(
+                    (
+                        a.name,
+                        str(a.trigger.match),
+                        str(a.trigger.match_related),
+                        str(getattr(a.actions[0], "parameters", None)),
+                    )
+                    for a in automations
+                ),
             }
         return out
 
@@ -279,8 +341,12 @@ def _deployment_filter(deployment_id):
 def clean_server(prefect_api_url, monkeypatch):
     """The session's test server, without this file's deployments, pools and runs before and after."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
-    for name in ("EMBED_FACTORY_PREFECT__WORK_POOL", "EMBED_FACTORY_PREFECT__GPU_WORK_POOL",
-                 "EMBED_FACTORY_PREFECT__PIPELINE_SCHEDULE", prefect_yaml.PROJECT_DIR_VAR):
+    for name in (
+        "EMBED_FACTORY_PREFECT__WORK_POOL",
+        "EMBED_FACTORY_PREFECT__GPU_WORK_POOL",
+        "EMBED_FACTORY_PREFECT__PIPELINE_SCHEDULE",
+        prefect_yaml.PROJECT_DIR_VAR,
+    ):
         monkeypatch.delenv(name, raising=False)
     asyncio.run(_remove_everything())
     yield prefect_api_url
@@ -291,11 +357,21 @@ def test_register_matches_prefect_deploy(clean_server, tmp_path):
     """`prefect deploy --all` on prefect.yaml and register_project register the same deployments."""
     settings = load_settings()
     prefect_yaml.ensure_work_pool("local-pool")
-    env = {"PREFECT_API_URL": clean_server, "EMBED_FACTORY_PREFECT__WORK_POOL": "local-pool",
-           "EMBED_FACTORY_PREFECT__GPU_WORK_POOL": "local-pool", prefect_yaml.PROJECT_DIR_VAR: str(tmp_path)}
+    env = {
+        "PREFECT_API_URL": clean_server,
+        "EMBED_FACTORY_PREFECT__WORK_POOL": "local-pool",
+        "EMBED_FACTORY_PREFECT__GPU_WORK_POOL": "local-pool",
+        prefect_yaml.PROJECT_DIR_VAR: str(tmp_path),
+    }
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT,
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     by_prefect = asyncio.run(_read_deployments())
     t_prefect = time.monotonic() - started
@@ -311,8 +387,9 @@ def test_register_matches_prefect_deploy(clean_server, tmp_path):
         assert ours[name] == by_prefect[name], name  # same ids too: re-registered, not duplicated
         assert ours[name]["entrypoint"] == EXPECTED[name]
         assert ours[name]["work_pool"] == "local-pool"
-        assert ours[name]["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                             {"directory": str(tmp_path)}}]
+        assert ours[name]["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}
+        ]
     assert ours["pipeline"]["schedules"] == [("pipeline-nightly", "0 3 * * *", False)]
     assert [t[0] for t in ours["finetune"]["triggers"]] == ["finetune-after-clean"]
     assert "!* (pipeline)" in ours["finetune"]["triggers"][0][1]
@@ -334,8 +411,10 @@ def test_cli_trigger_user_errors(clean_server, tmp_path):
 
     prefect_yaml.register_project(load_settings(), project_dir=tmp_path)
     for args, message in [
-        (["trigger", "pipelin"], "no deployment 'pipelin'; deployments: clean/clean, finetune/finetune, "
-                                 "generate/generate"),
+        (
+            ["trigger", "pipelin"],
+            "no deployment 'pipelin'; deployments: clean/clean, finetune/finetune, generate/generate",
+        ),
         (["trigger", "pipeline", "-p", "examples=many"], "parameter examples: 'many' is not integer or null"),
         (["trigger", "generate", "--param", "oops"], "expected NAME=VALUE"),
         (["trigger", "generate"], "parameter run_id is required"),
@@ -365,7 +444,8 @@ def wait_for_worker(pool: str, process: subprocess.Popen, log: Path, timeout: fl
         with get_client(sync_client=True) as client:
             try:
                 if client.read_workers_for_work_pool(
-                        pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))):
+                    pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+                ):
                     return
             except (ObjectNotFound, PrefectHTTPStatusError):  # the pool is not there yet (404)
                 pass
@@ -382,14 +462,18 @@ def wait_for_triggered_finetune(clean_id: str, log: Path, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as client:
-            runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["finetune"])))
-                    if (r.parameters or {}).get("clean_id") == clean_id]
+            runs = [
+                r
+                for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["finetune"])))
+                if (r.parameters or {}).get("clean_id") == clean_id
+            ]
         if runs and runs[0].state and runs[0].state.is_final():
             assert len(runs) == 1 and runs[0].state.is_completed(), (runs[0].state, log.read_text()[-4000:])
             return runs[0]
         if time.monotonic() > deadline:
-            pytest.fail(f"no completed finetune run for {clean_id} within {timeout:.0f}s ({runs}):\n"
-                        f"{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"no completed finetune run for {clean_id} within {timeout:.0f}s ({runs}):\n{log.read_text()[-4000:]}"
+            )
         time.sleep(2)
 
 
@@ -398,16 +482,32 @@ def test_deploy_then_trigger_generate_runs_on_the_worker(llm_base_url, clean_ser
     project = tmp_path / "project"  # the flow run's working directory (prefect.yaml's pull step)
     project.mkdir()
     # a relative data folder: the shards land under the project only if the run starts there
-    env = {**os.environ, **TINY, "PREFECT_API_URL": clean_server, "EMBED_FACTORY_KEEP_LLM": "1",
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "EMBED_FACTORY_STORAGE__DATA_DIR": "data"}
+    env = {
+        **os.environ,
+        **TINY,
+        "PREFECT_API_URL": clean_server,
+        "EMBED_FACTORY_KEEP_LLM": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "EMBED_FACTORY_STORAGE__DATA_DIR": "data",
+    }
     log = tmp_path / "deploy.log"
     t0 = time.monotonic()
     worker = start_deploy(project, env, log)
     try:
         wait_for_worker("local-pool", worker, log)
         t_ready = time.monotonic()
-        result = cli("trigger", "generate", "-p", "run_id=dep-1", "-p", "examples=6",
-                     "-p", "task_types=retrieval,sts", env={"PREFECT_API_URL": clean_server}, timeout=600)
+        result = cli(
+            "trigger",
+            "generate",
+            "-p",
+            "run_id=dep-1",
+            "-p",
+            "examples=6",
+            "-p",
+            "task_types=retrieval,sts",
+            env={"PREFECT_API_URL": clean_server},
+            timeout=600,
+        )
         t_done = time.monotonic()
         assert result.returncode == 0, result.stdout + result.stderr + log.read_text()[-4000:]
         assert "generate/generate: flow run generate-dep-1 Completed" in result.stdout

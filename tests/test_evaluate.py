@@ -54,8 +54,9 @@ def write_csv(path: Path, rows) -> Path:
 
 
 def cfg_for(tmp_path: Path, **kw) -> FinetuneSettings:
-    base = dict(sts_dir=tmp_path / "sts", sts_languages=["en"], matryoshka_dims=[2], matryoshka_weights=[1.0],
-                eval_batch_size=4)
+    base = dict(
+        sts_dir=tmp_path / "sts", sts_languages=["en"], matryoshka_dims=[2], matryoshka_weights=[1.0], eval_batch_size=4
+    )
     base.update(kw)
     return FinetuneSettings(**base)
 
@@ -154,8 +155,11 @@ def test_evaluate_sts_per_dim_with_designed_vectors(tmp_path):
     vectors.update(sts_fixture(tmp_path, "de", reverse=True))
     model = FakeModel(vectors)
     info = {}
-    result = evaluate_sts(model, cfg_for(tmp_path, sts_languages=["en", "de"], matryoshka_dims=[8, 2],
-                                         matryoshka_weights=[1.0, 0.5]), info=info)
+    result = evaluate_sts(
+        model,
+        cfg_for(tmp_path, sts_languages=["en", "de"], matryoshka_dims=[8, 2], matryoshka_weights=[1.0, 0.5]),
+        info=info,
+    )
     assert set(result) == {"en", "de", "mean"}
     assert list(result["en"]) == [4, 2]  # 8 > width 4 is skipped, the full width counts
     assert result["en"][4] == pytest.approx(1.0)
@@ -262,12 +266,15 @@ def test_missing_sts_file_names_the_file(tmp_path):
     assert model.calls == []  # failed before embedding anything
 
 
-@pytest.mark.parametrize("row, why", [
-    (["only", "two"], "expected 3 columns"),
-    (["a", "b", "high"], "is not a number"),
-    (["a", "b", "7"], "outside 0..5"),
-    (["", "b", "1"], "empty sentence"),
-])
+@pytest.mark.parametrize(
+    "row, why",
+    [
+        (["only", "two"], "expected 3 columns"),
+        (["a", "b", "high"], "is not a number"),
+        (["a", "b", "7"], "outside 0..5"),
+        (["", "b", "1"], "empty sentence"),
+    ],
+)
 def test_malformed_sts_file_names_file_and_line(tmp_path, row, why):
     path = write_csv(tmp_path / "sts" / "stsb-en-test.csv", [["x", "y", "1.0"], row])
     with pytest.raises(EvaluationError) as err:
@@ -293,19 +300,29 @@ def heldout_fixture(tmp_path: Path) -> tuple[Path, dict[str, list[float]]]:
         "Instruct: find\nQuery: q1": [1.0, 0.0, 0.0, 0.0],
         "Instruct: find\nQuery: q2": [0.0, 0.0, 0.0, 1.0],
         "Instruct: sts\nQuery: s": [0.0, 1.0, 0.0, 0.0],
-        "p1": [0.6, 0.8, 0.0, 0.0],      # cos(q1) 0.6 full and at dim 2
-        "n1": [0.9, 0.1, 0.0, 2.0],      # cos(q1) 0.9/sqrt(4.82)=0.41 full; 0.9/sqrt(0.82)=0.99 at dim 2
-        "p2a": [0.0, 0.0, 0.0, 1.0],     # cos(q2) 1
-        "p2b": [0.0, 0.0, 1.0, -1.0],    # cos(q2) -0.71: ranked last
-        "n2": [0.0, 0.0, 1.0, 0.5],      # cos(q2) 0.45
-        "sp": [0.0, 1.0, 1.0, 0.0],      # sts positive, in the corpus
+        "p1": [0.6, 0.8, 0.0, 0.0],  # cos(q1) 0.6 full and at dim 2
+        "n1": [0.9, 0.1, 0.0, 2.0],  # cos(q1) 0.9/sqrt(4.82)=0.41 full; 0.9/sqrt(0.82)=0.99 at dim 2
+        "p2a": [0.0, 0.0, 0.0, 1.0],  # cos(q2) 1
+        "p2b": [0.0, 0.0, 1.0, -1.0],  # cos(q2) -0.71: ranked last
+        "n2": [0.0, 0.0, 1.0, 0.5],  # cos(q2) 0.45
+        "sp": [0.0, 1.0, 1.0, 0.0],  # sts positive, in the corpus
         "sn": [0.1, 1.0, 0.0, 0.0],
     }
     rows = [
-        {"query": "Instruct: find\nQuery: q1", "pos": ["p1"], "neg": ["n1"], "task_name": "retrieval",
-         "example_id": "e1"},
-        {"query": "Instruct: find\nQuery: q2", "pos": ["p2a", "p2b"], "neg": ["n2", "n1"], "task_name": "retrieval",
-         "example_id": "e2"},
+        {
+            "query": "Instruct: find\nQuery: q1",
+            "pos": ["p1"],
+            "neg": ["n1"],
+            "task_name": "retrieval",
+            "example_id": "e1",
+        },
+        {
+            "query": "Instruct: find\nQuery: q2",
+            "pos": ["p2a", "p2b"],
+            "neg": ["n2", "n1"],
+            "task_name": "retrieval",
+            "example_id": "e2",
+        },
         {"query": "Instruct: sts\nQuery: s", "pos": ["sp"], "neg": ["sn"], "task_name": "sts", "example_id": "e3"},
     ]
     path = tmp_path / "heldout.parquet"
@@ -348,10 +365,13 @@ def test_evaluate_retrieval_task_types_and_no_queries(tmp_path):
     # query "s" = e1: sn .995, p1 .8, sp .71 -> sp rank 3 of 7 -> nDCG 1/log2(4)
     assert sts_only[4]["queries"] == 1
     assert sts_only[4]["ndcg@10"] == pytest.approx(0.5)
-    none = evaluate_retrieval(FakeModel({**vectors, "width probe": [1, 0, 0, 0]}), path, cfg_for(tmp_path),
-                              task_types=("bitext",))
-    assert none == {4: {"ndcg@10": None, "recall@10": None, "queries": 0},
-                    2: {"ndcg@10": None, "recall@10": None, "queries": 0}}
+    none = evaluate_retrieval(
+        FakeModel({**vectors, "width probe": [1, 0, 0, 0]}), path, cfg_for(tmp_path), task_types=("bitext",)
+    )
+    assert none == {
+        4: {"ndcg@10": None, "recall@10": None, "queries": 0},
+        2: {"ndcg@10": None, "recall@10": None, "queries": 0},
+    }
 
 
 # --- whole model, delta, JSON ---------------------------------------------------------------------

@@ -48,8 +48,14 @@ def assert_brute_force(index: Bf16ExactIndex, queries: np.ndarray, k: int, score
     assert (ids[:, width:] == -1).all() and (scores[:, width:] == MISSING_SCORE).all()
 
 
-def assert_matches_reference(scores: np.ndarray, ids: np.ndarray, ref_scores: np.ndarray, ref_ids: np.ndarray,
-                             exact: np.ndarray, tol: float = 1e-6) -> int:
+def assert_matches_reference(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    ref_scores: np.ndarray,
+    ref_ids: np.ndarray,
+    exact: np.ndarray,
+    tol: float = 1e-6,
+) -> int:
     """Same top-k sets as another exact search up to items within ``tol`` of the boundary; returns #rows differing."""
     np.testing.assert_allclose(scores, ref_scores, atol=tol, rtol=0)
     np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, 1), atol=tol, rtol=0)
@@ -90,8 +96,10 @@ def test_random_unit_vectors_match_numpy_and_faiss(seed):
 
     exact = queries.astype(np.float64) @ corpus.astype(np.float64).T
     ref_ids = np.argsort(-exact, axis=1, kind="stable")[:, :100]
-    assert assert_matches_reference(scores, ids, np.take_along_axis(exact, ref_ids, 1).astype(np.float32),
-                                    ref_ids, exact) == 0
+    assert (
+        assert_matches_reference(scores, ids, np.take_along_axis(exact, ref_ids, 1).astype(np.float32), ref_ids, exact)
+        == 0
+    )
     flat = faiss.IndexFlatIP(DIM)
     flat.add(corpus)
     f_scores, f_ids = flat.search(queries, 100)
@@ -187,9 +195,14 @@ def test_non_unit_and_zero_vectors():
     ref_ids = np.argsort(-exact, axis=1, kind="stable")[nonzero, :25]
     scale = np.abs(exact).max(axis=1, keepdims=True)[nonzero]
     # relative to each query's score scale: fp32 rounding differences only
-    assert_matches_reference(scores[nonzero] / scale, ids[nonzero],
-                             np.take_along_axis(exact[nonzero], ref_ids, 1) / scale, ref_ids,
-                             exact[nonzero] / scale, tol=1e-6)
+    assert_matches_reference(
+        scores[nonzero] / scale,
+        ids[nonzero],
+        np.take_along_axis(exact[nonzero], ref_ids, 1) / scale,
+        ref_ids,
+        exact[nonzero] / scale,
+        tol=1e-6,
+    )
 
 
 def test_negative_scores_use_the_float_path():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from tasks.generation.expand_personas import expand_personas
-from personas.sources import make_persona
 from llm.client import RequestFailed, Sampling
+from personas.sources import make_persona
+from tasks.generation.expand_personas import expand_personas
 
 SAMPLING = Sampling(0.7, 1.0, 64)
 
@@ -24,8 +24,15 @@ class FakeClient:
         self.asked.append(text)
         if self.fail_for and self.fail_for in text:
             raise RequestFailed("invalid output", 1)
-        return SimpleNamespace(parsed={"personas": [f"A colleague of ({text})", f"A sibling of ({text})",
-                                                    "  A shared neighbour who knows everyone on the street. "]})
+        return SimpleNamespace(
+            parsed={
+                "personas": [
+                    f"A colleague of ({text})",
+                    f"A sibling of ({text})",
+                    "  A shared neighbour who knows everyone on the street. ",
+                ]
+            }
+        )
 
 
 def test_expansion_adds_related_personas_deduplicated():

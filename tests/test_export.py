@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import huggingface_hub
@@ -39,12 +39,24 @@ TOKEN = "hf_TopSecretToken123"
 def mined_row(example_id: str, task_type: str = "retrieval", **values) -> dict:
     row = {name: None for name in MINED_SCHEMA.names}
     row.update(
-        example_id=example_id, run_id="r1", shard_id="g00", task_type=task_type,
+        example_id=example_id,
+        run_id="r1",
+        shard_id="g00",
+        task_type=task_type,
         instruction=f"Given a question about {task_type}, retrieve passages that answer it",
-        query=f"query {example_id}", positive=f"positive {example_id}", negative=f"negative {example_id}",
-        model="m", attempts=1, prompt_tokens=10, completion_tokens=20, latency_s=0.5,
-        created_at=datetime(2024, 5, 1, tzinfo=timezone.utc), positive_rank=1, positive_score=0.9,
-        hard_negatives=[f"hard {example_id} {k}" for k in range(8)], hard_negative_scores=[0.5] * 8,
+        query=f"query {example_id}",
+        positive=f"positive {example_id}",
+        negative=f"negative {example_id}",
+        model="m",
+        attempts=1,
+        prompt_tokens=10,
+        completion_tokens=20,
+        latency_s=0.5,
+        created_at=datetime(2024, 5, 1, tzinfo=UTC),
+        positive_rank=1,
+        positive_score=0.9,
+        hard_negatives=[f"hard {example_id} {k}" for k in range(8)],
+        hard_negative_scores=[0.5] * 8,
     )
     row.update(values)
     return row
@@ -66,10 +78,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_record_form_instruction_on_query_only_and_negatives(tmp_path):
     special = mined_row(
-        "r1:special", instruction="  Find the answer  ", query="why is the sky blue?", positive="Rayleigh scattering.",
+        "r1:special",
+        instruction="  Find the answer  ",
+        query="why is the sky blue?",
+        positive="Rayleigh scattering.",
         negative="The sea reflects it.",
-        hard_negatives=["Hard one", "Rayleigh scattering.", " The sea reflects it. ", "Hard one", "", "  ",
-                        "Rayleigh scattering. ", "Hard two", "Hard three", "Hard four"],
+        hard_negatives=[
+            "Hard one",
+            "Rayleigh scattering.",
+            " The sea reflects it. ",
+            "Hard one",
+            "",
+            "  ",
+            "Rayleigh scattering. ",
+            "Hard two",
+            "Hard three",
+            "Hard four",
+        ],
         hard_negative_scores=[0.5] * 10,
     )
     no_negatives = mined_row("r1:bare", negative=None, hard_negatives=None, hard_negative_scores=None)
@@ -89,8 +114,9 @@ def test_record_form_instruction_on_query_only_and_negatives(tmp_path):
     for record in records.values():
         assert "Instruct" not in record["pos"][0] and not any("Instruct" in n for n in record["neg"])
     # the Parquet file holds the very same records
-    assert sorted(pq.read_table(result.files["train.parquet"]).to_pylist(), key=lambda r: r["example_id"]) == \
-        sorted(records.values(), key=lambda r: r["example_id"])
+    assert sorted(pq.read_table(result.files["train.parquet"]).to_pylist(), key=lambda r: r["example_id"]) == sorted(
+        records.values(), key=lambda r: r["example_id"]
+    )
     assert result.negatives["train"] == {0: 1, 3: 1}
 
 
@@ -137,8 +163,14 @@ def test_sentence_transformers_columns(tmp_path):
     kalm = {r["example_id"]: r for r in read_jsonl(result.files["train.jsonl"])}
     by_anchor = {r["anchor"]: r for r in st.to_pylist()}
     short = by_anchor[kalm["r1:short"]["query"]]
-    assert short == {"anchor": kalm["r1:short"]["query"], "positive": "positive r1:short", "negative_1": "only one",
-                     "negative_2": None, "negative_3": None, "negative_4": None}
+    assert short == {
+        "anchor": kalm["r1:short"]["query"],
+        "positive": "positive r1:short",
+        "negative_1": "only one",
+        "negative_2": None,
+        "negative_3": None,
+        "negative_4": None,
+    }
     full = by_anchor[kalm["r1:retrieval-000"]["query"]]
     assert [full[f"negative_{i}"] for i in range(1, 5)] == kalm["r1:retrieval-000"]["neg"]
     assert full["anchor"].startswith("Instruct: ") and not full["positive"].startswith("Instruct")
@@ -179,8 +211,11 @@ def test_an_export_that_fails_midway_leaves_the_previous_files(tmp_path, monkeyp
 def export_dir(tmp_path) -> tuple[Path, object]:
     out = tmp_path / "export"
     result = export_corpus(mined_table(corpus_rows()), out, CleanSettings(heldout_fraction=0.05))
-    write_dataset_card(out, result, {"model": "Qwen/Qwen2-72B-Instruct", "runs": ["r1"], "clean_id": "c1",
-                                     "embedding_model": "all-MiniLM-L6-v2"})
+    write_dataset_card(
+        out,
+        result,
+        {"model": "Qwen/Qwen2-72B-Instruct", "runs": ["r1"], "clean_id": "c1", "embedding_model": "all-MiniLM-L6-v2"},
+    )
     return out, result
 
 
@@ -193,8 +228,10 @@ def test_dataset_card_has_license_configs_and_counts(export_dir):
     categories = set(front["task_categories"])
     assert {"text-retrieval", "sentence-similarity", "translation", "text-classification"} <= categories
     configs = {c["config_name"]: c for c in front["configs"]}
-    assert configs["default"]["data_files"] == [{"split": "train", "path": "train.parquet"},
-                                                {"split": "heldout", "path": "heldout.parquet"}]
+    assert configs["default"]["data_files"] == [
+        {"split": "train", "path": "train.parquet"},
+        {"split": "heldout", "path": "heldout.parquet"},
+    ]
     assert configs["sentence-transformers"]["data_files"][0] == {"split": "train", "path": "train_st.parquet"}
     assert "| retrieval | 57 | 3 | 60 |" in text and "| classification | 3 | 0 | 3 |" in text
     assert f"**{result.rows()}**" in text

@@ -33,22 +33,76 @@ from storage.shards import RunStore, now_utc
 ROOT = Path(__file__).resolve().parents[1]
 
 # --- tiny, distinct, English-looking texts ---------------------------------------------------------
-VERBS = ["repair", "paint", "clean", "store", "insure", "photograph", "sell", "move", "register", "winterize",
-         "sharpen", "calibrate", "label", "recycle", "polish", "inspect"]
-ADJS = ["rusty", "antique", "borrowed", "second-hand", "waterproof", "fragile", "oversized", "electric",
-        "handmade", "inherited", "foldable", "vintage"]
-NOUNS = ["bicycle", "violin", "greenhouse", "kayak", "sewing machine", "telescope", "bookshelf", "espresso grinder",
-         "lawn mower", "aquarium", "drone", "piano stool", "tent", "microscope"]
-PLACES = ["a small flat", "a rainy coastal town", "a shared garage", "the mountains", "a humid basement",
-          "a university lab", "a farmhouse", "a busy workshop", "a houseboat", "a school hall"]
-ADVICE = ["start by reading the maker's manual and photographing every part",
-          "work slowly on a clean table and keep the screws in labelled cups",
-          "ask a local club for help because members often lend the right tools",
-          "check the warranty first since opening it yourself may void the cover",
-          "use mild soap and warm water, never solvents that attack the finish",
-          "keep it away from direct sunlight and sudden temperature changes",
-          "measure twice, write the numbers down and order spare parts early",
-          "budget an afternoon and expect the first attempt to take longer"]
+VERBS = [
+    "repair",
+    "paint",
+    "clean",
+    "store",
+    "insure",
+    "photograph",
+    "sell",
+    "move",
+    "register",
+    "winterize",
+    "sharpen",
+    "calibrate",
+    "label",
+    "recycle",
+    "polish",
+    "inspect",
+]
+ADJS = [
+    "rusty",
+    "antique",
+    "borrowed",
+    "second-hand",
+    "waterproof",
+    "fragile",
+    "oversized",
+    "electric",
+    "handmade",
+    "inherited",
+    "foldable",
+    "vintage",
+]
+NOUNS = [
+    "bicycle",
+    "violin",
+    "greenhouse",
+    "kayak",
+    "sewing machine",
+    "telescope",
+    "bookshelf",
+    "espresso grinder",
+    "lawn mower",
+    "aquarium",
+    "drone",
+    "piano stool",
+    "tent",
+    "microscope",
+]
+PLACES = [
+    "a small flat",
+    "a rainy coastal town",
+    "a shared garage",
+    "the mountains",
+    "a humid basement",
+    "a university lab",
+    "a farmhouse",
+    "a busy workshop",
+    "a houseboat",
+    "a school hall",
+]
+ADVICE = [
+    "start by reading the maker's manual and photographing every part",
+    "work slowly on a clean table and keep the screws in labelled cups",
+    "ask a local club for help because members often lend the right tools",
+    "check the warranty first since opening it yourself may void the cover",
+    "use mild soap and warm water, never solvents that attack the finish",
+    "keep it away from direct sunlight and sudden temperature changes",
+    "measure twice, write the numbers down and order spare parts early",
+    "budget an afternoon and expect the first attempt to take longer",
+]
 
 
 def tiny_pairs(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
@@ -62,10 +116,14 @@ def tiny_pairs(n: int, seed: int = 7) -> list[tuple[str, str, str]]:
         if query in seen:
             continue
         seen.add(query)
-        positive = (f"To {verb} a {adj} {noun} in {place}, {rng.choice(ADVICE)}. "
-                    f"A {noun} that is {adj} needs extra care, so {rng.choice(ADVICE)}.")
-        negative = (f"The history of the {rng.choice(NOUNS)} goes back centuries; collectors in {rng.choice(PLACES)} "
-                    f"still argue about who built the first {rng.choice(ADJS)} one.")
+        positive = (
+            f"To {verb} a {adj} {noun} in {place}, {rng.choice(ADVICE)}. "
+            f"A {noun} that is {adj} needs extra care, so {rng.choice(ADVICE)}."
+        )
+        negative = (
+            f"The history of the {rng.choice(NOUNS)} goes back centuries; collectors in {rng.choice(PLACES)} "
+            f"still argue about who built the first {rng.choice(ADJS)} one."
+        )
         out.append((query, positive, negative))
     return out
 
@@ -76,10 +134,17 @@ def mined_like_table(n: int) -> pa.Table:
     pairs = tiny_pairs(n)
     for i, (query, positive, negative) in enumerate(pairs):
         task_type = "retrieval" if i % 4 else "short_short"
-        rows.append({"example_id": f"run-x:g00-{task_type}-{i:06d}", "task_type": task_type,
-                     "instruction": "Given a question about looking after an object, retrieve a helpful passage.",
-                     "query": query, "positive": positive, "negative": negative,
-                     "hard_negatives": [pairs[(i + 3) % n][1]]})
+        rows.append(
+            {
+                "example_id": f"run-x:g00-{task_type}-{i:06d}",
+                "task_type": task_type,
+                "instruction": "Given a question about looking after an object, retrieve a helpful passage.",
+                "query": query,
+                "positive": positive,
+                "negative": negative,
+                "hard_negatives": [pairs[(i + 3) % n][1]],
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -95,16 +160,33 @@ def make_generation_run(data_dir: Path, run_id: str, n: int) -> None:
     """A generation run with one shard of ``n`` valid retrieval examples, as the generate flow writes them."""
     rows = []
     for i, (query, positive, negative) in enumerate(tiny_pairs(n, seed=11)):
-        rows.append({
-            "example_id": f"{run_id}:r00-retrieval-{i:06d}", "run_id": run_id, "shard_id": "g00-00000",
-            "task_type": "retrieval", "instruction": "Given a question about looking after an object, "
-                                                     "retrieve a helpful passage.",
-            "instruction_id": "retrieval-000001", "persona_id": "p_x", "persona": "A careful hobbyist.",
-            "placeholders": json.dumps({"language": "English"}), "prompt_version": "v", "model": "m",
-            "sampling": "{}", "attempts": 1, "prompt_tokens": 10, "completion_tokens": 20, "latency_s": 1.0,
-            "finish_reason": "stop", "query": query, "positive": positive, "negative": negative,
-            "parsed": "{}", "raw_text": "{}", "created_at": now_utc(),
-        })
+        rows.append(
+            {
+                "example_id": f"{run_id}:r00-retrieval-{i:06d}",
+                "run_id": run_id,
+                "shard_id": "g00-00000",
+                "task_type": "retrieval",
+                "instruction": "Given a question about looking after an object, retrieve a helpful passage.",
+                "instruction_id": "retrieval-000001",
+                "persona_id": "p_x",
+                "persona": "A careful hobbyist.",
+                "placeholders": json.dumps({"language": "English"}),
+                "prompt_version": "v",
+                "model": "m",
+                "sampling": "{}",
+                "attempts": 1,
+                "prompt_tokens": 10,
+                "completion_tokens": 20,
+                "latency_s": 1.0,
+                "finish_reason": "stop",
+                "query": query,
+                "positive": positive,
+                "negative": negative,
+                "parsed": "{}",
+                "raw_text": "{}",
+                "created_at": now_utc(),
+            }
+        )
     RunStore(data_dir, run_id).write_shard("examples", "g00-00000", rows, [])
 
 
@@ -115,9 +197,16 @@ def tiny_finetune(data_dir, monkeypatch):
 
     if not (bundled_sts_dir() / "stsb-en-test.csv").exists():
         pytest.fail(f"the bundled STS Benchmark is missing: {bundled_sts_dir()}/stsb-en-test.csv")
-    for key, value in {"STS_LANGUAGES": '["en"]', "STS_MAX_PAIRS": "40", "BATCH_SIZE": "8",
-                       "MAX_SEQ_LENGTH": "64", "EVAL_BATCH_SIZE": "32", "HARD_NEGATIVES": "1",
-                       "MATRYOSHKA_DIMS": "[256, 64]", "MATRYOSHKA_WEIGHTS": "[1.0, 0.3]"}.items():
+    for key, value in {
+        "STS_LANGUAGES": '["en"]',
+        "STS_MAX_PAIRS": "40",
+        "BATCH_SIZE": "8",
+        "MAX_SEQ_LENGTH": "64",
+        "EVAL_BATCH_SIZE": "32",
+        "HARD_NEGATIVES": "1",
+        "MATRYOSHKA_DIMS": "[256, 64]",
+        "MATRYOSHKA_WEIGHTS": "[1.0, 0.3]",
+    }.items():
         monkeypatch.setenv(f"EMBED_FACTORY_FINETUNE__{key}", value)
     return data_dir
 
@@ -231,18 +320,28 @@ def test_no_export_is_a_clear_error(prefect_api_url, data_dir):
 
 @pytest.mark.parametrize("command", ["finetune", "serve"])
 def test_cli_help(command):
-    result = subprocess.run([sys.executable, "-m", "embed_factory.cli", command, "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", command, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "Usage" in result.stdout and "--max-steps" in result.stdout
 
 
 def test_cli_finetune_user_errors(tmp_path):
     def cli(*args):
-        env = {**os.environ, "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
-               # configured API that nothing answers: these errors must come before any Prefect call
-               "EMBED_FACTORY_PREFECT__API_URL": "http://127.0.0.1:9/api"}
-        return subprocess.run([sys.executable, "-m", "embed_factory.cli", "finetune", *args], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=120)
+        env = {
+            **os.environ,
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+            # configured API that nothing answers: these errors must come before any Prefect call
+            "EMBED_FACTORY_PREFECT__API_URL": "http://127.0.0.1:9/api",
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "embed_factory.cli", "finetune", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
 
     result = cli()
     assert result.returncode == 1 and "no clean run with an export" in result.stderr
@@ -261,7 +360,8 @@ async def _finetune_runs(deployment_id):
 
     async with get_client() as client:
         return await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
 
 
 async def _deployment_with_trigger():
@@ -277,8 +377,11 @@ async def _deployment_with_trigger():
         except ObjectNotFound:
             return None
         automations = await client.read_automations_by_name(TRIGGER_NAME)
-        ours = [a for a in automations
-                if any(getattr(action, "deployment_id", None) == deployment.id for action in a.actions)]
+        ours = [
+            a
+            for a in automations
+            if any(getattr(action, "deployment_id", None) == deployment.id for action in a.actions)
+        ]
         return deployment.id if ours else None
 
 
@@ -299,16 +402,26 @@ def test_clean_completion_triggers_finetune(prefect_api_url, tiny_finetune, tmp_
     data_dir = tiny_finetune
     make_generation_run(data_dir, "run-t", 24)
     # a corpus of 48 texts: mine negatives from ranks 2-10 (the defaults, 50-100, are beyond it)
-    for key, value in {"RANK_TOP_K": "10", "NEGATIVE_RANK_MIN": "1", "NEGATIVE_RANK_MAX": "10",
-                       "NEGATIVES_PER_QUERY": "2"}.items():
+    for key, value in {
+        "RANK_TOP_K": "10",
+        "NEGATIVE_RANK_MIN": "1",
+        "NEGATIVE_RANK_MAX": "10",
+        "NEGATIVES_PER_QUERY": "2",
+    }.items():
         monkeypatch.setenv(f"EMBED_FACTORY_CLEAN__{key}", value)
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     t0 = time.monotonic()
     with log_path.open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "serve", "--max-steps", "2"],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                  cwd=ROOT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "embed_factory.cli", "serve", "--max-steps", "2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     deployment_id = None
 
     def fail(message: str):
@@ -355,8 +468,10 @@ def test_clean_completion_triggers_finetune(prefect_api_url, tiny_finetune, tmp_
         eval_json = data_dir / "models" / "all-MiniLM-L6-v2-c-trig" / "eval.json"
         assert eval_json.exists()
         assert set(json.loads(eval_json.read_text())) == {"before", "after", "delta"}
-        print(f"serve registered in {t_served - t0:.1f}s, clean {t_clean - t_served:.1f}s, "
-              f"trigger → run created {t_created - t_clean:.1f}s, fine-tune done {t_done - t_created:.1f}s")
+        print(
+            f"serve registered in {t_served - t0:.1f}s, clean {t_clean - t_served:.1f}s, "
+            f"trigger → run created {t_created - t_clean:.1f}s, fine-tune done {t_done - t_created:.1f}s"
+        )
     finally:
         stop(server)
         if deployment_id is not None:

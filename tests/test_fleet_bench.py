@@ -21,8 +21,16 @@ from fleet import FleetConfig, plan_rate, report, run_fleet, stub_fleet  # noqa:
 from fleet_stub import LatencyModel  # noqa: E402
 
 LATENCY = LatencyModel(ttft_s=0.5, decode_tokens_per_s=30.0, tokens=350, tokens_spread=0.3, time_scale=0.1)
-CONFIG = FleetConfig(endpoints=3, per_endpoint=4, in_flight=24, requests=120, shard_size=40, latency=LATENCY,
-                     sample_s=0.2, max_seconds=50.0)
+CONFIG = FleetConfig(
+    endpoints=3,
+    per_endpoint=4,
+    in_flight=24,
+    requests=120,
+    shard_size=40,
+    latency=LATENCY,
+    sample_s=0.2,
+    max_seconds=50.0,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,9 @@ def test_flow_generates_every_task_type(llm_base_url, prefect_api_url, data_dir,
     store = RunStore(data_dir, "it-all-types")
     examples = store.read_kind("examples").to_pylist()
     rejects = store.read_kind("rejects").to_pylist()
-    assert summary["examples_by_type"] == {t: sum(r["task_type"] == t for r in examples) for t in ALL_TYPES
-                                           if any(r["task_type"] == t for r in examples)}
+    assert summary["examples_by_type"] == {
+        t: sum(r["task_type"] == t for r in examples) for t in ALL_TYPES if any(r["task_type"] == t for r in examples)
+    }
     assert {r["task_type"] for r in examples} == set(ALL_TYPES), "every task type yields parsed examples"
     assert len({r["example_id"] for r in examples}) == len(examples)
 
@@ -58,22 +58,35 @@ def test_flow_generates_every_task_type(llm_base_url, prefect_api_url, data_dir,
     assert len({(r["task_type"], r["normalized"]) for r in instructions}) == len(instructions)
     # the manifest accounts for every shard file
     manifest = store.manifest()
-    files = sorted(p.relative_to(store.root).with_suffix("").as_posix()
-                   for kind in ("brainstorm", "examples") for p in (store.root / kind).glob("*.parquet"))
+    files = sorted(
+        p.relative_to(store.root).with_suffix("").as_posix()
+        for kind in ("brainstorm", "examples")
+        for p in (store.root / kind).glob("*.parquet")
+    )
     assert sorted(manifest) == files
     assert sum(v["rows"] for k, v in manifest.items() if k.startswith("examples/")) == len(examples)
 
 
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "embed_factory.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, prefect_api_url, tmp_path):
     data = tmp_path / "data"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-           "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3", "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
-           "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "0"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api_url,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+        "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3",
+        "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
+        "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "0",
+    }
     args = ["run", "--run-id", "crash", "--examples", "18", "--seed", "3", "--no-clean"]
     store = RunStore(data, "crash")
 
@@ -113,18 +126,34 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
 
 def test_run_command_generates_then_cleans(llm_base_url, prefect_api_url, tmp_path):
     data = tmp_path / "data"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-           # a 12-example corpus is tiny: shrink the rank windows to fit it
-           "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10", "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
-           "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8", "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false"}
-    result = subprocess.run([sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "e2e", "-n", "12"],
-                            env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api_url,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+        # a 12-example corpus is tiny: shrink the rank windows to fit it
+        "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8",
+        "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "e2e", "-n", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "clean e2e" in result.stdout and "report:" in result.stdout
     clean_root = data / "clean" / "e2e"
     assert (clean_root / "valid.parquet").exists() and (clean_root / "report.html").exists()
     assert (clean_root / "export" / "train.jsonl").exists()
     # the catalog answers over what the run wrote
-    query = subprocess.run([sys.executable, "-m", "embed_factory.cli", "query", "SELECT count(*) AS n FROM raw"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    query = subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", "query", "SELECT count(*) AS n FROM raw"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert query.returncode == 0 and "12" in query.stdout, query.stdout + query.stderr

@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
+from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.render import RenderedPrompt
 from prompts.schemas import object_schema, string_field
-from llm.client import LLMClient, RequestFailed, Sampling
 
 PROMPT = RenderedPrompt(
     messages=[{"role": "user", "content": "hi"}],
@@ -23,7 +23,10 @@ SAMPLING = Sampling(temperature=0.5, top_p=1.0, max_tokens=20)
 
 def completion(content: str, finish: str = "stop") -> dict:
     return {
-        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
     }
@@ -47,8 +50,9 @@ def run(coro):
 
 
 def test_retries_429_and_5xx_then_succeeds():
-    client, seen = make_client([(429, {"error": "busy"}), (503, {"error": "down"}), (200, completion('{"answer": "ok"}'))],
-                               max_retries=3)
+    client, seen = make_client(
+        [(429, {"error": "busy"}), (503, {"error": "down"}), (200, completion('{"answer": "ok"}'))], max_retries=3
+    )
     result = run(client.complete_json(PROMPT, SAMPLING, seed=1))
     assert result.parsed == {"answer": "ok"}
     assert len(seen) == 3
@@ -66,8 +70,11 @@ def test_transport_retries_are_bounded():
 
 
 def test_invalid_output_is_asked_again_then_given_up():
-    client, seen = make_client([(200, completion("not json")), (200, completion('{"answer": ""}')),
-                                (200, completion('{"wrong": 1}'))], schema_retries=2, max_retries=0)
+    client, seen = make_client(
+        [(200, completion("not json")), (200, completion('{"answer": ""}')), (200, completion('{"wrong": 1}'))],
+        schema_retries=2,
+        max_retries=0,
+    )
     with pytest.raises(RequestFailed) as failure:
         run(client.complete_json(PROMPT, SAMPLING, seed=1))
     assert len(seen) == 3
@@ -76,8 +83,9 @@ def test_invalid_output_is_asked_again_then_given_up():
 
 
 def test_schema_retry_recovers_and_sums_tokens():
-    client, seen = make_client([(200, completion('{"answer": 5}')), (200, completion('{"answer": " fine "}'))],
-                               schema_retries=1, max_retries=0)
+    client, seen = make_client(
+        [(200, completion('{"answer": 5}')), (200, completion('{"answer": " fine "}'))], schema_retries=1, max_retries=0
+    )
     result = run(client.complete_json(PROMPT, SAMPLING, seed=1))
     assert result.parsed == {"answer": "fine"} and result.attempts == 2
     assert result.completion_tokens == 10 and result.prompt_tokens == 6

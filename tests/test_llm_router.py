@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from prompts.render import RenderedPrompt
-from prompts.schemas import object_schema, string_field
 from llm.client import LLMClient, RequestFailed, Sampling
 from llm.router import EndpointRouter
+from prompts.render import RenderedPrompt
+from prompts.schemas import object_schema, string_field
 
 A, B, C = "http://a.test/v1", "http://b.test/v1", "http://c.test/v1"
 
@@ -35,8 +35,13 @@ class Clock:
 
 def router(urls=(A, B), **kwargs) -> tuple[EndpointRouter, Clock]:
     clock = Clock()
-    return EndpointRouter(list(urls), cooldown_s=kwargs.pop("cooldown_s", 2.0),
-                          max_cooldown_s=kwargs.pop("max_cooldown_s", 10.0), clock=clock, **kwargs), clock
+    return EndpointRouter(
+        list(urls),
+        cooldown_s=kwargs.pop("cooldown_s", 2.0),
+        max_cooldown_s=kwargs.pop("max_cooldown_s", 10.0),
+        clock=clock,
+        **kwargs,
+    ), clock
 
 
 # --- the router on its own ----------------------------------------------------------------------
@@ -139,12 +144,21 @@ def test_settings_accept_an_endpoint_list():
 
 
 # --- the client over a mock transport -----------------------------------------------------------
-PROMPT = RenderedPrompt(messages=[{"role": "user", "content": "hi"}],
-                        schema=object_schema({"answer": string_field(1, 50)}), schema_name="t", prompt_version="v")
+PROMPT = RenderedPrompt(
+    messages=[{"role": "user", "content": "hi"}],
+    schema=object_schema({"answer": string_field(1, 50)}),
+    schema_name="t",
+    prompt_version="v",
+)
 SAMPLING = Sampling(temperature=0.5, top_p=1.0, max_tokens=20)
-OK = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-      "choices": [{"index": 0, "message": {"role": "assistant", "content": '{"answer": "ok"}'}, "finish_reason": "stop"}],
-      "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+OK = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": '{"answer": "ok"}'}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+}
 
 
 def mock_client(behaviour: dict[str, str], **kwargs) -> tuple[LLMClient, dict[str, int]]:
@@ -206,9 +220,14 @@ def test_endpoint_killed_mid_run_loses_no_request(llm_base_url, prefect_api_url,
     upstream = "{0.scheme}://{0.netloc}".format(urlsplit(llm_base_url))
     proxy = start_proxy(upstream)
     examples, types, shard_size = 16, ["sts", "bitext"], 6
-    for key, value in {"LLM__BASE_URLS": json.dumps([llm_base_url, proxy.url]), "LLM__MAX_IN_FLIGHT": "8",
-                       "LLM__ENDPOINT_COOLDOWN_S": "0.5", "LLM__ENDPOINT_MAX_COOLDOWN_S": "2",
-                       "GENERATION__SHARD_SIZE": str(shard_size), "GENERATION__MAX_TOPUP_ROUNDS": "0"}.items():
+    for key, value in {
+        "LLM__BASE_URLS": json.dumps([llm_base_url, proxy.url]),
+        "LLM__MAX_IN_FLIGHT": "8",
+        "LLM__ENDPOINT_COOLDOWN_S": "0.5",
+        "LLM__ENDPOINT_MAX_COOLDOWN_S": "2",
+        "GENERATION__SHARD_SIZE": str(shard_size),
+        "GENERATION__MAX_TOPUP_ROUNDS": "0",
+    }.items():
         monkeypatch.setenv(f"EMBED_FACTORY_{key}", value)
 
     clients: list[LLMClient] = []
@@ -253,8 +272,13 @@ def test_endpoint_killed_mid_run_loses_no_request(llm_base_url, prefect_api_url,
 
     # every planned request ends in examples or rejects exactly once
     store = RunStore(data_dir, "it-two-endpoints")
-    planned = {r.example_id for s in plan_examples("it-two-endpoints", 0, split_targets(examples, types),
-                                                     store.read_instructions(), 42, shard_size) for r in s.requests}
+    planned = {
+        r.example_id
+        for s in plan_examples(
+            "it-two-endpoints", 0, split_targets(examples, types), store.read_instructions(), 42, shard_size
+        )
+        for r in s.requests
+    }
     done = store.read_kind("examples")["example_id"].to_pylist() + store.read_kind("rejects")["example_id"].to_pylist()
     assert len(planned) == examples
     assert sorted(done) == sorted(planned), "a request was lost or written twice"

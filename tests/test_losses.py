@@ -36,14 +36,17 @@ def test_dims_without_the_full_width():
     assert matryoshka_dims_for(32, KALM_DIMS, KALM_WEIGHTS) == ([32], [1.0])
 
 
-@pytest.mark.parametrize("width, dims, weights", [
-    (384, [], []),
-    (384, [256, 128], [1.0]),
-    (384, [256, 256], [1.0, 0.5]),
-    (384, [256, 0], [1.0, 0.5]),
-    (384, [256], [-1.0]),
-    (0, [256], [1.0]),
-])
+@pytest.mark.parametrize(
+    "width, dims, weights",
+    [
+        (384, [], []),
+        (384, [256, 128], [1.0]),
+        (384, [256, 256], [1.0, 0.5]),
+        (384, [256, 0], [1.0, 0.5]),
+        (384, [256], [-1.0]),
+        (0, [256], [1.0]),
+    ],
+)
 def test_dims_rule_rejects_bad_input(width, dims, weights):
     with pytest.raises(ValueError):
         matryoshka_dims_for(width, dims, weights)
@@ -104,8 +107,9 @@ def test_matryoshka_infonce_equals_hand_computation(minilm):
     assert tuple(loss_fn.matryoshka_weights) == (1.0, 0.2, 0.1, 0.1)
     assert loss_fn.loss.scale == pytest.approx(100.0)
 
-    features = [minilm.preprocess(col) for col in
-                (ANCHORS, POSITIVES, [n[0] for n in NEGATIVES], [n[1] for n in NEGATIVES])]
+    features = [
+        minilm.preprocess(col) for col in (ANCHORS, POSITIVES, [n[0] for n in NEGATIVES], [n[1] for n in NEGATIVES])
+    ]
     with torch.no_grad():
         library = loss_fn(features, None).item()
     emb = hand_embeddings(minilm)

@@ -25,8 +25,9 @@ class Problem:
     text is the query itself (vector = the query vector). All rank at the very top.
     """
 
-    def __init__(self, seed: int = 0, nq: int = 80, nc: int = 600, dim: int = 24, traps: bool = False,
-                 noise: float = 0.6):
+    def __init__(
+        self, seed: int = 0, nq: int = 80, nc: int = 600, dim: int = 24, traps: bool = False, noise: float = 0.6
+    ):
         rng = np.random.default_rng(seed)
         vecs = unit(rng.standard_normal((nc, dim)))
         texts = [f"document {i}" for i in range(nc)]
@@ -38,21 +39,25 @@ class Problem:
             extra_vecs, extra_texts = [], []
             for r, p in enumerate(self.positive_idx):
                 base = nc + len(extra_texts)
-                extra_vecs += [unit(vecs[p] + 0.01 * rng.standard_normal(dim)),
-                               unit(vecs[p] + 0.45 * unit(rng.standard_normal(dim))),
-                               self.queries[r]]
+                extra_vecs += [
+                    unit(vecs[p] + 0.01 * rng.standard_normal(dim)),
+                    unit(vecs[p] + 0.45 * unit(rng.standard_normal(dim))),
+                    self.queries[r],
+                ]
                 extra_texts += [f"document {p} (copy)", f"  DOCUMENT   {p} ", f"Query {r}"]
                 self.trap_ids[r] = {base, base + 1, base + 2}
             vecs = np.vstack([vecs, np.array(extra_vecs, dtype=np.float32)])
             texts += extra_texts
         self.corpus, self.texts = vecs, texts
-        self.table = pa.table({
-            "example_id": [f"run/g00/{i:05d}" for i in range(nq)],
-            "run_id": ["run"] * nq,
-            "task_type": ["retrieval"] * nq,
-            "query": self.query_texts,
-            "positive": [texts[p] for p in self.positive_idx],
-        })
+        self.table = pa.table(
+            {
+                "example_id": [f"run/g00/{i:05d}" for i in range(nq)],
+                "run_id": ["run"] * nq,
+                "task_type": ["retrieval"] * nq,
+                "query": self.query_texts,
+                "positive": [texts[p] for p in self.positive_idx],
+            }
+        )
         self.scores = self.queries @ self.corpus.T
 
     def filtered(self, cfg: CleanSettings):
@@ -93,8 +98,10 @@ def test_default_window_is_ranks_51_to_100_and_scores_are_exact():
         assert ranks == sorted(ranks)  # listed in rank order
         np.testing.assert_allclose(row["hard_negative_scores"], p.scores[r, negs], atol=1e-5)
     # sampling really samples: most rows differ from the 7 best-ranked candidates
-    tops = [sorted(p.rank(row_of(e), i) for i in p.ids_of(n)) for e, n in
-            zip(mined.column("example_id").to_pylist(), mined.column("hard_negatives").to_pylist())]
+    tops = [
+        sorted(p.rank(row_of(e), i) for i in p.ids_of(n))
+        for e, n in zip(mined.column("example_id").to_pylist(), mined.column("hard_negatives").to_pylist(), strict=True)
+    ]
     assert sum(t != list(range(51, 58)) for t in tops) > len(tops) // 2
 
 
@@ -116,7 +123,7 @@ def test_never_positive_query_or_near_duplicate(mode):
         negs = row["hard_negatives"]
         assert len(negs) == 7
         pos_vec = p.corpus[p.positive_idx[r]]
-        for text, i in zip(negs, p.ids_of(negs)):
+        for text, i in zip(negs, p.ids_of(negs), strict=True):
             assert i != p.positive_idx[r]
             assert i not in p.trap_ids[r]
             assert normalize_text(text) != normalize_text(row["positive"])
@@ -136,7 +143,7 @@ def test_margin_keeps_only_scores_below_margin_times_positive():
 
     cfg = base.model_copy(update={"negative_margin": margin})
     result = p.mine(cfg, table, found)
-    scores_by_id = dict(zip(table.column("example_id").to_pylist(), pos))
+    scores_by_id = dict(zip(table.column("example_id").to_pylist(), pos, strict=True))
     for row in result.kept.to_pylist():
         assert row["hard_negative_scores"]
         assert all(s < margin * scores_by_id[row["example_id"]] for s in row["hard_negative_scores"])
@@ -163,16 +170,26 @@ def test_sampling_is_deterministic_per_seed_and_row_order_free():
     assert a.column("hard_negatives").to_pylist() == b.column("hard_negatives").to_pylist()
 
     other = p.mine(cfg.model_copy(update={"seed": 7}), table, found).kept
-    differ = sum(x != y for x, y in zip(a.column("hard_negatives").to_pylist(),
-                                         other.column("hard_negatives").to_pylist()))
+    differ = sum(
+        x != y
+        for x, y in zip(a.column("hard_negatives").to_pylist(), other.column("hard_negatives").to_pylist(), strict=True)
+    )
     assert differ > a.num_rows // 2
 
     # reversing the rows (and mining in tiny chunks) gives each example the same negatives
     order = np.arange(table.num_rows)[::-1]
-    rev = mine_hard_negatives(table.take(pa.array(order)), found.ids[order], found.scores[order], p.texts,
-                              p.corpus, p.positive_idx[found.rows][order], cfg, chunk_rows=3).kept
-    by_id = dict(zip(rev.column("example_id").to_pylist(), rev.column("hard_negatives").to_pylist()))
-    assert by_id == dict(zip(a.column("example_id").to_pylist(), a.column("hard_negatives").to_pylist()))
+    rev = mine_hard_negatives(
+        table.take(pa.array(order)),
+        found.ids[order],
+        found.scores[order],
+        p.texts,
+        p.corpus,
+        p.positive_idx[found.rows][order],
+        cfg,
+        chunk_rows=3,
+    ).kept
+    by_id = dict(zip(rev.column("example_id").to_pylist(), rev.column("hard_negatives").to_pylist(), strict=True))
+    assert by_id == dict(zip(a.column("example_id").to_pylist(), a.column("hard_negatives").to_pylist(), strict=True))
 
 
 def test_top_mode_takes_the_best_ranked_usable_candidates():
@@ -195,8 +212,12 @@ def test_top_mode_takes_the_best_ranked_usable_candidates():
         usable, seen = [], set()
         for i in found0.ids[j, :40].tolist():
             # other rows' traps repeat texts ("document 8" / "  DOCUMENT   8 "): the better-ranked one counts
-            if (i != q.positive_idx[r] and i not in q.trap_ids[r] and normalize_text(q.texts[i]) not in seen
-                    and float(q.corpus[i] @ q.corpus[q.positive_idx[r]]) < 0.95):
+            if (
+                i != q.positive_idx[r]
+                and i not in q.trap_ids[r]
+                and normalize_text(q.texts[i]) not in seen
+                and float(q.corpus[i] @ q.corpus[q.positive_idx[r]]) < 0.95
+            ):
                 usable.append(i)
                 seen.add(normalize_text(q.texts[i]))
         assert q.ids_of(negs) == usable[:7]
@@ -214,7 +235,8 @@ def test_rows_without_usable_negatives_are_dropped():
     dropped = result.dropped
     assert dropped.schema.equals(DROPPED_SCHEMA, check_metadata=False)
     assert sorted(dropped.column("example_id").to_pylist()) == sorted(
-        np.array(table.column("example_id").to_pylist())[expect_drop].tolist())
+        np.array(table.column("example_id").to_pylist())[expect_drop].tolist()
+    )
     assert set(dropped.column("stage").to_pylist()) == {"negatives"}
     assert set(dropped.column("reason").to_pylist()) == {"no_hard_negatives"}
     assert result.kept.num_rows + dropped.num_rows == table.num_rows
@@ -233,13 +255,13 @@ def test_repeated_texts_in_window_are_taken_once():
     dim = 6
     e = np.eye(dim, dtype=np.float32)
     # positive e0; candidates in descending score: "b", "B " (same text), "c", "d"
-    corpus = unit(np.stack([e[0], e[0] + 1.2 * e[1], e[0] + 1.3 * e[1] + 0.2 * e[3], e[0] + 2 * e[2],
-                            e[0] + 3 * e[4]]))
+    corpus = unit(np.stack([e[0], e[0] + 1.2 * e[1], e[0] + 1.3 * e[1] + 0.2 * e[3], e[0] + 2 * e[2], e[0] + 3 * e[4]]))
     texts = ["pos", "b", "B ", "c", "d"]
     query = unit(e[0][None, :])
     table = pa.table({"example_id": ["x"], "run_id": ["r"], "task_type": ["sts"], "query": ["q"]})
-    cfg = CleanSettings(negative_rank_min=1, negative_rank_max=5, negatives_per_query=4, negative_mode="top",
-                        rank_top_k=1)
+    cfg = CleanSettings(
+        negative_rank_min=1, negative_rank_max=5, negatives_per_query=4, negative_mode="top", rank_top_k=1
+    )
     ids = np.argsort(-(query @ corpus.T), axis=1)
     scores = np.take_along_axis(query @ corpus.T, ids, axis=1)
     assert ids[0].tolist() == [0, 1, 2, 3, 4]

@@ -17,7 +17,9 @@ def project_packages() -> set[str]:
 def test_every_top_level_package_is_declared_and_copied_into_the_worker_image():
     on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     declared = project_packages()
-    assert on_disk == declared, f"pyproject's packages.find.include {sorted(declared)} vs packages on disk {sorted(on_disk)}"
+    assert on_disk == declared, (
+        f"pyproject's packages.find.include {sorted(declared)} vs packages on disk {sorted(on_disk)}"
+    )
     copied = set(re.findall(r"^COPY (\w+) \1$", (ROOT / "Dockerfile").read_text(), flags=re.M))
     assert declared <= copied, f"the Dockerfile does not copy {sorted(declared - copied)}"
 

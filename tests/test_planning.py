@@ -26,10 +26,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
 LEFTOVER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
-POOL = [make_persona(f"Persona number {i}: a {job} from {city}.")
-        for i, (job, city) in enumerate(
-            [(j, c) for j in ("baker", "pilot", "nurse", "coder", "farmer") for c in ("Oslo", "Lima", "Pune", "Kyiv")]
-        )]
+POOL = [
+    make_persona(f"Persona number {i}: a {job} from {city}.")
+    for i, (job, city) in enumerate(
+        [(j, c) for j in ("baker", "pilot", "nurse", "coder", "farmer") for c in ("Oslo", "Lima", "Pune", "Kyiv")]
+    )
+]
 
 
 @pytest.fixture
@@ -101,8 +103,14 @@ DEFICITS = {"retrieval": 40, "classification": 7, "short_short": 0, "long_long":
 
 def test_plan_round_is_deterministic(sampler):
     a = plan_round(0, DEFICITS, sampler, per_request=6, shard_size=5, seed=42)
-    b = plan_round(0, dict(reversed(list(DEFICITS.items()))), PersonaSampler(list(reversed(POOL)), seed=11),
-                   per_request=6, shard_size=5, seed=42)
+    b = plan_round(
+        0,
+        dict(reversed(list(DEFICITS.items()))),
+        PersonaSampler(list(reversed(POOL)), seed=11),
+        per_request=6,
+        shard_size=5,
+        seed=42,
+    )
     assert a == b
     c = plan_round(0, DEFICITS, sampler, per_request=6, shard_size=5, seed=43)
     assert [r.seed for s in a for r in s.requests] != [r.seed for s in c for r in s.requests]
@@ -167,9 +175,18 @@ def brainstorm_rows(entries: list[tuple[str, str, str, str]]) -> pa.Table:
         p = make_persona(persona)
         rows.append(
             {
-                "run_id": "r", "shard_id": shard_id, "task_type": task_type, "instruction": instruction,
-                "persona_id": p.persona_id, "persona": p.text, "prompt_version": "v", "model": "m",
-                "prompt_tokens": 1, "completion_tokens": 1, "latency_s": 0.1, "created_at": None,
+                "run_id": "r",
+                "shard_id": shard_id,
+                "task_type": task_type,
+                "instruction": instruction,
+                "persona_id": p.persona_id,
+                "persona": p.text,
+                "prompt_version": "v",
+                "model": "m",
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "latency_s": 0.1,
+                "created_at": None,
             }
         )
     return pa.Table.from_pylist(rows, schema=BRAINSTORM_SCHEMA)
@@ -209,8 +226,9 @@ def test_unique_instructions_dedups_per_type_and_keeps_first_by_shard():
 
 
 def test_unique_instructions_caps_at_target_in_shard_order():
-    entries = [(f"b000-{k:05d}", "long_long", f"Long matching task variant number {k}.", f"Persona {k}")
-               for k in range(10)]
+    entries = [
+        (f"b000-{k:05d}", "long_long", f"Long matching task variant number {k}.", f"Persona {k}") for k in range(10)
+    ]
     table = brainstorm_rows(list(reversed(entries)))
     out = unique_instructions(table, {"long_long": 4}).to_pylist()
     assert len(out) == 4
@@ -252,8 +270,12 @@ def instruction_table(per_type: dict[str, int]) -> pa.Table:
             text = f"A {task_type} instruction number {k}."
             rows.append(
                 {
-                    "instruction_id": f"{task_type}-{k + 1:06d}", "task_type": task_type, "instruction": text,
-                    "normalized": instruction_key(text), "persona_id": p.persona_id, "persona": p.text,
+                    "instruction_id": f"{task_type}-{k + 1:06d}",
+                    "task_type": task_type,
+                    "instruction": text,
+                    "normalized": instruction_key(text),
+                    "persona_id": p.persona_id,
+                    "persona": p.text,
                 }
             )
     return pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)
@@ -269,8 +291,7 @@ def requests_of(shards):
 
 def test_plan_examples_is_deterministic():
     a = plan_examples("run1", 0, WANTED, instruction_table(POOLS), seed=42, shard_size=4)
-    b = plan_examples("run1", 0, dict(reversed(list(WANTED.items()))), instruction_table(POOLS), seed=42,
-                      shard_size=4)
+    b = plan_examples("run1", 0, dict(reversed(list(WANTED.items()))), instruction_table(POOLS), seed=42, shard_size=4)
     assert a == b
     assert [dict(r.placeholders) for r in requests_of(a)] == [dict(r.placeholders) for r in requests_of(b)]
     c = plan_examples("run1", 0, WANTED, instruction_table(POOLS), seed=43, shard_size=4)
@@ -302,8 +323,11 @@ def test_plan_examples_rounds_and_runs_do_not_collide():
 
 @pytest.mark.parametrize("task_type", ["sts", "bitext"])
 def test_plan_examples_direct_types_use_fixed_instruction_and_no_persona(task_type):
-    requests = [r for r in requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100))
-                if r.task_type == task_type]
+    requests = [
+        r
+        for r in requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100))
+        if r.task_type == task_type
+    ]
     assert len(requests) == WANTED[task_type]
     fixed = get_task_type(task_type).fixed_instruction
     for r in requests:
@@ -364,7 +388,7 @@ def test_plan_examples_placeholder_overrides_replace_only_the_named_distribution
     plain = requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100))
     shortened = requests_of(plan_examples("run1", 0, WANTED, instruction_table(POOLS), 42, 100, overrides))
     assert [r.example_id for r in plain] == [r.example_id for r in shortened]
-    for before, after in zip(plain, shortened):
+    for before, after in zip(plain, shortened, strict=True):
         if after.task_type == "retrieval":
             assert after.placeholders["num_words"] in (50, 100)
         elif after.task_type == "long_long":
@@ -408,8 +432,9 @@ def test_plans_are_identical_across_processes():
     digests = set()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        result = subprocess.run([sys.executable, "-c", _CHILD], cwd=REPO_ROOT, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         digests.add(result.stdout.strip())
     assert len(digests) == 1

@@ -30,8 +30,9 @@ def valid_value(schema: dict) -> dict:
             value[key] = text_of_length(max(prop.get("minLength", 1), 3))
         elif prop["type"] == "array":
             item = prop["items"]
-            value[key] = [text_of_length(max(item.get("minLength", 1), 3)) + f" {i}"
-                          for i in range(prop.get("minItems", 1))]
+            value[key] = [
+                text_of_length(max(item.get("minLength", 1), 3)) + f" {i}" for i in range(prop.get("minItems", 1))
+            ]
         else:  # pragma: no cover - no other types are used
             raise AssertionError(prop)
     return value

@@ -17,12 +17,14 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def make_table(n: int) -> pa.Table:
-    return pa.table({
-        "example_id": [f"run/g00/{i:05d}" for i in range(n)],
-        "run_id": ["run"] * n,
-        "task_type": ["retrieval"] * n,
-        "query": [f"query {i}" for i in range(n)],
-    })
+    return pa.table(
+        {
+            "example_id": [f"run/g00/{i:05d}" for i in range(n)],
+            "run_id": ["run"] * n,
+            "task_type": ["retrieval"] * n,
+            "query": [f"query {i}" for i in range(n)],
+        }
+    )
 
 
 def random_problem(seed: int, nq: int = 300, nc: int = 500, dim: int = 32):
@@ -97,8 +99,12 @@ def test_broad_query_dropped_specific_kept():
     dim = 8
     e = np.eye(dim, dtype=np.float32)
     rng = np.random.default_rng(0)
-    topic = unit(e[0] + 0.2 * np.concatenate([np.zeros((60, 1)), rng.standard_normal((60, dim - 1))], axis=1)
-                 * np.array([0, 1, 0, 1, 1, 1, 1, 1]))  # near e0, never along e2
+    topic = unit(
+        e[0]
+        + 0.2
+        * np.concatenate([np.zeros((60, 1)), rng.standard_normal((60, dim - 1))], axis=1)
+        * np.array([0, 1, 0, 1, 1, 1, 1, 1])
+    )  # near e0, never along e2
     broad_positive = unit(0.5 * e[0] + e[1])
     specific_positive = e[2]
     corpus = np.vstack([topic, broad_positive, specific_positive]).astype(np.float32)
@@ -164,7 +170,7 @@ def test_approximate_indexes_are_plausible(kind):
     ids, scores = search(index, queries, 10)
     exact_ids, _ = search(build_index(corpus, CleanSettings()), queries, 10)
     assert (ids[:, 0] == sources).mean() >= 0.95
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids, strict=True)])
     assert recall >= 0.8
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
@@ -211,9 +217,11 @@ def test_bf16_index_filter_decisions_equal_faiss_flat(seed):
     assert 0 < a.kept.num_rows < 600
     assert a.kept.column("example_id").to_pylist() == b.kept.column("example_id").to_pylist()
     assert a.kept.column("positive_rank").to_pylist() == b.kept.column("positive_rank").to_pylist()
-    np.testing.assert_array_equal(a.kept.column("positive_score").to_numpy(), b.kept.column("positive_score").to_numpy())
+    np.testing.assert_array_equal(
+        a.kept.column("positive_score").to_numpy(), b.kept.column("positive_score").to_numpy()
+    )
     assert sorted(a.dropped.column("example_id").to_pylist()) == sorted(b.dropped.column("example_id").to_pylist())
     np.testing.assert_array_equal(found_a.rows, found_b.rows)
     np.testing.assert_allclose(found_a.scores, found_b.scores, atol=1e-6)
-    same = [set(x) == set(y) for x, y in zip(found_a.ids.tolist(), found_b.ids.tolist())]
+    same = [set(x) == set(y) for x, y in zip(found_a.ids.tolist(), found_b.ids.tolist(), strict=True)]
     assert np.mean(same) >= 0.99  # sets differ only on fp32 near-ties at the 100th result

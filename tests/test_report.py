@@ -6,18 +6,25 @@ from __future__ import annotations
 import base64
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.catalog import Catalog
-from storage.schemas import (BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, FILTER_COLUMNS, INSTRUCTION_SCHEMA,
-                             MINED_COLUMNS, REJECT_SCHEMA)
+from storage.schemas import (
+    BRAINSTORM_SCHEMA,
+    DROPPED_SCHEMA,
+    EXAMPLE_SCHEMA,
+    FILTER_COLUMNS,
+    INSTRUCTION_SCHEMA,
+    MINED_COLUMNS,
+    REJECT_SCHEMA,
+)
 from tasks.cleaning.report import distinct_n, write_report
 
-CREATED = datetime(2024, 5, 1, tzinfo=timezone.utc)
+CREATED = datetime(2024, 5, 1, tzinfo=UTC)
 EVIL_PERSONA = "<script>alert('persona')</script> a hacker from Lyon"
 EVIL_OUTPUT = '<img src=x onerror="alert(1)">{"query": broken'
 TYPES = ["retrieval", "classification", "sts"]
@@ -44,34 +51,93 @@ def examples(run: str) -> list[dict]:
     for i in range(30):
         t = TYPES[i % 3]
         persona = EVIL_PERSONA if i % 5 == 0 else f"persona {i % 4}"
-        rows.append(dict(
-            example_id=f"{run}:g00-{i:03d}", run_id=run, shard_id="g00", task_type=t,
-            instruction=f"instruction {i % 7} for {t}", instruction_id=f"i{i % 7}", persona_id=f"p{i % 4}",
-            persona=persona, model="SmolLM2-135M-Instruct", prompt_version="v1", attempts=1 + i % 2,
-            prompt_tokens=100 + i, completion_tokens=50 + i, latency_s=0.5 + i / 10, finish_reason="stop",
-            query=f"what is thing {i} about {t}" + " and more" * (i % 4), positive=f"thing {i} is " + "x " * i,
-            negative=f"not thing {i}", created_at=CREATED,
-        ))
+        rows.append(
+            dict(
+                example_id=f"{run}:g00-{i:03d}",
+                run_id=run,
+                shard_id="g00",
+                task_type=t,
+                instruction=f"instruction {i % 7} for {t}",
+                instruction_id=f"i{i % 7}",
+                persona_id=f"p{i % 4}",
+                persona=persona,
+                model="SmolLM2-135M-Instruct",
+                prompt_version="v1",
+                attempts=1 + i % 2,
+                prompt_tokens=100 + i,
+                completion_tokens=50 + i,
+                latency_s=0.5 + i / 10,
+                finish_reason="stop",
+                query=f"what is thing {i} about {t}" + " and more" * (i % 4),
+                positive=f"thing {i} is " + "x " * i,
+                negative=f"not thing {i}",
+                created_at=CREATED,
+            )
+        )
     return rows
 
 
 def build_generation(data: Path, run: str = "r1") -> list[dict]:
     rows = examples(run)
     write(data / f"runs/{run}/examples/g00.parquet", rows, EXAMPLE_SCHEMA)
-    write(data / f"runs/{run}/rejects/g00.parquet", [
-        dict(example_id=f"{run}:g00-rej", run_id=run, shard_id="g00", stage="generate", task_type="sts",
-             reason="invalid_json", raw_text=EVIL_OUTPUT, created_at=CREATED),
-        dict(example_id=f"{run}:b00-rej", run_id=run, shard_id="b00", stage="brainstorm", task_type="retrieval",
-             reason="empty_list", raw_text="[]", created_at=CREATED),
-    ], REJECT_SCHEMA)
-    write(data / f"runs/{run}/brainstorm/b00.parquet", [
-        dict(run_id=run, task_type="retrieval", instruction=f"instruction {k}", persona=EVIL_PERSONA,
-             prompt_tokens=40, completion_tokens=60, latency_s=1.5, created_at=CREATED) for k in range(4)
-    ], BRAINSTORM_SCHEMA)
-    write(data / f"runs/{run}/instructions.parquet", [
-        dict(instruction_id=f"i{k}", task_type=TYPES[k % 2], instruction=f"instruction {k}", normalized=f"i {k}",
-             persona_id=f"p{k % 3}", persona=EVIL_PERSONA if k % 3 == 0 else f"persona {k % 3}") for k in range(7)
-    ], INSTRUCTION_SCHEMA)
+    write(
+        data / f"runs/{run}/rejects/g00.parquet",
+        [
+            dict(
+                example_id=f"{run}:g00-rej",
+                run_id=run,
+                shard_id="g00",
+                stage="generate",
+                task_type="sts",
+                reason="invalid_json",
+                raw_text=EVIL_OUTPUT,
+                created_at=CREATED,
+            ),
+            dict(
+                example_id=f"{run}:b00-rej",
+                run_id=run,
+                shard_id="b00",
+                stage="brainstorm",
+                task_type="retrieval",
+                reason="empty_list",
+                raw_text="[]",
+                created_at=CREATED,
+            ),
+        ],
+        REJECT_SCHEMA,
+    )
+    write(
+        data / f"runs/{run}/brainstorm/b00.parquet",
+        [
+            dict(
+                run_id=run,
+                task_type="retrieval",
+                instruction=f"instruction {k}",
+                persona=EVIL_PERSONA,
+                prompt_tokens=40,
+                completion_tokens=60,
+                latency_s=1.5,
+                created_at=CREATED,
+            )
+            for k in range(4)
+        ],
+        BRAINSTORM_SCHEMA,
+    )
+    write(
+        data / f"runs/{run}/instructions.parquet",
+        [
+            dict(
+                instruction_id=f"i{k}",
+                task_type=TYPES[k % 2],
+                instruction=f"instruction {k}",
+                normalized=f"i {k}",
+                persona_id=f"p{k % 3}",
+                persona=EVIL_PERSONA if k % 3 == 0 else f"persona {k % 3}",
+            )
+            for k in range(7)
+        ],
+        INSTRUCTION_SCHEMA,
+    )
     return rows
 
 
@@ -84,13 +150,28 @@ def build_clean(data: Path, rows: list[dict], clean_id: str = "c1") -> None:
     write(root / "deduped.parquet", deduped, EXAMPLE_SCHEMA)
     ranked = [dict(r, positive_rank=1 + i % 6, positive_score=0.8 - i / 100) for i, r in enumerate(filtered)]
     write(root / "filtered.parquet", ranked, FILTERED)
-    mined = [dict(r, hard_negatives=[f"hn {k}" for k in range(i % 4)],
-                  hard_negative_scores=[0.3 + k / 20 for k in range(i % 4)]) for i, r in enumerate(ranked)]
+    mined = [
+        dict(
+            r,
+            hard_negatives=[f"hn {k}" for k in range(i % 4)],
+            hard_negative_scores=[0.3 + k / 20 for k in range(i % 4)],
+        )
+        for i, r in enumerate(ranked)
+    ]
     write(root / "mined.parquet", mined, MINED)
 
     def dropped(rs, stage, reason):
-        return [dict(example_id=r["example_id"], run_id=r["run_id"], task_type=r["task_type"], stage=stage,
-                     reason=reason, detail="<b>detail</b>") for r in rs]
+        return [
+            dict(
+                example_id=r["example_id"],
+                run_id=r["run_id"],
+                task_type=r["task_type"],
+                stage=stage,
+                reason=reason,
+                detail="<b>detail</b>",
+            )
+            for r in rs
+        ]
 
     write(root / "dropped/validate.parquet", dropped(rows[27:], "validate", "empty_query"), DROPPED_SCHEMA)
     write(root / "dropped/dedup.parquet", dropped(rows[24:27], "dedup_near", "near_duplicate"), DROPPED_SCHEMA)
@@ -107,8 +188,15 @@ def test_full_report_has_every_section_figures_and_escapes_data(tmp_path):
     build_clean(data, rows)
     out = write_report(Catalog(data), None, tmp_path / "report.html")
     page = out.read_text(encoding="utf-8")
-    for title in ["Funnel per stage and task type", "Drop reasons", "Positive rank", "Negative scores",
-                  "Length distributions", "Instruction and persona diversity", "Generation statistics"]:
+    for title in [
+        "Funnel per stage and task type",
+        "Drop reasons",
+        "Positive rank",
+        "Negative scores",
+        "Length distributions",
+        "Instruction and persona diversity",
+        "Generation statistics",
+    ]:
         assert f"<h2>{title}</h2>" in page
     assert "clean run c1" in page and "generated at" in page
     pngs = images(page)
@@ -120,8 +208,10 @@ def test_full_report_has_every_section_figures_and_escapes_data(tmp_path):
     # the funnel table counts every stage per task type (rows 0..29: 10 per type; valid = rows[:27] ...)
     funnel = page.split('id="funnel"')[1].split("</table>")[0]
     assert re.search(r"<td>retrieval</td>(<td class=\"num\">[^<]*</td>){6}", funnel)
-    assert "<td>total</td><td class=\"num\">30</td><td class=\"num\">27</td><td class=\"num\">24</td>" \
-           "<td class=\"num\">20</td><td class=\"num\">20</td>" in funnel
+    assert (
+        '<td>total</td><td class="num">30</td><td class="num">27</td><td class="num">24</td>'
+        '<td class="num">20</td><td class="num">20</td>' in funnel
+    )
     assert "near_duplicate" in page and "rank_above_k" in page and "invalid_json" in page
 
 
@@ -145,7 +235,7 @@ def test_empty_project_and_explicit_clean_id(tmp_path):
     build_clean(data, rows[:12], "c2")
     page = write_report(Catalog(data), "c1", tmp_path / "c1.html").read_text()
     assert "clean run c1" in page
-    assert "<td>total</td><td class=\"num\">30</td><td class=\"num\">27</td>" in page
+    assert '<td>total</td><td class="num">30</td><td class="num">27</td>' in page
 
 
 def test_distinct_n():

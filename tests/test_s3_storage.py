@@ -30,8 +30,11 @@ from storage.shards import RemoteLock, RunLocked, RunStore, StorageError, list_r
 from test_catalog import check_readme_queries, row_for, write_small_store  # noqa: E402
 
 BUCKET = "factory-test"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +68,14 @@ def root(endpoint):
 def keys(root) -> list[str]:
     """Every object under ``root``, relative to it."""
     prefix = root.path + "/"
-    return sorted(k[len(prefix):] for k in root.fs.find(root.path))
+    return sorted(k[len(prefix) :] for k in root.fs.find(root.path))
 
 
 def example_rows(shard: str, n: int) -> list[dict]:
-    return [row_for(EXAMPLE_SCHEMA, example_id=f"r:{shard}-{i}", run_id="r", shard_id=shard, query=f"q{i}")
-            for i in range(n)]
+    return [
+        row_for(EXAMPLE_SCHEMA, example_id=f"r:{shard}-{i}", run_id="r", shard_id=shard, query=f"q{i}")
+        for i in range(n)
+    ]
 
 
 # --- run store ---------------------------------------------------------------------------------
@@ -90,8 +95,14 @@ def test_run_store_round_trip_on_s3(root):
     # the manifest records what S3 holds, byte for byte
     body = store.shard_path("examples", "g00").read_bytes()
     manifest = store.manifest()
-    assert manifest["examples/g00"] == {"kind": "examples", "shard_id": "g00", "rows": 3, "rejects": 1,
-                                        "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert manifest["examples/g00"] == {
+        "kind": "examples",
+        "shard_id": "g00",
+        "rows": 3,
+        "rejects": 1,
+        "bytes": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
     assert rec.sha256 == hashlib.sha256(body).hexdigest()
     assert set(manifest) == {"examples/g00", "examples/g01", "brainstorm/b00"}
 
@@ -109,10 +120,20 @@ def test_run_store_round_trip_on_s3(root):
     assert [p.text for p in read_persona_jsonl(store.personas_path)] == ["a chemist", "a sailor"]
     assert list_runs(root) == ["r"]
     # final keys only: nothing temporary was ever written to the bucket
-    assert keys(root) == sorted([
-        "runs/r/brainstorm/b00.parquet", "runs/r/examples/g00.parquet", "runs/r/examples/g01.parquet",
-        "runs/r/instructions.parquet", "runs/r/manifest.json", "runs/r/personas.jsonl",
-        "runs/r/rejects/b00.parquet", "runs/r/rejects/g00.parquet", "runs/r/rejects/g01.parquet", "runs/r/run.json"])
+    assert keys(root) == sorted(
+        [
+            "runs/r/brainstorm/b00.parquet",
+            "runs/r/examples/g00.parquet",
+            "runs/r/examples/g01.parquet",
+            "runs/r/instructions.parquet",
+            "runs/r/manifest.json",
+            "runs/r/personas.jsonl",
+            "runs/r/rejects/b00.parquet",
+            "runs/r/rejects/g00.parquet",
+            "runs/r/rejects/g01.parquet",
+            "runs/r/run.json",
+        ]
+    )
 
 
 def test_a_failed_shard_write_commits_nothing_on_s3(root):
@@ -176,7 +197,9 @@ def test_heartbeat_keeps_the_lock_and_a_stale_lock_is_taken_over(root):
         with pytest.raises(RunLocked):
             RemoteLock(path, "r", ttl_s=0.6).acquire()
     # a crashed writer elsewhere: its lock has expired, so the next writer takes it over
-    path.write_bytes(json.dumps({"owner": "gone", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}).encode())
+    path.write_bytes(
+        json.dumps({"owner": "gone", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}).encode()
+    )
     with RemoteLock(path, "r") as lock:
         assert json.loads(path.fs.cat_file(path.path))["owner"] == lock.owner
     # a live writer on another host is respected
@@ -185,8 +208,11 @@ def test_heartbeat_keeps_the_lock_and_a_stale_lock_is_taken_over(root):
         RunStore(root, "r").exclusive().__enter__()
     # a dead process on this host is not waited for
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    path.write_bytes(json.dumps({"owner": "y", "host": socket.gethostname(), "pid": int(dead.stdout),
-                                 "expires_at": time.time() + 60}).encode())
+    path.write_bytes(
+        json.dumps(
+            {"owner": "y", "host": socket.gethostname(), "pid": int(dead.stdout), "expires_at": time.time() + 60}
+        ).encode()
+    )
     with RunStore(root, "r").exclusive():
         pass
 
@@ -255,7 +281,8 @@ def test_catalog_and_readme_queries_on_s3(root):
     assert catalog.run_ids() == ["r1"] and catalog.clean_ids() == ["c1"]
     assert catalog.query("SELECT DISTINCT clean_id FROM mined").column(0).to_pylist() == ["c1"]
     assert catalog.query("SELECT run_id, count(*) AS n FROM instructions GROUP BY 1").to_pylist() == [
-        {"run_id": "r1", "n": 3}]
+        {"run_id": "r1", "n": 3}
+    ]
     check_readme_queries(catalog)
 
 
@@ -263,13 +290,23 @@ def test_cli_query_over_s3_shards(endpoint, tmp_path):
     prefix = uuid.uuid4().hex[:10]
     settings = load_settings(storage={"data_dir": f"s3://{BUCKET}/{prefix}", "endpoint_url": endpoint})
     write_small_store(data_root(settings.storage))
-    env = {**os.environ, **AWS_ENV, "EMBED_FACTORY_STORAGE__DATA_DIR": f"s3://{BUCKET}/{prefix}",
-           "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint}
+    env = {
+        **os.environ,
+        **AWS_ENV,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": f"s3://{BUCKET}/{prefix}",
+        "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint,
+    }
     out = tmp_path / "by_task.csv"
     sql = "SELECT task_type, count(*) AS n FROM raw GROUP BY ALL ORDER BY n DESC, task_type"
     for args in ([sql], [sql, "--out", str(out)]):
-        proc = subprocess.run([sys.executable, "-m", "embed_factory.cli", "query", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "embed_factory.cli", "query", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
     assert "retrieval" in proc.stdout or out.exists()
     assert out.read_text().splitlines() == ["task_type,n", "retrieval,3", "classification,1", "sts,1"]
@@ -277,8 +314,14 @@ def test_cli_query_over_s3_shards(endpoint, tmp_path):
     # wrong credentials: one clear line, no traceback
     bad = {**env, "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_ACCESS_KEY_ID": "wrong"}
     bad["EMBED_FACTORY_STORAGE__DATA_DIR"] = "s3://no-such-bucket-here/x"
-    proc = subprocess.run([sys.executable, "-m", "embed_factory.cli", "query", sql], env=bad, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", "query", sql],
+        env=bad,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -292,8 +335,13 @@ def test_s3_settings_keep_credentials_secret(monkeypatch, endpoint):
     monkeypatch.setenv("EMBED_FACTORY_STORAGE__SECRET_ACCESS_KEY", "very-secret-value")
     settings = load_settings()
     assert settings.storage.data_dir == f"s3://{BUCKET}/p"
-    for text in (settings.model_dump_json(), repr(settings), str(settings.model_dump()), repr(data_root(settings.storage)),
-                 str(data_root(settings.storage))):
+    for text in (
+        settings.model_dump_json(),
+        repr(settings),
+        str(settings.model_dump()),
+        repr(data_root(settings.storage)),
+        str(data_root(settings.storage)),
+    ):
         assert "very-secret-value" not in text and "AKIA-visible-nowhere" not in text
     assert settings.storage.storage_options()["secret"] == "very-secret-value"  # in memory, for s3fs
     assert str(data_root(settings.storage)) == f"s3://{BUCKET}/p"
@@ -313,10 +361,15 @@ def test_clean_flow_on_s3(prefect_api_url, endpoint, monkeypatch, tmp_path):
     from test_clean_flow import TOPICS, example
 
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}"
-    for key, value in {"EMBED_FACTORY_STORAGE__DATA_DIR": url, "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint,
-                       "EMBED_FACTORY_CLEAN__NEGATIVES_PER_QUERY": "2", "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
-                       "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10", "EMBED_FACTORY_CLEAN__RANK_TOP_K": "3",
-                       **AWS_ENV}.items():
+    for key, value in {
+        "EMBED_FACTORY_STORAGE__DATA_DIR": url,
+        "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint,
+        "EMBED_FACTORY_CLEAN__NEGATIVES_PER_QUERY": "2",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10",
+        "EMBED_FACTORY_CLEAN__RANK_TOP_K": "3",
+        **AWS_ENV,
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     root = data_root(load_settings().storage)
@@ -336,7 +389,8 @@ def test_clean_flow_on_s3(prefect_api_url, endpoint, monkeypatch, tmp_path):
     assert store.count(store.stage_path("mined")) == summary["counts"]["mined"]
     catalog = Catalog(root)
     assert catalog.query("SELECT reason FROM dropped WHERE clean_id = 'c-s3' AND stage = 'validate'").column(
-        0).to_pylist() == ["empty_query"]
+        0
+    ).to_pylist() == ["empty_query"]
     assert not (tmp_path / "data").exists()  # nothing went to a local data folder
     # a second run resumes: every stage table is already in the bucket
     modified = store.stage_path("valid").stat().st_mtime
@@ -352,8 +406,12 @@ def test_generate_flow_writes_its_run_to_s3(llm_base_url, prefect_api_url, endpo
     from flows.generate import generate
 
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}"
-    for key, value in {"EMBED_FACTORY_STORAGE__DATA_DIR": url, "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint,
-                       "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3", **AWS_ENV}.items():
+    for key, value in {
+        "EMBED_FACTORY_STORAGE__DATA_DIR": url,
+        "EMBED_FACTORY_STORAGE__ENDPOINT_URL": endpoint,
+        "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3",
+        **AWS_ENV,
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     summary = asyncio.run(generate(run_id="s3-run", examples=6, seed=11, task_types=["retrieval", "sts"]))

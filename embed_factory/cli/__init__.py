@@ -12,10 +12,22 @@ import typer
 
 from embed_factory.cli import data, ops, run, servers, train
 
-app = typer.Typer(help="Embedding-training data factory: personas → LLM → Parquet shards.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-for command in (run.run, data.clean, data.query, data.report, train.finetune, train.serve, ops.doctor, ops.deploy,
-                ops.trigger):
+app = typer.Typer(
+    help="Embedding-training data factory: personas → LLM → Parquet shards.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+for command in (
+    run.run,
+    data.clean,
+    data.query,
+    data.report,
+    train.finetune,
+    train.serve,
+    ops.doctor,
+    ops.deploy,
+    ops.trigger,
+):
     app.command()(command)
 app.add_typer(servers.llm_app, name="llm")
 app.add_typer(servers.prefect_app, name="prefect")

@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 def clean(
     clean_id: str | None = typer.Option(None, "--clean-id", help="Id of the clean run (default: new)."),
     runs: list[str] | None = typer.Option(None, "--run", "-r", help="Generation run(s) to include (default: all)."),
-    publish_to: str | None = typer.Option(None, "--publish-to",
-                                          help="Also publish the export: a local folder or a Hub dataset repo id "
-                                               "(token from HF_TOKEN)."),
+    publish_to: str | None = typer.Option(
+        None,
+        "--publish-to",
+        help="Also publish the export: a local folder or a Hub dataset repo id (token from HF_TOKEN).",
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Validate, deduplicate, rank-filter and mine hard negatives; export the training corpus."""
@@ -69,8 +71,11 @@ def print_clean_summary(summary: CleanSummary) -> None:
 
 
 def query(
-    sql: str = typer.Argument(..., help="SQL over the catalog views: raw, rejects, brainstorm, instructions, "
-                              "valid, dropped, deduped, filtered, mined."),
+    sql: str = typer.Argument(
+        ...,
+        help="SQL over the catalog views: raw, rejects, brainstorm, instructions, "
+        "valid, dropped, deduped, filtered, mined.",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the result to a .csv or .parquet file."),
     limit: int = typer.Option(50, help="Rows to print."),
     config: Path | None = ConfigOption,

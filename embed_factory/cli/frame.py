@@ -35,11 +35,19 @@ from storage.shards import StorageError
 console = Console(stderr=True, soft_wrap=True)  # one error = one line, also in logs
 
 #: errors a user can fix (a bad file, a setting, a server that does not answer): one line, no traceback
-USER_ERRORS = (PersonaFileError, LLMServerError, PrefectServerError, StorageError, DeployError, ValueError,
-               FileNotFoundError)
+USER_ERRORS = (
+    PersonaFileError,
+    LLMServerError,
+    PrefectServerError,
+    StorageError,
+    DeployError,
+    ValueError,
+    FileNotFoundError,
+)
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file (default: ./embed-factory.toml).",
-                            exists=True, dir_okay=False)
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="TOML config file (default: ./embed-factory.toml).", exists=True, dir_okay=False
+)
 ProfileOption = typer.Option(None, "--profile", help="Settings profile: local (default) or production.")
 
 Summary = TypeVar("Summary")
@@ -94,15 +102,18 @@ def load_cli_settings(config: Path | None, profile: str | None = None) -> Settin
         check_placeholder_overrides(settings.generation.placeholder_overrides)
         return settings
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_setting_source(e['loc'], config_file)}"
-                           for e in exc.errors())
+        errors = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}{_setting_source(e['loc'], config_file)}" for e in exc.errors()
+        )
         fail(f"invalid settings: {errors}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         fail(f"invalid settings: {config_file}: not a readable TOML file ({exc})")
     except SettingsError as exc:  # an EMBED_FACTORY_* variable that should hold JSON (a list) does not
         section = exc.args[0].split('"')[1] if '"' in exc.args[0] else ""
-        fail(f"invalid settings: cannot parse {', '.join(_unparsable_env(section)) or 'an EMBED_FACTORY_* variable'} "
-             f"(lists are JSON, e.g. '[\"retrieval\", \"sts\"]'): {exc.__cause__ or exc}")
+        fail(
+            f"invalid settings: cannot parse {', '.join(_unparsable_env(section)) or 'an EMBED_FACTORY_* variable'} "
+            f'(lists are JSON, e.g. \'["retrieval", "sts"]\'): {exc.__cause__ or exc}'
+        )
     except ValueError as exc:  # e.g. an unknown profile
         fail(f"invalid settings: {exc}{_setting_source(('profile',), config_file)}")
 
@@ -113,7 +124,7 @@ def _unparsable_env(section: str) -> list[str]:
     keys = getattr(field.annotation, "model_fields", {}) if field else {}
     prefix, names = f"EMBED_FACTORY_{section.upper()}__", []
     for name, value in os.environ.items():
-        key = keys.get(name[len(prefix):].lower()) if name.upper().startswith(prefix) else None
+        key = keys.get(name[len(prefix) :].lower()) if name.upper().startswith(prefix) else None
         if key is not None and get_origin(key.annotation) in (list, dict):
             try:
                 json.loads(value)
@@ -174,8 +185,10 @@ def prefect_at(api_url: str, bar: Progress | None = None) -> Iterator[None]:
     try:  # a configured API that does not answer is one clear line, not Prefect's traceback
         httpx.get(f"{api_url.rstrip('/')}/health", timeout=10).raise_for_status()
     except httpx.HTTPError as exc:
-        raise PrefectServerError(f"Prefect API {api_url} unreachable ({type(exc).__name__}); start it or fix "
-                                 "prefect.api_url / PREFECT_API_URL") from None
+        raise PrefectServerError(
+            f"Prefect API {api_url} unreachable ({type(exc).__name__}); start it or fix "
+            "prefect.api_url / PREFECT_API_URL"
+        ) from None
     remove = progress_sink.add_listener(_RichProgress(bar)) if bar is not None else (lambda: None)
     consoles = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
     for handler in consoles:

@@ -28,8 +28,11 @@ def doctor(config: Path | None = ConfigOption) -> None:
     colour = {FAIL: "bold red", WARN: "yellow"}
     checks = run_checks()
     for check in checks:
-        out.print(f"[{colour.get(check.status, 'green')}]{check.status:<4}[/]  {check.name:<9} {check.detail}",
-                  markup=True, highlight=False)
+        out.print(
+            f"[{colour.get(check.status, 'green')}]{check.status:<4}[/]  {check.name:<9} {check.detail}",
+            markup=True,
+            highlight=False,
+        )
         if check.fix and check.status != "OK":
             out.print(f"      {'':<9} fix: {check.fix}", highlight=False)
     problems = {s: sum(c.status == s for c in checks) for s in (FAIL, WARN)}
@@ -38,13 +41,20 @@ def doctor(config: Path | None = ConfigOption) -> None:
 
 
 def deploy(
-    schedule: bool | None = typer.Option(None, "--schedule/--no-schedule",
-                                         help="Register the pipeline's nightly cron schedule switched on / off "
-                                              "(default: prefect.pipeline_schedule, off)."),
-    worker: bool = typer.Option(True, "--worker/--no-worker",
-                                help="After registering, run a worker for the process pool here (Ctrl-C stops it)."),
-    limit: int | None = typer.Option(None, "--limit", min=1,
-                                     help="Flow runs the worker runs at once (default: prefect.worker_limit, 1)."),
+    schedule: bool | None = typer.Option(
+        None,
+        "--schedule/--no-schedule",
+        help="Register the pipeline's nightly cron schedule switched on / off "
+        "(default: prefect.pipeline_schedule, off).",
+    ),
+    worker: bool = typer.Option(
+        True,
+        "--worker/--no-worker",
+        help="After registering, run a worker for the process pool here (Ctrl-C stops it).",
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Flow runs the worker runs at once (default: prefect.worker_limit, 1)."
+    ),
     profile: str | None = ProfileOption,
     config: Path | None = ConfigOption,
 ) -> None:
@@ -67,8 +77,10 @@ def deploy(
             for r in registered:
                 table.add_row(r.full_name, r.work_pool, ", ".join(r.schedules) or "-", ", ".join(r.triggers) or "-")
             out.print(table)
-            out.print(f"UI: {prefect_ui_url(api_url)}/deployments   run one: embed-factory trigger pipeline "
-                      "--param examples=12")
+            out.print(
+                f"UI: {prefect_ui_url(api_url)}/deployments   run one: embed-factory trigger pipeline "
+                "--param examples=12"
+            )
             if not worker:
                 return
             pool = settings.prefect.work_pool
@@ -84,12 +96,17 @@ def deploy(
 
 def trigger(
     name: str = typer.Argument(..., help="Deployment: pipeline, generate, clean, finetune (or FLOW/DEPLOYMENT)."),
-    params: list[str] | None = typer.Option(None, "--param", "-p",
-                                            help="Flow parameter NAME=VALUE (repeatable). Values are JSON when they "
-                                                 "parse (6, true, null, [\"a\"]), else text; lists may be "
-                                                 "comma-separated: task_types=retrieval,sts."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish and exit non-zero unless "
-                              "it completed."),
+    params: list[str] | None = typer.Option(
+        None,
+        "--param",
+        "-p",
+        help="Flow parameter NAME=VALUE (repeatable). Values are JSON when they "
+        'parse (6, true, null, ["a"]), else text; lists may be '
+        "comma-separated: task_types=retrieval,sts.",
+    ),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="Wait for the run to finish and exit non-zero unless it completed."
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Run one deployment now with parameters; print its final state (or, with --no-wait, its id).

@@ -37,16 +37,20 @@ TASK_TYPE_LIST = ", ".join(ALL_TASK_TYPES)
 
 
 def run(
-    examples: int | None = typer.Option(None, "--examples", "-n", min=1,
-                                        help="Target number of parsed examples (default: the profile's)."),
+    examples: int | None = typer.Option(
+        None, "--examples", "-n", min=1, help="Target number of parsed examples (default: the profile's)."
+    ),
     run_id: str | None = typer.Option(None, "--run-id", help="Run id; re-use one to resume it (default: new)."),
-    task_types: list[str] | None = typer.Option(None, "--task-type", "-t",
-                                                help=f"Task type(s) to generate: {TASK_TYPE_LIST}."),
+    task_types: list[str] | None = typer.Option(
+        None, "--task-type", "-t", help=f"Task type(s) to generate: {TASK_TYPE_LIST}."
+    ),
     seed: int | None = typer.Option(None, help="Sampling seed for personas and placeholders."),
-    clean_after: bool = typer.Option(True, "--clean/--no-clean",
-                                     help="Clean all runs into a training corpus after generating."),
-    instructions: int | None = typer.Option(None, "--instructions", min=1,
-                                            help="Target unique brainstormed instructions."),
+    clean_after: bool = typer.Option(
+        True, "--clean/--no-clean", help="Clean all runs into a training corpus after generating."
+    ),
+    instructions: int | None = typer.Option(
+        None, "--instructions", min=1, help="Target unique brainstormed instructions."
+    ),
     profile: str | None = ProfileOption,
     config: Path | None = ConfigOption,
 ) -> None:
@@ -87,8 +91,16 @@ def generate_flow(api_url: str, run_id: str, examples, task_types, seed, instruc
     bar = stage_bars(failed=True)
     say(f"run {run_id}: flow run in the Prefect UI at {prefect_ui_url(api_url)}")
     with prefect_at(api_url, bar):
-        summary = asyncio.run(generate(run_id=run_id, examples=examples, task_types=task_types, seed=seed,
-                                       unique_instructions=instructions, profile=profile))
+        summary = asyncio.run(
+            generate(
+                run_id=run_id,
+                examples=examples,
+                task_types=task_types,
+                seed=seed,
+                unique_instructions=instructions,
+                profile=profile,
+            )
+        )
     return typed(GenerateSummary, summary)
 
 
@@ -102,13 +114,17 @@ def print_generate_summary(summary: GenerateSummary, api_url: str) -> None:
         table.add_row(task_type, str(count), str(summary.unique_instructions.get(task_type, "-")))
     table.add_row("[bold]total", f"[bold]{summary.examples}", "")
     out.print(table)
-    out.print(f"requests: {summary.requests}  rejects: {summary.rejects} "
-              f"(failure rate {summary.failure_rate:.1%})  completion tokens/s: {summary.tokens_per_s:.1f}  "
-              f"elapsed: {summary.elapsed_s:.0f}s  shards written/skipped: "
-              f"{summary.shards_written}/{summary.shards_skipped}")
-    out.print(f"LLM: {summary.llm_calls} calls, {summary.http_attempts} HTTP attempts, "
-              f"{summary.transport_failures} transport failures ({summary.transport_failure_rate:.1%}), "
-              f"{summary.transport_retries} transport retries, {summary.schema_retries} schema retries")
+    out.print(
+        f"requests: {summary.requests}  rejects: {summary.rejects} "
+        f"(failure rate {summary.failure_rate:.1%})  completion tokens/s: {summary.tokens_per_s:.1f}  "
+        f"elapsed: {summary.elapsed_s:.0f}s  shards written/skipped: "
+        f"{summary.shards_written}/{summary.shards_skipped}"
+    )
+    out.print(
+        f"LLM: {summary.llm_calls} calls, {summary.http_attempts} HTTP attempts, "
+        f"{summary.transport_failures} transport failures ({summary.transport_failure_rate:.1%}), "
+        f"{summary.transport_retries} transport retries, {summary.schema_retries} schema retries"
+    )
     for warning in summary.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
     run_dir = summary.run_dir

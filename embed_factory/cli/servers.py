@@ -34,8 +34,10 @@ def llm_down(config: Path | None = ConfigOption) -> None:
 def llm_status(config: Path | None = ConfigOption) -> None:
     """Show whether the embedded vLLM server runs and answers (exit code 1 if not healthy)."""
     status = EmbeddedLLMServer(load_cli_settings(config).embedded_llm).status()
-    console.print(f"pid: {status.pid or '-'}  healthy: {status.healthy}  url: {status.base_url}  "
-                  f"models: {', '.join(status.models) or '-'}  log: {status.log_file}")
+    console.print(
+        f"pid: {status.pid or '-'}  healthy: {status.healthy}  url: {status.base_url}  "
+        f"models: {', '.join(status.models) or '-'}  log: {status.log_file}"
+    )
     raise typer.Exit(0 if status.healthy else 1)
 
 

@@ -16,8 +16,8 @@ from embed_factory.cli.frame import (
     console,
     load_cli_settings,
     prefect_at,
-    stage_bars,
     say,
+    stage_bars,
     typed,
 )
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
@@ -27,16 +27,19 @@ if TYPE_CHECKING:
 
 
 def finetune(
-    clean_id: str | None = typer.Option(None, "--clean-id",
-                                        help="Clean run whose export to train on "
-                                             "(default: the latest with an export)."),
-    base_model: str | None = typer.Option(None, "--base-model",
-                                          help="Model folder (or a model already in the Hugging Face cache) to "
-                                               "start from (default: finetune.base_model, else the bundled "
-                                               "all-MiniLM-L6-v2)."),
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1,
-                                         help="Stop training after this many optimizer steps "
-                                              "(default: one epoch)."),
+    clean_id: str | None = typer.Option(
+        None, "--clean-id", help="Clean run whose export to train on (default: the latest with an export)."
+    ),
+    base_model: str | None = typer.Option(
+        None,
+        "--base-model",
+        help="Model folder (or a model already in the Hugging Face cache) to "
+        "start from (default: finetune.base_model, else the bundled "
+        "all-MiniLM-L6-v2).",
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Stop training after this many optimizer steps (default: one epoch)."
+    ),
     profile: str | None = ProfileOption,
     config: Path | None = ConfigOption,
 ) -> None:
@@ -54,8 +57,9 @@ def finetune(
         api_url = resolve_api_url(settings, say)
         say(f"fine-tuning on clean run {resolved_id}; flow run in the Prefect UI at {prefect_ui_url(api_url)}")
         with prefect_at(api_url, stage_bars()):  # evaluation and training steps as bars
-            summary = finetune_flow(clean_id=resolved_id, base_model=base_model, max_steps=max_steps,
-                                    profile=settings.profile)
+            summary = finetune_flow(
+                clean_id=resolved_id, base_model=base_model, max_steps=max_steps, profile=settings.profile
+            )
     print_finetune_summary(typed(FinetuneSummary, summary))
 
 
@@ -76,7 +80,7 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
     before, after, change = summary.before, summary.after, summary.delta  # the metrics as eval.json has them
     sts_b, sts_a = (before.get("sts") or {}), (after.get("sts") or {})
     langs = sts_a.get("languages") or []
-    what = (f"STS Spearman ({langs[0]})" if len(langs) == 1 else f"STS Spearman (mean of {', '.join(langs)})")
+    what = f"STS Spearman ({langs[0]})" if len(langs) == 1 else f"STS Spearman (mean of {', '.join(langs)})"
     has_ret = bool(change.get("retrieval"))
     if has_ret:
         what += " and held-out nDCG@10"
@@ -104,27 +108,37 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
         per_lang = {lang: v for lang, v in (change.get("sts") or {}).items() if lang != "mean"}
         top = dims[0] if dims else None
         if top:
-            out.print("STS delta per language at dim " + top + ": "
-                      + ", ".join(f"{lang} {v.get(top, 0) or 0:+.4f}" for lang, v in per_lang.items()))
+            out.print(
+                "STS delta per language at dim "
+                + top
+                + ": "
+                + ", ".join(f"{lang} {v.get(top, 0) or 0:+.4f}" for lang, v in per_lang.items())
+            )
     tr = summary.train
-    out.print(f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
-              f"{tr['train_seconds'] or 0:.0f}s, loss {_fmt(tr.get('loss_start'))} → {_fmt(tr.get('loss_end'))} "
-              f"(mean of the first and last {tr.get('loss_window') or 1} logged steps)")
+    out.print(
+        f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
+        f"{tr['train_seconds'] or 0:.0f}s, loss {_fmt(tr.get('loss_start'))} → {_fmt(tr.get('loss_end'))} "
+        f"(mean of the first and last {tr.get('loss_window') or 1} logged steps)"
+    )
     out.print(f"model: {summary.model_dir}")
     out.print(f"eval:  {summary.eval_path}")
 
 
 def serve(
-    max_steps: int | None = typer.Option(None, "--max-steps", min=1,
-                                         help="Cap the training steps of every run this deployment starts."),
-    base_model: str | None = typer.Option(None, "--base-model",
-                                          help="Base model of every run this deployment starts "
-                                               "(default: finetune.base_model)."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Cap the training steps of every run this deployment starts."
+    ),
+    base_model: str | None = typer.Option(
+        None, "--base-model", help="Base model of every run this deployment starts (default: finetune.base_model)."
+    ),
     limit: int = typer.Option(1, "--limit", min=1, help="Fine-tunes that may run at once on this machine."),
-    work_pool: str | None = typer.Option(None, "--work-pool",
-                                         help="Instead of serving here, register the deployment and its trigger on "
-                                              "this work pool and exit (production: gpu-pool, whose worker runs "
-                                              "the fine-tunes)."),
+    work_pool: str | None = typer.Option(
+        None,
+        "--work-pool",
+        help="Instead of serving here, register the deployment and its trigger on "
+        "this work pool and exit (production: gpu-pool, whose worker runs "
+        "the fine-tunes).",
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
     """Serve the finetune/finetune deployment: a fine-tune starts whenever a `clean` flow run completes.
@@ -143,8 +157,10 @@ def serve(
         with prefect_at(api_url):
             if work_pool:
                 deployment_id = register_finetune(settings, work_pool, parameters)
-                console.print(f"[green]registered[/] {FULL_NAME} ({deployment_id}) on work pool {work_pool!r} with "
-                              f"its trigger; a worker runs it: prefect worker start --pool {work_pool}")
+                console.print(
+                    f"[green]registered[/] {FULL_NAME} ({deployment_id}) on work pool {work_pool!r} with "
+                    f"its trigger; a worker runs it: prefect worker start --pool {work_pool}"
+                )
                 return
             say(f"serving {FULL_NAME} (trigger: flow `clean` Completed); UI {prefect_ui_url(api_url)}; Ctrl-C stops")
             serve_finetune(settings, parameters, limit=limit)

@@ -59,14 +59,16 @@ def clean_completed_trigger(extra_parameters: dict[str, Any] | None = None):
     from prefect.events import DeploymentEventTrigger
 
     parameters: dict[str, Any] = dict(extra_parameters or {})
-    parameters.update({
-        # Rendered by the server when the trigger fires: `flow_run` is the triggering event's flow
-        # run (the clean run), read from the API. A single-expression template keeps its JSON type.
-        # `profile` is optional: a run of the clean deployment stores only the parameters it was given
-        # (a missing key would fail the rendering), so .get() (None: the worker's environment).
-        "clean_id": "{{ flow_run.parameters['clean_id'] }}",
-        "profile": "{{ flow_run.parameters.get('profile') }}",
-    })
+    parameters.update(
+        {
+            # Rendered by the server when the trigger fires: `flow_run` is the triggering event's flow
+            # run (the clean run), read from the API. A single-expression template keeps its JSON type.
+            # `profile` is optional: a run of the clean deployment stores only the parameters it was given
+            # (a missing key would fail the rendering), so .get() (None: the worker's environment).
+            "clean_id": "{{ flow_run.parameters['clean_id'] }}",
+            "profile": "{{ flow_run.parameters.get('profile') }}",
+        }
+    )
     from flows.pipeline import SUBFLOW_SUFFIX
 
     return DeploymentEventTrigger(
@@ -84,8 +86,12 @@ def clean_completed_trigger(extra_parameters: dict[str, Any] | None = None):
     )
 
 
-def build_deployment(parameters: dict[str, Any] | None = None, work_pool: str | None = None,
-                     job_variables: dict[str, Any] | None = None, trigger: bool = True):
+def build_deployment(
+    parameters: dict[str, Any] | None = None,
+    work_pool: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+    trigger: bool = True,
+):
     """The ``finetune/finetune`` RunnerDeployment with its trigger.
 
     ``parameters``: default flow parameters of the deployment (also added to triggered runs).
@@ -99,10 +105,13 @@ def build_deployment(parameters: dict[str, Any] | None = None, work_pool: str | 
     return finetune.to_deployment(
         name=DEPLOYMENT_NAME,
         parameters=parameters,
-        triggers=[clean_completed_trigger({k: v for k, v in parameters.items()
-                                           if k not in ("clean_id", "profile")})] if trigger else [],
-        description=("Fine-tune an embedding model on a clean run's export and evaluate it before and after "
-                     f"(runs by itself when a `{UPSTREAM_FLOW}` flow run completes)."),
+        triggers=[clean_completed_trigger({k: v for k, v in parameters.items() if k not in ("clean_id", "profile")})]
+        if trigger
+        else [],
+        description=(
+            "Fine-tune an embedding model on a clean run's export and evaluate it before and after "
+            f"(runs by itself when a `{UPSTREAM_FLOW}` flow run completes)."
+        ),
         tags=TAGS,
         work_pool_name=work_pool,
         job_variables=job_variables,
@@ -110,8 +119,12 @@ def build_deployment(parameters: dict[str, Any] | None = None, work_pool: str | 
     )
 
 
-def register_finetune(settings: Settings, work_pool: str | None = None, parameters: dict[str, Any] | None = None,
-                      job_variables: dict[str, Any] | None = None):
+def register_finetune(
+    settings: Settings,
+    work_pool: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    job_variables: dict[str, Any] | None = None,
+):
     """Register the deployment and its trigger on a work pool (production: ``gpu-pool``); returns its id.
 
     A worker of that pool runs the triggered runs (``prefect worker start --pool gpu-pool``).
@@ -125,9 +138,11 @@ def register_finetune(settings: Settings, work_pool: str | None = None, paramete
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
-            raise DeployError(f"work pool {pool!r} does not exist; create it with "
-                              f"`prefect work-pool create {pool} --type process` (and start a worker: "
-                              f"`prefect worker start --pool {pool}`)") from None
+            raise DeployError(
+                f"work pool {pool!r} does not exist; create it with "
+                f"`prefect work-pool create {pool} --type process` (and start a worker: "
+                f"`prefect worker start --pool {pool}`)"
+            ) from None
     return build_deployment(parameters, work_pool=pool, job_variables=job_variables).apply(work_pool_name=pool)
 
 

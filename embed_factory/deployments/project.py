@@ -123,8 +123,9 @@ def _render(value: Any, values: dict[str, str], where: str) -> Any:
         name = match.group(1)
         found = values.get(name, os.environ.get(name))
         if found is None:
-            raise DeployError(f"{where}: placeholder {match.group(0)} has no value; "
-                              f"set the environment variable {name}")
+            raise DeployError(
+                f"{where}: placeholder {match.group(0)} has no value; set the environment variable {name}"
+            )
         return found
 
     return _ENV_PLACEHOLDER.sub(fill, value)
@@ -154,20 +155,22 @@ def load_project(values: dict[str, str], path: Path = PROJECT_FILE) -> list[Depl
         pool = raw.get("work_pool") or {}
         if not pool.get("name"):
             raise DeployError(f"{where}: `work_pool.name` is missing")
-        specs.append(DeploymentSpec(
-            name=raw["name"],
-            entrypoint=raw["entrypoint"],
-            description=raw.get("description"),
-            tags=list(raw.get("tags") or []),
-            parameters=dict(raw.get("parameters") or {}),
-            work_pool=_render(pool["name"], values, f"{where}.work_pool.name"),
-            work_queue=pool.get("work_queue_name"),
-            job_variables=_render(dict(pool.get("job_variables") or {}), values, f"{where}.job_variables"),
-            pull_steps=_render(raw["pull"] if "pull" in raw else top_pull, values, f"{where}.pull"),
-            schedules=list(raw.get("schedules") or []),
-            triggers=list(raw.get("triggers") or []),  # parameters stay Jinja templates for the server
-            concurrency_limit=raw.get("concurrency_limit"),
-        ))
+        specs.append(
+            DeploymentSpec(
+                name=raw["name"],
+                entrypoint=raw["entrypoint"],
+                description=raw.get("description"),
+                tags=list(raw.get("tags") or []),
+                parameters=dict(raw.get("parameters") or {}),
+                work_pool=_render(pool["name"], values, f"{where}.work_pool.name"),
+                work_queue=pool.get("work_queue_name"),
+                job_variables=_render(dict(pool.get("job_variables") or {}), values, f"{where}.job_variables"),
+                pull_steps=_render(raw["pull"] if "pull" in raw else top_pull, values, f"{where}.pull"),
+                schedules=list(raw.get("schedules") or []),
+                triggers=list(raw.get("triggers") or []),  # parameters stay Jinja templates for the server
+                concurrency_limit=raw.get("concurrency_limit"),
+            )
+        )
     return specs
 
 
@@ -206,15 +209,23 @@ def build_from_spec(spec: DeploymentSpec, schedule_active: bool | None = None):
         raise DeployError(f"{spec.full_name}: entrypoint {spec.entrypoint!r} does not load: {exc}") from None
     adapter = TypeAdapter(DeploymentTriggerTypes)
     try:
-        triggers = [adapter.validate_python({"name": f"{spec.name}__automation_{i}", **t})
-                    for i, t in enumerate(spec.triggers, start=1)]
+        triggers = [
+            adapter.validate_python({"name": f"{spec.name}__automation_{i}", **t})
+            for i, t in enumerate(spec.triggers, start=1)
+        ]
     except ValidationError as exc:
         raise DeployError(f"{spec.full_name}: invalid trigger: {exc.errors()[0]['msg']}") from None
     deployment = flow.to_deployment(
-        name=spec.name, description=spec.description or flow.description, tags=spec.tags,
-        parameters=spec.parameters, triggers=triggers, work_pool_name=spec.work_pool,
-        work_queue_name=spec.work_queue, job_variables=spec.job_variables,
-        concurrency_limit=spec.concurrency_limit, entrypoint_type=EntrypointType.MODULE_PATH,
+        name=spec.name,
+        description=spec.description or flow.description,
+        tags=spec.tags,
+        parameters=spec.parameters,
+        triggers=triggers,
+        work_pool_name=spec.work_pool,
+        work_queue_name=spec.work_queue,
+        job_variables=spec.job_variables,
+        concurrency_limit=spec.concurrency_limit,
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
     deployment.storage = _PullSteps(spec.pull_steps)
     return deployment, [_schedule(s, schedule_active) for s in spec.schedules]
@@ -241,8 +252,13 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> bool:
         return True
 
 
-def register_project(settings: Settings, schedule: bool | None = None, project_dir: str | Path | None = None,
-                     path: Path = PROJECT_FILE, create_pools: bool = True) -> list[Registered]:
+def register_project(
+    settings: Settings,
+    schedule: bool | None = None,
+    project_dir: str | Path | None = None,
+    path: Path = PROJECT_FILE,
+    create_pools: bool = True,
+) -> list[Registered]:
     """Register every deployment of prefect.yaml (and the finetune trigger) against the current Prefect API.
 
     ``schedule``: True switches the pipeline's schedule on, False off; None: ``prefect.pipeline_schedule``.
@@ -262,15 +278,25 @@ def register_project(settings: Settings, schedule: bool | None = None, project_d
                 try:
                     client.read_work_pool(pool)
                 except ObjectNotFound:
-                    raise DeployError(f"work pool {pool!r} does not exist; create it with "
-                                      f"`prefect work-pool create {pool} --type process`") from None
+                    raise DeployError(
+                        f"work pool {pool!r} does not exist; create it with "
+                        f"`prefect work-pool create {pool} --type process`"
+                    ) from None
     registered = []
     for spec in specs:
         deployment, schedules = build_from_spec(spec, active if spec.schedules else None)
         deployment_id = deployment.apply(schedules=schedules or None)  # None: no schedules to set
-        registered.append(Registered(
-            spec.full_name, str(deployment_id), spec.work_pool,
-            [f"{s['schedule'].cron if hasattr(s['schedule'], 'cron') else s['schedule'].interval} "
-             f"({'active' if s['active'] else 'inactive'})" for s in schedules],
-            [t.name for t in deployment.triggers]))
+        registered.append(
+            Registered(
+                spec.full_name,
+                str(deployment_id),
+                spec.work_pool,
+                [
+                    f"{s['schedule'].cron if hasattr(s['schedule'], 'cron') else s['schedule'].interval} "
+                    f"({'active' if s['active'] else 'inactive'})"
+                    for s in schedules
+                ],
+                [t.name for t in deployment.triggers],
+            )
+        )
     return registered

@@ -40,12 +40,20 @@ def _json_types(prop: dict[str, Any], definitions: dict[str, Any]) -> set[str]:
     return types
 
 
-_JSON_TYPE = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-              type(None): "null"}
+_JSON_TYPE = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
 
 
-def coerce_parameters(raw: dict[str, str], schema: dict[str, Any], deployment: str,
-                      defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def coerce_parameters(
+    raw: dict[str, str], schema: dict[str, Any], deployment: str, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Type ``--param`` values by the deployment's parameter schema and validate them; one-line errors.
 
     A value is JSON when it parses as JSON (``6``, ``true``, ``null``, ``["a","b"]``), else text; for an
@@ -127,8 +135,14 @@ def _flow_name(client, flow_id) -> str:
     return client.read_flow(flow_id).name
 
 
-def trigger(name: str, param_pairs: list[str], wait: bool = True, poll_s: float = 2.0,
-            say: Callable[[str], None] = lambda _: None, worker_hint_s: float = 15.0):
+def trigger(
+    name: str,
+    param_pairs: list[str],
+    wait: bool = True,
+    poll_s: float = 2.0,
+    say: Callable[[str], None] = lambda _: None,
+    worker_hint_s: float = 15.0,
+):
     """Start a run of deployment ``name`` with ``--param`` pairs; with ``wait``, return it once final.
 
     Returns ``(flow_run, full_name)``. While it waits, each state change is reported through
@@ -142,8 +156,9 @@ def trigger(name: str, param_pairs: list[str], wait: bool = True, poll_s: float 
     deployment = resolve_deployment(name)
     with get_client(sync_client=True) as client:
         full_name = f"{_flow_name(client, deployment.flow_id)}/{deployment.name}"
-    parameters = coerce_parameters(parse_param_pairs(param_pairs), deployment.parameter_openapi_schema or {},
-                                   full_name, deployment.parameters)
+    parameters = coerce_parameters(
+        parse_param_pairs(param_pairs), deployment.parameter_openapi_schema or {}, full_name, deployment.parameters
+    )
     run = run_deployment(deployment.id, parameters=parameters, timeout=0, as_subflow=False)
     say(f"{full_name}: flow run {run.name!r} ({run.id}) {run.state_name}")
     if not wait:
@@ -156,12 +171,19 @@ def trigger(name: str, param_pairs: list[str], wait: bool = True, poll_s: float 
             if run.state_name != last:
                 last = run.state_name
                 say(f"{run.name}: {last}")
-            if (not hinted and run.state and run.state.is_scheduled() and deployment.work_pool_name
-                    and time.monotonic() - started > worker_hint_s):
+            if (
+                not hinted
+                and run.state
+                and run.state.is_scheduled()
+                and deployment.work_pool_name
+                and time.monotonic() - started > worker_hint_s
+            ):
                 hinted = True
                 if not _online_workers(client, deployment.work_pool_name):
-                    say(f"no worker of work pool {deployment.work_pool_name!r} is online; start one with "
-                        f"`embed-factory deploy` or `prefect worker start --pool {deployment.work_pool_name}`")
+                    say(
+                        f"no worker of work pool {deployment.work_pool_name!r} is online; start one with "
+                        f"`embed-factory deploy` or `prefect worker start --pool {deployment.work_pool_name}`"
+                    )
     return run, full_name
 
 
@@ -170,6 +192,7 @@ def _online_workers(client, pool: str) -> list:
 
     try:
         return client.read_workers_for_work_pool(
-            pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+            pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        )
     except Exception:  # the hint is best effort
         return [None]

@@ -9,8 +9,13 @@ from embed_factory.deployments.project import ensure_work_pool
 from ground.settings import Settings
 
 
-def serve_finetune(settings: Settings, parameters: dict[str, Any] | None = None, limit: int = 1,
-                   query_seconds: float | None = None, print_starting_message: bool = True) -> None:
+def serve_finetune(
+    settings: Settings,
+    parameters: dict[str, Any] | None = None,
+    limit: int = 1,
+    query_seconds: float | None = None,
+    print_starting_message: bool = True,
+) -> None:
     """Serve the deployment with its trigger from this process (blocking; Ctrl-C or SIGTERM stops).
 
     ``limit``: fine-tunes at a time (1: one model trains at once, others wait). The Prefect API is
@@ -20,8 +25,12 @@ def serve_finetune(settings: Settings, parameters: dict[str, Any] | None = None,
     from prefect import serve
 
     check_settings(settings)
-    serve(build_deployment(parameters), limit=limit, query_seconds=query_seconds,
-          print_starting_message=print_starting_message)
+    serve(
+        build_deployment(parameters),
+        limit=limit,
+        query_seconds=query_seconds,
+        print_starting_message=print_starting_message,
+    )
 
 
 def start_worker(pool: str, limit: int | None = 1, run_once: bool = False, name: str | None = None) -> None:

@@ -87,8 +87,9 @@ def dedup_key(text: str | None) -> str | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def dropped_table(table: pa.Table, rows: np.ndarray, stage: str, reasons: Sequence[str],
-                  details: Sequence[str]) -> pa.Table:
+def dropped_table(
+    table: pa.Table, rows: np.ndarray, stage: str, reasons: Sequence[str], details: Sequence[str]
+) -> pa.Table:
     """DROPPED_SCHEMA rows for the input positions ``rows`` (in that order)."""
     picked = table.select(["example_id", "run_id", "task_type"]).take(pa.array(rows, type=pa.int64()))
     return pa.table(
@@ -103,8 +104,9 @@ def dropped_table(table: pa.Table, rows: np.ndarray, stage: str, reasons: Sequen
     ).cast(DROPPED_SCHEMA)
 
 
-def _split(table: pa.Table, drop_rows: np.ndarray, stage: str, reasons: Sequence[str],
-           details: Sequence[str]) -> StageResult:
+def _split(
+    table: pa.Table, drop_rows: np.ndarray, stage: str, reasons: Sequence[str], details: Sequence[str]
+) -> StageResult:
     """Kept rows (input order) and the dropped rows, ordered by input position."""
     order = np.argsort(drop_rows, kind="stable")
     drop_rows = np.asarray(drop_rows, dtype=np.int64)[order]
@@ -161,13 +163,15 @@ def exact_dedup(table: pa.Table) -> StageResult:
     Queries first; positives are compared among the rows the query pass kept, so a row is never
     dropped in favour of a row that is itself gone. Runs in DuckDB on the Arrow table.
     """
-    keys = pa.table({
-        "row_idx": pa.array(np.arange(table.num_rows, dtype=np.int64)),
-        "example_id": table.column("example_id"),
-        "task_type": table.column("task_type"),
-        "qn": dedup_keys(table.column("query")),
-        "pn": dedup_keys(table.column("positive")),
-    })
+    keys = pa.table(
+        {
+            "row_idx": pa.array(np.arange(table.num_rows, dtype=np.int64)),
+            "example_id": table.column("example_id"),
+            "task_type": table.column("task_type"),
+            "qn": dedup_keys(table.column("query")),
+            "pn": dedup_keys(table.column("positive")),
+        }
+    )
     doc_types = ", ".join(f"'{t}'" for t in DOC_POSITIVE_TYPES)
     con = duckdb.connect()
     try:
@@ -178,8 +182,9 @@ def exact_dedup(table: pa.Table) -> StageResult:
     rows = np.asarray(found.column("row_idx").to_numpy(), dtype=np.int64)
     reasons = found.column("reason").to_pylist()
     field = {"duplicate_query": "query", "duplicate_positive": "positive"}
-    details = [f"same normalized {field[r]} as {rep}"
-               for r, rep in zip(reasons, found.column("rep").to_pylist())]
+    details = [
+        f"same normalized {field[r]} as {rep}" for r, rep in zip(reasons, found.column("rep").to_pylist(), strict=True)
+    ]
     return _split(table, rows, STAGE_EXACT, reasons, details)
 
 
@@ -261,8 +266,9 @@ def near_clusters(texts: Sequence[str], cfg: CleanSettings) -> list[int]:
     return [find(i) for i in range(n)]
 
 
-def _near_pass(example_ids: list, task_types: list, texts: list, candidates: np.ndarray,
-               cfg: CleanSettings) -> dict[int, int]:
+def _near_pass(
+    example_ids: list, task_types: list, texts: list, candidates: np.ndarray, cfg: CleanSettings
+) -> dict[int, int]:
     """{dropped row: representative row} among ``candidates`` (positions), per task type."""
     dropped: dict[int, int] = {}
     by_type: dict[str, list[int]] = {}
@@ -295,20 +301,20 @@ def near_dedup(table: pa.Table, cfg: CleanSettings) -> StageResult:
 
     alive = np.ones(n, dtype=bool)
     alive[list(q_dropped)] = False
-    is_doc = pc.is_in(table.column("task_type"), value_set=pa.array(NEAR_POSITIVE_TYPES)).to_numpy(
-        zero_copy_only=False)
+    is_doc = pc.is_in(table.column("task_type"), value_set=pa.array(NEAR_POSITIVE_TYPES)).to_numpy(zero_copy_only=False)
     p_candidates = np.flatnonzero(alive & is_doc & (p_len >= NEAR_MIN_CHARS))
     p_texts = pn.to_pylist()
     p_dropped = _near_pass(example_ids, task_types, p_texts, p_candidates, cfg)
 
     rows, reasons, details = [], [], []
-    for dropped, reason, field in ((q_dropped, "near_duplicate_query", "query"),
-                                   (p_dropped, "near_duplicate_positive", "positive")):
+    for dropped, reason, field in (
+        (q_dropped, "near_duplicate_query", "query"),
+        (p_dropped, "near_duplicate_positive", "positive"),
+    ):
         for row, rep in dropped.items():
             rows.append(row)
             reasons.append(reason)
-            details.append(f"{field} near-duplicate of {example_ids[rep]} "
-                           f"(Jaccard >= {cfg.near_dup_threshold:g})")
+            details.append(f"{field} near-duplicate of {example_ids[rep]} (Jaccard >= {cfg.near_dup_threshold:g})")
     return _split(table, np.array(rows, dtype=np.int64), STAGE_NEAR, reasons, details)
 
 

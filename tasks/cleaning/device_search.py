@@ -21,7 +21,7 @@ plus one ``query_chunk × corpus_block`` fp32 score block (1 GiB at the GPU defa
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -56,8 +56,14 @@ def cuda_available() -> bool:
 class TorchExactIndex:
     """Exact inner-product top-N over ``vectors`` (float32 rows) on ``device`` ("cuda", "cuda:1", "cpu")."""
 
-    def __init__(self, vectors: np.ndarray, device: str = "cuda", *, query_chunk: int | None = None,
-                 corpus_block: int | None = None):
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        device: str = "cuda",
+        *,
+        query_chunk: int | None = None,
+        corpus_block: int | None = None,
+    ):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
@@ -79,7 +85,7 @@ class TorchExactIndex:
         return self._host[np.asarray(ids, dtype=np.int64)]
 
     def reconstruct_n(self, start: int, n: int) -> np.ndarray:
-        return self._host[start:start + n].copy()
+        return self._host[start : start + n].copy()
 
     # --- search ---------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +101,10 @@ class TorchExactIndex:
             return scores, ids
         with torch.inference_mode(), _true_fp32(self.device):
             for start in range(0, n, self.query_chunk):
-                q = torch.from_numpy(queries[start:start + self.query_chunk]).to(self.device)
+                q = torch.from_numpy(queries[start : start + self.query_chunk]).to(self.device)
                 s, i = self._search_chunk(q, width)
-                scores[start:start + len(q), :width] = s.cpu().numpy()
-                ids[start:start + len(q), :width] = i.cpu().numpy()
+                scores[start : start + len(q), :width] = s.cpu().numpy()
+                ids[start : start + len(q), :width] = i.cpu().numpy()
         return scores, ids
 
     def _search_chunk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +112,7 @@ class TorchExactIndex:
         best_s = torch.empty((len(q), 0), dtype=torch.float32, device=self.device)
         best_i = torch.empty((len(q), 0), dtype=torch.int64, device=self.device)
         for start in range(0, self.ntotal, self.corpus_block):
-            block = q @ self._x[start:start + self.corpus_block].T
+            block = q @ self._x[start : start + self.corpus_block].T
             s, i = torch.topk(block, min(keep, block.shape[1]), dim=1)
             # candidates in id order (the running best holds only smaller ids), then a stable sort by score
             cand_s, cand_i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i + start], dim=1)

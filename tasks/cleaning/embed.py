@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -36,9 +37,9 @@ import pyarrow.parquet as pq
 from ground import progress
 from ground.compute import bf16_supported, l2_normalize
 from ground.settings import CleanSettings
+from storage.atomic import StorageError, atomic_write_parquet
 from storage.corpus import CleanStore, text_hash
 from storage.location import as_store_path, parquet_source
-from storage.atomic import StorageError, atomic_write_parquet
 from storage.schemas import EMBEDDING_CACHE_SCHEMA
 
 #: texts handed to the embedder per call inside encode_cached (progress granularity; bounds memory)
@@ -75,8 +76,9 @@ class SentenceTransformerEmbedder:
     downloaded. ``bf16`` asks for bf16 autocast, used only where :func:`ground.compute.bf16_supported`.
     """
 
-    def __init__(self, model_path: str | None = None, batch_size: int = 64, bf16: bool = True,
-                 num_threads: int | None = None):
+    def __init__(
+        self, model_path: str | None = None, batch_size: int = 64, bf16: bool = True, num_threads: int | None = None
+    ):
         # No model hub at run time: the default model comes from a PyPI package, others from disk.
         os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
@@ -129,13 +131,20 @@ class SentenceTransformerEmbedder:
 class OpenAIEmbedder:
     """An OpenAI-compatible ``/v1/embeddings`` endpoint (e.g. vLLM serving an embedding model)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str = "EMPTY", batch_size: int = 64,
-                 timeout_s: float = 120.0, max_retries: int = 4, client=None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "EMPTY",
+        batch_size: int = 64,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        client=None,
+    ):
         if client is None:
             from openai import OpenAI
 
-            client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s,
-                            max_retries=max_retries)
+            client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries)
         self.client = client
         self.model = model
         self.batch_size = batch_size
@@ -144,7 +153,7 @@ class OpenAIEmbedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         rows: list[list[float]] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start:start + self.batch_size])
+            batch = list(texts[start : start + self.batch_size])
             response = self.client.embeddings.create(model=self.model, input=batch, encoding_format="float")
             data = sorted(response.data, key=lambda item: item.index)
             if len(data) != len(batch):
@@ -160,8 +169,12 @@ def make_embedder(cfg: CleanSettings) -> Embedder:
     if cfg.embedder == "openai":
         if not cfg.embedding_base_url or not cfg.embedding_model:
             raise ValueError("clean.embedder = 'openai' needs clean.embedding_base_url and clean.embedding_model")
-        return OpenAIEmbedder(cfg.embedding_base_url, cfg.embedding_model,
-                              cfg.embedding_api_key.get_secret_value(), cfg.embedding_batch_size)
+        return OpenAIEmbedder(
+            cfg.embedding_base_url,
+            cfg.embedding_model,
+            cfg.embedding_api_key.get_secret_value(),
+            cfg.embedding_batch_size,
+        )
     return SentenceTransformerEmbedder(cfg.embedding_model, cfg.embedding_batch_size, cfg.bf16)
 
 
@@ -202,8 +215,10 @@ class EmbeddingCache:
         if self.dimension is None:
             self.dimension = int(vectors.shape[1])
         elif vectors.shape[1] != self.dimension:
-            raise StorageError(f"{self.directory}: vectors of dimension {vectors.shape[1]} and {self.dimension} "
-                               "in one cache (different models under one key?)")
+            raise StorageError(
+                f"{self.directory}: vectors of dimension {vectors.shape[1]} and {self.dimension} "
+                "in one cache (different models under one key?)"
+            )
         base = sum(len(b) for b in self._blocks)
         for i, h in enumerate(hashes):
             self._index.setdefault(h, base + i)
@@ -269,8 +284,9 @@ def _vectors_from_arrow(column: pa.ChunkedArray, path: Path) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
-def encode_cached(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache,
-                  chunk_size: int = ENCODE_CHUNK) -> np.ndarray:
+def encode_cached(
+    texts: Sequence[str], embedder: Embedder, cache: EmbeddingCache, chunk_size: int = ENCODE_CHUNK
+) -> np.ndarray:
     """Vectors of ``texts`` in input order, embedding each distinct uncached text once.
 
     Texts are de-duplicated first; only those whose hash the cache lacks go to the embedder (in
@@ -288,7 +304,7 @@ def encode_cached(texts: Sequence[str], embedder: Embedder, cache: EmbeddingCach
         progress.add_total("embed", len(todo))
         blocks = []
         for start in range(0, len(todo), chunk_size):
-            batch = [texts[first[h]] for h in todo[start:start + chunk_size]]
+            batch = [texts[first[h]] for h in todo[start : start + chunk_size]]
             vectors = np.asarray(embedder.encode(batch), dtype=np.float32)
             if vectors.ndim != 2 or len(vectors) != len(batch):
                 raise RuntimeError(f"embedder returned shape {vectors.shape} for {len(batch)} texts")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from tasks.cleaning.exact_search import Bf16ExactIndex
 
 #: bf16 unit roundoff (round to nearest even)
-BF16_U = 2.0 ** -8
+BF16_U = 2.0**-8
 
 
 def pow2_scale(max_abs: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ def _bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
 
 
 def _gamma(d: int) -> float:
-    nu = d * 2.0 ** -24
+    nu = d * 2.0**-24
     return nu / (1.0 - nu)
 
 
@@ -96,9 +96,13 @@ class ChunkScan:
         qhat_norm = np.sqrt(np.einsum("ij,ij->i", qb64, qb64))
         q_resid = np.sqrt(np.einsum("ij,ij->i", resid, resid))
         gamma = _gamma(index.d)
-        self.err = (q_resid * index._xhat_max + q_norm * index._resid_max
-                    + gamma * qhat_norm * index._xhat_max + gamma * q_norm * index._norm_max
-                    + 3 * index.d * 2.0 ** -126) * (1 + 2.0 ** -6)
+        self.err = (
+            q_resid * index._xhat_max
+            + q_norm * index._resid_max
+            + gamma * qhat_norm * index._xhat_max
+            + gamma * q_norm * index._norm_max
+            + 3 * index.d * 2.0**-126
+        ) * (1 + 2.0**-6)
         self.best = np.full((rows, n), -np.inf, dtype=np.float32)  # N largest known distinct-item scores
         self.store: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # candidates: (rows, ids, bf16 bits)
         self.stored = 0
@@ -114,7 +118,7 @@ class ChunkScan:
         with np.errstate(invalid="ignore"):
             a = tau - u * np.abs(tau)
             b = a - 2 * self.err
-            thr = b - u * np.abs(b) - 2.0 ** -120
+            thr = b - u * np.abs(b) - 2.0**-120
         thr = np.where(np.isfinite(tau), thr, -np.inf)
         self.thr_bits = _bf16_floor(thr).view(torch.int16).numpy()
         self.thr_float = _bf16_bits_to_float(self.thr_bits)
@@ -132,7 +136,7 @@ class ChunkScan:
         # 1. tighten the bound with this block: the top n group maxima in int16 order. Each is some
         #    item's score, all items distinct (also from earlier blocks), so the N-th largest (as
         #    floats) of `best` ∪ these is a valid lower bound on τ̃ whatever their signs.
-        top = np.partition(gm, width - n, axis=1)[:, width - n:] if width > n else gm
+        top = np.partition(gm, width - n, axis=1)[:, width - n :] if width > n else gm
         merged = np.concatenate([self.best, _bf16_bits_to_float(top)], axis=1)
         self.best = -np.partition(-merged, n - 1, axis=1)[:, :n]
         self._update_threshold()
@@ -147,7 +151,7 @@ class ChunkScan:
             mask[low] = block.amax(dim=1).float().numpy() >= self.thr_float[low][:, None]
             hits = np.flatnonzero(mask)
         for start in range(0, hits.size, self.hit_slice):  # bounded memory when almost everything passes
-            self._expand(bits, hits[start:start + self.hit_slice], ms, g, width)
+            self._expand(bits, hits[start : start + self.hit_slice], ms, g, width)
             if self.stored > self.index.compact_entries:
                 self._compact()
 
@@ -189,8 +193,11 @@ class ChunkScan:
         self.index.last_stats["compactions"] += 1
         rows, ids, scores = self.index._rescore(self.q, rows, ids)
         if self.exact is not None:
-            rows, ids, scores = (np.concatenate([self.exact[0], rows]), np.concatenate([self.exact[1], ids]),
-                                 np.concatenate([self.exact[2], scores]))
+            rows, ids, scores = (
+                np.concatenate([self.exact[0], rows]),
+                np.concatenate([self.exact[1], ids]),
+                np.concatenate([self.exact[2], scores]),
+            )
         rows, ids, scores, _ = _select_top(rows, ids, scores, self.n)
         self.exact = (rows, ids, scores)
 
@@ -200,8 +207,11 @@ class ChunkScan:
         rows, ids, _ = self._candidates()
         rows, ids, scores = self.index._rescore(self.q, rows, ids)
         if self.exact is not None:
-            rows, ids, scores = (np.concatenate([self.exact[0], rows]), np.concatenate([self.exact[1], ids]),
-                                 np.concatenate([self.exact[2], scores]))
+            rows, ids, scores = (
+                np.concatenate([self.exact[0], rows]),
+                np.concatenate([self.exact[1], ids]),
+                np.concatenate([self.exact[2], scores]),
+            )
         rows, ids, scores, pos = _select_top(rows, ids, scores, n)
         if np.bincount(rows, minlength=self.rows).min() != n:  # pragma: no cover - would break the bound
             raise RuntimeError("bf16 screen lost candidates (outside its error bound); please report")

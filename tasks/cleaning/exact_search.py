@@ -138,8 +138,16 @@ class Bf16ExactIndex:
     metric_type = 0  # faiss.METRIC_INNER_PRODUCT
     is_trained = True
 
-    def __init__(self, vectors: np.ndarray, *, groups: int = GROUPS, score_block_bytes: int = SCORE_BLOCK_BYTES,
-                 query_chunk: int = QUERY_CHUNK, compact_entries: int = COMPACT_ENTRIES, overlap: bool = True) -> None:
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        *,
+        groups: int = GROUPS,
+        score_block_bytes: int = SCORE_BLOCK_BYTES,
+        query_chunk: int = QUERY_CHUNK,
+        compact_entries: int = COMPACT_ENTRIES,
+        overlap: bool = True,
+    ) -> None:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-d array of vectors, got shape {x.shape}")
@@ -158,15 +166,15 @@ class Bf16ExactIndex:
         self._xb = torch.empty((self.ntotal, self.d), dtype=torch.bfloat16)
         squares = np.zeros(3)  # max squared norms of x̂, x̂ - x, x (scaled)
         for start in range(0, self.ntotal, _BUILD_CHUNK):
-            xs = x[start:start + _BUILD_CHUNK] * np.float32(self._x_scale)  # exact: a power of two
+            xs = x[start : start + _BUILD_CHUNK] * np.float32(self._x_scale)  # exact: a power of two
             xb = torch.from_numpy(xs).to(torch.bfloat16)
-            self._xb[start:start + _BUILD_CHUNK] = xb
+            self._xb[start : start + _BUILD_CHUNK] = xb
             xb = xb.float().numpy()
             resid = xb - xs  # exact in fp32
             for slot, v in enumerate((xb, resid, xs)):
                 squares[slot] = max(squares[slot], float(np.einsum("ij,ij->i", v, v).max()))
         # fp32 sums of d squares (each <= 1): relative error <= (d + 2)·2^-24, underflow <= d·2^-126
-        bounds = np.sqrt(squares * (1 + (self.d + 2) * 2.0 ** -24) + self.d * 2.0 ** -126)
+        bounds = np.sqrt(squares * (1 + (self.d + 2) * 2.0**-24) + self.d * 2.0**-126)
         self._xhat_max, self._resid_max, self._norm_max = (float(b) for b in bounds)
         self.last_stats: dict[str, int] = {}
 
@@ -178,7 +186,7 @@ class Bf16ExactIndex:
         return self._x[np.asarray(ids, dtype=np.int64)]
 
     def reconstruct_n(self, start: int, n: int) -> np.ndarray:
-        return self._x[int(start):int(start) + int(n)].copy()
+        return self._x[int(start) : int(start) + int(n)].copy()
 
     # --- search ---------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,11 +212,11 @@ class Bf16ExactIndex:
             pending: Future | None = None
             finishing: list[tuple[Future, np.ndarray]] = []
             for start in range(0, n, self.query_chunk):
-                chunk = q[start:start + self.query_chunk]
+                chunk = q[start : start + self.query_chunk]
                 zero = ~chunk.any(axis=1)
                 if zero.any():  # every score is exactly 0: the first ids
-                    scores[start:start + len(chunk)][zero, :width] = 0.0
-                    ids[start:start + len(chunk)][zero, :width] = np.arange(width)
+                    scores[start : start + len(chunk)][zero, :width] = 0.0
+                    ids[start : start + len(chunk)][zero, :width] = np.arange(width)
                 live = np.flatnonzero(~zero)
                 if not len(live):
                     continue
@@ -217,8 +225,11 @@ class Bf16ExactIndex:
                     block = scan.qb @ self._xb[ms:me].t()  # (rows, me - ms) bf16
                     if pending is not None:
                         pending.result()
-                    pending = worker.submit(_in_inference_mode, scan.scan_block, block, ms, g) if self.overlap \
+                    pending = (
+                        worker.submit(_in_inference_mode, scan.scan_block, block, ms, g)
+                        if self.overlap
                         else _done(scan.scan_block(block, ms, g))
+                    )
                     del block
                 pending = worker.submit(_in_inference_mode, scan.finish) if self.overlap else _done(scan.finish())
                 finishing.append((pending, start + live))
@@ -263,9 +274,14 @@ class Bf16ExactIndex:
         np.cumsum(np.bincount(rows, minlength=nrows), out=crow[1:])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(ids),
-                                              torch.zeros(total, dtype=torch.float32),
-                                              size=(nrows, self.ntotal), check_invariants=False)
-            scores = torch.sparse.sampled_addmm(pattern, torch.from_numpy(q), self._xt.t(),
-                                                beta=0.0, alpha=1.0).values()
+            pattern = torch.sparse_csr_tensor(
+                torch.from_numpy(crow),
+                torch.from_numpy(ids),
+                torch.zeros(total, dtype=torch.float32),
+                size=(nrows, self.ntotal),
+                check_invariants=False,
+            )
+            scores = torch.sparse.sampled_addmm(
+                pattern, torch.from_numpy(q), self._xt.t(), beta=0.0, alpha=1.0
+            ).values()
         return rows, ids, scores.numpy().copy()

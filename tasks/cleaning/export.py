@@ -40,10 +40,11 @@ import json
 import logging
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -57,6 +58,7 @@ SPLITS = ("train", "heldout")
 LICENSE = "cc-by-nc-sa-4.0"  # Persona Hub (proj-persona/PersonaHub) is CC-BY-NC-SA-4.0; the data inherits it
 REQUIRED_COLUMNS = ("example_id", "task_type", "instruction", "query", "positive")
 BATCH_ROWS = 8192
+
 
 class ExportError(RuntimeError):
     """The input table cannot be exported (the message says why)."""
@@ -124,7 +126,7 @@ def select_negatives(positive: str, generated: str | None, hard: Iterable[str | 
 
 
 def _hash_key(seed: int, example_id: str) -> bytes:
-    return hashlib.blake2b(f"{seed}\x1f{example_id}".encode("utf-8"), digest_size=8).digest()
+    return hashlib.blake2b(f"{seed}\x1f{example_id}".encode(), digest_size=8).digest()
 
 
 def heldout_quota(rows: int, fraction: float) -> int:
@@ -177,8 +179,18 @@ def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportR
     offset = 0
     with ExportWriter(out_dir, SPLITS, cap) as export:
         for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-            cols = {name: _column(batch, name) for name in
-                    ("example_id", "task_type", "instruction", "query", "positive", "negative", "hard_negatives")}
+            cols = {
+                name: _column(batch, name)
+                for name in (
+                    "example_id",
+                    "task_type",
+                    "instruction",
+                    "query",
+                    "positive",
+                    "negative",
+                    "hard_negatives",
+                )
+            }
             kalm_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
             st_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
             for i in range(batch.num_rows):
@@ -227,8 +239,13 @@ _TASK_CATEGORIES = {
 
 
 def _size_category(rows: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
         if rows < limit:
             return name
     return "10M<n<100M"
@@ -323,8 +340,13 @@ def write_dataset_card(out_dir: Path, result: ExportResult, meta: dict[str, Any]
         held = result.counts.get("heldout", {}).get(task_type, 0)
         lines.append(f"| {_md_cell(task_type)} | {train} | {held} | {train + held} |")
     lines.append(f"| **total** | **{result.rows('train')}** | **{result.rows('heldout')}** | **{total}** |")
-    example = {"query": "Instruct: <instruction>\nQuery: <query>", "pos": ["<positive>"],
-               "neg": ["<negative>", "..."], "task_name": "<task type>", "example_id": "<run>:<shard>-<n>"}
+    example = {
+        "query": "Instruct: <instruction>\nQuery: <query>",
+        "pos": ["<positive>"],
+        "neg": ["<negative>", "..."],
+        "task_name": "<task type>",
+        "example_id": "<run>:<shard>-<n>",
+    }
     lines += [
         "",
         "## Files and format",
@@ -356,7 +378,7 @@ def write_dataset_card(out_dir: Path, result: ExportResult, meta: dict[str, Any]
     ]
     if meta.get("settings"):
         lines += ["", "## Settings", "", "```json", json.dumps(meta["settings"], indent=2, default=str), "```"]
-    lines += ["", f"_Card written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}._", ""]
+    lines += ["", f"_Card written {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}._", ""]
     path = out_dir / "README.md"
     atomic_write_bytes(path, ("\n".join(front) + "\n\n" + "\n".join(lines)).encode("utf-8"))
     return path
@@ -412,7 +434,7 @@ def publish_dataset(export_dir: Path, target: str, token: Any = None) -> str:
     if not (export_dir / "README.md").exists():
         raise PublishError(f"{export_dir}: no README.md dataset card; write it with write_dataset_card first")
     if _is_local(target):
-        dest = Path(target[len("file://"):] if target.startswith("file://") else target).resolve()
+        dest = Path(target[len("file://") :] if target.startswith("file://") else target).resolve()
         if dest == export_dir.resolve():
             raise PublishError(f"{dest}: the target is the export folder itself")
         _copy_local(export_dir, dest)

@@ -31,7 +31,7 @@ Everything but the text normalisation is vectorised over rows in chunks (550k qu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,21 +65,27 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _text_groups(corpus_texts: Sequence[str], query_texts: Sequence[str | None] | None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def _text_groups(
+    corpus_texts: Sequence[str], query_texts: Sequence[str | None] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Integer ids of normalized texts: one per corpus item, and per query (-3 when not in the corpus)."""
     groups: dict[str, int] = {}
-    corpus_group = np.fromiter((groups.setdefault(normalize_text(t), len(groups)) for t in corpus_texts),
-                               dtype=np.int64, count=len(corpus_texts))
+    corpus_group = np.fromiter(
+        (groups.setdefault(normalize_text(t), len(groups)) for t in corpus_texts),
+        dtype=np.int64,
+        count=len(corpus_texts),
+    )
     if query_texts is None:
         return corpus_group, None
-    query_group = np.fromiter((groups.get(normalize_text(t), -3) for t in query_texts),
-                              dtype=np.int64, count=len(query_texts))
+    query_group = np.fromiter(
+        (groups.get(normalize_text(t), -3) for t in query_texts), dtype=np.int64, count=len(query_texts)
+    )
     return corpus_group, query_group
 
 
-def _positive_scores(table: pa.Table, search_ids: np.ndarray, search_scores: np.ndarray,
-                     positive_idx: np.ndarray) -> np.ndarray:
+def _positive_scores(
+    table: pa.Table, search_ids: np.ndarray, search_scores: np.ndarray, positive_idx: np.ndarray
+) -> np.ndarray:
     """The positive's score per row: the filter's ``positive_score`` column, else from the results.
 
     Where neither knows it, NaN: the margin test then rejects every candidate of the row.
@@ -110,11 +116,19 @@ def _drop_repeats(groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
     return usable & ~repeat
 
 
-def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: np.ndarray,
-                        corpus_texts: Sequence[str], corpus_vecs: np.ndarray, positive_idx: np.ndarray,
-                        cfg: CleanSettings, query_texts: Sequence[str | None] | None = None,
-                        positive_scores: np.ndarray | None = None,
-                        near_dup_cosine: float = NEAR_DUP_COSINE, chunk_rows: int = CHUNK_ROWS) -> StageResult:
+def mine_hard_negatives(
+    table: pa.Table,
+    search_ids: np.ndarray,
+    search_scores: np.ndarray,
+    corpus_texts: Sequence[str],
+    corpus_vecs: np.ndarray,
+    positive_idx: np.ndarray,
+    cfg: CleanSettings,
+    query_texts: Sequence[str | None] | None = None,
+    positive_scores: np.ndarray | None = None,
+    near_dup_cosine: float = NEAR_DUP_COSINE,
+    chunk_rows: int = CHUNK_ROWS,
+) -> StageResult:
     """Add ``hard_negatives`` / ``hard_negative_scores`` to each row of ``table`` (see module doc).
 
     ``search_ids`` / ``search_scores`` (rows × N, best first) and ``positive_idx`` are aligned with
@@ -127,10 +141,16 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
     search_scores = np.asarray(search_scores, dtype=np.float32)
     positive_idx = np.asarray(positive_idx, dtype=np.int64)
     corpus_vecs = np.asarray(corpus_vecs, dtype=np.float32)
-    if search_ids.ndim != 2 or search_ids.shape != search_scores.shape or len(search_ids) != n \
-            or len(positive_idx) != n:
-        raise ValueError(f"{n} rows, search results of shape {search_ids.shape}/{search_scores.shape}, "
-                         f"{len(positive_idx)} positive ids: they must align")
+    if (
+        search_ids.ndim != 2
+        or search_ids.shape != search_scores.shape
+        or len(search_ids) != n
+        or len(positive_idx) != n
+    ):
+        raise ValueError(
+            f"{n} rows, search results of shape {search_ids.shape}/{search_scores.shape}, "
+            f"{len(positive_idx)} positive ids: they must align"
+        )
     if len(corpus_texts) != len(corpus_vecs):
         raise ValueError(f"{len(corpus_texts)} corpus texts but {len(corpus_vecs)} corpus vectors")
     if query_texts is None and "query" in table.column_names:
@@ -149,8 +169,11 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
         pos_group = corpus_group[positive_idx]
         margin = cfg.negative_margin
         if margin is not None:
-            pos_score_all = (np.asarray(positive_scores, dtype=np.float32) if positive_scores is not None
-                             else _positive_scores(table, search_ids, search_scores, positive_idx))
+            pos_score_all = (
+                np.asarray(positive_scores, dtype=np.float32)
+                if positive_scores is not None
+                else _positive_scores(table, search_ids, search_scores, positive_idx)
+            )
         if cfg.negative_mode == "sample":
             ids = table.column("example_id").to_pylist() if "example_id" in table.column_names else range(n)
             row_seeds = np.fromiter((stable_seed(cfg.seed, str(e)) for e in ids), dtype=np.uint64, count=n)
@@ -195,11 +218,11 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
 
     uniq, inverse = np.unique(flat_ids, return_inverse=True)
     texts = pa.array([corpus_texts[i] for i in uniq.tolist()], type=pa.string()).take(
-        pa.array(inverse.reshape(-1), type=pa.int64()))
+        pa.array(inverse.reshape(-1), type=pa.int64())
+    )
     (neg_name, neg_type), (score_name, score_type) = MINED_COLUMNS
     negatives = pa.ListArray.from_arrays(pa.array(offsets), texts, type=neg_type)
-    neg_scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, type=pa.float32()),
-                                          type=score_type)
+    neg_scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, type=pa.float32()), type=score_type)
 
     kept = table.take(pa.array(kept_rows, type=pa.int64()))
     for name, _ in MINED_COLUMNS:
@@ -209,8 +232,10 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
     kept = kept.append_column(pa.field(score_name, score_type), neg_scores)
 
     dropped_rows = np.flatnonzero(~keep)
-    detail = (f"no usable candidate at ranks {lo + 1}-{hi} ({width} searched; positive, query, "
-              f"near-duplicates{', margin' if cfg.negative_margin is not None else ''} excluded)")
+    detail = (
+        f"no usable candidate at ranks {lo + 1}-{hi} ({width} searched; positive, query, "
+        f"near-duplicates{', margin' if cfg.negative_margin is not None else ''} excluded)"
+    )
 
     def col(name: str) -> list:
         if name in table.column_names:
@@ -219,9 +244,15 @@ def mine_hard_negatives(table: pa.Table, search_ids: np.ndarray, search_scores: 
 
     dropped = StageResult.dropped_rows(
         [
-            {"example_id": e, "run_id": r, "task_type": t, "stage": "negatives", "reason": "no_hard_negatives",
-             "detail": detail}
-            for e, r, t in zip(col("example_id"), col("run_id"), col("task_type"))
+            {
+                "example_id": e,
+                "run_id": r,
+                "task_type": t,
+                "stage": "negatives",
+                "reason": "no_hard_negatives",
+                "detail": detail,
+            }
+            for e, r, t in zip(col("example_id"), col("run_id"), col("task_type"), strict=True)
         ]
     )
     return StageResult(kept=kept, dropped=dropped)
@@ -231,6 +262,13 @@ def filter_and_mine(table: pa.Table, vectors: RankingVectors, cfg: CleanSettings
     """The rank filter, then mining on its one search restricted to the rows it kept: (filtered, mined)."""
     index = build_index(vectors.corpus_vecs, cfg)
     filtered, search = rank_filter(table, vectors.query_vecs, vectors.corpus_vecs, vectors.positive_idx, cfg, index)
-    mined = mine_hard_negatives(filtered.kept, search.ids, search.scores, vectors.corpus_texts, vectors.corpus_vecs,
-                                vectors.positive_idx[search.rows], cfg)
+    mined = mine_hard_negatives(
+        filtered.kept,
+        search.ids,
+        search.scores,
+        vectors.corpus_texts,
+        vectors.corpus_vecs,
+        vectors.positive_idx[search.rows],
+        cfg,
+    )
     return filtered, mined

@@ -24,17 +24,17 @@ The search is done once, for ``N = max(cfg.rank_top_k, cfg.negative_rank_max)`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
+from ground.compute import bf16_supported
 from ground.settings import CleanSettings
 from storage.corpus import StageResult
 from storage.schemas import FILTER_COLUMNS
-from ground.compute import bf16_supported
 from tasks.cleaning.device_search import TorchExactIndex, cuda_available
 from tasks.cleaning.exact_search import Bf16ExactIndex
 
@@ -123,9 +123,9 @@ def search(index: Index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH)
     if k == 0 or n == 0:
         return ids, scores
     for start in range(0, n, batch):
-        s, i = index.search(queries[start:start + batch], k)
-        scores[start:start + batch] = s
-        ids[start:start + batch] = i
+        s, i = index.search(queries[start : start + batch], k)
+        scores[start : start + batch] = s
+        ids[start : start + batch] = i
     return ids, scores
 
 
@@ -136,19 +136,21 @@ def _reconstruct(index: Index, ids: np.ndarray) -> np.ndarray:
         return np.stack([index.reconstruct(int(i)) for i in ids])
 
 
-def exact_positive_scores(query_vecs: np.ndarray, corpus_vecs: np.ndarray, positive_idx: np.ndarray,
-                          batch: int = 65536) -> np.ndarray:
+def exact_positive_scores(
+    query_vecs: np.ndarray, corpus_vecs: np.ndarray, positive_idx: np.ndarray, batch: int = 65536
+) -> np.ndarray:
     """``dot(query, corpus[positive])`` per row, float32."""
     out = np.empty(len(query_vecs), dtype=np.float32)
     for start in range(0, len(query_vecs), batch):
-        q = query_vecs[start:start + batch]
-        p = corpus_vecs[positive_idx[start:start + batch]]
-        out[start:start + batch] = np.einsum("ij,ij->i", q, p)
+        q = query_vecs[start : start + batch]
+        p = corpus_vecs[positive_idx[start : start + batch]]
+        out[start : start + batch] = np.einsum("ij,ij->i", q, p)
     return out
 
 
-def ranks_from_results(ids: np.ndarray, scores: np.ndarray, positive_idx: np.ndarray,
-                       exact_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ranks_from_results(
+    ids: np.ndarray, scores: np.ndarray, positive_idx: np.ndarray, exact_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Positive ranks (1-based; ``width + 1`` when more than ``width`` items beat it) and scores.
 
     ``exact_scores`` is ``dot(q, corpus[pos])``; where the positive is among the results, the
@@ -170,8 +172,9 @@ def ranks_from_results(ids: np.ndarray, scores: np.ndarray, positive_idx: np.nda
     return ranks, np.asarray(exact_scores, dtype=np.float32)
 
 
-def positive_ranks(index: Index, query_vecs: np.ndarray, positive_idx: np.ndarray, k: int,
-                   corpus_vecs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def positive_ranks(
+    index: Index, query_vecs: np.ndarray, positive_idx: np.ndarray, k: int, corpus_vecs: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rank (int32, 1-based; ``k + 1`` when beyond the top ``k``) and exact score of each query's positive.
 
     The score is ``dot(q, corpus[pos])`` whether or not the positive is in the top ``k``; the
@@ -213,8 +216,14 @@ def _column_or_none(table: pa.Table, name: str, rows: np.ndarray) -> list:
     return [None] * len(rows)
 
 
-def rank_filter(table: pa.Table, query_vecs: np.ndarray, corpus_vecs: np.ndarray, positive_idx: np.ndarray,
-                cfg: CleanSettings, index: Index | None = None) -> tuple[StageResult, SearchResults]:
+def rank_filter(
+    table: pa.Table,
+    query_vecs: np.ndarray,
+    corpus_vecs: np.ndarray,
+    positive_idx: np.ndarray,
+    cfg: CleanSettings,
+    index: Index | None = None,
+) -> tuple[StageResult, SearchResults]:
     """Keep rows whose positive ranks within ``cfg.rank_top_k``; return the stage result and the search.
 
     ``query_vecs[i]`` is row i's instructed query vector, ``positive_idx[i]`` the corpus id of its
@@ -250,16 +259,26 @@ def rank_filter(table: pa.Table, query_vecs: np.ndarray, corpus_vecs: np.ndarray
     kept = kept.append_column(pa.field(score_name, score_type), pa.array(pos_scores[kept_rows], type=score_type))
 
     details = []
-    for r, s in zip(ranks[dropped_rows].tolist(), pos_scores[dropped_rows].tolist()):
+    for r, s in zip(ranks[dropped_rows].tolist(), pos_scores[dropped_rows].tolist(), strict=True):
         where = f"positive rank {r}" if r <= width else f"positive rank > {width}"
         details.append(f"{where} > k={k} (score {s:.4f})")
     dropped = StageResult.dropped_rows(
         [
-            {"example_id": e, "run_id": run, "task_type": t, "stage": "rank_filter",
-             "reason": "positive_not_in_top_k", "detail": d}
-            for e, run, t, d in zip(_column_or_none(table, "example_id", dropped_rows),
-                                    _column_or_none(table, "run_id", dropped_rows),
-                                    _column_or_none(table, "task_type", dropped_rows), details)
+            {
+                "example_id": e,
+                "run_id": run,
+                "task_type": t,
+                "stage": "rank_filter",
+                "reason": "positive_not_in_top_k",
+                "detail": d,
+            }
+            for e, run, t, d in zip(
+                _column_or_none(table, "example_id", dropped_rows),
+                _column_or_none(table, "run_id", dropped_rows),
+                _column_or_none(table, "task_type", dropped_rows),
+                details,
+                strict=False,
+            )
         ]
     )
     results = SearchResults(ids[kept_rows], scores[kept_rows], kept_rows.astype(np.int64))

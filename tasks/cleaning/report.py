@@ -59,14 +59,15 @@ def render_report(catalog: Catalog, clean_id: str | None = None) -> str:
     """The report page as a string."""
     with catalog.session():  # one read-only connection for all the queries
         d = ReportData(catalog, clean_id)
-        body = [f'<section id="{anchor}"><h2>{esc(title)}</h2>{build(d)}</section>'
-                for anchor, title, build in SECTIONS]
+        body = [
+            f'<section id="{anchor}"><h2>{esc(title)}</h2>{build(d)}</section>' for anchor, title, build in SECTIONS
+        ]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     subtitle = f"clean run {d.clean_id}" if d.clean_id else "generation only (no clean run yet)"
     nav = "".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title, _ in SECTIONS)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>embed-factory report: {esc(subtitle)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>embed-factory corpus report</h1><p>{esc(subtitle)} · data {esc(catalog.data_dir)} · "
         f"generated at {esc(now)}</p></header><nav>{nav}</nav><main>{''.join(body)}"

@@ -77,10 +77,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: Sequ
     """An HTML table; every cell is escaped, numbers right-aligned."""
     if not rows:
         return empty("No rows.")
-    numeric = [all(isinstance(r[i], (int, float, Decimal)) or r[i] is None for r in rows) and
-               any(r[i] is not None for r in rows) for i in range(len(headers))]
-    head = "".join(f'<th class="num">{esc(h)}</th>' if numeric[i] else f"<th>{esc(h)}</th>"
-                   for i, h in enumerate(headers))
+    numeric = [
+        all(isinstance(r[i], (int, float, Decimal)) or r[i] is None for r in rows)
+        and any(r[i] is not None for r in rows)
+        for i in range(len(headers))
+    ]
+    head = "".join(
+        f'<th class="num">{esc(h)}</th>' if numeric[i] else f"<th>{esc(h)}</th>" for i, h in enumerate(headers)
+    )
     body = []
     for row in rows:
         cells = []
@@ -93,7 +97,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: Sequ
 
 def kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
     """A two-column table without a header: key, value (escaped)."""
-    body = "".join(f"<tr><th>{esc(k)}</th><td class=\"text\">{esc(fmt(v))}</td></tr>" for k, v in pairs)
+    body = "".join(f'<tr><th>{esc(k)}</th><td class="text">{esc(fmt(v))}</td></tr>' for k, v in pairs)
     return f"<table><tbody>{body}</tbody></table>"
 
 

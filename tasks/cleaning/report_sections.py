@@ -30,39 +30,54 @@ def overview_section(d: ReportData) -> str:
     generated = d.run_rows("SELECT count(*) AS n FROM raw WHERE {runs}")[0]["n"]
     rejects = d.run_rows("SELECT count(*) AS n FROM rejects WHERE {runs}")[0]["n"]
     instructions = d.run_rows("SELECT count(*) AS n FROM instructions WHERE {runs}")[0]["n"]
-    cards = [("runs", len(d.runs)), ("unique instructions", instructions), ("generated examples", generated),
-             ("rejected requests", rejects)]
+    cards = [
+        ("runs", len(d.runs)),
+        ("unique instructions", instructions),
+        ("generated examples", generated),
+        ("rejected requests", rejects),
+    ]
     for stage in STAGES[1:]:
         if stage in d.stage_counts:
             cards.append((stage, d.stage_counts[stage]))
     out = ['<div class="cards">']
-    out += [f'<div class="card"><div class="v">{esc(fmt(v))}</div><div class="k">{esc(k)}</div></div>'
-            for k, v in cards]
+    out += [
+        f'<div class="card"><div class="v">{esc(fmt(v))}</div><div class="k">{esc(k)}</div></div>' for k, v in cards
+    ]
     out.append("</div>")
-    facts = [("generation runs", ", ".join(d.runs) or "none"),
-             ("clean run", d.clean_id or "none yet"),
-             ("clean runs in the project", ", ".join(d.clean_ids) or "none")]
+    facts = [
+        ("generation runs", ", ".join(d.runs) or "none"),
+        ("clean run", d.clean_id or "none yet"),
+        ("clean runs in the project", ", ".join(d.clean_ids) or "none"),
+    ]
     out.append(kv_table(facts))
-    models = d.run_rows("SELECT model, task_type, prompt_version, count(*) AS examples FROM raw WHERE {runs} "
-                        "GROUP BY ALL")
+    models = d.run_rows(
+        "SELECT model, task_type, prompt_version, count(*) AS examples FROM raw WHERE {runs} GROUP BY ALL"
+    )
     if models:
         order = {t: i for i, t in enumerate(type_order([r["task_type"] for r in models]))}
         models.sort(key=lambda r: (str(r["model"]), order[r["task_type"]], str(r["prompt_version"])))
         out.append("<h3>Models and prompt versions</h3>")
-        out.append(table(["model", "task type", "prompt version", "examples"],
-                         [(r["model"], r["task_type"], r["prompt_version"], r["examples"]) for r in models],
-                         text_cols=(0,)))
+        out.append(
+            table(
+                ["model", "task type", "prompt version", "examples"],
+                [(r["model"], r["task_type"], r["prompt_version"], r["examples"]) for r in models],
+                text_cols=(0,),
+            )
+        )
     return "".join(out)
 
 
 def funnel_section(d: ReportData) -> str:
     per_stage: dict[str, dict[str, int]] = {}
-    per_stage["generated"] = {r["t"]: r["n"] for r in d.run_rows(
-        "SELECT task_type AS t, count(*) AS n FROM raw WHERE {runs} GROUP BY 1")}
+    per_stage["generated"] = {
+        r["t"]: r["n"] for r in d.run_rows("SELECT task_type AS t, count(*) AS n FROM raw WHERE {runs} GROUP BY 1")
+    }
     if d.clean_id is not None:
         for stage in STAGES[1:]:
-            per_stage[stage] = {r["t"]: r["n"] for r in d.clean_rows(
-                f"SELECT task_type AS t, count(*) AS n FROM {stage} WHERE {{clean}} GROUP BY 1")}
+            per_stage[stage] = {
+                r["t"]: r["n"]
+                for r in d.clean_rows(f"SELECT task_type AS t, count(*) AS n FROM {stage} WHERE {{clean}} GROUP BY 1")
+            }
     if not any(per_stage.values()):
         return empty("No generated examples yet.")
     stages = ["generated"] + [s for s in STAGES[1:] if d.stage_counts.get(s)]
@@ -89,8 +104,9 @@ def funnel_section(d: ReportData) -> str:
     width = 0.8 / len(stages)
     for j, stage in enumerate(stages):
         xs = [i + (j - (len(stages) - 1) / 2) * width for i in range(len(types))]
-        ax.bar(xs, [per_stage.get(stage, {}).get(t, 0) for t in types], width, label=stage,
-               color=PALETTE[j % len(PALETTE)])
+        ax.bar(
+            xs, [per_stage.get(stage, {}).get(t, 0) for t in types], width, label=stage, color=PALETTE[j % len(PALETTE)]
+        )
     ax.set_xticks(range(len(types)), types)
     ax.set_ylabel("rows")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -104,8 +120,10 @@ def funnel_section(d: ReportData) -> str:
 def drops_section(d: ReportData) -> str:
     if d.clean_id is None:
         return empty("No cleaning run yet, so nothing was dropped.")
-    rows = d.clean_rows("SELECT stage, reason, count(*) AS n, any_value(detail) AS detail FROM dropped "
-                        "WHERE {clean} GROUP BY stage, reason ORDER BY n DESC")
+    rows = d.clean_rows(
+        "SELECT stage, reason, count(*) AS n, any_value(detail) AS detail FROM dropped "
+        "WHERE {clean} GROUP BY stage, reason ORDER BY n DESC"
+    )
     if not rows:
         return empty("No dropped rows recorded for this clean run.")
     by_type = d.clean_rows("SELECT stage, task_type, count(*) AS n FROM dropped WHERE {clean} GROUP BY ALL")
@@ -118,8 +136,13 @@ def drops_section(d: ReportData) -> str:
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="x", alpha=0.3)
     out.append(img(fig, "drop reasons"))
-    out.append(table(["stage", "reason", "rows", "example detail"],
-                     [(r["stage"], r["reason"], r["n"], r["detail"]) for r in rows], text_cols=(3,)))
+    out.append(
+        table(
+            ["stage", "reason", "rows", "example detail"],
+            [(r["stage"], r["reason"], r["n"], r["detail"]) for r in rows],
+            text_cols=(3,),
+        )
+    )
     if by_type:
         stages = sorted({r["stage"] for r in by_type})
         types = type_order([r["task_type"] for r in by_type if r["task_type"]])
@@ -134,11 +157,13 @@ def ranks_section(d: ReportData) -> str:
         return empty("No ranking-consistency filter output yet.")
     values = d.clean_rows(
         "SELECT task_type, positive_rank AS r FROM (SELECT task_type, positive_rank FROM filtered "
-        "WHERE {clean} AND positive_rank IS NOT NULL) " + SAMPLE_CLAUSE)
+        "WHERE {clean} AND positive_rank IS NOT NULL) " + SAMPLE_CLAUSE
+    )
     summary = d.clean_rows(
         "SELECT task_type, count(*) AS n, min(positive_rank) AS lo, median(positive_rank) AS med, "
         "avg(positive_rank) AS mean, quantile_cont(positive_rank, 0.9) AS p90, max(positive_rank) AS hi, "
-        "avg(positive_score) AS score FROM filtered WHERE {clean} GROUP BY 1")
+        "avg(positive_score) AS score FROM filtered WHERE {clean} GROUP BY 1"
+    )
     out = []
     ranks = [r["r"] for r in values]
     if ranks:
@@ -157,26 +182,50 @@ def ranks_section(d: ReportData) -> str:
         out.append(img(fig, "positive rank histogram"))
     order = {t: i for i, t in enumerate(type_order([r["task_type"] for r in summary]))}
     summary.sort(key=lambda r: order[r["task_type"]])
-    out.append(table(["task type", "rows", "min", "median", "mean", "p90", "max", "mean positive score"],
-                     [(r["task_type"], r["n"], r["lo"], float(r["med"]) if r["med"] is not None else None,
-                       r["mean"], r["p90"], r["hi"], r["score"]) for r in summary]))
+    out.append(
+        table(
+            ["task type", "rows", "min", "median", "mean", "p90", "max", "mean positive score"],
+            [
+                (
+                    r["task_type"],
+                    r["n"],
+                    r["lo"],
+                    float(r["med"]) if r["med"] is not None else None,
+                    r["mean"],
+                    r["p90"],
+                    r["hi"],
+                    r["score"],
+                )
+                for r in summary
+            ],
+        )
+    )
     return "".join(out)
 
 
 def negatives_section(d: ReportData) -> str:
     if not d.stage_counts.get("mined"):
         return empty("No hard-negative mining output yet.")
-    pos = [r["s"] for r in d.clean_rows(
-        "SELECT positive_score AS s FROM (SELECT positive_score FROM mined WHERE {clean} AND positive_score "
-        "IS NOT NULL) " + SAMPLE_CLAUSE)]
-    neg = [r["s"] for r in d.clean_rows(
-        "SELECT s FROM (SELECT unnest(hard_negative_scores) AS s FROM mined WHERE {clean}) WHERE s IS NOT NULL "
-        "" + SAMPLE_CLAUSE)]
+    pos = [
+        r["s"]
+        for r in d.clean_rows(
+            "SELECT positive_score AS s FROM (SELECT positive_score FROM mined WHERE {clean} AND positive_score "
+            "IS NOT NULL) " + SAMPLE_CLAUSE
+        )
+    ]
+    neg = [
+        r["s"]
+        for r in d.clean_rows(
+            "SELECT s FROM (SELECT unnest(hard_negative_scores) AS s FROM mined WHERE {clean}) WHERE s IS NOT NULL "
+            "" + SAMPLE_CLAUSE
+        )
+    ]
     summary = d.clean_rows(
         "SELECT task_type, count(*) AS n, avg(len(coalesce(hard_negatives, []))) AS k, "
         "count(*) FILTER (WHERE len(coalesce(hard_negatives, [])) = 0) AS none, avg(positive_score) AS pos, "
         "avg(list_avg(hard_negative_scores)) AS neg, avg(positive_score - list_max(hard_negative_scores)) AS gap "
-        "FROM mined WHERE {clean} GROUP BY 1")
+        "FROM mined WHERE {clean} GROUP BY 1"
+    )
     out = []
     if pos or neg:
         fig, ax = figure(10, 3.4)
@@ -184,8 +233,7 @@ def negatives_section(d: ReportData) -> str:
         hi = max(pos + neg)
         bins = [lo + (hi - lo) * i / 40 for i in range(41)] if hi > lo else 10
         if neg:
-            ax.hist(neg, bins=bins, alpha=0.6, density=True, label=f"hard negatives (n={len(neg):,})",
-                    color=PALETTE[3])
+            ax.hist(neg, bins=bins, alpha=0.6, density=True, label=f"hard negatives (n={len(neg):,})", color=PALETTE[3])
         if pos:
             ax.hist(pos, bins=bins, alpha=0.6, density=True, label=f"positives (n={len(pos):,})", color=PALETTE[2])
         ax.set_xlabel("similarity to the query")
@@ -196,9 +244,20 @@ def negatives_section(d: ReportData) -> str:
         out.append(img(fig, "negative score distribution"))
     order = {t: i for i, t in enumerate(type_order([r["task_type"] for r in summary]))}
     summary.sort(key=lambda r: order[r["task_type"]])
-    out.append(table(["task type", "rows", "hard negatives / row", "rows without", "mean positive score",
-                      "mean negative score", "mean gap (positive − best negative)"],
-                     [(r["task_type"], r["n"], r["k"], r["none"], r["pos"], r["neg"], r["gap"]) for r in summary]))
+    out.append(
+        table(
+            [
+                "task type",
+                "rows",
+                "hard negatives / row",
+                "rows without",
+                "mean positive score",
+                "mean negative score",
+                "mean gap (positive − best negative)",
+            ],
+            [(r["task_type"], r["n"], r["k"], r["none"], r["pos"], r["neg"], r["gap"]) for r in summary],
+        )
+    )
     return "".join(out)
 
 
@@ -208,12 +267,14 @@ def lengths_section(d: ReportData) -> str:
         values = d.run_rows(
             "SELECT task_type, length(query) AS q, length(positive) AS p FROM raw WHERE {runs} "
             "QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n",
-            {"n": SAMPLE_ROWS // 6})
+            {"n": SAMPLE_ROWS // 6},
+        )
     else:
         values = d.clean_rows(
             f"SELECT task_type, length(query) AS q, length(positive) AS p FROM {source} WHERE {{clean}} "
             "QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n",
-            {"n": SAMPLE_ROWS // 6})
+            {"n": SAMPLE_ROWS // 6},
+        )
     if not values:
         return empty("No examples yet.")
     types = type_order([r["task_type"] for r in values])
@@ -254,7 +315,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
     unique: set[tuple[str, ...]] = set()
     for text in texts:
         tokens = _TOKEN.findall((text or "").lower())
-        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else None
@@ -262,19 +323,31 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
 
 def diversity_section(d: ReportData) -> str:
     out = []
-    inst = d.run_rows("SELECT task_type, count(*) AS n, count(DISTINCT lower(trim(instruction))) AS u, "
-                      "count(DISTINCT persona_id) AS p FROM instructions WHERE {runs} GROUP BY 1")
+    inst = d.run_rows(
+        "SELECT task_type, count(*) AS n, count(DISTINCT lower(trim(instruction))) AS u, "
+        "count(DISTINCT persona_id) AS p FROM instructions WHERE {runs} GROUP BY 1"
+    )
     source = d.last_stage or "raw"
     if source == "raw":
-        used = d.run_rows("SELECT task_type, count(*) AS n, count(DISTINCT instruction) AS i, "
-                          "count(DISTINCT persona_id) AS p FROM raw WHERE {runs} GROUP BY 1")
-        texts = d.run_rows("SELECT task_type, query, positive FROM raw WHERE {runs} QUALIFY row_number() "
-                           "OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n", {"n": DIVERSITY_SAMPLE})
+        used = d.run_rows(
+            "SELECT task_type, count(*) AS n, count(DISTINCT instruction) AS i, "
+            "count(DISTINCT persona_id) AS p FROM raw WHERE {runs} GROUP BY 1"
+        )
+        texts = d.run_rows(
+            "SELECT task_type, query, positive FROM raw WHERE {runs} QUALIFY row_number() "
+            "OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n",
+            {"n": DIVERSITY_SAMPLE},
+        )
     else:
-        used = d.clean_rows(f"SELECT task_type, count(*) AS n, count(DISTINCT instruction) AS i, "
-                            f"count(DISTINCT persona_id) AS p FROM {source} WHERE {{clean}} GROUP BY 1")
-        texts = d.clean_rows(f"SELECT task_type, query, positive FROM {source} WHERE {{clean}} QUALIFY row_number() "
-                             "OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n", {"n": DIVERSITY_SAMPLE})
+        used = d.clean_rows(
+            f"SELECT task_type, count(*) AS n, count(DISTINCT instruction) AS i, "
+            f"count(DISTINCT persona_id) AS p FROM {source} WHERE {{clean}} GROUP BY 1"
+        )
+        texts = d.clean_rows(
+            f"SELECT task_type, query, positive FROM {source} WHERE {{clean}} QUALIFY row_number() "
+            "OVER (PARTITION BY task_type ORDER BY hash(example_id)) <= $n",
+            {"n": DIVERSITY_SAMPLE},
+        )
     if not inst and not used:
         return empty("No instructions or examples yet.")
     inst_by = {r["task_type"]: r for r in inst}
@@ -285,32 +358,77 @@ def diversity_section(d: ReportData) -> str:
         q = [r["query"] for r in texts if r["task_type"] == t]
         p = [r["positive"] for r in texts if r["task_type"] == t]
         i, u = inst_by.get(t, {}), used_by.get(t, {})
-        rows.append([t, i.get("n"), i.get("p"), u.get("n"), u.get("i"), u.get("p"),
-                     distinct_n(q, 1), distinct_n(q, 2), distinct_n(p, 1), distinct_n(p, 2)])
-    out.append(note(f"Instructions: the unique-instruction table of the runs. Examples: the {source} table. "
-                    f"distinct-n = unique n-grams / n-grams over up to {DIVERSITY_SAMPLE:,} texts per task type "
-                    "(distinct-1 is the type/token ratio; it falls as the sample grows)."))
-    out.append(table(["task type", "unique instructions", "personas (brainstorm)", "examples",
-                      "instructions used", "personas used", "query distinct-1", "query distinct-2",
-                      "positive distinct-1", "positive distinct-2"], rows))
-    totals = d.run_rows("SELECT count(DISTINCT instruction) AS i, count(DISTINCT persona_id) AS p "
-                        "FROM instructions WHERE {runs}")[0]
-    out.append(note(f"All task types: {totals['i']:,} unique instructions brainstormed by {totals['p']:,} "
-                    "distinct personas."))
-    top = d.run_rows("SELECT persona, count(*) AS n, count(DISTINCT task_type) AS types FROM instructions "
-                     "WHERE {runs} AND persona IS NOT NULL GROUP BY persona ORDER BY n DESC, persona LIMIT 10")
+        rows.append(
+            [
+                t,
+                i.get("n"),
+                i.get("p"),
+                u.get("n"),
+                u.get("i"),
+                u.get("p"),
+                distinct_n(q, 1),
+                distinct_n(q, 2),
+                distinct_n(p, 1),
+                distinct_n(p, 2),
+            ]
+        )
+    out.append(
+        note(
+            f"Instructions: the unique-instruction table of the runs. Examples: the {source} table. "
+            f"distinct-n = unique n-grams / n-grams over up to {DIVERSITY_SAMPLE:,} texts per task type "
+            "(distinct-1 is the type/token ratio; it falls as the sample grows)."
+        )
+    )
+    out.append(
+        table(
+            [
+                "task type",
+                "unique instructions",
+                "personas (brainstorm)",
+                "examples",
+                "instructions used",
+                "personas used",
+                "query distinct-1",
+                "query distinct-2",
+                "positive distinct-1",
+                "positive distinct-2",
+            ],
+            rows,
+        )
+    )
+    totals = d.run_rows(
+        "SELECT count(DISTINCT instruction) AS i, count(DISTINCT persona_id) AS p FROM instructions WHERE {runs}"
+    )[0]
+    out.append(
+        note(f"All task types: {totals['i']:,} unique instructions brainstormed by {totals['p']:,} distinct personas.")
+    )
+    top = d.run_rows(
+        "SELECT persona, count(*) AS n, count(DISTINCT task_type) AS types FROM instructions "
+        "WHERE {runs} AND persona IS NOT NULL GROUP BY persona ORDER BY n DESC, persona LIMIT 10"
+    )
     if top:
         out.append("<h3>Most productive personas (instructions brainstormed)</h3>")
-        out.append(table(["persona", "instructions", "task types"],
-                         [(r["persona"], r["n"], r["types"]) for r in top], text_cols=(0,)))
+        out.append(
+            table(
+                ["persona", "instructions", "task types"],
+                [(r["persona"], r["n"], r["types"]) for r in top],
+                text_cols=(0,),
+            )
+        )
     top_inst = (d.run_rows if source == "raw" else d.clean_rows)(
         f"SELECT instruction, task_type, count(*) AS n FROM {source} WHERE "
         f"{'{runs}' if source == 'raw' else '{clean}'} GROUP BY ALL HAVING count(*) > 1 "
-        "ORDER BY n DESC, instruction LIMIT 8")
+        "ORDER BY n DESC, instruction LIMIT 8"
+    )
     if top_inst:
         out.append("<h3>Most repeated instructions in the examples</h3>")
-        out.append(table(["instruction", "task type", "examples"],
-                         [(r["instruction"], r["task_type"], r["n"]) for r in top_inst], text_cols=(0,)))
+        out.append(
+            table(
+                ["instruction", "task type", "examples"],
+                [(r["instruction"], r["task_type"], r["n"]) for r in top_inst],
+                text_cols=(0,),
+            )
+        )
     return "".join(out)
 
 
@@ -321,64 +439,113 @@ def generation_section(d: ReportData) -> str:
         "sum(completion_tokens)::BIGINT AS ct, avg(completion_tokens) AS act, avg(latency_s) AS lat, "
         "quantile_cont(latency_s, 0.5) AS p50, quantile_cont(latency_s, 0.95) AS p95, "
         "count(*) FILTER (WHERE finish_reason IS DISTINCT FROM 'stop') AS notstop "
-        "FROM raw WHERE {runs} GROUP BY 1")
-    rejects = d.run_rows("SELECT stage, reason, count(*) AS n FROM rejects WHERE {runs} GROUP BY ALL "
-                         "ORDER BY n DESC")
-    brainstorm = d.run_rows("SELECT count(*) AS n, sum(prompt_tokens)::BIGINT AS pt, "
-                            "sum(completion_tokens)::BIGINT AS ct, "
-                            "avg(latency_s) AS lat FROM brainstorm WHERE {runs}")[0]
+        "FROM raw WHERE {runs} GROUP BY 1"
+    )
+    rejects = d.run_rows("SELECT stage, reason, count(*) AS n FROM rejects WHERE {runs} GROUP BY ALL ORDER BY n DESC")
+    brainstorm = d.run_rows(
+        "SELECT count(*) AS n, sum(prompt_tokens)::BIGINT AS pt, "
+        "sum(completion_tokens)::BIGINT AS ct, "
+        "avg(latency_s) AS lat FROM brainstorm WHERE {runs}"
+    )[0]
     if not stats and not rejects and not brainstorm["n"]:
         return empty("No generation data yet.")
     if stats:
         order = {t: i for i, t in enumerate(type_order([r["task_type"] for r in stats]))}
         stats.sort(key=lambda r: order[r["task_type"]])
         out.append("<h3>Examples</h3>")
-        out.append(table(
-            ["task type", "examples", "mean attempts", "prompt tokens", "completion tokens",
-             "completion tokens / example", "latency mean s", "latency p50 s", "latency p95 s", "finish ≠ stop"],
-            [(r["task_type"], r["n"], r["att"], r["pt"], r["ct"], r["act"], r["lat"], r["p50"], r["p95"],
-              r["notstop"]) for r in stats]))
+        out.append(
+            table(
+                [
+                    "task type",
+                    "examples",
+                    "mean attempts",
+                    "prompt tokens",
+                    "completion tokens",
+                    "completion tokens / example",
+                    "latency mean s",
+                    "latency p50 s",
+                    "latency p95 s",
+                    "finish ≠ stop",
+                ],
+                [
+                    (
+                        r["task_type"],
+                        r["n"],
+                        r["att"],
+                        r["pt"],
+                        r["ct"],
+                        r["act"],
+                        r["lat"],
+                        r["p50"],
+                        r["p95"],
+                        r["notstop"],
+                    )
+                    for r in stats
+                ],
+            )
+        )
         latencies = d.run_rows(
             "SELECT task_type, latency_s AS l FROM (SELECT task_type, latency_s FROM raw WHERE {runs} "
-            "AND latency_s IS NOT NULL) " + SAMPLE_CLAUSE)
+            "AND latency_s IS NOT NULL) " + SAMPLE_CLAUSE
+        )
         if latencies:
             fig, axes = figure(11, 3.4, ncols=2)
             types = type_order([r["task_type"] for r in latencies])
-            axes[0].hist([[r["l"] for r in latencies if r["task_type"] == t] for t in types], bins=30, stacked=True,
-                         label=types, color=[type_color(t) for t in types])
+            axes[0].hist(
+                [[r["l"] for r in latencies if r["task_type"] == t] for t in types],
+                bins=30,
+                stacked=True,
+                label=types,
+                color=[type_color(t) for t in types],
+            )
             axes[0].set_xlabel("request latency (s)")
             axes[0].set_ylabel("examples")
             axes[0].set_title("Latency per example")
             axes[0].legend(fontsize=8, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
             axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
             style_axes(axes[0])
-            axes[1].bar([r["task_type"] for r in stats], [r["act"] or 0 for r in stats],
-                        color=[type_color(r["task_type"]) for r in stats])
+            axes[1].bar(
+                [r["task_type"] for r in stats],
+                [r["act"] or 0 for r in stats],
+                color=[type_color(r["task_type"]) for r in stats],
+            )
             axes[1].set_title("Completion tokens per example")
             axes[1].tick_params(axis="x", labelrotation=20)
             style_axes(axes[1])
             out.append(img(fig, "generation latency and tokens"))
     if brainstorm["n"]:
         out.append("<h3>Brainstorm</h3>")
-        out.append(table(["brainstormed instructions", "prompt tokens", "completion tokens", "mean latency s"],
-                         [(brainstorm["n"], brainstorm["pt"], brainstorm["ct"], brainstorm["lat"])]))
+        out.append(
+            table(
+                ["brainstormed instructions", "prompt tokens", "completion tokens", "mean latency s"],
+                [(brainstorm["n"], brainstorm["pt"], brainstorm["ct"], brainstorm["lat"])],
+            )
+        )
     out.append("<h3>Rejected requests</h3>")
     if not rejects:
         out.append(empty("No rejected requests."))
     else:
         fig, ax = figure(10, max(2.0, 0.34 * len(rejects) + 1.0))
-        ax.barh([f"{r['stage']}: {r['reason']}" for r in rejects][::-1], [r["n"] for r in rejects][::-1],
-                color=PALETTE[1])
+        ax.barh(
+            [f"{r['stage']}: {r['reason']}" for r in rejects][::-1], [r["n"] for r in rejects][::-1], color=PALETTE[1]
+        )
         ax.set_xlabel("requests")
         ax.set_title("Reject reasons")
         ax.spines[["top", "right"]].set_visible(False)
         out.append(img(fig, "reject reasons"))
         out.append(table(["stage", "reason", "requests"], [(r["stage"], r["reason"], r["n"]) for r in rejects]))
-        samples = d.run_rows("SELECT stage, task_type, reason, left(raw_text, 240) AS text FROM rejects "
-                             "WHERE {runs} ORDER BY hash(example_id) LIMIT 5")
+        samples = d.run_rows(
+            "SELECT stage, task_type, reason, left(raw_text, 240) AS text FROM rejects "
+            "WHERE {runs} ORDER BY hash(example_id) LIMIT 5"
+        )
         out.append("<h3>Sample rejects</h3>")
-        out.append(table(["stage", "task type", "reason", "model output (first 240 chars)"],
-                         [(r["stage"], r["task_type"], r["reason"], r["text"]) for r in samples], text_cols=(3,)))
+        out.append(
+            table(
+                ["stage", "task type", "reason", "model output (first 240 chars)"],
+                [(r["stage"], r["task_type"], r["reason"], r["text"]) for r in samples],
+                text_cols=(3,),
+            )
+        )
     finish = d.run_rows("SELECT finish_reason, count(*) AS n FROM raw WHERE {runs} GROUP BY 1 ORDER BY n DESC")
     if finish:
         out.append("<h3>Finish reasons</h3>")

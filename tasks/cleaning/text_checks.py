@@ -36,12 +36,40 @@ LANGUAGE_SAMPLE_CHARS = 300  # py3langid walks bytes in Python: identify on the 
 
 #: language names used by prompts/task_types.py (and a few more) -> ISO 639-1
 LANGUAGE_CODES: dict[str, str] = {
-    "english": "en", "chinese": "zh", "spanish": "es", "french": "fr", "german": "de", "japanese": "ja",
-    "russian": "ru", "portuguese": "pt", "italian": "it", "korean": "ko", "arabic": "ar", "hindi": "hi",
-    "dutch": "nl", "polish": "pl", "turkish": "tr", "vietnamese": "vi", "indonesian": "id", "swedish": "sv",
-    "czech": "cs", "danish": "da", "finnish": "fi", "greek": "el", "hebrew": "he", "hungarian": "hu",
-    "norwegian": "no", "persian": "fa", "romanian": "ro", "thai": "th", "ukrainian": "uk", "malay": "ms",
-    "bengali": "bn", "urdu": "ur", "tamil": "ta", "catalan": "ca",
+    "english": "en",
+    "chinese": "zh",
+    "spanish": "es",
+    "french": "fr",
+    "german": "de",
+    "japanese": "ja",
+    "russian": "ru",
+    "portuguese": "pt",
+    "italian": "it",
+    "korean": "ko",
+    "arabic": "ar",
+    "hindi": "hi",
+    "dutch": "nl",
+    "polish": "pl",
+    "turkish": "tr",
+    "vietnamese": "vi",
+    "indonesian": "id",
+    "swedish": "sv",
+    "czech": "cs",
+    "danish": "da",
+    "finnish": "fi",
+    "greek": "el",
+    "hebrew": "he",
+    "hungarian": "hu",
+    "norwegian": "no",
+    "persian": "fa",
+    "romanian": "ro",
+    "thai": "th",
+    "ukrainian": "uk",
+    "malay": "ms",
+    "bengali": "bn",
+    "urdu": "ur",
+    "tamil": "ta",
+    "catalan": "ca",
 }
 #: py3langid's "no linguistic content" (URLs, numbers, code): not a language, so never a mismatch
 NO_LANGUAGE = frozenset({"zxx", "und"})
@@ -169,8 +197,7 @@ def detect_language(text: str) -> tuple[str, float]:
     return lang, float(prob)
 
 
-def language_mismatch_detail(text: str | None, requested: str | None, field: str,
-                             min_chars: int) -> str | None:
+def language_mismatch_detail(text: str | None, requested: str | None, field: str, min_chars: int) -> str | None:
     """Detail when ``text`` is confidently in another language than ``requested`` (a prompt name)."""
     code = language_code(requested)
     if code is None or text is None or len(text.strip()) < min_chars:

@@ -140,17 +140,24 @@ def degenerate_screen(texts: pa.ChunkedArray, live: np.ndarray) -> tuple[np.ndar
     at least DEGENERATE_MIN_CHARS characters with a letter or digit; 1.0 elsewhere)."""
     classes = python_text_classes()
     text = pl.col("text").str.strip_chars(classes.whitespace)
-    frame = pl.from_arrow(pa.table({"text": texts})).select(
-        length=text.str.len_chars().fill_null(0),
-        n_bytes=text.str.len_bytes().fill_null(0),
-        alnum=text.str.contains(classes.alnum).fill_null(False),
-        # distinct characters of a prefix: as many as the whole text has, at most
-        distinct=text.str.slice(0, DISTINCT_PREFIX_CHARS).str.split("")
-        .list.set_difference(pl.lit(list(DISTINCT_IGNORED))).list.len().fill_null(0),
-        tokens=python_tokens(text.str.replace_many(classes.fold_from, classes.fold_to)),
-    ).with_columns(
-        n_tokens=pl.col("tokens").list.len().fill_null(0),
-        top_token=pl.col("tokens").list.eval(pl.element().unique_counts().max()).list.first(),
+    frame = (
+        pl.from_arrow(pa.table({"text": texts}))
+        .select(
+            length=text.str.len_chars().fill_null(0),
+            n_bytes=text.str.len_bytes().fill_null(0),
+            alnum=text.str.contains(classes.alnum).fill_null(False),
+            # distinct characters of a prefix: as many as the whole text has, at most
+            distinct=text.str.slice(0, DISTINCT_PREFIX_CHARS)
+            .str.split("")
+            .list.set_difference(pl.lit(list(DISTINCT_IGNORED)))
+            .list.len()
+            .fill_null(0),
+            tokens=python_tokens(text.str.replace_many(classes.fold_from, classes.fold_to)),
+        )
+        .with_columns(
+            n_tokens=pl.col("tokens").list.len().fill_null(0),
+            top_token=pl.col("tokens").list.eval(pl.element().unique_counts().max()).list.first(),
+        )
     )
     length, alnum = frame["length"].to_numpy(), frame["alnum"].to_numpy()
     present = live & (length > 0)
@@ -164,8 +171,10 @@ def degenerate_screen(texts: pa.ChunkedArray, live: np.ndarray) -> tuple[np.ndar
     flagged |= long & (n_tokens >= REPEAT_MIN_TOKENS) & (top_token >= MAX_TOP_TOKEN_SHARE * n_tokens)
     # zlib has no vectorised form: compress the live long texts that nothing else flagged
     rows = np.flatnonzero(long & ~flagged & (frame["n_bytes"].to_numpy() >= ZLIB_MIN_BYTES))
-    flagged[rows] = [zlib_ratio(text.strip().encode("utf-8")) > MAX_ZLIB_RATIO
-                     for text in texts.take(pa.array(rows, type=pa.int64())).to_pylist()]
+    flagged[rows] = [
+        zlib_ratio(text.strip().encode("utf-8")) > MAX_ZLIB_RATIO
+        for text in texts.take(pa.array(rows, type=pa.int64())).to_pylist()
+    ]
     return flagged, ratio
 
 
@@ -177,16 +186,23 @@ def instruction_leak_screen(instruction_n: pa.Array, query_n: pa.Array, positive
     """
     other_whitespace = python_text_classes().other_whitespace
     padded = {name: pl.lit(" ") + pl.col(name).fill_null("") + pl.lit(" ") for name in ("i", "q", "p")}
-    frame = pl.from_arrow(pa.table({"i": instruction_n, "q": query_n, "p": positive_n})).select(
-        inside=(pl.col("i").str.len_chars() >= LEAK_MIN_CHARS)
-        & (padded["q"].str.contains(padded["i"], literal=True) | padded["p"].str.contains(padded["i"], literal=True)),
-        odd_space=pl.col("q").str.contains(other_whitespace) | pl.col("i").str.contains(other_whitespace),
-        q_tokens=pl.col("q").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
-        i_tokens=pl.col("i").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
-    ).select(
-        pl.col("inside").fill_null(False) | pl.col("odd_space").fill_null(False),
-        shared=pl.col("q_tokens").list.set_intersection(pl.col("i_tokens")).list.len(),
-        q_count=pl.col("q_tokens").list.len(),
+    frame = (
+        pl.from_arrow(pa.table({"i": instruction_n, "q": query_n, "p": positive_n}))
+        .select(
+            inside=(pl.col("i").str.len_chars() >= LEAK_MIN_CHARS)
+            & (
+                padded["q"].str.contains(padded["i"], literal=True)
+                | padded["p"].str.contains(padded["i"], literal=True)
+            ),
+            odd_space=pl.col("q").str.contains(other_whitespace) | pl.col("i").str.contains(other_whitespace),
+            q_tokens=pl.col("q").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
+            i_tokens=pl.col("i").fill_null("").str.split(" ").list.set_difference(pl.lit([""])),
+        )
+        .select(
+            pl.col("inside").fill_null(False) | pl.col("odd_space").fill_null(False),
+            shared=pl.col("q_tokens").list.set_intersection(pl.col("i_tokens")).list.len(),
+            q_count=pl.col("q_tokens").list.len(),
+        )
     )
     shared, q_count = frame["shared"].to_numpy(), frame["q_count"].to_numpy()
     share = np.divide(shared, q_count, out=np.zeros(len(q_count)), where=q_count > 0)  # as Python divides
@@ -253,23 +269,30 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
     # 1. presence
     v.flag(~present["query"], "empty_query", lambda i: "query is missing or blank")
     v.flag(~present["positive"], "empty_positive", lambda i: "positive is missing or blank")
-    v.flag(is_neg_type & ~present["negative"], "missing_negative",
-           lambda i: f"{types[i]} needs a negative")
+    v.flag(is_neg_type & ~present["negative"], "missing_negative", lambda i: f"{types[i]} needs a negative")
 
     # 2. length bounds
     label_max = min(cfg.max_query_chars, LABEL_MAX_CHARS)
     bounds = {
-        "query": (np.where(is_doc_query, cfg.min_doc_chars, cfg.min_query_chars),
-                  np.where(is_doc_query, cfg.max_doc_chars, cfg.max_query_chars)),
+        "query": (
+            np.where(is_doc_query, cfg.min_doc_chars, cfg.min_query_chars),
+            np.where(is_doc_query, cfg.max_doc_chars, cfg.max_query_chars),
+        ),
         "positive": (np.where(is_label, 1, cfg.min_doc_chars), np.where(is_label, label_max, cfg.max_doc_chars)),
         "negative": (np.where(is_label, 1, cfg.min_doc_chars), np.where(is_label, label_max, cfg.max_doc_chars)),
     }
     for name, (lo, hi) in bounds.items():
         ln = length[name]
-        v.flag(present[name] & (ln < lo), f"{name}_too_short",
-               lambda i, name=name, ln=ln, lo=lo: f"{name} has {ln[i]} chars (min {lo[i]})")
-        v.flag(present[name] & (ln > hi), f"{name}_too_long",
-               lambda i, name=name, ln=ln, hi=hi: f"{name} has {ln[i]} chars (max {hi[i]})")
+        v.flag(
+            present[name] & (ln < lo),
+            f"{name}_too_short",
+            lambda i, name=name, ln=ln, lo=lo: f"{name} has {ln[i]} chars (min {lo[i]})",
+        )
+        v.flag(
+            present[name] & (ln > hi),
+            f"{name}_too_long",
+            lambda i, name=name, ln=ln, hi=hi: f"{name} has {ln[i]} chars (max {hi[i]})",
+        )
 
     # 3. degenerate text: screened per column, confirmed (and described) per flagged row, fields in order
     maybe_degenerate = np.zeros(n, dtype=bool)
@@ -292,8 +315,10 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
     # 4. equal fields after normalization (live rows only)
     live = np.flatnonzero(v.alive)
     norm = {name: _normalized(col, live) for name, col in fields.items()}
-    for reason, a, b in (("positive_equals_query", "positive", "query"),
-                         ("positive_equals_negative", "positive", "negative")):
+    for reason, a, b in (
+        ("positive_equals_query", "positive", "query"),
+        ("positive_equals_negative", "positive", "negative"),
+    ):
         same = np.zeros(n, dtype=bool)
         same[live] = _np(pc.fill_null(pc.equal(norm[a], norm[b]), False))
         v.flag(same, reason, lambda i, a=a, b=b: f"{a} equals the {b} (normalized)")
@@ -304,11 +329,15 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
     maybe_leak[live] = instruction_leak_screen(instruction_n, norm["query"], norm["positive"])
     position = np.full(n, -1)
     position[live] = np.arange(len(live))
-    v.check_each("instruction_leak",
-                 lambda i: instruction_leak_detail(instruction_n[position[i]].as_py(),
-                                                   norm["query"][position[i]].as_py() or "",
-                                                   norm["positive"][position[i]].as_py() or ""),
-                 screened=maybe_leak)
+    v.check_each(
+        "instruction_leak",
+        lambda i: instruction_leak_detail(
+            instruction_n[position[i]].as_py(),
+            norm["query"][position[i]].as_py() or "",
+            norm["positive"][position[i]].as_py() or "",
+        ),
+        screened=maybe_leak,
+    )
 
     # 6. language (py3langid, per live row)
     if cfg.check_language:
@@ -318,13 +347,14 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
 
         def mismatch(i: int) -> str | None:
             want_q, want_p = _requested_languages(placeholders[i].as_py(), types[i])
-            return (language_mismatch_detail(texts["query"][i], want_q, "query", cfg.language_min_chars)
-                    or language_mismatch_detail(texts["positive"][i], want_p, "positive",
-                                                cfg.language_min_chars))
+            return language_mismatch_detail(
+                texts["query"][i], want_q, "query", cfg.language_min_chars
+            ) or language_mismatch_detail(texts["positive"][i], want_p, "positive", cfg.language_min_chars)
 
         v.check_each("language_mismatch", mismatch)
 
     dropped_idx = np.flatnonzero(~v.alive)  # input order
-    dropped = dropped_table(table, dropped_idx, STAGE, [v.reason[int(i)] for i in dropped_idx],
-                            [v.detail[int(i)] for i in dropped_idx])
+    dropped = dropped_table(
+        table, dropped_idx, STAGE, [v.reason[int(i)] for i in dropped_idx], [v.detail[int(i)] for i in dropped_idx]
+    )
     return StageResult(kept=table.filter(pa.array(v.alive)), dropped=dropped)

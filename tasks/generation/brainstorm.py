@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import pyarrow as pa
 from prefect import task
@@ -20,13 +20,13 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from ground import progress
 from ground.seeding import stable_seed
+from llm.client import LLMClient, RequestFailed, Sampling
 from personas.sampling import PersonaSampler
 from personas.sources import Persona
 from prompts.render import render_brainstorm
 from prompts.task_types import get_task_type
 from storage.schemas import INSTRUCTION_SCHEMA
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
-from llm.client import LLMClient, RequestFailed, Sampling
 
 #: brainstorm answers overlap; ask for this much more than the deficit
 OVERSHOOT = 1.5
@@ -74,8 +74,9 @@ def plan_round(
         for i in range(math.ceil(deficit * OVERSHOOT / per_request)):
             request_id = f"b{round_idx:03d}-{task_type}-{i:06d}"
             requests.append(
-                BrainstormRequest(request_id, task_type, sampler.draw(request_id), per_request,
-                                  seed=stable_seed(seed, request_id))
+                BrainstormRequest(
+                    request_id, task_type, sampler.draw(request_id), per_request, seed=stable_seed(seed, request_id)
+                )
             )
     return [
         BrainstormShard(f"b{round_idx:03d}-{k:05d}", tuple(requests[start : start + shard_size]))
@@ -103,12 +104,24 @@ async def run_brainstorm_shard(
     created = now_utc()
     for request, prompt, outcome in await asyncio.gather(*(one(r) for r in shard.requests)):
         if isinstance(outcome, RequestFailed):
-            rejects.append(reject_row(
-                example_id=f"{store.run_id}:{request.request_id}", run_id=store.run_id, shard_id=shard.shard_id,
-                stage="brainstorm", task_type=request.task_type, instruction=None,
-                persona_id=request.persona.persona_id, prompt_version=prompt.prompt_version, model=client.model,
-                attempts=outcome.attempts, reason=outcome.reason, finish_reason=outcome.finish_reason,
-                raw_text=outcome.text, created_at=created))
+            rejects.append(
+                reject_row(
+                    example_id=f"{store.run_id}:{request.request_id}",
+                    run_id=store.run_id,
+                    shard_id=shard.shard_id,
+                    stage="brainstorm",
+                    task_type=request.task_type,
+                    instruction=None,
+                    persona_id=request.persona.persona_id,
+                    prompt_version=prompt.prompt_version,
+                    model=client.model,
+                    attempts=outcome.attempts,
+                    reason=outcome.reason,
+                    finish_reason=outcome.finish_reason,
+                    raw_text=outcome.text,
+                    created_at=created,
+                )
+            )
             continue
         for instruction in outcome.parsed["tasks"]:
             rows.append(
@@ -170,6 +183,8 @@ def deficits(instructions: pa.Table, targets: Mapping[str, int]) -> dict[str, in
 # --- thin Prefect wrapper: one task run per shard (hundreds of requests), never per request ---
 
 brainstorm_shard_task = task(
-    run_brainstorm_shard, name="brainstorm-shard", cache_policy=NO_CACHE,
+    run_brainstorm_shard,
+    name="brainstorm-shard",
+    cache_policy=NO_CACHE,
     task_run_name="brainstorm-{shard.shard_id}",
 )

@@ -7,14 +7,14 @@ personas; new ones (by normalized-text id) join the pool. Deterministic given th
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from ground import progress
 from ground.seeding import stable_seed
+from llm.client import LLMClient, RequestFailed, Sampling
 from personas.sources import Persona, make_persona
 from prompts.render import RenderedPrompt
 from prompts.schemas import object_schema, string_field
-from llm.client import LLMClient, RequestFailed, Sampling
 
 EXPANSION_TEMPLATE = (
     "Who is in close relationship with the given persona? Write {n} new personas, each a single "
@@ -45,10 +45,11 @@ async def expand_personas(
     for round_idx in range(rounds):
         progress.add_total("personas", len(frontier))
 
-        async def one(persona: Persona) -> list[str]:
+        async def one(persona: Persona, round_idx: int = round_idx) -> list[str]:  # bound per round
             try:
                 result = await client.complete_json(
-                    expansion_prompt(persona, per_persona), sampling,
+                    expansion_prompt(persona, per_persona),
+                    sampling,
                     stable_seed(seed, f"expand-{round_idx}-{persona.persona_id}"),
                 )
             except RequestFailed:

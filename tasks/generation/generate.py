@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 from prefect import task
@@ -19,11 +20,11 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from ground import progress
 from ground.seeding import rng_for, stable_seed
+from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.placeholders import Choice
 from prompts.render import render_example
 from prompts.task_types import check_placeholder_overrides, get_task_type
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
-from llm.client import LLMClient, RequestFailed, Sampling
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ def plan_examples(
     ``placeholder_overrides[type][name]`` replaces that placeholder's distribution (uniform values).
     """
     check_placeholder_overrides(placeholder_overrides or {})
-    overrides = {t: {name: Choice(values) for name, values in names.items()}
-                 for t, names in (placeholder_overrides or {}).items()}
+    overrides = {
+        t: {name: Choice(values) for name, values in names.items()}
+        for t, names in (placeholder_overrides or {}).items()
+    }
     by_type: dict[str, list[dict]] = {}
     for row in instructions.to_pylist():
         by_type.setdefault(row["task_type"], []).append(row)
@@ -102,8 +105,16 @@ def plan_examples(
     ]
 
 
-def _example_row(store: RunStore, shard_id: str, request: ExampleRequest, client: LLMClient,
-                 sampling: Sampling, prompt_version: str, outcome, created) -> dict[str, Any]:
+def _example_row(
+    store: RunStore,
+    shard_id: str,
+    request: ExampleRequest,
+    client: LLMClient,
+    sampling: Sampling,
+    prompt_version: str,
+    outcome,
+    created,
+) -> dict[str, Any]:
     spec = get_task_type(request.task_type)
     query_key, pos_key, neg_key = spec.field_map
     parsed = outcome.parsed
@@ -152,11 +163,24 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
     created = now_utc()
     for request, version, outcome in await asyncio.gather(*(one(r) for r in shard.requests)):
         if isinstance(outcome, RequestFailed):
-            rejects.append(reject_row(
-                example_id=request.example_id, run_id=store.run_id, shard_id=shard.shard_id, stage="generate",
-                task_type=request.task_type, instruction=request.instruction, persona_id=request.persona_id,
-                prompt_version=version, model=client.model, attempts=outcome.attempts, reason=outcome.reason,
-                finish_reason=outcome.finish_reason, raw_text=outcome.text, created_at=created))
+            rejects.append(
+                reject_row(
+                    example_id=request.example_id,
+                    run_id=store.run_id,
+                    shard_id=shard.shard_id,
+                    stage="generate",
+                    task_type=request.task_type,
+                    instruction=request.instruction,
+                    persona_id=request.persona_id,
+                    prompt_version=version,
+                    model=client.model,
+                    attempts=outcome.attempts,
+                    reason=outcome.reason,
+                    finish_reason=outcome.finish_reason,
+                    raw_text=outcome.text,
+                    created_at=created,
+                )
+            )
         else:
             rows.append(_example_row(store, shard.shard_id, request, client, sampling, version, outcome, created))
     return store.write_shard("examples", shard.shard_id, rows, rejects)
@@ -172,6 +196,8 @@ def count_by_type(table: pa.Table) -> dict[str, int]:
 # --- thin Prefect wrapper: one task run per shard (hundreds of requests), never per request ---
 
 example_shard_task = task(
-    run_example_shard, name="generate-shard", cache_policy=NO_CACHE,
+    run_example_shard,
+    name="generate-shard",
+    cache_policy=NO_CACHE,
     task_run_name="generate-{shard.shard_id}",
 )

@@ -62,8 +62,14 @@ class Brainstormed:
         return f"unique instructions short of target after {self.max_rounds} rounds: {self.short}"
 
 
-async def run_shards(shard_task: ShardTask, store: RunStore, shards: Sequence, client: LLMClient, sampling: Sampling,
-                     shards_in_flight: int) -> list:
+async def run_shards(
+    shard_task: ShardTask,
+    store: RunStore,
+    shards: Sequence,
+    client: LLMClient,
+    sampling: Sampling,
+    shards_in_flight: int,
+) -> list:
     """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client."""
     gate = asyncio.Semaphore(shards_in_flight)
 
@@ -104,8 +110,9 @@ def _todo(store: RunStore, kind: str, shards: Sequence, tally: ShardTally) -> li
     return todo
 
 
-async def persona_pool(store: RunStore, cfg: PersonaSettings, client: LLMClient, sampling: Sampling,
-                       seed: int) -> list[Persona]:
+async def persona_pool(
+    store: RunStore, cfg: PersonaSettings, client: LLMClient, sampling: Sampling, seed: int
+) -> list[Persona]:
     """The run's personas: read (and expanded, if configured) once, then reused from the run folder."""
     if store.personas_path.exists():
         pool = read_persona_jsonl(store.personas_path)
@@ -121,8 +128,14 @@ async def persona_pool(store: RunStore, cfg: PersonaSettings, client: LLMClient,
     return pool
 
 
-async def brainstorm_to_targets(store: RunStore, gen: GenerationSettings, sampler: PersonaSampler,
-                                client: LLMClient, sampling: Sampling, tally: ShardTally) -> Brainstormed:
+async def brainstorm_to_targets(
+    store: RunStore,
+    gen: GenerationSettings,
+    sampler: PersonaSampler,
+    client: LLMClient,
+    sampling: Sampling,
+    tally: ShardTally,
+) -> Brainstormed:
     """Brainstorm rounds until every brainstormed type has its unique instructions (or the rounds run out)."""
     logger = get_run_logger()
     targets = instruction_targets(gen)
@@ -135,15 +148,21 @@ async def brainstorm_to_targets(store: RunStore, gen: GenerationSettings, sample
         shards = plan_round(round_idx, missing, sampler, gen.instructions_per_brainstorm, gen.shard_size, gen.seed)
         todo = _todo(store, "brainstorm", shards, tally)
         progress.add_total("brainstorm", sum(len(s.requests) for s in todo))
-        logger.info("brainstorm round %d: deficits %s, %d shard(s) to run, %d done",
-                    round_idx, missing, len(todo), len(shards) - len(todo))
+        logger.info(
+            "brainstorm round %d: deficits %s, %d shard(s) to run, %d done",
+            round_idx,
+            missing,
+            len(todo),
+            len(shards) - len(todo),
+        )
         await run_shards(brainstorm_shard_task, store, todo, client, sampling, gen.shards_in_flight)
         tally.written += len(todo)
     else:  # the rounds ran out: what every round brought
         instructions = unique_instructions(store.read_kind("brainstorm"), targets)
     store.write_instructions(instructions)
-    result = Brainstormed(instructions, {t: n for t, n in deficits(instructions, targets).items() if n},
-                          gen.max_brainstorm_rounds)
+    result = Brainstormed(
+        instructions, {t: n for t, n in deficits(instructions, targets).items() if n}, gen.max_brainstorm_rounds
+    )
     if result.warning:
         logger.warning(result.warning)
     return result
@@ -153,14 +172,21 @@ def _examples_by_type(store: RunStore, shards: Sequence) -> dict[str, int]:
     """Examples per task type in the given (committed) example shards."""
     counts: dict[str, int] = {}
     for shard in shards:
-        for task_type, n in count_by_type(read_parquet_checked(store.shard_path("examples", shard.shard_id),
-                                                               EXAMPLE_SCHEMA)).items():
+        for task_type, n in count_by_type(
+            read_parquet_checked(store.shard_path("examples", shard.shard_id), EXAMPLE_SCHEMA)
+        ).items():
             counts[task_type] = counts.get(task_type, 0) + n
     return counts
 
 
-async def examples_with_topups(store: RunStore, gen: GenerationSettings, instructions: pa.Table, client: LLMClient,
-                               sampling: Sampling, tally: ShardTally) -> dict[str, int]:
+async def examples_with_topups(
+    store: RunStore,
+    gen: GenerationSettings,
+    instructions: pa.Table,
+    client: LLMClient,
+    sampling: Sampling,
+    tally: ShardTally,
+) -> dict[str, int]:
     """The example round, then top-up rounds for what failed; returns the examples per task type.
 
     Each round's plan depends only on the counts of the rounds before it, added up from each
@@ -173,8 +199,9 @@ async def examples_with_topups(store: RunStore, gen: GenerationSettings, instruc
         wanted = targets if round_idx == 0 else {t: max(0, targets[t] - have.get(t, 0)) for t in targets}
         if not any(wanted.values()):
             break
-        shards = plan_examples(store.run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size,
-                               gen.placeholder_overrides)
+        shards = plan_examples(
+            store.run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size, gen.placeholder_overrides
+        )
         todo = _todo(store, "examples", shards, tally)
         progress.add_total("generate", sum(len(s.requests) for s in todo))
         logger.info("generation round %d: %d shard(s) to run, %d done", round_idx, len(todo), len(shards) - len(todo))

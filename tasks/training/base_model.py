@@ -31,8 +31,13 @@ def build_mean_pooling_model(model_path: str, max_seq_length: int | None, device
     # (Qwen2 and SmolLM2 ship one) and renders every text as a chat with a default system prompt, so mean pooling
     # would average the template (and, cut at max_seq_length, nothing else: every text the same vector).
     text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
-    transformer = Transformer(model_path, max_seq_length=max_seq_length, model_kwargs={"dtype": torch.float32},
-                              modality_config=text_only, module_output_name="token_embeddings")
+    transformer = Transformer(
+        model_path,
+        max_seq_length=max_seq_length,
+        model_kwargs={"dtype": torch.float32},
+        modality_config=text_only,
+        module_output_name="token_embeddings",
+    )
     tokenizer = getattr(transformer, "tokenizer", None) or getattr(transformer, "processor", None)
     if tokenizer is not None and getattr(tokenizer, "pad_token", "x") is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have no pad token
@@ -59,8 +64,9 @@ def load_base_model(base_model: str | None, max_seq_length: int, device: str | N
 
             path, name = snapshot_download(base_model), base_model
         if (Path(path) / "modules.json").exists():  # fp32 weights to train, whatever the checkpoint's dtype
-            model = SentenceTransformer(path, device=device, local_files_only=True,
-                                        model_kwargs={"dtype": torch.float32})
+            model = SentenceTransformer(
+                path, device=device, local_files_only=True, model_kwargs={"dtype": torch.float32}
+            )
         else:
             model = build_mean_pooling_model(path, max_seq_length, device=device)
         if local.is_dir():

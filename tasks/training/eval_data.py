@@ -47,8 +47,9 @@ def sample_indices(n: int, max_pairs: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=max_pairs, replace=False))
 
 
-def load_sts(sts_dir: Path, lang: str, split: str = "test", max_pairs: int | None = None,
-             seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+def load_sts(
+    sts_dir: Path, lang: str, split: str = "test", max_pairs: int | None = None, seed: int = 0
+) -> tuple[list[str], list[str], np.ndarray]:
     """One STS Benchmark file: ``(sentences1, sentences2, scores)``; ``max_pairs`` of them sampled with ``seed``.
 
     The whole file is read and checked, then sampled (:func:`sample_indices`). Raises
@@ -72,8 +73,9 @@ def load_sts(sts_dir: Path, lang: str, split: str = "test", max_pairs: int | Non
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
                 if len(row) != 3:
-                    raise EvaluationError(f"{path}:{line_no}: expected 3 columns (sentence1,sentence2,score), "
-                                          f"got {len(row)}")
+                    raise EvaluationError(
+                        f"{path}:{line_no}: expected 3 columns (sentence1,sentence2,score), got {len(row)}"
+                    )
                 a, b, raw = row
                 try:
                     score = float(raw)

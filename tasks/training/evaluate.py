@@ -136,7 +136,7 @@ def _encode_chunked(model: Any, unique: list[str], batch_size: int, stage: str |
         progress.add_total(stage, len(unique))
     parts = []
     for start in range(0, len(order), chunk):
-        picked = order[start:start + chunk]
+        picked = order[start : start + chunk]
         out = model.encode([unique[i] for i in picked], **kwargs)
         if hasattr(out, "detach"):  # a tensor
             out = out.detach().float().cpu().numpy()
@@ -151,8 +151,14 @@ def _encode_chunked(model: Any, unique: list[str], batch_size: int, stage: str |
     return vectors
 
 
-def encode(model: Any, texts: Sequence[str], batch_size: int = 64, bf16: bool = False,
-           num_threads: int | None = None, stage: str | None = None) -> np.ndarray:
+def encode(
+    model: Any,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    bf16: bool = False,
+    num_threads: int | None = None,
+    stage: str | None = None,
+) -> np.ndarray:
     """Embed ``texts`` with ``model.encode`` as float32, L2-normalised rows, one per text, in order.
 
     Every unique text is embedded once (duplicates share the row). A torch model runs under
@@ -186,8 +192,14 @@ def encode(model: Any, texts: Sequence[str], batch_size: int = 64, bf16: bool = 
     return vectors[[index[text] for text in texts]]
 
 
-def _encode_unique(model: Any, texts: Iterable[str], batch_size: int, bf16: bool,
-                   num_threads: int | None = None, stage: str | None = None) -> tuple[dict[str, int], np.ndarray]:
+def _encode_unique(
+    model: Any,
+    texts: Iterable[str],
+    batch_size: int,
+    bf16: bool,
+    num_threads: int | None = None,
+    stage: str | None = None,
+) -> tuple[dict[str, int], np.ndarray]:
     unique = list(dict.fromkeys(texts))
     return {t: i for i, t in enumerate(unique)}, encode(model, unique, batch_size, bf16, num_threads, stage)
 
@@ -197,9 +209,15 @@ def _rowwise_cosine(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
 
 
 # --- STS ----------------------------------------------------------------------------------------
-def evaluate_sts(model: Any, cfg: FinetuneSettings, split: str = "test", bf16: bool = False,
-                 info: dict[str, Any] | None = None, num_threads: int | None = None,
-                 stage: str | None = PROGRESS_STAGE) -> dict[str, dict[int, float]]:
+def evaluate_sts(
+    model: Any,
+    cfg: FinetuneSettings,
+    split: str = "test",
+    bf16: bool = False,
+    info: dict[str, Any] | None = None,
+    num_threads: int | None = None,
+    stage: str | None = PROGRESS_STAGE,
+) -> dict[str, dict[int, float]]:
     """Spearman(cosine, gold score) per language and dimension: ``{lang: {dim: rho}, "mean": {dim: rho}}``.
 
     Languages are ``cfg.sts_languages``, at most ``cfg.sts_max_pairs`` pairs each (sampled with
@@ -213,8 +231,9 @@ def evaluate_sts(model: Any, cfg: FinetuneSettings, split: str = "test", bf16: b
     sts_dir = sts_dir_for(cfg)
     data = {lang: load_sts(sts_dir, lang, split, cfg.sts_max_pairs, cfg.seed) for lang in cfg.sts_languages}
     # one encode for every language: each unique sentence once, and length-sorted batches over all
-    index, vectors = _encode_unique(model, (t for s1, s2, _ in data.values() for t in (*s1, *s2)),
-                                    cfg.eval_batch_size, bf16, num_threads, stage)
+    index, vectors = _encode_unique(
+        model, (t for s1, s2, _ in data.values() for t in (*s1, *s2)), cfg.eval_batch_size, bf16, num_threads, stage
+    )
     dims = eval_dims(vectors.shape[1], cfg.matryoshka_dims)
     result: dict[str, dict[int, float]] = {}
     for lang, (s1, s2, scores) in data.items():
@@ -223,16 +242,28 @@ def evaluate_sts(model: Any, cfg: FinetuneSettings, split: str = "test", bf16: b
         result[lang] = {dim: spearman(_rowwise_cosine(a, b, dim), scores) for dim in dims}
     result["mean"] = {dim: float(np.mean([result[lang][dim] for lang in data])) for dim in dims}
     if info is not None:
-        info.update(pairs={lang: len(d[2]) for lang, d in data.items()}, texts=len(index),
-                    width=int(vectors.shape[1]), dims=dims, seconds=round(time.perf_counter() - started, 3))
+        info.update(
+            pairs={lang: len(d[2]) for lang, d in data.items()},
+            texts=len(index),
+            width=int(vectors.shape[1]),
+            dims=dims,
+            seconds=round(time.perf_counter() - started, 3),
+        )
     return result
 
 
 # --- held-out retrieval -------------------------------------------------------------------------
-def evaluate_retrieval(model: Any, heldout_path: Path, cfg: FinetuneSettings,
-                       task_types: Sequence[str] = ("retrieval",), k: int = RETRIEVAL_K, bf16: bool = False,
-                       info: dict[str, Any] | None = None, num_threads: int | None = None,
-                       stage: str | None = PROGRESS_STAGE) -> dict[int, dict[str, float | int | None]]:
+def evaluate_retrieval(
+    model: Any,
+    heldout_path: Path,
+    cfg: FinetuneSettings,
+    task_types: Sequence[str] = ("retrieval",),
+    k: int = RETRIEVAL_K,
+    bf16: bool = False,
+    info: dict[str, Any] | None = None,
+    num_threads: int | None = None,
+    stage: str | None = PROGRESS_STAGE,
+) -> dict[int, dict[str, float | int | None]]:
     """nDCG@k and recall@k on the held-out split: ``{dim: {"ndcg@10", "recall@10", "queries"}}``.
 
     Queries: rows whose ``task_name`` is in ``task_types`` (query text as exported, instruction
@@ -251,13 +282,19 @@ def evaluate_retrieval(model: Any, heldout_path: Path, cfg: FinetuneSettings,
         vectors = encode(model, ["width probe"], cfg.eval_batch_size, bf16, num_threads)  # width only, for the dims
         dims = eval_dims(vectors.shape[1], cfg.matryoshka_dims)
         if info is not None:
-            info.update(queries=0, corpus=len(corpus), width=int(vectors.shape[1]), dims=dims,
-                        seconds=round(time.perf_counter() - started, 3))
+            info.update(
+                queries=0,
+                corpus=len(corpus),
+                width=int(vectors.shape[1]),
+                dims=dims,
+                seconds=round(time.perf_counter() - started, 3),
+            )
         return {dim: {name_p: None, name_r: None, "queries": 0} for dim in dims}
     doc_index = {t: i for i, t in enumerate(corpus)}
     # queries and documents in one encode: a text in both is embedded once
-    index, vectors = _encode_unique(model, [*corpus, *(r["query"] for r in queries)], cfg.eval_batch_size, bf16,
-                                    num_threads, stage)
+    index, vectors = _encode_unique(
+        model, [*corpus, *(r["query"] for r in queries)], cfg.eval_batch_size, bf16, num_threads, stage
+    )
     docs = vectors[[index[t] for t in corpus]]
     qvecs = vectors[[index[r["query"]] for r in queries]]
     relevant = [{doc_index[t] for t in r["pos"] if t is not None} for r in queries]
@@ -270,7 +307,7 @@ def evaluate_retrieval(model: Any, heldout_path: Path, cfg: FinetuneSettings,
         ndcgs: list[float] = []
         recalls: list[float] = []
         for start in range(0, len(q), _QUERY_BLOCK):
-            scores = q[start:start + _QUERY_BLOCK] @ d.T
+            scores = q[start : start + _QUERY_BLOCK] @ d.T
             # top-k by score, ties broken by corpus order (stable sort), so results are deterministic
             order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
             for row, ranked in enumerate(order):
@@ -280,8 +317,13 @@ def evaluate_retrieval(model: Any, heldout_path: Path, cfg: FinetuneSettings,
                 recalls.append(recall_at_k(gains, k, n_relevant=len(rel)))
         result[dim] = {name_p: float(np.mean(ndcgs)), name_r: float(np.mean(recalls)), "queries": len(q)}
     if info is not None:
-        info.update(queries=len(queries), corpus=len(corpus), width=int(vectors.shape[1]), dims=dims,
-                    seconds=round(time.perf_counter() - started, 3))
+        info.update(
+            queries=len(queries),
+            corpus=len(corpus),
+            width=int(vectors.shape[1]),
+            dims=dims,
+            seconds=round(time.perf_counter() - started, 3),
+        )
     return result
 
 
@@ -308,8 +350,9 @@ def load_model(path: str | Path | None = None, max_seq_length: int | None = None
 
         model = build_mean_pooling_model(str(folder), max_seq_length, device="cpu")
     else:
-        model = SentenceTransformer(str(path), device="cpu", local_files_only=True,
-                                    model_kwargs={"dtype": torch.float32})
+        model = SentenceTransformer(
+            str(path), device="cpu", local_files_only=True, model_kwargs={"dtype": torch.float32}
+        )
     model.eval()
     if max_seq_length and (model.max_seq_length is None or model.max_seq_length > max_seq_length):
         model.max_seq_length = int(max_seq_length)
@@ -336,10 +379,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def evaluate_model(model_or_path: Any, cfg: FinetuneSettings, heldout_path: Path | None = None, *,
-                   sts: bool = True, task_types: Sequence[str] = ("retrieval",), bf16: bool | None = None,
-                   split: str = "test", num_threads: int | None = None,
-                   stage: str | None = PROGRESS_STAGE) -> dict[str, Any]:
+def evaluate_model(
+    model_or_path: Any,
+    cfg: FinetuneSettings,
+    heldout_path: Path | None = None,
+    *,
+    sts: bool = True,
+    task_types: Sequence[str] = ("retrieval",),
+    bf16: bool | None = None,
+    split: str = "test",
+    num_threads: int | None = None,
+    stage: str | None = PROGRESS_STAGE,
+) -> dict[str, Any]:
     """STS and (with ``heldout_path``) held-out retrieval for one model, with metadata; JSON-native.
 
     ``model_or_path``: a model folder (loaded with :func:`load_model`, capped at
@@ -359,8 +410,9 @@ def evaluate_model(model_or_path: Any, cfg: FinetuneSettings, heldout_path: Path
     else:
         model = model_or_path
         tokenizer = getattr(model, "tokenizer", None)
-        name = str(getattr(model, "model_path", None) or getattr(tokenizer, "name_or_path", None)
-                   or type(model).__name__)
+        name = str(
+            getattr(model, "model_path", None) or getattr(tokenizer, "name_or_path", None) or type(model).__name__
+        )
     if bf16 is None:
         bf16 = _default_bf16(model)
     result: dict[str, Any] = {
@@ -375,22 +427,43 @@ def evaluate_model(model_or_path: Any, cfg: FinetuneSettings, heldout_path: Path
         info: dict[str, Any] = {}
         scores = evaluate_sts(model, cfg, split=split, bf16=bf16, info=info, num_threads=num_threads, stage=stage)
         result["width"], result["dims"] = info["width"], info["dims"]
-        result["sts"] = {"dir": str(sts_dir_for(cfg)), "split": split, "languages": list(cfg.sts_languages),
-                         "max_pairs": cfg.sts_max_pairs, "seed": cfg.seed, "pairs": info["pairs"],
-                         "texts": info["texts"],
-                         "seconds": info["seconds"], "spearman": _jsonable(scores)}
-        log.info("STS (%s, %d languages, %d texts) in %.1f s: mean Spearman %s", split, len(cfg.sts_languages),
-                 info["texts"], info["seconds"], {d: round(v, 4) for d, v in scores["mean"].items()})
+        result["sts"] = {
+            "dir": str(sts_dir_for(cfg)),
+            "split": split,
+            "languages": list(cfg.sts_languages),
+            "max_pairs": cfg.sts_max_pairs,
+            "seed": cfg.seed,
+            "pairs": info["pairs"],
+            "texts": info["texts"],
+            "seconds": info["seconds"],
+            "spearman": _jsonable(scores),
+        }
+        log.info(
+            "STS (%s, %d languages, %d texts) in %.1f s: mean Spearman %s",
+            split,
+            len(cfg.sts_languages),
+            info["texts"],
+            info["seconds"],
+            {d: round(v, 4) for d, v in scores["mean"].items()},
+        )
     if heldout_path is not None:
         info = {}
-        metrics = evaluate_retrieval(model, heldout_path, cfg, task_types=task_types, bf16=bf16, info=info,
-                                     num_threads=num_threads, stage=stage)
+        metrics = evaluate_retrieval(
+            model, heldout_path, cfg, task_types=task_types, bf16=bf16, info=info, num_threads=num_threads, stage=stage
+        )
         result["width"], result["dims"] = info["width"], info["dims"]
-        result["retrieval"] = {"heldout": str(heldout_path), "task_types": list(task_types), "k": RETRIEVAL_K,
-                               "queries": info["queries"], "corpus": info["corpus"], "seconds": info["seconds"],
-                               "metrics": _jsonable(metrics)}
-        log.info("held-out retrieval (%d queries, %d documents) in %.1f s", info["queries"], info["corpus"],
-                 info["seconds"])
+        result["retrieval"] = {
+            "heldout": str(heldout_path),
+            "task_types": list(task_types),
+            "k": RETRIEVAL_K,
+            "queries": info["queries"],
+            "corpus": info["corpus"],
+            "seconds": info["seconds"],
+            "metrics": _jsonable(metrics),
+        }
+        log.info(
+            "held-out retrieval (%d queries, %d documents) in %.1f s", info["queries"], info["corpus"], info["seconds"]
+        )
     result["seconds"] = round(time.perf_counter() - started, 3)
     return _jsonable(result)
 
@@ -418,12 +491,18 @@ def delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]
     out: dict[str, Any] = {"sts": None, "retrieval": None}
     if before.get("sts") and after.get("sts"):
         b, a = _jsonable(before["sts"]["spearman"]), _jsonable(after["sts"]["spearman"])
-        out["sts"] = {lang: {dim: _sub(a[lang][dim], b[lang][dim]) for dim in a[lang] if dim in b[lang]}
-                      for lang in a if lang in b}
+        out["sts"] = {
+            lang: {dim: _sub(a[lang][dim], b[lang][dim]) for dim in a[lang] if dim in b[lang]}
+            for lang in a
+            if lang in b
+        }
     if before.get("retrieval") and after.get("retrieval"):
         b, a = _jsonable(before["retrieval"]["metrics"]), _jsonable(after["retrieval"]["metrics"])
-        out["retrieval"] = {dim: {m: _sub(a[dim][m], b[dim].get(m)) for m in a[dim] if m != "queries" and m in b[dim]}
-                            for dim in a if dim in b}
+        out["retrieval"] = {
+            dim: {m: _sub(a[dim][m], b[dim].get(m)) for m in a[dim] if m != "queries" and m in b[dim]}
+            for dim in a
+            if dim in b
+        }
     return out
 
 

@@ -248,8 +248,15 @@ class SemiHomogeneousTaskBatchSampler(DefaultBatchSampler):
             stats = self._plans[epoch][1]
             log.info(
                 "epoch %d: %d batches (%d full, %d partial) over %d of %d rows; %d rows left over %s, %d dropped",
-                epoch, stats.batches, stats.full_batches, stats.partial_batches, stats.rows_in_batches,
-                stats.rows, stats.rows_leftover, stats.leftover_by_task, stats.rows_dropped,
+                epoch,
+                stats.batches,
+                stats.full_batches,
+                stats.partial_batches,
+                stats.rows_in_batches,
+                stats.rows,
+                stats.rows_leftover,
+                stats.leftover_by_task,
+                stats.rows_dropped,
             )
         return self._plans[epoch]
 

@@ -137,8 +137,7 @@ def load_training_rows(train_path: Path, hard_negatives: int) -> TrainingRows:
             columns[name].append(negs[i % len(negs)])  # fewer than n: cycle the row's own negatives
         labels.append(task or "unknown")
     if skipped:
-        log.warning("skipped %d of %d rows (no positive%s)", skipped, len(queries),
-                    ", or no negative" if n else "")
+        log.warning("skipped %d of %d rows (no positive%s)", skipped, len(queries), ", or no negative" if n else "")
     return TrainingRows(columns, labels, n, len(queries), skipped)
 
 
@@ -255,7 +254,11 @@ def train_embedding_model(
             batch_sampler=SemiHomogeneousTaskBatchSampler.factory(data.task_labels, cfg.homogeneous_ratio),
         )
         trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=dataset, loss=loss, callbacks=callbacks,
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            loss=loss,
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every step's log dict to stdout
         started = time.perf_counter()
@@ -301,9 +304,17 @@ def train_embedding_model(
         eval_metrics=metrics,
     )
     _save(model, out_dir, result, cfg, train_path)
-    log.info("trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s (mean of %d steps); saved to %s",
-             base_name, steps, result.samples, result.samples_per_s, _fmt(loss_start), _fmt(loss_end), loss_window,
-             out_dir)
+    log.info(
+        "trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s (mean of %d steps); saved to %s",
+        base_name,
+        steps,
+        result.samples,
+        result.samples_per_s,
+        _fmt(loss_start),
+        _fmt(loss_end),
+        loss_window,
+        out_dir,
+    )
     return result
 
 

@@ -55,13 +55,18 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_sep("=", "fault tests: what was proven")
     kills = SUMMARY.get("kills", Counter())
     if kills:
-        tr.write_line("kill -9 points survived per stage (resumed run equal to an uninterrupted one): "
-                      + ", ".join(f"{stage} {n}" for stage, n in sorted(kills.items()))
-                      + f"; total {sum(kills.values())}")
+        tr.write_line(
+            "kill -9 points survived per stage (resumed run equal to an uninterrupted one): "
+            + ", ".join(f"{stage} {n}" for stage, n in sorted(kills.items()))
+            + f"; total {sum(kills.values())}"
+        )
     for name in sorted(SUMMARY):
         if name != "kills" and SUMMARY[name]:
-            tr.write_line(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sorted(SUMMARY[name].items()))
-                          + f"; total {sum(SUMMARY[name].values())}")
+            tr.write_line(
+                f"{name}: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(SUMMARY[name].items()))
+                + f"; total {sum(SUMMARY[name].values())}"
+            )
 
 
 # --- processes -------------------------------------------------------------------------------------
@@ -115,8 +120,15 @@ class ForkServer:
     """Talks JSON lines to ``forkserver.py``."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")], env=env, cwd=str(HERE),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "forkserver.py")],
+            env=env,
+            cwd=str(HERE),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self._cond = threading.Condition()
         self._pids: dict[int, int] = {}
         self._rcs: dict[int, int] = {}
@@ -143,8 +155,14 @@ class ForkServer:
             self._next += 1
             command_id = self._next
         stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
-        command = {"id": command_id, "args": args, "env": env, "cwd": str(cwd), "stdout": str(stdout),
-                   "stderr": str(stderr)}
+        command = {
+            "id": command_id,
+            "args": args,
+            "env": env,
+            "cwd": str(cwd),
+            "stdout": str(stdout),
+            "stderr": str(stderr),
+        }
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         with self._cond:
@@ -156,8 +174,10 @@ class ForkServer:
             with self._cond:
                 if not self._cond.wait_for(lambda: pid in self._rcs, timeout=timeout):
                     os.kill(pid, 9)
-                    raise AssertionError(f"embed-factory {' '.join(args)} did not end in {timeout}s:\n"
-                                         f"{stderr.read_text(errors='replace')[-3000:]}")
+                    raise AssertionError(
+                        f"embed-factory {' '.join(args)} did not end in {timeout}s:\n"
+                        f"{stderr.read_text(errors='replace')[-3000:]}"
+                    )
                 return self._rcs[pid]
 
         return Child(pid, stdout, stderr, waiter)
@@ -172,8 +192,15 @@ def fresh_cli(args: list[str], env: dict[str, str], cwd: Path, log_dir: Path, na
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", *args], env=env, cwd=str(cwd),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, **popen)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embed_factory.cli", *args],
+            env=env,
+            cwd=str(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            **popen,
+        )
 
     def waiter(timeout: float) -> int:
         try:
@@ -190,8 +217,15 @@ def fresh_cli(args: list[str], env: dict[str, str], cwd: Path, log_dir: Path, na
 def base_env() -> dict[str, str]:
     """This environment without any EMBED_FACTORY_* setting (a developer's own must not leak in)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBED_FACTORY_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "NO_COLOR": "1", "COLUMNS": "200",
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "NO_COLOR": "1",
+            "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if os.environ.get("EMBED_FACTORY_CACHE"):
         env["EMBED_FACTORY_CACHE"] = os.environ["EMBED_FACTORY_CACHE"]
     return env
@@ -338,7 +372,11 @@ def check_run_invariants(data_dir: Path, run_id: str = RUN_ID) -> None:
             path = root / f"{key}.parquet"
             assert path.exists(), f"manifest names {key} but {path} is missing"
             assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"], f"{path} differs from the manifest"
-    ids = [i for p in (root / "examples").glob("*.parquet") for i in pq.read_table(p, columns=["example_id"])["example_id"].to_pylist()]
+    ids = [
+        i
+        for p in (root / "examples").glob("*.parquet")
+        for i in pq.read_table(p, columns=["example_id"])["example_id"].to_pylist()
+    ]
     assert len(ids) == len(set(ids)), "an example is stored twice"
 
 

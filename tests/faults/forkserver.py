@@ -73,11 +73,12 @@ def _child(command: dict) -> None:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import sentence_transformers  # noqa: F401  (imported lazily by the embedder: ~8 s on a busy machine)
+    import transformers.models.bert.modeling_bert  # noqa: F401  (all-MiniLM-L6-v2's architecture)
+
     import embed_factory.cli  # noqa: F401  (the heavy imports, once)
     import flows.clean  # noqa: F401
     import flows.generate  # noqa: F401
-    import sentence_transformers  # noqa: F401  (imported lazily by the embedder: ~8 s on a busy machine)
-    import transformers.models.bert.modeling_bert  # noqa: F401  (all-MiniLM-L6-v2's architecture)
 
     signal.signal(signal.SIGCHLD, _reap)
     _emit({"ready": os.getpid()})

@@ -33,8 +33,14 @@ import httpx
 
 FAULT_KINDS = ("429", "500", "slow", "truncated", "invalid_json")
 CHAT_PATH = "/v1/chat/completions"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+}
 
 
 @dataclass
@@ -80,7 +86,7 @@ class FaultProxy:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         self._thread.start()
@@ -108,7 +114,7 @@ class FaultProxy:
         self._loop.close()
         self._loop = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -157,22 +163,29 @@ class FaultProxy:
         finally:
             writer.close()
 
-    async def _handle(self, method: str, target: str, headers: dict[str, str], body: bytes,
-                      writer: asyncio.StreamWriter) -> bool:
+    async def _handle(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
         """Answer one request; False: the connection must be closed."""
         path = target.split("?", 1)[0]
         sha = hashlib.sha256(body).hexdigest()[:16]
         retry = headers.get("x-stainless-retry-count")
         retry_count = int(retry) if retry is not None and retry.isdigit() else None
         fault = self._choose(sha, retry_count) if method == "POST" and path == CHAT_PATH else None
-        hit = Hit(time.monotonic(), method, path, sha, _prompt_sha(body), retry_count, headers.get("authorization"),
-                  fault)
+        hit = Hit(
+            time.monotonic(), method, path, sha, _prompt_sha(body), retry_count, headers.get("authorization"), fault
+        )
         with self._lock:
             self.hits.append(hit)
 
         if fault == "429":
-            return await self._send(writer, hit, 429, _error("injected rate limit", "rate_limit_exceeded"),
-                                    {"Retry-After": str(self.retry_after_s)})
+            return await self._send(
+                writer,
+                hit,
+                429,
+                _error("injected rate limit", "rate_limit_exceeded"),
+                {"Retry-After": str(self.retry_after_s)},
+            )
         if fault == "500":
             return await self._send(writer, hit, 500, _error("injected server error", "server_error"))
         if fault == "invalid_json":
@@ -195,8 +208,9 @@ class FaultProxy:
         return await self._send(writer, hit, response.status_code, response.content, content_type)
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, hit: Hit, status: int, body: bytes,
-                    headers: dict[str, str] | None = None) -> bool:
+    async def _send(
+        writer: asyncio.StreamWriter, hit: Hit, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> bool:
         headers = {"Content-Type": "application/json", **(headers or {})}
         if writer.is_closing():
             return False
@@ -210,8 +224,12 @@ class FaultProxy:
 
 
 def _head(status: int, length: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {length}",
-             "Connection: keep-alive", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+        f"Content-Length: {length}",
+        "Connection: keep-alive",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 

@@ -137,8 +137,15 @@ class _QuietServer(ThreadingHTTPServer):
 class StubLLM:
     """The server; ``start()`` serves it from a daemon thread, ``stop()`` shuts it down."""
 
-    def __init__(self, model: str = "stub-model", delay_s: float = 0.0, invalid_every: int = 9,
-                 duplicate_every: int = 4, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        model: str = "stub-model",
+        delay_s: float = 0.0,
+        invalid_every: int = 9,
+        duplicate_every: int = 4,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self.model, self.delay_s = model, delay_s
         self.invalid_every, self.duplicate_every = invalid_every, duplicate_every
         self.host, self.port = host, port
@@ -188,7 +195,7 @@ class StubLLM:
                 return False
         return True
 
-    def start(self) -> "StubLLM":
+    def start(self) -> StubLLM:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -210,8 +217,13 @@ class StubLLM:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, {"object": "list", "data": [
-                        {"id": stub.model, "object": "model", "created": 0, "owned_by": "stub"}]})
+                    self._send(
+                        200,
+                        {
+                            "object": "list",
+                            "data": [{"id": stub.model, "object": "model", "created": 0, "owned_by": "stub"}],
+                        },
+                    )
                 elif self.path.rstrip("/") == "/health":
                     self._send(200, {})
                 else:
@@ -236,16 +248,28 @@ class StubLLM:
                     threading.Event().wait(stub.delay_s)
                 text = answer(body, stub.invalid_every, stub.duplicate_every)
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-                self._send(200, {
-                    "id": "chatcmpl-stub-" + hashlib.sha1(raw).hexdigest()[:12],
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body.get("model", stub.model),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop", "logprobs": None}],
-                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
-                              "total_tokens": prompt_words + len(text.split())},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-stub-" + hashlib.sha1(raw).hexdigest()[:12],
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body.get("model", stub.model),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": "stop",
+                                "logprobs": None,
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt_words,
+                            "completion_tokens": len(text.split()),
+                            "total_tokens": prompt_words + len(text.split()),
+                        },
+                    },
+                )
 
         server = _QuietServer((self.host, self.port), Handler)
         self._server = server
@@ -261,7 +285,7 @@ class StubLLM:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "StubLLM":
+    def __enter__(self) -> StubLLM:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -5,8 +5,8 @@ Through the real CLI in subprocesses: persona files (binary, wrong encoding, mis
 lines, ...) and config values (TOML and environment) in fresh interpreters; damaged stores (a
 truncated, garbage or empty Parquet shard, a shard of an older schema, a corrupt manifest, run info,
 persona pool, stage table or embedding cache), an unreachable or wrong LLM endpoint, an unreachable
-Prefect API, and a full disk through ``run`` / ``clean``. The disk is really full where this machine allows a small tmpfs
-(as root, or in a user namespace via ``unshare -Urm``: ENOSPC); everywhere, ``RLIMIT_FSIZE`` makes
+Prefect API, and a full disk through ``run`` / ``clean``. The disk is really full where this machine
+allows a small tmpfs (as root, or in a user namespace via ``unshare -Urm``: ENOSPC); everywhere, ``RLIMIT_FSIZE`` makes
 writes past a size fail (EFBIG) as a second kind of full disk.
 """
 
@@ -25,12 +25,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from conftest import RUN_ID, clean_args, run_args, temp_files
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def assert_one_clear_error(child_or_result, rc: int, *needles: str) -> str:
@@ -54,8 +58,15 @@ def _streams(x) -> tuple[str, str, int]:
 
 def cli(args: list[str], env: dict[str, str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "embed_factory.cli", *args], env=env, cwd=str(cwd),
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        env=env,
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 # --- persona files -------------------------------------------------------------------------------
@@ -179,9 +190,12 @@ def _older_schema(path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 
-SHARD_DAMAGE = {"truncated": (_truncate, "unreadable Parquet"), "garbage": (_garbage, "unreadable Parquet"),
-                "empty": (_empty, "unreadable Parquet"),
-                "older schema": (_older_schema, "missing column(s) prompt_version, sampling (older schema?)")}
+SHARD_DAMAGE = {
+    "truncated": (_truncate, "unreadable Parquet"),
+    "garbage": (_garbage, "unreadable Parquet"),
+    "empty": (_empty, "unreadable Parquet"),
+    "older schema": (_older_schema, "missing column(s) prompt_version, sampling (older schema?)"),
+}
 
 
 @pytest.fixture
@@ -313,8 +327,11 @@ def test_unreachable_or_wrong_llm_endpoint(case, stub_llm, not_http, early_env, 
 def _userns_tmpfs_works() -> bool:
     if not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", 'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"'],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", 'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"'],
+        capture_output=True,
+        timeout=30,
+    )
     return probe.returncode == 0
 
 
@@ -332,20 +349,37 @@ def test_disk_full_tmpfs(command, gen_reference, fault_env, tmp_path, fault_summ
     out = tmp_path / "after"
     size_kib = _du(src / "runs") // 1024 + 48  # the files (in 4 KiB pages) and ~48 KiB to spare
     args = run_args("new") if command == "run" else clean_args("full")
-    script = ('set -e; mount -t tmpfs -o size="$SIZE"k tmpfs "$MNT"; cp -a "$SRC/runs" "$MNT/"; set +e; '
-              '"$PY" -m embed_factory.cli "$@" >"$LOG.out" 2>"$LOG.err"; rc=$?; cp -a "$MNT/." "$OUT/"; exit $rc')
+    script = (
+        'set -e; mount -t tmpfs -o size="$SIZE"k tmpfs "$MNT"; cp -a "$SRC/runs" "$MNT/"; set +e; '
+        '"$PY" -m embed_factory.cli "$@" >"$LOG.out" 2>"$LOG.err"; rc=$?; cp -a "$MNT/." "$OUT/"; exit $rc'
+    )
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out.mkdir()
-    env = {**fault_env(mnt), "SIZE": str(size_kib), "MNT": str(mnt), "SRC": str(src), "PY": sys.executable,
-           "LOG": str(tmp_path / "cmd"), "OUT": str(out)}
-    result = subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", *args], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=300)
-    done = subprocess.CompletedProcess(args, result.returncode, (tmp_path / "cmd.out").read_text(),
-                                       (tmp_path / "cmd.err").read_text() + result.stderr)
+    env = {
+        **fault_env(mnt),
+        "SIZE": str(size_kib),
+        "MNT": str(mnt),
+        "SRC": str(src),
+        "PY": sys.executable,
+        "LOG": str(tmp_path / "cmd"),
+        "OUT": str(out),
+    }
+    result = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script, "sh", *args],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    done = subprocess.CompletedProcess(
+        args, result.returncode, (tmp_path / "cmd.out").read_text(), (tmp_path / "cmd.err").read_text() + result.stderr
+    )
     line = assert_one_clear_error(done, 1, str(mnt), "No space left on device")
-    assert _files(out / "runs" / RUN_ID) == {k.removeprefix(f"{RUN_ID}/"): v for k, v in before.items()}, \
+    assert _files(out / "runs" / RUN_ID) == {k.removeprefix(f"{RUN_ID}/"): v for k, v in before.items()}, (
         "the earlier run is intact"
+    )
     assert not temp_files(out), temp_files(out)
     for path in out.rglob("*.parquet"):
         pq.read_table(path)  # nothing half-written
@@ -357,6 +391,7 @@ def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 

@@ -12,6 +12,7 @@ import shutil
 import time
 
 import pyarrow.parquet as pq
+
 from conftest import RUN_ID, clean_args, clean_snapshot, diff, run_args, run_snapshot, temp_files
 
 LOCKED_RUN = "is being written by another process"
@@ -73,8 +74,7 @@ def test_different_run_ids_at_once_are_isolated(forks, fault_env, gen_reference,
     fault_summary["concurrent starts"]["different run ids: isolated"] += 1
 
 
-def test_same_clean_id_started_twice_at_once(forks, fault_env, gen_reference, clean_reference, tmp_path,
-                                             fault_summary):
+def test_same_clean_id_started_twice_at_once(forks, fault_env, gen_reference, clean_reference, tmp_path, fault_summary):
     data = tmp_path / "data"
     shutil.copytree(gen_reference[0] / "runs", data / "runs")
     # whichever takes the clean lock freezes (SIGSTOP) once it has written valid.parquet, still holding
@@ -93,8 +93,9 @@ def test_same_clean_id_started_twice_at_once(forks, fault_env, gen_reference, cl
     fault_summary["concurrent starts"]["same clean id: second refused"] += 1
 
 
-def test_different_clean_ids_at_once_are_isolated(forks, fault_env, gen_reference, clean_reference, tmp_path,
-                                                  fault_summary):
+def test_different_clean_ids_at_once_are_isolated(
+    forks, fault_env, gen_reference, clean_reference, tmp_path, fault_summary
+):
     data = tmp_path / "data"
     shutil.copytree(gen_reference[0] / "runs", data / "runs")
     # both embed at once into the shared (empty) embedding cache and refresh one catalog

@@ -34,8 +34,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import (RUN_ID, check_clean_invariants, check_run_invariants, clean_args, clean_snapshot, diff,
-                      fresh_cli, run_args, run_snapshot, temp_files)
+from conftest import (
+    RUN_ID,
+    check_clean_invariants,
+    check_run_invariants,
+    clean_args,
+    clean_snapshot,
+    diff,
+    fresh_cli,
+    run_args,
+    run_snapshot,
+    temp_files,
+)
 
 KILLS = int(os.environ.get("EMBED_FACTORY_FAULT_KILLS", "20"))
 WALL_CLOCK_KILLS = 5  # fresh interpreters: each costs its import time (~8 s for generation + clean)
@@ -72,8 +82,13 @@ def test_generation_survives_kill_9_anywhere(forks, fault_env, stub_llm, gen_ref
             # shards one at a time or two at once (not part of a run's fingerprint): one at a time puts
             # more kills between the shards of one round, where a resume must re-plan that round alike
             in_flight = rng.choice(["1", "1", "1", "2"])
-            child = forks.spawn(run_args(), fault_env(data, kill_at=spec, generation__shards_in_flight=in_flight),
-                                data.parent, data.parent / "logs", f"step{step:02d}")
+            child = forks.spawn(
+                run_args(),
+                fault_env(data, kill_at=spec, generation__shards_in_flight=in_flight),
+                data.parent,
+                data.parent / "logs",
+                f"step{step:02d}",
+            )
             if nth_request:
                 stub_llm.arm_kill(child.pid, nth_request)
             rc = child.wait()
@@ -110,12 +125,28 @@ def _clean_state(root: Path) -> str:
 
 #: an invocation that starts without valid.parquet passes these in the dedup stage: temp files of
 #: validate's dropped rows, valid, dedup_exact's dropped rows, dedup_near's, deduped; inputs.json
-DEDUP_FROM_SCRATCH = ["parquet.tmp:1", "parquet.tmp:2", "parquet.tmp:3", "parquet.tmp:4", "parquet.tmp:5",
-                      "stage.dropped:1", "stage.dropped:2", "stage.table:1", "stage.table:2", "bytes.tmp:1",
-                      "dedup.done:1"]
+DEDUP_FROM_SCRATCH = [
+    "parquet.tmp:1",
+    "parquet.tmp:2",
+    "parquet.tmp:3",
+    "parquet.tmp:4",
+    "parquet.tmp:5",
+    "stage.dropped:1",
+    "stage.dropped:2",
+    "stage.table:1",
+    "stage.table:2",
+    "bytes.tmp:1",
+    "dedup.done:1",
+]
 #: ... and these when valid.parquet exists
-DEDUP_FROM_VALID = ["parquet.tmp:1", "parquet.tmp:2", "parquet.tmp:3", "stage.dropped:1", "stage.table:1",
-                    "dedup.done:1"]
+DEDUP_FROM_VALID = [
+    "parquet.tmp:1",
+    "parquet.tmp:2",
+    "parquet.tmp:3",
+    "stage.dropped:1",
+    "stage.table:1",
+    "dedup.done:1",
+]
 #: filtered's dropped rows, filtered, mined's dropped rows, mined
 EMBED_POINTS = ["stage.dropped:1", "stage.table:1", "stage.dropped:2", "stage.table:2"]
 
@@ -157,11 +188,18 @@ def test_clean_survives_kill_9_anywhere(forks, fault_env, gen_reference, clean_r
                 stage, spec = "export", rng.choice(_export_menu(export_files))
             else:
                 break
-            child = forks.spawn(clean_args(clean_id), fault_env(data, kill_at=spec), tmp_path, tmp_path / "logs",
-                                f"{clean_id}-{step:02d}")
+            child = forks.spawn(
+                clean_args(clean_id),
+                fault_env(data, kill_at=spec),
+                tmp_path,
+                tmp_path / "logs",
+                f"{clean_id}-{step:02d}",
+            )
             rc = child.wait()
             history.append(f"{stage}@{spec}→{rc}")
-            assert rc == -signal.SIGKILL, f"{clean_id} {history}: the kill point was not reached:\n{child.output[-3000:]}"
+            assert rc == -signal.SIGKILL, (
+                f"{clean_id} {history}: the kill point was not reached:\n{child.output[-3000:]}"
+            )
             kills[stage] += 1
             export_kills += stage == "export"
             check_clean_invariants(data, clean_id)

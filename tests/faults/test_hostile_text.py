@@ -24,7 +24,7 @@ PACKAGES = ("embed_factory", "flows", "tasks", "storage", "personas", "prompts",
 INJECTIONS = [
     "'); DROP TABLE x; --",
     "Robert'); DROP TABLE raw; --",
-    "\"; DROP VIEW raw; SELECT \"",
+    '"; DROP VIEW raw; SELECT "',
     "x' OR '1'='1",
     "$1 ? $run_id :name {runs} {clean} %s",
     "'; COPY (SELECT 1) TO '/tmp/pwned.csv'; --",
@@ -44,25 +44,68 @@ def hostile_run(data_dir: Path, run_id: str = "hostile") -> list[dict]:
     now = datetime.now(UTC)
     rows = []
     for i, text in enumerate(INJECTIONS + [XSS_OUTPUT]):
-        rows.append({
-            "example_id": f"{run_id}:r00-retrieval-{i:06d}", "run_id": run_id, "shard_id": "g00-00000",
-            "task_type": "retrieval", "instruction": f"Find documents about {text}", "instruction_id": f"i{i}",
-            "persona_id": "p-xss", "persona": XSS_PERSONA, "placeholders": "{}", "prompt_version": "v1",
-            "model": "<b>model</b>", "sampling": "{}", "attempts": 1, "prompt_tokens": 10, "completion_tokens": 20,
-            "latency_s": 0.5, "finish_reason": "stop", "query": f"{text} query {i}",
-            "positive": f"A long enough positive document number {i} that mentions {text} in passing.",
-            "negative": f"A different negative document {i}: {text}.", "parsed": json.dumps({"q": text}),
-            "raw_text": XSS_OUTPUT + text, "created_at": now,
-        })
-    rejects = [reject_row(example_id=f"{run_id}:r00-retrieval-999999", run_id=run_id, shard_id="g00-00000",
-                          stage="generate", task_type="retrieval", instruction=INJECTIONS[0], persona_id="p-xss",
-                          prompt_version="v1", model="m", attempts=3, reason=f"invalid output: {INJECTIONS[1]}",
-                          finish_reason="length", raw_text=XSS_OUTPUT, created_at=now)]
+        rows.append(
+            {
+                "example_id": f"{run_id}:r00-retrieval-{i:06d}",
+                "run_id": run_id,
+                "shard_id": "g00-00000",
+                "task_type": "retrieval",
+                "instruction": f"Find documents about {text}",
+                "instruction_id": f"i{i}",
+                "persona_id": "p-xss",
+                "persona": XSS_PERSONA,
+                "placeholders": "{}",
+                "prompt_version": "v1",
+                "model": "<b>model</b>",
+                "sampling": "{}",
+                "attempts": 1,
+                "prompt_tokens": 10,
+                "completion_tokens": 20,
+                "latency_s": 0.5,
+                "finish_reason": "stop",
+                "query": f"{text} query {i}",
+                "positive": f"A long enough positive document number {i} that mentions {text} in passing.",
+                "negative": f"A different negative document {i}: {text}.",
+                "parsed": json.dumps({"q": text}),
+                "raw_text": XSS_OUTPUT + text,
+                "created_at": now,
+            }
+        )
+    rejects = [
+        reject_row(
+            example_id=f"{run_id}:r00-retrieval-999999",
+            run_id=run_id,
+            shard_id="g00-00000",
+            stage="generate",
+            task_type="retrieval",
+            instruction=INJECTIONS[0],
+            persona_id="p-xss",
+            prompt_version="v1",
+            model="m",
+            attempts=3,
+            reason=f"invalid output: {INJECTIONS[1]}",
+            finish_reason="length",
+            raw_text=XSS_OUTPUT,
+            created_at=now,
+        )
+    ]
     store.write_shard("examples", "g00-00000", rows, rejects)
-    store.write_instructions(pa.Table.from_pylist(
-        [{"instruction_id": f"i{i}", "task_type": "retrieval", "instruction": f"Find documents about {t}",
-          "normalized": f"find documents about {t}".lower(), "persona_id": "p-xss", "persona": XSS_PERSONA}
-         for i, t in enumerate(INJECTIONS + [XSS_OUTPUT])], schema=INSTRUCTION_SCHEMA))
+    store.write_instructions(
+        pa.Table.from_pylist(
+            [
+                {
+                    "instruction_id": f"i{i}",
+                    "task_type": "retrieval",
+                    "instruction": f"Find documents about {t}",
+                    "normalized": f"find documents about {t}".lower(),
+                    "persona_id": "p-xss",
+                    "persona": XSS_PERSONA,
+                }
+                for i, t in enumerate(INJECTIONS + [XSS_OUTPUT])
+            ],
+            schema=INSTRUCTION_SCHEMA,
+        )
+    )
     return rows
 
 
@@ -79,8 +122,9 @@ def test_sql_injection_text_round_trips_harmlessly(tmp_path):
     assert views["raw"] and views["rejects"] and views["instructions"]
 
     stored = catalog.query("SELECT example_id, query, positive, raw_text FROM raw ORDER BY example_id").to_pylist()
-    assert [(r["query"], r["positive"], r["raw_text"]) for r in stored] == \
-        [(r["query"], r["positive"], r["raw_text"]) for r in sorted(rows, key=lambda r: r["example_id"])]
+    assert [(r["query"], r["positive"], r["raw_text"]) for r in stored] == [
+        (r["query"], r["positive"], r["raw_text"]) for r in sorted(rows, key=lambda r: r["example_id"])
+    ]
     for text in INJECTIONS:  # bound as a parameter, the text matches itself and nothing else
         found = catalog.query("SELECT count(*) AS n FROM raw WHERE starts_with(query, ?)", [text]).to_pylist()
         assert found == [{"n": 1}], text
@@ -92,9 +136,20 @@ def test_sql_injection_text_round_trips_harmlessly(tmp_path):
 
     # the catalog and the x table an injection names are untouched; the CLI's query answers over the same data
     env = {**os.environ, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data)}
-    out = subprocess.run([sys.executable, "-m", "embed_factory.cli", "query",
-                          "SELECT count(*) AS n, count(DISTINCT query) AS q FROM raw"],
-                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embed_factory.cli",
+            "query",
+            "SELECT count(*) AS n, count(DISTINCT query) AS q FROM raw",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert re.search(rf"\b{len(rows)}\b.*\b{len(rows)}\b", out.stdout), out.stdout
     assert set(catalog.refresh()) >= {"raw", "rejects", "instructions"}
@@ -126,8 +181,10 @@ SAFE_CALLS = {"_literal", "_ident"}
 SAFE_NAMES = {
     "_META_TABLE",  # a constant table name
     "path",  # catalog: _literal(<glob under the data dir>)
-    "stage", "source",  # report: names from STAGES / the catalog views, never from data
-    "inner", "options",  # catalog.to_file: the user's own SQL (by design) and fixed COPY options
+    "stage",
+    "source",  # report: names from STAGES / the catalog views, never from data
+    "inner",
+    "options",  # catalog.to_file: the user's own SQL (by design) and fixed COPY options
     "run_dir",  # cli: a duckdb command line printed as a hint, never executed
     "self.view_sql(view, has_files)",  # built from the above
     "'{runs}' if source == 'raw' else '{clean}'",  # report: filter placeholders, bound as parameters
@@ -144,10 +201,17 @@ def sql_interpolations() -> list[tuple[str, int, str]]:
                 if isinstance(node, ast.JoinedStr):
                     text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
                     if SQL_WORDS.search(text):
-                        found += [(str(path.relative_to(ROOT)), node.lineno, ast.unparse(v.value))
-                                  for v in node.values if isinstance(v, ast.FormattedValue)]
-                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                      and node.func.attr == "format" and "SQL" in ast.unparse(node.func.value)):
+                        found += [
+                            (str(path.relative_to(ROOT)), node.lineno, ast.unparse(v.value))
+                            for v in node.values
+                            if isinstance(v, ast.FormattedValue)
+                        ]
+                elif (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "format"
+                    and "SQL" in ast.unparse(node.func.value)
+                ):
                     found += [(str(path.relative_to(ROOT)), node.lineno, ast.unparse(k.value)) for k in node.keywords]
     return found
 
@@ -162,8 +226,10 @@ def test_no_sql_is_built_from_data_values():
     assert found, "the audit sees the SQL in the code (else it checks nothing)"
     # dedup's exact-duplicate SQL is formatted with a constant list of task types
     unsafe = [f for f in found if not _safe(f[2]) and not (f[0] == "tasks/cleaning/dedup.py" and f[2] == "doc_types")]
-    assert not unsafe, ("values pasted into SQL text; bind them as parameters (? / $name) or quote an identifier "
-                        f"from a fixed list with _ident: {unsafe}")
+    assert not unsafe, (
+        "values pasted into SQL text; bind them as parameters (? / $name) or quote an identifier "
+        f"from a fixed list with _ident: {unsafe}"
+    )
     print(f"[security] {len({(f[0], f[1]) for f in found})} SQL texts with {len(found)} interpolations audited")
 
 
@@ -174,10 +240,17 @@ def test_no_code_executes_text():
             for node in ast.walk(ast.parse(path.read_text())):
                 if not isinstance(node, ast.Call):
                     continue
-                name = node.func.id if isinstance(node.func, ast.Name) else \
-                    f"{ast.unparse(node.func.value)}.{node.func.attr}" if isinstance(node.func, ast.Attribute) else ""
-                shell = any(k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
-                            for k in node.keywords)
+                name = (
+                    node.func.id
+                    if isinstance(node.func, ast.Name)
+                    else f"{ast.unparse(node.func.value)}.{node.func.attr}"
+                    if isinstance(node.func, ast.Attribute)
+                    else ""
+                )
+                shell = any(
+                    k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                    for k in node.keywords
+                )
                 if name in ("eval", "exec", "compile", "os.system", "os.popen", "pickle.loads") or shell:
                     calls.append((str(path.relative_to(ROOT)), node.lineno, name))
     assert not calls, f"code that executes text: {calls}"

@@ -27,10 +27,10 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from proxy import FaultProxy
 from pydantic import SecretStr
 
 from ground.settings import Settings, load_settings
-from proxy import FaultProxy
 
 
 # --------------------------------------------------------------------------- listening sockets
@@ -38,8 +38,11 @@ def listening_sockets(pid: int) -> list[tuple[str, int, int]]:
     """(ip, port, pid) of every TCP socket that ``pid`` or one of its descendants listens on."""
     tree = psutil.Process(pid)
     pids = {pid} | {child.pid for child in tree.children(recursive=True)}
-    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 def assert_loopback_only(sockets: list[tuple[str, int, int]], what: str) -> None:
@@ -91,23 +94,38 @@ def test_local_prefect_server_serve_and_worker_listen_on_loopback_only(tmp_path,
         assert any(port == settings.prefect.port for _, port, _ in sockets), sockets
         assert_loopback_only(sockets, "the local Prefect server")
         print(f"[security] local prefect server: {len(sockets)} listening sockets, all loopback")
-        check_process(["serve"], server.api_url, tmp_path,
-                      lambda c: _exists(c.read_deployment_by_name("finetune/finetune")))
+        check_process(
+            ["serve"], server.api_url, tmp_path, lambda c: _exists(c.read_deployment_by_name("finetune/finetune"))
+        )
         pool = getattr(settings.prefect, "work_pool", None)
         if pool:  # `embed-factory deploy`: registers the deployments, then runs a worker for the pool
-            check_process(["deploy"], server.api_url, tmp_path,
-                          lambda c: _non_empty(c.read_workers_for_work_pool(work_pool_name=pool)))
+            check_process(
+                ["deploy"],
+                server.api_url,
+                tmp_path,
+                lambda c: _non_empty(c.read_workers_for_work_pool(work_pool_name=pool)),
+            )
     finally:
         server.stop()
 
 
 def check_process(args: list[str], api_url: str, tmp_path: Path, ready) -> None:
     """Start `embed-factory <args>` against ``api_url``; once ``ready(client)`` holds, check its sockets."""
-    env = {**os.environ, "PREFECT_API_URL": api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
-           # a configured endpoint, so `deploy` does not start an embedded vLLM server for its worker
-           "EMBED_FACTORY_LLM__BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-    process = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", *args], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        # a configured endpoint, so `deploy` does not start an embedded vLLM server for its worker
+        "EMBED_FACTORY_LLM__BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         up = False
@@ -171,8 +189,13 @@ def secret_env(tag: str) -> dict[str, str]:
         for key, field in getattr(annotation, "model_fields", {}).items():
             if "SecretStr" in str(field.annotation):
                 secrets[f"EMBED_FACTORY_{section.upper()}__{key.upper()}"] = f"sk-{tag}-{section}-{key}-9f81c3"
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ):
         secrets[name] = f"tok-{tag}-{name.lower()}-77e0d4"
     return secrets
 
@@ -194,8 +217,12 @@ async def prefect_records() -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {"flow_runs": [], "task_runs": [], "artifacts": [], "logs": []}
     async with get_client() as client:
-        for kind, read in (("flow_runs", client.read_flow_runs), ("task_runs", client.read_task_runs),
-                           ("artifacts", client.read_artifacts), ("logs", client.read_logs)):
+        for kind, read in (
+            ("flow_runs", client.read_flow_runs),
+            ("task_runs", client.read_task_runs),
+            ("artifacts", client.read_artifacts),
+            ("logs", client.read_logs),
+        ):
             offset = 0
             while True:
                 page = await read(limit=200, offset=offset)
@@ -213,19 +240,37 @@ def test_secrets_never_reach_files_logs_or_prefect(llm_base_url, prefect_api_url
     vllm_log = Path(load_settings().embedded_llm.cache_dir) / "logs" / f"vllm-{load_settings().embedded_llm.port}.log"
     log_start = vllm_log.stat().st_size if vllm_log.exists() else 0
     with FaultProxy(llm_base_url) as proxy:  # no faults: it only records what reaches the server
-        env = {**os.environ, **secrets, "PREFECT_API_URL": prefect_api_url,
-               "EMBED_FACTORY_STORAGE__DATA_DIR": str(data), "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url,
-               "EMBED_FACTORY_LLM__MODEL": "SmolLM2-135M-Instruct",
-               # debug logging everywhere, the openai and httpx loggers shipped to the Prefect API too
-               "PREFECT_LOGGING_LEVEL": "DEBUG", "PREFECT_LOGGING_EXTRA_LOGGERS": "openai,httpx,httpcore",
-               "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10", "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
-               "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8", "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false"}
+        env = {
+            **os.environ,
+            **secrets,
+            "PREFECT_API_URL": prefect_api_url,
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+            "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url,
+            "EMBED_FACTORY_LLM__MODEL": "SmolLM2-135M-Instruct",
+            # debug logging everywhere, the openai and httpx loggers shipped to the Prefect API too
+            "PREFECT_LOGGING_LEVEL": "DEBUG",
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "openai,httpx,httpcore",
+            "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10",
+            "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+            "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8",
+            "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false",
+        }
         # the S3 secrets are planted, but the data dir stays local
         outputs = []
-        for args in (["run", "--run-id", "secrets", "-n", "12"], ["report"],
-                     ["query", "SELECT count(*) AS n FROM raw"], ["doctor"]):
-            result = subprocess.run([sys.executable, "-m", "embed_factory.cli", *args], env=env, cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=900)
+        for args in (
+            ["run", "--run-id", "secrets", "-n", "12"],
+            ["report"],
+            ["query", "SELECT count(*) AS n FROM raw"],
+            ["doctor"],
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "embed_factory.cli", *args],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             if args[0] != "doctor":
                 assert result.returncode == 0, result.stdout + result.stderr
             outputs.append(("cli " + args[0], result.stdout + result.stderr))
@@ -257,8 +302,10 @@ def test_secrets_never_reach_files_logs_or_prefect(llm_base_url, prefect_api_url
         if found := [s for s in values if any(s in item for item in items)]:
             leaks[f"prefect {kind}"] = found
     assert not leaks, f"secrets leaked: {leaks}"
-    print(f"[security] {len(values)} secrets, none found in {len(files)} files, {len(outputs)} CLI outputs, the vLLM "
-          f"log and {sum(map(len, records.values()))} Prefect records ({ {k: len(v) for k, v in records.items()} })")
+    print(
+        f"[security] {len(values)} secrets, none found in {len(files)} files, {len(outputs)} CLI outputs, the vLLM "
+        f"log and {sum(map(len, records.values()))} Prefect records ({ {k: len(v) for k, v in records.items()} })"
+    )
 
 
 def test_api_key_from_a_prefect_secret_block(prefect_api_url, tmp_path):
@@ -270,12 +317,34 @@ def test_api_key_from_a_prefect_secret_block(prefect_api_url, tmp_path):
     Secret(value=key).save("embed-factory-test-llm-key", overwrite=True)
     data = tmp_path / "data"
     with StubLLM() as stub, FaultProxy(stub.base_url) as proxy:
-        env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-               "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url, "EMBED_FACTORY_LLM__MODEL": stub.model,
-               "EMBED_FACTORY_LLM__API_KEY": "prefect-secret:embed-factory-test-llm-key"}
-        result = subprocess.run([sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "block-key", "-n", "4",
-                                 "-t", "sts", "--no-clean"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                                timeout=600)
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_api_url,
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+            "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url,
+            "EMBED_FACTORY_LLM__MODEL": stub.model,
+            "EMBED_FACTORY_LLM__API_KEY": "prefect-secret:embed-factory-test-llm-key",
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "embed_factory.cli",
+                "run",
+                "--run-id",
+                "block-key",
+                "-n",
+                "4",
+                "-t",
+                "sts",
+                "--no-clean",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         hits = proxy.chat_hits()
     assert result.returncode == 0, result.stdout + result.stderr
     assert hits and all(h.authorization == f"Bearer {key}" for h in hits)

@@ -28,24 +28,33 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from proxy import FAULT_KINDS, FaultProxy, prompt_sha
+
+from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.render import RenderedPrompt, render_example
 from prompts.schemas import object_schema, string_field
 from prompts.task_types import get_task_type
 from storage.shards import RunStore
 from tasks.generation.generate import count_by_type, plan_examples, split_targets
-from llm.client import LLMClient, RequestFailed, Sampling
 
-PROMPT = RenderedPrompt(messages=[{"role": "user", "content": "hi"}],
-                        schema=object_schema({"answer": string_field(1, 50)}), schema_name="t", prompt_version="v")
+PROMPT = RenderedPrompt(
+    messages=[{"role": "user", "content": "hi"}],
+    schema=object_schema({"answer": string_field(1, 50)}),
+    schema_name="t",
+    prompt_version="v",
+)
 SAMPLING = Sampling(temperature=0.5, top_p=1.0, max_tokens=20)
 
 
 def completion(content: str) -> dict:
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+    }
 
 
 def mock_client(answers: list[tuple[int, bytes]], **kwargs) -> LLMClient:
@@ -55,18 +64,21 @@ def mock_client(answers: list[tuple[int, bytes]], **kwargs) -> LLMClient:
     async def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request)
         status, body = answers[min(len(sent) - 1, len(answers) - 1)]
-        return httpx.Response(status, content=body, headers={"content-type": "application/json",
-                                                             "retry-after-ms": "1"})
+        return httpx.Response(status, content=body, headers={"content-type": "application/json", "retry-after-ms": "1"})
 
-    return LLMClient("http://llm.test/v1", "m", http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
-                     **kwargs)
+    return LLMClient(
+        "http://llm.test/v1", "m", http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)), **kwargs
+    )
 
 
 # --------------------------------------------------------------------------- client level
 def test_a_body_that_is_not_json_is_asked_again_and_counted():
     good = json.dumps(completion('{"answer": "ok"}')).encode()
-    client = mock_client([(200, b'{"id": "x", "choices": [{"ind'), (200, b'{"id": "x"}'), (500, b"{}"), (200, good)],
-                         max_retries=2, schema_retries=2)
+    client = mock_client(
+        [(200, b'{"id": "x", "choices": [{"ind'), (200, b'{"id": "x"}'), (500, b"{}"), (200, good)],
+        max_retries=2,
+        schema_retries=2,
+    )
     result = asyncio.run(client.complete_json(PROMPT, SAMPLING, seed=1))
     assert result.parsed == {"answer": "ok"} and result.attempts == 3
     s = client.stats
@@ -137,8 +149,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def planned_ids(run_id: str, store: RunStore, targets: dict[str, int], seed: int, shard_size: int,
-                rounds: int) -> list[str]:
+def planned_ids(
+    run_id: str, store: RunStore, targets: dict[str, int], seed: int, shard_size: int, rounds: int
+) -> list[str]:
     """Every request the flow planned: round 0, then each top-up round for what was still missing."""
     examples = store.read_kind("examples")
     instructions = store.read_instructions()
@@ -148,8 +161,11 @@ def planned_ids(run_id: str, store: RunStore, targets: dict[str, int], seed: int
         wanted = targets if round_idx == 0 else {t: max(0, targets[t] - have.get(t, 0)) for t in targets}
         if not any(wanted.values()):
             break
-        ids += [r.example_id for s in plan_examples(run_id, round_idx, wanted, instructions, seed, shard_size)
-                for r in s.requests]
+        ids += [
+            r.example_id
+            for s in plan_examples(run_id, round_idx, wanted, instructions, seed, shard_size)
+            for r in s.requests
+        ]
     return ids
 
 
@@ -171,8 +187,14 @@ def assert_every_request_once(store: RunStore, planned: list[str]) -> tuple[int,
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embed_factory.cli", *args], env={**os.environ, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "embed_factory.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------- the real server, killed and restarted
@@ -183,21 +205,48 @@ def test_vllm_killed_and_restarted_mid_run_loses_no_request(llm_base_url, prefec
     from ground.settings import load_settings
 
     port = free_port()
-    env = {"EMBED_FACTORY_EMBEDDED_LLM__PORT": str(port), "EMBED_FACTORY_EMBEDDED_LLM__KV_CACHE_GIB": "1",
-           "EMBED_FACTORY_EMBEDDED_LLM__MAX_NUM_SEQS": "8", "EMBED_FACTORY_LLM__MAX_IN_FLIGHT": "8",
-           "PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
-           "EMBED_FACTORY_GENERATION__SHARD_SIZE": "2", "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
-           # the openai client's backoff tops out at 8 s: 20 retries span ~100-135 s, about one restart
-           "EMBED_FACTORY_LLM__MAX_RETRIES": "20", "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "3"}
+    env = {
+        "EMBED_FACTORY_EMBEDDED_LLM__PORT": str(port),
+        "EMBED_FACTORY_EMBEDDED_LLM__KV_CACHE_GIB": "1",
+        "EMBED_FACTORY_EMBEDDED_LLM__MAX_NUM_SEQS": "8",
+        "EMBED_FACTORY_LLM__MAX_IN_FLIGHT": "8",
+        "PREFECT_API_URL": prefect_api_url,
+        "EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"),
+        "EMBED_FACTORY_GENERATION__SHARD_SIZE": "2",
+        "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
+        # the openai client's backoff tops out at 8 s: 20 retries span ~100-135 s, about one restart
+        "EMBED_FACTORY_LLM__MAX_RETRIES": "20",
+        "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "3",
+    }
     settings = load_settings().embedded_llm.model_copy(update={"port": port, "kv_cache_gib": 1, "max_num_seqs": 8})
     server = EmbeddedLLMServer(settings, say=lambda m: print(f"[llm {port}] {m}", flush=True))
     assert server.settings.port == port and server.pid_file.name == f"vllm-{port}.pid"
     server.start()
     store = RunStore(tmp_path / "data", "restart")
-    run = subprocess.Popen([sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "restart", "-n", "12",
-                            "-t", "sts", "-t", "bitext", "--seed", "5", "--no-clean"],
-                           env={**os.environ, **env}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embed_factory.cli",
+            "run",
+            "--run-id",
+            "restart",
+            "-n",
+            "12",
+            "-t",
+            "sts",
+            "-t",
+            "bitext",
+            "--seed",
+            "5",
+            "--no-clean",
+        ],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while not any(k.startswith("examples/") for k in (store.manifest() if store.manifest_path.exists() else {})):
@@ -225,21 +274,32 @@ def test_vllm_killed_and_restarted_mid_run_loses_no_request(llm_base_url, prefec
     targets = split_targets(12, ["sts", "bitext"])
     planned = planned_ids("restart", store, targets, 5, 2, 3)
     n_examples, n_rejects = assert_every_request_once(store, planned)
-    after = [p for p in (store.root / "examples").glob("*.parquet")
-             if p.stat().st_mtime >= restarted_at and f"examples/{p.stem}" not in committed]
+    after = [
+        p
+        for p in (store.root / "examples").glob("*.parquet")
+        if p.stat().st_mtime >= restarted_at and f"examples/{p.stem}" not in committed
+    ]
     assert after, "shards were committed by the restarted server"
     latencies = store.read_kind("examples")["latency_s"].to_pylist()
     survived = [x for x in latencies if x >= down_s * 0.5]
-    print(f"[faults] vllm restart: down {down_s:.0f}s, {len(planned)} planned, {n_examples} examples, {n_rejects} "
-          f"rejects, {len(after)} shards after the restart, {len(survived)} requests retried across the outage; "
-          f"max latency {max(latencies):.0f}s")
+    print(
+        f"[faults] vllm restart: down {down_s:.0f}s, {len(planned)} planned, {n_examples} examples, {n_rejects} "
+        f"rejects, {len(after)} shards after the restart, {len(survived)} requests retried across the outage; "
+        f"max latency {max(latencies):.0f}s"
+    )
     assert re.search(r"LLM: \d+ calls, \d+ HTTP attempts, \d+ transport failures", " ".join(out.split())), out
     server.log_file.unlink(missing_ok=True)  # this port's log (kept when the test fails)
 
 
 # --------------------------------------------------------------------------- a whole run through the faults
-REASONS = ("invalid output", "http 429", "http 500", "timeout after retries", "connection error after retries",
-           "invalid response body")
+REASONS = (
+    "invalid output",
+    "http 429",
+    "http 500",
+    "timeout after retries",
+    "connection error after retries",
+    "invalid response body",
+)
 
 
 def test_generation_through_faults_completes_accounts_and_reports(stub, prefect_api_url, tmp_path):
@@ -250,15 +310,34 @@ def test_generation_through_faults_completes_accounts_and_reports(stub, prefect_
     types = ["retrieval", "sts", "bitext"]
     data = tmp_path / "data"
     with FaultProxy(stub.base_url, rate=0.4, seed=11, slow_s=6.0, retry_after_s=1) as proxy:
-        env = {"PREFECT_API_URL": prefect_api_url, "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-               "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url, "EMBED_FACTORY_LLM__MODEL": stub.model,
-               "EMBED_FACTORY_LLM__REQUEST_TIMEOUT_S": "4", "EMBED_FACTORY_LLM__MAX_RETRIES": str(max_retries),
-               "EMBED_FACTORY_LLM__SCHEMA_RETRIES": str(schema_retries), "EMBED_FACTORY_LLM__MAX_IN_FLIGHT": "16",
-               "EMBED_FACTORY_GENERATION__SHARD_SIZE": str(shard_size),
-               "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": str(topups)}
+        env = {
+            "PREFECT_API_URL": prefect_api_url,
+            "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
+            "EMBED_FACTORY_LLM__BASE_URL": proxy.base_url,
+            "EMBED_FACTORY_LLM__MODEL": stub.model,
+            "EMBED_FACTORY_LLM__REQUEST_TIMEOUT_S": "4",
+            "EMBED_FACTORY_LLM__MAX_RETRIES": str(max_retries),
+            "EMBED_FACTORY_LLM__SCHEMA_RETRIES": str(schema_retries),
+            "EMBED_FACTORY_LLM__MAX_IN_FLIGHT": "16",
+            "EMBED_FACTORY_GENERATION__SHARD_SIZE": str(shard_size),
+            "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": str(topups),
+        }
         started = time.monotonic()
-        result = run_cli(["run", "--run-id", "faults", "-n", str(n), "--seed", str(seed), "--no-clean",
-                          *[a for t in types for a in ("-t", t)]], env, tmp_path)
+        result = run_cli(
+            [
+                "run",
+                "--run-id",
+                "faults",
+                "-n",
+                str(n),
+                "--seed",
+                str(seed),
+                "--no-clean",
+                *[a for t in types for a in ("-t", t)],
+            ],
+            env,
+            tmp_path,
+        )
         took = time.monotonic() - started
         hits = proxy.chat_hits()
         faults = proxy.faults()
@@ -276,34 +355,50 @@ def test_generation_through_faults_completes_accounts_and_reports(stub, prefect_
     assert set(faults) == set(FAULT_KINDS), faults
     assert max(h.retry_count for h in hits) <= max_retries
     overrides = load_settings().generation.placeholder_overrides
-    plans = [r for round_idx in range(topups + 1) for shard in plan_examples(
-        "faults", round_idx, split_targets(n, types), store.read_instructions(), seed, shard_size, overrides)
-        for r in shard.requests]
-    per_prompt = Counter(prompt_sha(render_example(get_task_type(r.task_type), r.instruction,
-                                                   dict(r.placeholders)).messages) for r in plans)
+    plans = [
+        r
+        for round_idx in range(topups + 1)
+        for shard in plan_examples(
+            "faults", round_idx, split_targets(n, types), store.read_instructions(), seed, shard_size, overrides
+        )
+        for r in shard.requests
+    ]
+    per_prompt = Counter(
+        prompt_sha(render_example(get_task_type(r.task_type), r.instruction, dict(r.placeholders)).messages)
+        for r in plans
+    )
     calls = Counter(h.prompt_sha for h in hits if h.retry_count == 0)
     example_calls = {sha: k for sha, k in calls.items() if sha in per_prompt}
     assert example_calls, "the proxy saw the planned example prompts"
     over = {sha: k for sha, k in example_calls.items() if k > per_prompt[sha] * (schema_retries + 1)}
     assert not over, f"prompts asked more often than (schema_retries + 1) x planned: {over}"
     for hit in (h for h in hits if h.fault == "429"):  # Retry-After was honoured
-        retry = [h.at for h in hits if h.body_sha == hit.body_sha and h.retry_count == hit.retry_count + 1
-                 and h.at > hit.at]
+        retry = [
+            h.at for h in hits if h.body_sha == hit.body_sha and h.retry_count == hit.retry_count + 1 and h.at > hit.at
+        ]
         if retry:
             assert min(retry) - hit.at >= 0.9, "a 429 was retried before its Retry-After"
 
     # 3. the CLI reports what the proxy saw: attempts, transport failures, retries, and warns
     flat = " ".join(out.split())  # rich wraps long lines at the terminal width
     line = re.search(r"LLM: .*? schema retries", flat).group(0)
-    numbers = dict((k, int(v)) for v, k in re.findall(r"(\d+) (calls|HTTP attempts|transport failures|"
-                                                         r"transport retries|schema retries)", line))
+    numbers = dict(
+        (k, int(v))
+        for v, k in re.findall(
+            r"(\d+) (calls|HTTP attempts|transport failures|"
+            r"transport retries|schema retries)",
+            line,
+        )
+    )
     assert numbers["HTTP attempts"] == len(hits)
     assert numbers["transport failures"] == sum(faults.values())  # the stub never fails by itself
     assert numbers["transport retries"] == sum(1 for h in hits if h.retry_count)
     assert numbers["calls"] == sum(1 for h in hits if h.retry_count == 0)
     assert f"rejects: {store.read_kind('rejects').num_rows} " in flat
     assert re.search(r"warning: \d+ of \d+ HTTP attempts to the LLM server failed", flat), out
-    print(f"[faults] proxy run: {len(planned)} planned requests, {n_examples} examples, {n_rejects} rejects "
-          f"{dict(reasons)}; {len(hits)} HTTP attempts, faults {dict(faults)}, {numbers['transport retries']} "
-          f"transport retries, {numbers['schema retries']} schema retries; max retry count "
-          f"{max(h.retry_count for h in hits)} (limit {max_retries}); {took:.0f}s")
+    print(
+        f"[faults] proxy run: {len(planned)} planned requests, {n_examples} examples, {n_rejects} rejects "
+        f"{dict(reasons)}; {len(hits)} HTTP attempts, faults {dict(faults)}, {numbers['transport retries']} "
+        f"transport retries, {numbers['schema retries']} schema retries; max retry count "
+        f"{max(h.retry_count for h in hits)} (limit {max_retries}); {took:.0f}s"
+    )

@@ -48,6 +48,7 @@ class FinetuneSummary:
     before: dict[str, Any]
     after: dict[str, Any]
     delta: dict[str, Any]
+    model_url: str | None = None  # with S3 storage: the model's copy next to the export (s3://…/models/<name>)
 
 
 def local_data_dir(settings: Settings) -> Path:
@@ -154,8 +155,11 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
         before=before,
         after=after,
         delta=change,
+        model_url=store.published_url(final_dir),
     )
     store.write_summary(final_dir, asdict(summary))
+    if summary.model_url:
+        store.publish(final_dir)  # the model, eval.json and finetune.json next to the export on S3
     logger.info(
         "model %s: %s steps, %s samples/s; key deltas %s",
         placed.model_dir,

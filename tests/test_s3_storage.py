@@ -428,3 +428,26 @@ def test_generate_flow_writes_its_run_to_s3(llm_base_url, prefect_api_url, endpo
     assert "runs/s3-run/.lock" not in names  # released
     assert Catalog(root).query("SELECT count(*) AS n FROM raw").column("n")[0].as_py() == examples.num_rows
     assert not (tmp_path / "data" / "runs").exists()
+
+
+def test_a_promoted_model_is_uploaded_next_to_the_export_summary_last(root, tmp_path, monkeypatch):
+    from storage.models import SUMMARY_FILE, ModelStore
+
+    final_dir = tmp_path / "models" / "all-MiniLM-L6-v2-clean-1"
+    (final_dir / "1_Pooling").mkdir(parents=True)
+    files = {"model.safetensors": b"weights", "1_Pooling/config.json": b"{}", "eval.json": b"{}", SUMMARY_FILE: b"{}"}
+    for name, data in files.items():
+        (final_dir / name).write_bytes(data)
+    puts = []
+    import storage.models as models
+
+    real_put = models.put_bytes
+    monkeypatch.setattr(models, "put_bytes", lambda path, data: puts.append(path.name) or real_put(path, data))
+
+    assert ModelStore(tmp_path).publish(final_dir) is None  # local storage: nothing to upload
+    store = ModelStore(tmp_path, remote_root=root)
+    url = store.publish(final_dir)
+    assert url == store.published_url(final_dir) == f"{root}/models/{final_dir.name}"
+    assert keys(root) == sorted(f"models/{final_dir.name}/{name}" for name in files)
+    assert puts[-1] == SUMMARY_FILE  # the commit point goes last
+    assert (root / "models" / final_dir.name / "model.safetensors").read_bytes() == b"weights"

@@ -122,6 +122,8 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
     )
     out.print(f"model: {summary.model_dir}")
     out.print(f"eval:  {summary.eval_path}")
+    if summary.model_url:
+        out.print(f"on S3: {summary.model_url}")
 
 
 def serve(

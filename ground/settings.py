@@ -99,7 +99,7 @@ class LLMSettings(Section):
     endpoint_max_cooldown_s: float = Field(60.0, gt=0)  # ... up to this; also the longest wait when all are out
     api_key: SecretStr = SecretStr("EMPTY")
     model: str | None = None  # None: the embedded server's served model name
-    max_in_flight: int = Field(64, ge=1, le=4096)  # = the embedded server's max_num_seqs; over all endpoints
+    max_in_flight: int = Field(64, ge=1, le=65536)  # = the embedded server's max_num_seqs; over all endpoints
     request_timeout_s: float = Field(180.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)  # with several endpoints: tries after the first, on any endpoint
     schema_retries: int = Field(2, ge=0, le=10)

@@ -105,6 +105,12 @@ class ClientStats:
         return max(0, self.http_attempts - self.requests)
 
 
+def _pool_limits(max_in_flight: int) -> httpx.Limits:
+    """Connections for every request in flight: the openai client's default pool stops at 1,000 connections,
+    which would cap a large fleet's ``llm.max_in_flight`` below what is configured (bench/fleet.py)."""
+    return httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=max_in_flight)
+
+
 class LLMClient:
     """One per flow run; safe to share across the concurrent shard tasks of that run's event loop."""
 
@@ -157,7 +163,9 @@ class LLMClient:
             api_key=api_key,
             timeout=timeout_s,
             max_retries=max_retries,
-            http_client=self._counting(http_client or openai.DefaultAsyncHttpxClient()),
+            http_client=self._counting(
+                http_client or openai.DefaultAsyncHttpxClient(limits=_pool_limits(max_in_flight))
+            ),
         )
         # several endpoints: the router retries elsewhere, so each endpoint's client (sharing the HTTP pool) does not
         self._tries = max_retries + 1

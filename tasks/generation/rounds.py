@@ -70,14 +70,29 @@ async def run_shards(
     sampling: Sampling,
     shards_in_flight: int,
 ) -> list:
-    """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client."""
+    """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client.
+
+    When a shard fails, no further shard starts and the ones in flight finish before the first error is
+    raised: the caller closes the client after this returns, and a shard still sending would fail with
+    "client has been closed" (a traceback for what is one user error, e.g. a full disk).
+    """
     gate = asyncio.Semaphore(shards_in_flight)
+    errors: list[BaseException] = []
 
     async def run(shard):
         async with gate:
-            return await shard_task(store, shard, client, sampling)
+            if errors:
+                return None  # a shard failed: start no more
+            try:
+                return await shard_task(store, shard, client, sampling)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
 
-    return await asyncio.gather(*(run(shard) for shard in shards))
+    results = await asyncio.gather(*(run(shard) for shard in shards), return_exceptions=True)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def before_round(table: pa.Table, round_prefix: str) -> pa.Table:

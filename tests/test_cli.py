@@ -202,6 +202,9 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
             "train_seconds": 5.0,
             "first_loss": 1.25,
             "last_loss": 0.5,
+            "loss_start": 1.1,  # the smoothed loss (mean of the first / last window of steps) is what is printed
+            "loss_end": 0.6,
+            "loss_window": 2,
         },
         key_deltas={},
         before=sts({"384": 0.8, "64": 0.7}),
@@ -217,7 +220,9 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
         if line.startswith("│ ") and line.split()[1] in ("384", "64")
     }
     assert rows == {"384": ["0.8000", "0.8500", "+0.0500"], "64": ["0.7000", "0.6500", "-0.0500"]}, out
-    assert "training: 5 steps, 40 samples, 8.0 samples/s, 5s, loss 1.2500 → 0.5000" in out
+    flat = " ".join(out.split())
+    assert "training: 5 steps, 40 samples, 8.0 samples/s, 5s, loss 1.1000 → 0.6000" in flat
+    assert "(mean of the first and last 2 logged steps)" in flat
     assert "model: /d/models/mini-c1" in out and "eval:  /d/models/mini-c1/eval.json" in out
 
 

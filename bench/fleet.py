@@ -51,7 +51,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,6 +67,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from fleet_result import FleetConfig, FleetResult, Sample, report, steady_window  # noqa: E402
 from fleet_stub import LatencyModel, raise_open_files_limit  # noqa: E402
 from generation import bench_plan  # noqa: E402  (the existing bench's instructions and plan)
 
@@ -76,111 +76,6 @@ from llm.client import LLMClient, Sampling  # noqa: E402
 from storage.shards import RunStore  # noqa: E402
 from tasks.generation.generate import run_example_shard  # noqa: E402
 from tasks.generation.rounds import run_shards  # noqa: E402
-
-# The README's capacity plan at 10× KaLM (section "Capacity"): 5.5M samples, ~1.2 attempts per sample,
-# generation on 4 nodes of 8 GPUs for ~26 h.
-SAMPLES_10X = 5_500_000
-ATTEMPTS_PER_SAMPLE = 1.2
-GENERATION_S_10X = 26 * 3600
-GOAL_FACTOR = 10  # the issue: one factory process should drive 10× that plan's request rate
-FED = 0.9  # the endpoints count as fed while they hold at least this share of the in-flight target
-BUSY = 0.9  # the factory's main thread counts as CPU-bound above this share of wall time
-
-
-def plan_rate() -> float:
-    return SAMPLES_10X * ATTEMPTS_PER_SAMPLE / GENERATION_S_10X
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    endpoints: int = 32
-    per_endpoint: int = 8  # max_num_seqs
-    in_flight: int | None = None  # None: endpoints × per_endpoint
-    requests: int = 4000
-    shard_size: int = 500
-    latency: LatencyModel = LatencyModel(time_scale=0.05)
-    http_connections: int | None = None  # None: the client's own HTTP pool (the product path)
-    sample_s: float = 0.25
-    max_seconds: float = 600.0
-    seed: int = 0
-
-    @property
-    def target(self) -> int:
-        return self.in_flight or self.endpoints * self.per_endpoint
-
-
-@dataclass
-class Sample:
-    t: float
-    issued: int  # requests past the client's in-flight gate
-    done: int  # requests finished (answered or failed)
-    cpu_s: float  # this process, all threads
-    busy_s: float  # main thread: running + waiting for a CPU (/proc schedstat)
-    lag_s: float  # how late the sampler's sleep woke up
-    stub_open: int  # requests inside the endpoints (queued + decoding)
-    stub_active: int
-
-
-@dataclass
-class FleetResult:
-    config: FleetConfig
-    samples: list[Sample]
-    total: int
-    succeeded: int
-    failed: int
-    http_attempts: int
-    rows_written: int
-    shards_written: int
-    per_endpoint: list[int]
-    stub: dict[str, Any]
-    elapsed_s: float
-    cpu_s: float
-    rss_start_mib: float
-    peak_rss_mib: float
-    mean_latency_s: float  # request latency seen by the client (its own queueing included)
-    window: tuple[int, int] = (0, 0)  # sample indices of the steady window
-    timed_out: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def mean_service_s(self) -> float:
-        """The stubs' mean slot-holding time (the latency model, as drawn)."""
-        return self.stub["service_s"] / max(1, self.stub["served"])
-
-    @property
-    def capacity_rps(self) -> float:
-        slots = min(self.config.target, self.config.endpoints * self.config.per_endpoint)
-        return slots / self.mean_service_s
-
-    def span(self) -> tuple[Sample, Sample]:
-        return self.samples[self.window[0]], self.samples[self.window[1]]
-
-    @property
-    def sustained_rps(self) -> float:
-        a, b = self.span()
-        return (b.done - a.done) / max(1e-9, b.t - a.t)
-
-    @property
-    def cpu_per_request_s(self) -> float:
-        a, b = self.span()
-        return (b.cpu_s - a.cpu_s) / max(1, b.done - a.done)
-
-    @property
-    def cpu_share(self) -> float:
-        a, b = self.span()
-        return (b.cpu_s - a.cpu_s) / max(1e-9, b.t - a.t)
-
-    def window_samples(self) -> list[tuple[Sample, Sample]]:
-        lo, hi = self.window
-        return list(zip(self.samples[lo:hi], self.samples[lo + 1 : hi + 1], strict=True))
-
-    def bound_shares(self) -> tuple[float, float]:
-        """(share of the window the endpoints were starved, share they were starved while the factory was busy)."""
-        fed_at = FED * min(self.config.target, self.config.endpoints * self.config.per_endpoint)
-        pairs = self.window_samples()
-        starved = [(a, b) for a, b in pairs if b.stub_open < fed_at]
-        busy = [(a, b) for a, b in starved if (b.busy_s - a.busy_s) >= BUSY * (b.t - a.t)]
-        return len(starved) / max(1, len(pairs)), len(busy) / max(1, len(pairs))
 
 
 # --- the stub process ---------------------------------------------------------------------------
@@ -387,18 +282,6 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
     return result
 
 
-def steady_window(result: FleetResult) -> tuple[int, int]:
-    """From the in-flight target first reached + one mean latency, to the last request issued."""
-    s, filled_at = result.samples, min(result.config.target, result.total)
-    filled = next((i for i, x in enumerate(s) if x.issued >= filled_at), len(s) - 1)
-    lo = next((i for i in range(filled, len(s)) if s[i].t >= s[filled].t + result.mean_service_s), len(s) - 1)
-    hi = next((i for i in range(lo, len(s)) if s[i].issued >= result.total), len(s) - 1)
-    if hi - lo < 4:  # too short to call steady: the whole run
-        result.notes.append("no steady window (too few requests beyond the in-flight target): rate over the whole run")
-        return 0, len(s) - 1
-    return lo, hi
-
-
 def _watchdog(config: FleetConfig, done: threading.Event) -> None:
     """The hard time bound: a factory whose event loop is stuck in one long pass cannot honour its own timeout."""
     limit = config.max_seconds + 120
@@ -432,49 +315,6 @@ def _run_fleet(config: FleetConfig, profile: str | None) -> FleetResult:
         result = profiler.runcall(asyncio.run, drive(config, fleet, tmp))
         profiler.dump_stats(profile)
         return result
-
-
-# --- report ------------------------------------------------------------------------------------------
-def report(r: FleetResult) -> str:
-    c, m = r.config, r.config.latency
-    a, b = r.span()
-    starved, cpu_bound = r.bound_shares()
-    lags = sorted(x.lag_s for x in r.samples[r.window[0] : r.window[1] + 1]) or [0.0]
-    window_open = [x.stub_open for x in r.samples[r.window[0] : r.window[1] + 1]] or [0]
-    stub_cpu = r.stub["cpu_s"] / max(1e-9, r.elapsed_s)
-    need, goal = plan_rate(), GOAL_FACTOR * plan_rate()
-    lines = [
-        f"fleet: {c.endpoints} endpoints × max_num_seqs {c.per_endpoint}, client in-flight {c.target}, "
-        f"{r.total} requests in shards of ≤ {c.shard_size}",
-        f"latency model: TTFT {m.ttft_s}s + {m.tokens}±{m.tokens_spread:.0%} tokens / {m.decode_tokens_per_s} tok/s, "
-        f"× time scale {m.time_scale} ⇒ mean {r.mean_service_s:.3f}s per request "
-        f"(unscaled {r.mean_service_s / m.time_scale:.1f}s)",
-        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} "
-        f"(1 / 5 min) at the end",
-        f"outcome: {r.succeeded} ok, {r.failed} failed, {r.http_attempts} HTTP attempts, {r.rows_written} rows in "
-        f"{r.shards_written} Parquet shards; {r.elapsed_s:.1f}s wall; endpoints served "
-        f"{min(r.per_endpoint)}–{max(r.per_endpoint)} each",
-        f"steady window {a.t:.1f}s–{b.t:.1f}s ({b.done - a.done} completions):",
-        f"  requests/s sustained        {r.sustained_rps:9.1f}",
-        f"  stubs' capacity             {r.capacity_rps:9.1f} req/s  (min(in-flight, slots) / mean latency); "
-        f"achieved {r.sustained_rps / r.capacity_rps:.0%}",
-        f"  requests inside the stubs   median {statistics.median(window_open):.0f} of target "
-        f"{min(c.target, c.endpoints * c.per_endpoint)} (peak {r.stub['peak_open']}); "
-        f"client-side mean latency {r.mean_latency_s:.3f}s, stub queue wait "
-        f"{r.stub['queue_wait_s'] / max(1, r.stub['served']):.3f}s",
-        f"  client CPU per request      {r.cpu_per_request_s * 1000:9.2f} ms  (factory process CPU / completions)",
-        f"  factory CPU                 {r.cpu_share:9.0%} of one core; stub process {stub_cpu:.0%} of one core",
-        f"  event-loop lag              p50 {lags[len(lags) // 2] * 1000:.0f} ms, p99 "
-        f"{lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms",
-        f"  factory-bound share         {starved:9.0%} of the window the stubs held < {FED:.0%} of the target; "
-        f"{cpu_bound:.0%} with the factory's main thread busy ≥ {BUSY:.0%} (CPU-bound), "
-        f"{starved - cpu_bound:.0%} not (a limit inside the factory)",
-        f"  peak RSS                    {r.peak_rss_mib:9.0f} MiB (after imports {r.rss_start_mib:.0f} MiB)",
-        f"goal: README 10× plan {SAMPLES_10X:,} samples × {ATTEMPTS_PER_SAMPLE} attempts / {GENERATION_S_10X:,}s = "
-        f"{need:.1f} req/s; issue goal {GOAL_FACTOR}× = {goal:.0f} req/s; sustained here "
-        f"{r.sustained_rps / goal:.2f}× the goal",
-    ]
-    return "\n".join(lines + [f"note: {n}" for n in r.notes])
 
 
 def main() -> None:

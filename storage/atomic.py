@@ -10,6 +10,9 @@ built in memory and sent to the final key in one request.
 
 ``point`` names the fault-hook checkpoint (``ground/faults.py``) passed right before each rename: the
 crash tests kill a writer there, its temp file complete but not yet renamed.
+
+Folders (a saved model) are built under a temp name too (:func:`atomic_dir`) and swapped onto the
+target by :func:`replace_dir`: the old folder moved aside, the new one renamed in, the old one removed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +97,32 @@ def atomic_path(path: Path, point: str | None = None) -> Iterator[Path]:
         yield files.temp_for(path)
 
 
+def replace_dir(src: Path, dest: Path, point: str | None = None) -> None:
+    """Move folder ``src`` onto ``dest``: an existing ``dest`` is moved aside first and removed once ``src``
+    is in place, so ``dest`` is the old folder or the complete new one (absent only between two renames)."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{threading.get_ident()}")
+    if point:
+        checkpoint(point)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, point: str | None = None) -> Iterator[Path]:
+    """An empty local temp folder to build ``path``'s new content in; swapped onto ``path``
+    (:func:`replace_dir`) if the block succeeds, removed otherwise."""
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, path, point)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _os_reason(exc: OSError) -> str:
     """``No space left on device`` from an OSError, also from pyarrow's ("Error writing bytes ... Detail: ...")."""
     return exc.strerror or str(exc).rpartition("Detail:")[2].strip() or type(exc).__name__
@@ -137,14 +167,17 @@ def remove_stale_temps(root: StorePath) -> int:
     if is_remote(root) or not root.exists():
         return 0
     removed = 0
-    for tmp in root.rglob(".*.tmp-*"):
+    for tmp in list(root.rglob(".*.tmp-*")):  # listed first: a stale folder goes as a whole
         pid = tmp.name.rpartition(".tmp-")[2].partition("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():  # a folder of atomic_dir
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed += 1
         except OSError:
             pass  # alive, someone else's

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any, NamedTuple
 import pyarrow.parquet as pq
 
 from ground.settings import Settings
-from storage.atomic import atomic_write_bytes
+from storage.atomic import atomic_write_bytes, replace_dir
 from storage.corpus import CleanStore, mirror_exports
 from storage.location import StorePath, data_root, put_bytes
 
@@ -150,18 +149,13 @@ class StagedModel:
     def promote(self, trained: Path) -> PlacedModel:
         """Move the staged model into ``final_dir``: the old one aside first, then the new one, then drop the old."""
         rel = self._inside(trained)
-        old = self.final_dir.parent / f".old-{self.final_dir.name}-{uuid.uuid4().hex[:8]}"
-        if self.final_dir.exists():
-            os.replace(self.final_dir, old)
         if rel is not None:
-            os.replace(self.root, self.final_dir)
             model_dir = self.final_dir if str(rel) == "." else self.final_dir / rel
             placed = PlacedModel(model_dir, model_dir / EVAL_FILE)
         else:  # the trainer wrote elsewhere: copy its model into the folder we promised
             shutil.copytree(trained, self.root / "model", dirs_exist_ok=True)
-            os.replace(self.root, self.final_dir)
             placed = PlacedModel(self.final_dir / "model", self.final_dir / EVAL_FILE)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.root, self.final_dir)
         return placed
 
     def discard(self) -> None:

@@ -63,3 +63,41 @@ def data_dir(tmp_path, monkeypatch):
     path = tmp_path / "data"
     monkeypatch.setenv("EMBED_FACTORY_STORAGE__DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture
+def tiny_finetune(data_dir, monkeypatch):
+    """``data_dir`` with small, fast fine-tune settings (environment, so subprocesses get them too)."""
+    from tasks.training.evaluate import bundled_sts_dir
+
+    if not (bundled_sts_dir() / "stsb-en-test.csv").exists():
+        pytest.fail(f"the bundled STS Benchmark is missing: {bundled_sts_dir()}/stsb-en-test.csv")
+    for key, value in {
+        "STS_LANGUAGES": '["en"]',
+        "STS_MAX_PAIRS": "40",
+        "BATCH_SIZE": "8",
+        "MAX_SEQ_LENGTH": "64",
+        "EVAL_BATCH_SIZE": "32",
+        "HARD_NEGATIVES": "1",
+        "MATRYOSHKA_DIMS": "[256, 64]",
+        "MATRYOSHKA_WEIGHTS": "[1.0, 0.3]",
+    }.items():
+        monkeypatch.setenv(f"EMBED_FACTORY_FINETUNE__{key}", value)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API for the module's tests: moto's server on 127.0.0.1 with the test bucket (tests/s3_server.py)."""
+    from s3_server import moto_endpoint
+
+    with moto_endpoint() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_root(s3_endpoint):
+    """A fresh s3:// prefix of the test bucket for one test."""
+    from s3_server import fresh_root
+
+    return fresh_root(s3_endpoint)

@@ -7,83 +7,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from rows import TOPICS, example, write_run
 from storage.corpus import CleanStore
-from storage.shards import RunStore, now_utc
-
-TOPICS = [
-    (
-        "How do I repot a root-bound fern without killing it?",
-        "Repotting a root-bound fern: water it the day before, ease it out of the pot, loosen the outer roots with "
-        "your fingers, and set it in a pot one size larger with fresh peat-free compost. Keep it out of direct sun "
-        "for a week while the roots recover.",
-    ),
-    (
-        "What causes brake squeal on a mountain bike?",
-        "Disc brakes on mountain bikes squeal when the pads are contaminated with oil, glazed from long descents, or "
-        "when the caliper is misaligned with the rotor. Cleaning the rotor with alcohol and bedding in new pads "
-        "usually stops the noise.",
-    ),
-    (
-        "Which documents do I need to renew a passport abroad?",
-        "To renew a passport while living abroad you usually need the application form, your current passport, two "
-        "recent photographs that meet the size rules, proof of residence, and the fee paid by card at the consulate.",
-    ),
-    (
-        "How long should sourdough starter ferment before baking?",
-        "A healthy sourdough starter is ready to bake with four to eight hours after feeding, when it has doubled, "
-        "smells pleasantly sour and a spoonful floats in water. Cold kitchens slow it down considerably.",
-    ),
-    (
-        "Why does my laptop fan run constantly?",
-        "A laptop fan that never stops is often caused by dust in the heatsink, a background process using the CPU, "
-        "or outdated firmware. Cleaning the vents with compressed air and checking the task manager helps most.",
-    ),
-    (
-        "What is the best way to learn musical scales on piano?",
-        "Learning piano scales works best slowly with a metronome: practise hands separately, use the standard "
-        "fingering, then hands together, and raise the tempo a few beats at a time once every note is even.",
-    ),
-]
-
-
-def example(
-    run_id: str,
-    i: int,
-    query: str,
-    positive: str,
-    negative: str | None = None,
-    task_type: str = "retrieval",
-    language: str = "English",
-) -> dict:
-    return {
-        "example_id": f"{run_id}:r00-{task_type}-{i:06d}",
-        "run_id": run_id,
-        "shard_id": "g00-00000",
-        "task_type": task_type,
-        "instruction": "Given a question, retrieve a passage that answers it.",
-        "instruction_id": f"{task_type}-000001",
-        "persona_id": "p_x",
-        "persona": "A curious person.",
-        "placeholders": json.dumps({"language": language}),
-        "prompt_version": "v",
-        "model": "m",
-        "sampling": "{}",
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 20,
-        "latency_s": 1.0,
-        "finish_reason": "stop",
-        "query": query,
-        "positive": positive,
-        "negative": negative,
-        "parsed": "{}",
-        "raw_text": "{}",
-        "created_at": now_utc(),
-    }
-
-
-def make_run(data_dir, run_id: str, rows: list[dict]) -> None:
-    RunStore(data_dir, run_id).write_shard("examples", "g00-00000", rows, [])
+from storage.shards import RunStore
 
 
 @pytest.fixture
@@ -94,9 +20,9 @@ def fixture_runs(data_dir):
         rows.append(example("run-a", i, query, positive, negative=TOPICS[(i + 1) % len(TOPICS)][1]))
     rows.append(example("run-a", 90, "", "An empty query must be dropped by validation."))  # invalid
     rows.append(example("run-a", 91, TOPICS[0][0], TOPICS[0][0], TOPICS[3][1]))  # positive equals query
-    make_run(data_dir, "run-a", rows)
+    write_run(data_dir, "run-a", rows)
     # a second run repeats a query: cross-run exact duplicate
-    make_run(data_dir, "run-b", [example("run-b", 0, TOPICS[1][0].upper(), TOPICS[1][1] + " ", negative=TOPICS[2][1])])
+    write_run(data_dir, "run-b", [example("run-b", 0, TOPICS[1][0].upper(), TOPICS[1][1] + " ", negative=TOPICS[2][1])])
     return data_dir
 
 
@@ -143,16 +69,17 @@ def test_clean_flow_funnel_and_export(prefect_api_url, fixture_runs, monkeypatch
 
 def test_clean_resumes_without_redoing_finished_stages(prefect_api_url, fixture_runs):
     first = run_clean("c-resume")
-    assert list(first["stage_seconds"]) == ["validate", "dedup", "embed", "filter_and_mine", "export"]
+    assert list(first["stage_seconds"]) == ["validate", "dedup", "decontaminate", "embed", "filter_and_mine", "export"]
     store = CleanStore(fixture_runs, "c-resume")
-    mtimes = {stage: store.stage_path(stage).stat().st_mtime_ns for stage in ("valid", "deduped")}
+    committed = ("valid", "deduped", "decontaminated")
+    mtimes = {stage: store.stage_path(stage).stat().st_mtime_ns for stage in committed}
     mined = store.read_stage("mined")
     store.stage_path("mined").unlink()  # as if it crashed before mining finished
     store.stage_path("filtered").unlink()
     summary = run_clean("c-resume")
     # only the steps whose table was missing ran again (and the export, which every run rewrites)
     assert list(summary["stage_seconds"]) == ["embed", "filter_and_mine", "export"]
-    assert {stage: store.stage_path(stage).stat().st_mtime_ns for stage in ("valid", "deduped")} == mtimes
+    assert {stage: store.stage_path(stage).stat().st_mtime_ns for stage in committed} == mtimes
     assert store.read_stage("mined").equals(mined)
     assert summary["counts"]["mined"] == pq.read_metadata(store.stage_path("mined")).num_rows
 

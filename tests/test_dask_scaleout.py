@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ground.settings import CleanSettings
+from rows import TOPICS, example
 from storage.corpus import CleanStore
 from storage.shards import RunStore
 from tasks.cleaning.dedup import merge_near_parts, near_dedup, near_dedup_part, split_by_task_type
-from test_clean_flow import TOPICS, example
 from test_dedup import make_example, near_rows, one_word_changed, table_of, text_of
 
 

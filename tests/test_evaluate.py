@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ground.settings import FinetuneSettings
+from tasks.training import eval_encode
 from tasks.training import evaluate as ev
 from tasks.training.evaluate import (
     EvaluationError,
@@ -231,7 +232,7 @@ def test_encoding_reports_progress_per_chunk_and_keeps_the_order(tmp_path, monke
         def advance(self, stage, n=1, ok=True):
             reports.append(("advance", stage, n))
 
-    monkeypatch.setattr(ev, "_ENCODE_CHUNK_BATCHES", 2)
+    monkeypatch.setattr(eval_encode, "_ENCODE_CHUNK_BATCHES", 2)
     texts = [f"text {'x' * (i % 7)} {i}" for i in range(23)]
     model = FakeModel({t: [float(i + 1), 1.0] for i, t in enumerate(texts)})
     remove = progress.add_listener(Listener())

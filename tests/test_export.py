@@ -18,15 +18,8 @@ import yaml
 from ground.settings import CleanSettings
 from storage.corpus import ExportWriter
 from storage.schemas import EXAMPLE_SCHEMA, FILTER_COLUMNS, MINED_COLUMNS
-from tasks.cleaning.export import (
-    ExportError,
-    PublishError,
-    export_corpus,
-    heldout_quota,
-    publish_dataset,
-    select_negatives,
-    write_dataset_card,
-)
+from tasks.cleaning.export import ExportError, export_corpus, heldout_quota, select_negatives, write_dataset_card
+from tasks.cleaning.publish import PublishError, publish_dataset
 
 MINED_SCHEMA = EXAMPLE_SCHEMA
 for _name, _type in FILTER_COLUMNS + MINED_COLUMNS:

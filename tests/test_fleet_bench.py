@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from fleet import FleetConfig, plan_rate, report, run_fleet, stub_fleet  # noqa: E402
+from fleet import run_fleet, stub_fleet  # noqa: E402
+from fleet_result import FleetConfig, plan_rate, report  # noqa: E402
 from fleet_stub import LatencyModel  # noqa: E402
 
 LATENCY = LatencyModel(ttft_s=0.5, decode_tokens_per_s=30.0, tokens=350, tokens_spread=0.3, time_scale=0.1)

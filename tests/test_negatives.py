@@ -8,7 +8,8 @@ import pytest
 
 from ground.settings import CleanSettings
 from storage.schemas import DROPPED_SCHEMA
-from tasks.cleaning.negatives import mine_hard_negatives, normalize_text
+from tasks.cleaning.dedup import dedup_key
+from tasks.cleaning.negatives import mine_hard_negatives
 from tasks.cleaning.rank_filter import rank_filter
 
 
@@ -126,8 +127,8 @@ def test_never_positive_query_or_near_duplicate(mode):
         for text, i in zip(negs, p.ids_of(negs), strict=True):
             assert i != p.positive_idx[r]
             assert i not in p.trap_ids[r]
-            assert normalize_text(text) != normalize_text(row["positive"])
-            assert normalize_text(text) != normalize_text(row["query"])
+            assert dedup_key(text) != dedup_key(row["positive"])
+            assert dedup_key(text) != dedup_key(row["query"])
             assert float(p.corpus[i] @ pos_vec) < 0.95
 
 
@@ -215,11 +216,11 @@ def test_top_mode_takes_the_best_ranked_usable_candidates():
             if (
                 i != q.positive_idx[r]
                 and i not in q.trap_ids[r]
-                and normalize_text(q.texts[i]) not in seen
+                and dedup_key(q.texts[i]) not in seen
                 and float(q.corpus[i] @ q.corpus[q.positive_idx[r]]) < 0.95
             ):
                 usable.append(i)
-                seen.add(normalize_text(q.texts[i]))
+                seen.add(dedup_key(q.texts[i]))
         assert q.ids_of(negs) == usable[:7]
 
 

@@ -56,14 +56,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ground import progress
-from ground.compute import bf16_supported, l2_normalize
+from ground.compute import bf16_supported
 from ground.settings import FinetuneSettings
 
 # re-exported: the inputs and metrics are part of the evaluation API
@@ -76,132 +75,15 @@ from tasks.training.eval_data import (  # noqa: F401
     sts_dir_for,
     sts_file,
 )
+from tasks.training.eval_encode import encode, encode_unique, eval_dims, is_torch_module, truncate
 from tasks.training.metrics import RETRIEVAL_K, ndcg_at_k, recall_at_k, spearman, spearman_numpy  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: queries scored against the corpus per matrix product (bounds memory for large held-out sets)
 _QUERY_BLOCK = 1024
-#: texts per ``model.encode`` call, in batches: one progress report each (a multiple of the batch size keeps
-#: the batches exactly those of one call over all texts)
-_ENCODE_CHUNK_BATCHES = 8
 #: the progress stage that evaluation reports to
 PROGRESS_STAGE = "evaluate"
-
-
-# --- dimensions ---------------------------------------------------------------------------------
-def eval_dims(width: int, dims: Iterable[int]) -> list[int]:
-    """The dimensions to evaluate: the full ``width`` plus every listed dim below it, descending.
-
-    The same rule as training: listed dims above the width are skipped, the full width always counts
-    (once, even if listed).
-    """
-    width = int(width)
-    if width < 1:
-        raise ValueError(f"model width must be positive, got {width}")
-    out = {width}
-    for dim in dims:
-        dim = int(dim)
-        if dim < 1:
-            raise ValueError(f"Matryoshka dims must be positive, got {dim}")
-        if dim < width:
-            out.add(dim)
-    return sorted(out, reverse=True)
-
-
-def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """The first ``dim`` components of each row, re-normalised to unit length (a Matryoshka slice)."""
-    vectors = np.asarray(vectors)
-    if dim > vectors.shape[1]:
-        raise ValueError(f"cannot truncate {vectors.shape[1]}-d vectors to {dim} dims")
-    return l2_normalize(vectors[:, :dim])
-
-
-# --- encoding -----------------------------------------------------------------------------------
-def _is_torch_module(model: Any) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, torch.nn.Module)
-
-
-def _encode_chunked(model: Any, unique: list[str], batch_size: int, stage: str | None) -> np.ndarray:
-    """``model.encode`` over chunks of the texts, longest first (as sentence-transformers sorts them), so the
-    batches are those of a single call; each chunk is reported to the progress ``stage``."""
-    kwargs = dict(batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False)
-    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
-    chunk = batch_size * _ENCODE_CHUNK_BATCHES
-    if stage:
-        progress.add_total(stage, len(unique))
-    parts = []
-    for start in range(0, len(order), chunk):
-        picked = order[start : start + chunk]
-        out = model.encode([unique[i] for i in picked], **kwargs)
-        if hasattr(out, "detach"):  # a tensor
-            out = out.detach().float().cpu().numpy()
-        out = np.asarray(out, dtype=np.float32)
-        if out.ndim != 2 or out.shape[0] != len(picked):
-            raise EvaluationError(f"model returned {out.shape[0] if out.ndim else 0} vectors for {len(picked)} texts")
-        parts.append(out)
-        if stage:
-            progress.advance(stage, len(picked))
-    vectors = np.empty((len(unique), parts[0].shape[1]), dtype=np.float32)
-    vectors[order] = np.concatenate(parts)
-    return vectors
-
-
-def encode(
-    model: Any,
-    texts: Sequence[str],
-    batch_size: int = 64,
-    bf16: bool = False,
-    num_threads: int | None = None,
-    stage: str | None = None,
-) -> np.ndarray:
-    """Embed ``texts`` with ``model.encode`` as float32, L2-normalised rows, one per text, in order.
-
-    Every unique text is embedded once (duplicates share the row). A torch model runs under
-    ``inference_mode`` and, with ``bf16``, bf16 autocast; rows are normalised again in fp32.
-    ``num_threads``: torch intra-op threads while encoding (None: torch's default). On cores that
-    other busy processes share, 1 is far faster (OpenMP barriers spin on descheduled threads).
-    ``stage``: the progress stage to report the unique texts to (None: no reports).
-    """
-    texts = list(texts)
-    unique = list(dict.fromkeys(texts))
-    if not unique:
-        return np.zeros((0, 0), dtype=np.float32)
-    if _is_torch_module(model):
-        import torch
-
-        threads = torch.get_num_threads()
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
-                out = _encode_chunked(model, unique, batch_size, stage)
-        finally:
-            if num_threads:
-                torch.set_num_threads(threads)
-    else:
-        out = _encode_chunked(model, unique, batch_size, stage)
-    vectors = l2_normalize(out)
-    if len(unique) == len(texts):
-        return vectors
-    index = {text: i for i, text in enumerate(unique)}
-    return vectors[[index[text] for text in texts]]
-
-
-def _encode_unique(
-    model: Any,
-    texts: Iterable[str],
-    batch_size: int,
-    bf16: bool,
-    num_threads: int | None = None,
-    stage: str | None = None,
-) -> tuple[dict[str, int], np.ndarray]:
-    unique = list(dict.fromkeys(texts))
-    return {t: i for i, t in enumerate(unique)}, encode(model, unique, batch_size, bf16, num_threads, stage)
 
 
 def _rowwise_cosine(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
@@ -231,7 +113,7 @@ def evaluate_sts(
     sts_dir = sts_dir_for(cfg)
     data = {lang: load_sts(sts_dir, lang, split, cfg.sts_max_pairs, cfg.seed) for lang in cfg.sts_languages}
     # one encode for every language: each unique sentence once, and length-sorted batches over all
-    index, vectors = _encode_unique(
+    index, vectors = encode_unique(
         model, (t for s1, s2, _ in data.values() for t in (*s1, *s2)), cfg.eval_batch_size, bf16, num_threads, stage
     )
     dims = eval_dims(vectors.shape[1], cfg.matryoshka_dims)
@@ -292,7 +174,7 @@ def evaluate_retrieval(
         return {dim: {name_p: None, name_r: None, "queries": 0} for dim in dims}
     doc_index = {t: i for i, t in enumerate(corpus)}
     # queries and documents in one encode: a text in both is embedded once
-    index, vectors = _encode_unique(
+    index, vectors = encode_unique(
         model, [*corpus, *(r["query"] for r in queries)], cfg.eval_batch_size, bf16, num_threads, stage
     )
     docs = vectors[[index[t] for t in corpus]]
@@ -360,7 +242,7 @@ def load_model(path: str | Path | None = None, max_seq_length: int | None = None
 
 
 def _default_bf16(model: Any) -> bool:
-    if not _is_torch_module(model):
+    if not is_torch_module(model):
         return False
 
     return bf16_supported()

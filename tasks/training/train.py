@@ -45,8 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -60,6 +58,7 @@ import pyarrow.parquet as pq
 from ground import progress
 from ground.compute import bf16_supported
 from ground.settings import FinetuneSettings
+from storage.atomic import atomic_dir
 from tasks.training.base_model import enable_checkpointing, load_base_model
 from tasks.training.losses import build_loss, embedding_width, matryoshka_dims_for
 from tasks.training.sampler import SemiHomogeneousTaskBatchSampler
@@ -320,11 +319,8 @@ def train_embedding_model(
 
 # --- saving --------------------------------------------------------------------------------------
 def _save(model, out_dir: Path, result: TrainResult, cfg: FinetuneSettings, train_path: Path) -> None:
-    """Save in sentence-transformers format with a model card, atomically (temp folder + rename)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    """Save in sentence-transformers format with a model card, atomically (``storage.atomic.atomic_dir``)."""
+    with atomic_dir(out_dir) as tmp:
         model.save(str(tmp), create_model_card=True)
         card = tmp / "README.md"
         text = card.read_text(encoding="utf-8") if card.exists() else _fallback_card(result)
@@ -333,16 +329,6 @@ def _save(model, out_dir: Path, result: TrainResult, cfg: FinetuneSettings, trai
             json.dumps({"result": asdict(result), "settings": cfg.model_dump(mode="json")}, indent=2, default=str),
             encoding="utf-8",
         )
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fallback_card(result: TrainResult) -> str:

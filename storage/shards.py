@@ -8,6 +8,8 @@ Layout of ``<data_dir>/runs/<run_id>/``::
     instructions.parquet           unique instructions
     examples/<shard>.parquet       parsed examples
     rejects/<shard>.parquet        requests that ended without a parsed row, with the reason
+    plan.json                      the cost plan made before the run (embed-factory run / plan)
+    ledger.parquet                 the run's cost ledger per task type (written when generate finishes)
 
 The data file of a shard is its commit point: its rejects file is written first, then the data
 file (atomically, ``storage/atomic.py``), then the manifest. A crash at any point leaves either no
@@ -140,6 +142,11 @@ def read_parquet_checked(path: StorePath, schema: pa.Schema) -> pa.Table:
         raise StorageError(f"{path}: file not found") from None
     except (pa.ArrowException, OSError) as exc:
         raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
+    # columns added later (schema metadata "embed_factory.optional") are read as nulls from older files
+    optional = set((schema.metadata or {}).get(b"embed_factory.optional", b"").decode().split(","))
+    for name in schema.names:
+        if name in optional and name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise StorageError(f"{path}: missing column(s) {', '.join(missing)} (older schema?)")
@@ -181,6 +188,16 @@ class RunStore:
     @property
     def run_info_path(self) -> StorePath:
         return self.root / "run.json"
+
+    @property
+    def ledger_path(self) -> StorePath:
+        """The run's generate-scope cost ledger (``storage/ledger.py``)."""
+        return self.root / "ledger.parquet"
+
+    @property
+    def plan_path(self) -> StorePath:
+        """The cost plan made before the run started (``ground/cost_plan.py``), if any."""
+        return self.root / "plan.json"
 
     def glob(self, kind: str) -> str:
         """A glob over one table's shards, for DuckDB / Polars."""

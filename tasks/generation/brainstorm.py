@@ -27,6 +27,7 @@ from prompts.render import render_brainstorm
 from prompts.task_types import get_task_type
 from storage.schemas import INSTRUCTION_SCHEMA
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
+from tasks.generation.intents import Encode, Intents, cluster_intents
 
 #: brainstorm answers overlap; ask for this much more than the deficit
 OVERSHOOT = 1.5
@@ -143,41 +144,66 @@ async def run_brainstorm_shard(
     return store.write_shard("brainstorm", shard.shard_id, rows, rejects)
 
 
-def unique_instructions(brainstorm: pa.Table, targets: Mapping[str, int]) -> pa.Table:
-    """First occurrence of each normalized instruction per task type (shard order), capped at the target."""
-    kept: list[dict] = []
+def unique_instructions(
+    brainstorm: pa.Table, targets: Mapping[str, int], encode: Encode | None = None, threshold: float | None = None
+) -> pa.Table:
+    """First occurrence of each normalized instruction per task type (shard order), with its intent.
+
+    With ``encode`` and ``threshold``, instructions closer than the threshold share an intent
+    (``tasks/generation/intents.py``); otherwise each instruction is its own intent. The first
+    ``targets[type]`` intents of each type are kept, every instruction of them included.
+    """
     seen: set[tuple[str, str]] = set()
-    counts: dict[str, int] = {t: 0 for t in targets}
+    candidates: list[dict] = []
     order = sorted(range(brainstorm.num_rows), key=lambda i: (brainstorm["shard_id"][i].as_py(), i))
     columns = brainstorm.select(["task_type", "instruction", "persona_id", "persona"]).to_pylist()
     for i in order:
         row = columns[i]
-        task_type = row["task_type"]
-        if task_type not in targets or counts[task_type] >= targets[task_type]:
-            continue
         normalized = instruction_key(row["instruction"])
-        if len(normalized) < 10 or (task_type, normalized) in seen:
+        if row["task_type"] not in targets or len(normalized) < 10 or (row["task_type"], normalized) in seen:
             continue
-        seen.add((task_type, normalized))
+        seen.add((row["task_type"], normalized))
+        candidates.append({**row, "normalized": normalized})
+    types = [c["task_type"] for c in candidates]
+    if encode is not None and threshold is not None and candidates:
+        intents = cluster_intents(types, encode([c["instruction"] for c in candidates]), threshold)
+    else:  # each instruction its own intent, numbered per type
+        seen_per_type: dict[str, int] = {}
+        numbers = []
+        for t in types:
+            numbers.append(seen_per_type.get(t, 0))
+            seen_per_type[t] = numbers[-1] + 1
+        intents = Intents(numbers, [None] * len(types))
+    kept: list[dict] = []
+    counts: dict[str, int] = {t: 0 for t in targets}
+    for row, intent, nearest in zip(candidates, intents.intent, intents.nearest, strict=True):
+        task_type = row["task_type"]
+        if intent >= targets[task_type]:
+            continue
         counts[task_type] += 1
         kept.append(
             {
                 "instruction_id": f"{task_type}-{counts[task_type]:06d}",
                 "task_type": task_type,
                 "instruction": row["instruction"],
-                "normalized": normalized,
+                "normalized": row["normalized"],
                 "persona_id": row["persona_id"],
                 "persona": row["persona"],
+                "intent_id": f"{task_type}-i{intent + 1:06d}",
+                "nearest_similarity": nearest,
             }
         )
     return pa.Table.from_pylist(kept, schema=INSTRUCTION_SCHEMA)
 
 
 def deficits(instructions: pa.Table, targets: Mapping[str, int]) -> dict[str, int]:
-    have = {t: 0 for t in targets}
-    for task_type in instructions["task_type"].to_pylist():
-        have[task_type] = have.get(task_type, 0) + 1
-    return {t: max(0, targets[t] - have.get(t, 0)) for t in targets}
+    """Intents still missing per task type; a row without an intent id (older runs) is its own intent."""
+    types = instructions["task_type"].to_pylist()
+    ids = instructions["intent_id"].to_pylist() if "intent_id" in instructions.column_names else [None] * len(types)
+    have: dict[str, set] = {}
+    for row, (task_type, intent_id) in enumerate(zip(types, ids, strict=True)):
+        have.setdefault(task_type, set()).add(intent_id or row)
+    return {t: max(0, targets[t] - len(have.get(t, ()))) for t in targets}
 
 
 # --- thin Prefect wrapper: one task run per shard (hundreds of requests), never per request ---

@@ -7,9 +7,12 @@ Layout of ``<data_dir>/clean/<clean_id>/``::
     deduped.parquet          rows left after exact and near-duplicate removal
     filtered.parquet         rows whose positive ranks within the top k (+ positive_rank, positive_score)
     mined.parquet            filtered rows with hard negatives (+ hard_negatives, hard_negative_scores)
+    verified.parquet         mined rows after the LLM judge (clean.judge): false negatives replaced, relabelled
+    judged/part-*.parquet    the judge's decisions, committed in parts as they come (resume: never asked twice)
     dropped/<stage>.parquet  every dropped row with its stage and reason
     export/                  training files (KaLM JSONL/Parquet, sentence-transformers columns, held-out split)
     report.html
+    ledger.parquet           cost ledger per task type (clean writes it, the fine-tune completes it)
 
 and ``<data_dir>/embeddings/<model_key>/*.parquet`` caches vectors by text hash across runs.
 Every stage table is written atomically; a stage whose table exists is not recomputed.
@@ -36,7 +39,7 @@ from ground.faults import checkpoint
 from ground.settings import Settings
 from storage.atomic import AtomicFiles, StorageError, atomic_path, atomic_write_bytes, atomic_write_parquet
 from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
-from storage.schemas import DROPPED_SCHEMA, KALM_SCHEMA, st_schema
+from storage.schemas import DROPPED_SCHEMA, JUDGED_SCHEMA, KALM_SCHEMA, st_schema
 from storage.shards import folder_lock, read_parquet_checked
 
 STAGES = ("valid", "deduped", "filtered", "mined")
@@ -118,6 +121,11 @@ class CleanStore:
     def report_path(self) -> StorePath:
         return self.root / "report.html"
 
+    @property
+    def ledger_path(self) -> StorePath:
+        """The clean run's clean-scope cost ledger (``storage/ledger.py``), completed by the fine-tune."""
+        return self.root / "ledger.parquet"
+
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold the clean run's lock: a second `clean` of the same id fails at once.
 
@@ -168,6 +176,25 @@ class CleanStore:
 
     def write_inputs(self, run_ids: list[str]) -> None:
         atomic_write_bytes(self.root / "inputs.json", json.dumps({"runs": run_ids}, indent=1).encode())
+
+    @property
+    def judged_dir(self) -> StorePath:
+        return self.root / "judged"
+
+    def write_judged_part(self, decisions: pa.Table) -> StorePath:
+        """Commit one part of judge decisions (JUDGED_SCHEMA) under the next free part number."""
+        numbers = [int(p.stem.split("-")[1]) for p in self.judged_dir.glob("part-*.parquet")]
+        path = self.judged_dir / f"part-{max(numbers, default=-1) + 1:05d}.parquet"
+        atomic_write_parquet(decisions.cast(JUDGED_SCHEMA), path, self.compression)
+        checkpoint("judge.part")
+        return path
+
+    def read_judged(self) -> pa.Table:
+        """Every committed judge decision of this clean run, parts in order (empty when none)."""
+        parts = sorted(self.judged_dir.glob("part-*.parquet"))
+        if not parts:
+            return JUDGED_SCHEMA.empty_table()
+        return pa.concat_tables([read_parquet_checked(p, JUDGED_SCHEMA) for p in parts])
 
     def embeddings_dir(self, model_key: str) -> StorePath:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)

@@ -26,6 +26,11 @@ row order, batching or other rows); ``"top"`` takes the best-ranked usable ones.
 negatives are listed in rank order with their scores. A row with no usable negative is dropped
 (stage ``negatives``, reason ``no_hard_negatives``) when ``negatives_per_query > 0``.
 
+For the LLM judge (``tasks/cleaning/judge.py``) mining also keeps, per row (``CANDIDATE_COLUMNS``), each
+chosen negative's 1-based rank, the usable candidates it did not pick (up to ``negatives_per_query``,
+the next ones of the same draw, listed in rank order: the replacements for negatives the judge finds
+relevant, with no new search) and the best-ranked result that is neither the positive nor the query.
+
 Everything but the text normalisation is vectorised over rows in chunks (550k queries).
 """
 
@@ -39,7 +44,8 @@ import pyarrow as pa
 from ground.seeding import stable_seed
 from ground.settings import CleanSettings
 from storage.corpus import StageResult
-from storage.schemas import MINED_COLUMNS
+from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
+from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.embed import RankingVectors
 from tasks.cleaning.rank_filter import build_index, rank_filter
 
@@ -49,11 +55,6 @@ NEAR_DUP_COSINE = 0.95
 CHUNK_ROWS = 1024
 
 _U64_MAX = np.iinfo(np.uint64).max
-
-
-def normalize_text(text: str | None) -> str:
-    """Case- and whitespace-insensitive form used to spot the same text twice."""
-    return " ".join((text or "").split()).casefold()
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -68,17 +69,18 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def _text_groups(
     corpus_texts: Sequence[str], query_texts: Sequence[str | None] | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Integer ids of normalized texts: one per corpus item, and per query (-3 when not in the corpus)."""
-    groups: dict[str, int] = {}
+    """Integer ids of normalized texts (dedup's :func:`~tasks.cleaning.dedup.dedup_keys`, the key exact dedup
+    compares): one per corpus item, and per query (-3 when not in the corpus)."""
+    groups: dict[str | None, int] = {}
     corpus_group = np.fromiter(
-        (groups.setdefault(normalize_text(t), len(groups)) for t in corpus_texts),
+        (groups.setdefault(key, len(groups)) for key in dedup_keys(corpus_texts).to_pylist()),
         dtype=np.int64,
         count=len(corpus_texts),
     )
     if query_texts is None:
         return corpus_group, None
     query_group = np.fromiter(
-        (groups.get(normalize_text(t), -3) for t in query_texts), dtype=np.int64, count=len(query_texts)
+        (groups.get(key, -3) for key in dedup_keys(query_texts).to_pylist()), dtype=np.int64, count=len(query_texts)
     )
     return corpus_group, query_group
 
@@ -162,6 +164,8 @@ def mine_hard_negatives(
     lo, hi = cfg.negative_rank_min, min(cfg.negative_rank_max, search_ids.shape[1])
     width = max(0, hi - lo)
     chosen = np.zeros((n, width), dtype=bool)
+    spares = np.zeros((n, width), dtype=bool)  # usable, not chosen: the judge's replacements
+    top_first = np.full(n, -1, dtype=np.int64)  # result position of the best non-positive, non-query text
     if want > 0 and width > 0 and n > 0:
         cand_all = search_ids[:, lo:hi].astype(np.int64)
         cscore_all = search_scores[:, lo:hi]
@@ -197,15 +201,22 @@ def mine_hard_negatives(
                 usable &= cscore_all[sl] < np.float32(margin) * pos_score_all[sl, None]
             usable = _drop_repeats(groups, usable)
             if cfg.negative_mode == "top":
-                pick = usable & (np.cumsum(usable, axis=1) <= want)
+                ranked = np.cumsum(usable, axis=1)
+                pick = usable & (ranked <= want)
+                spare = usable & (ranked > want) & (ranked <= 2 * want)
             else:
                 keys = _mix64(row_keys[sl, None] ^ safe.astype(np.uint64))
                 keys[~usable] = _U64_MAX
-                take = np.argsort(keys, axis=1, kind="stable")[:, :want]
+                order = np.argsort(keys, axis=1, kind="stable")
                 pick = np.zeros_like(usable)
-                np.put_along_axis(pick, take, True, axis=1)
+                np.put_along_axis(pick, order[:, :want], True, axis=1)
                 pick &= usable
+                spare = np.zeros_like(usable)
+                np.put_along_axis(spare, order[:, want : 2 * want], True, axis=1)
+                spare &= usable
             chosen[sl] = pick
+            spares[sl] = spare
+            top_first[sl] = _first_other(search_ids[sl], pos, corpus_group, pos_group[sl], query_group, sl)
 
     counts = chosen.sum(axis=1)
     keep = counts > 0 if want > 0 else np.ones(n, dtype=bool)
@@ -230,6 +241,12 @@ def mine_hard_negatives(
             kept = kept.drop_columns([name])
     kept = kept.append_column(pa.field(neg_name, neg_type), negatives)
     kept = kept.append_column(pa.field(score_name, score_type), neg_scores)
+    for name, values in _candidate_columns(
+        kept_rows, chosen, spares, top_first, search_ids, search_scores, lo, corpus_texts
+    ).items():
+        if name in kept.column_names:
+            kept = kept.drop_columns([name])
+        kept = kept.append_column(pa.field(name, values.type), values)
 
     dropped_rows = np.flatnonzero(~keep)
     detail = (
@@ -256,6 +273,72 @@ def mine_hard_negatives(
         ]
     )
     return StageResult(kept=kept, dropped=dropped)
+
+
+def _first_other(
+    ids: np.ndarray,
+    pos: np.ndarray,
+    corpus_group: np.ndarray,
+    pos_group: np.ndarray,
+    query_group: np.ndarray | None,
+    sl: slice,
+) -> np.ndarray:
+    """Per row, the position of the best-ranked result that is neither the positive nor the query (-1: none)."""
+    ids = ids.astype(np.int64)
+    present = ids >= 0
+    groups = np.where(present, corpus_group[np.where(present, ids, 0)], -2)
+    other = present & (ids != pos[:, None]) & (groups != pos_group[:, None])
+    if query_group is not None:
+        other &= groups != query_group[sl, None]
+    return np.where(other.any(axis=1), other.argmax(axis=1), -1)
+
+
+def _candidate_columns(
+    kept_rows: np.ndarray,
+    chosen: np.ndarray,
+    spares: np.ndarray,
+    top_first: np.ndarray,
+    search_ids: np.ndarray,
+    search_scores: np.ndarray,
+    lo: int,
+    corpus_texts: Sequence[str],
+) -> dict[str, pa.Array]:
+    """The ``CANDIDATE_COLUMNS`` of the kept rows (see the module doc)."""
+    types = dict(CANDIDATE_COLUMNS)
+
+    def listed(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, cols = np.nonzero(mask[kept_rows])  # per row, in rank order
+        offsets = np.zeros(len(kept_rows) + 1, dtype=np.int32)
+        np.cumsum(mask[kept_rows].sum(axis=1), out=offsets[1:])
+        return offsets, kept_rows[rows], lo + cols
+
+    out: dict[str, pa.Array] = {}
+    offsets, rows, cols = listed(chosen)
+    out["hard_negative_ranks"] = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(cols + 1, type=pa.int32()), type=types["hard_negative_ranks"]
+    )
+    offsets, rows, cols = listed(spares)
+    texts = [corpus_texts[i] for i in search_ids[rows, cols].tolist()]
+    out["spare_negatives"] = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(texts, type=pa.string()), type=types["spare_negatives"]
+    )
+    out["spare_negative_scores"] = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(search_scores[rows, cols], type=pa.float32()), type=types["spare_negative_scores"]
+    )
+    out["spare_negative_ranks"] = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(cols + 1, type=pa.int32()), type=types["spare_negative_ranks"]
+    )
+    first = top_first[kept_rows]
+    has = first >= 0
+    safe = np.where(has, first, 0)
+    top_ids = search_ids[kept_rows, safe] if len(kept_rows) else np.zeros(0, np.int64)
+    top_scores = search_scores[kept_rows, safe] if len(kept_rows) else np.zeros(0, np.float32)
+    out["top_retrieved"] = pa.array(
+        [corpus_texts[i] if h else None for i, h in zip(top_ids.tolist(), has.tolist(), strict=True)], pa.string()
+    )
+    out["top_retrieved_rank"] = pa.array(np.where(has, safe + 1, 0), pa.int32(), mask=~has)
+    out["top_retrieved_score"] = pa.array(top_scores, pa.float32(), mask=~has)
+    return out
 
 
 def filter_and_mine(table: pa.Table, vectors: RankingVectors, cfg: CleanSettings) -> tuple[StageResult, StageResult]:

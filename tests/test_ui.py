@@ -17,6 +17,11 @@ subflow's page (Task Runs tab) lists its task runs by name, as the API has them.
 ``$EMBED_FACTORY_TEST_ARTIFACTS`` or ``tests/artifacts/`` (gitignored); the test prints the folder.
 Skipped only when chromium is absent, and then failed under CI=true (``require_tool`` in conftest.py; .ci/run
 installs it); chromium is looked for before any server starts.
+
+``test_ui_shows_a_clean_runs_funnel_artifact`` (no LLM, ~2-3 min on 2 busy cores): a ``clean`` run on
+hand-made shards against the same kind of server; the run page's Artifacts tab lists the clean artifacts
+and the ``clean-funnel`` table shows the counts of the run's stage tables; its screenshot is also copied
+to ``docs/ui-clean-artifacts.png`` for the README.
 """
 
 from __future__ import annotations
@@ -33,13 +38,11 @@ import pytest
 
 from ground.settings import load_settings
 from processes import start_deploy, stop
-from test_deployments import TINY, wait_for_worker  # shared with the deployment test
+from test_deployment_server import TINY, wait_for_worker  # shared with the deployment test
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("EMBED_FACTORY_TEST_ARTIFACTS") or ROOT / "tests" / "artifacts")
 DEPLOYMENTS = ("generate", "clean", "finetune", "pipeline")
-
-pytestmark = pytest.mark.llm
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +102,7 @@ def task_run_names(flow_run_id) -> list[str]:
     return sorted(r.name for r in runs)
 
 
+@pytest.mark.llm
 def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_url, ui_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -226,3 +230,70 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
     for name, path in shots.items():
         assert path.stat().st_size > 10_000, f"{path} looks empty"
         print(f"screenshot {name}: {path}")
+
+
+def test_ui_shows_a_clean_runs_funnel_artifact(chromium, ui_server, tmp_path, monkeypatch):
+    """A finished ``clean`` run (hand-made shards, no LLM) in the UI: its Artifacts tab lists the clean
+    artifacts, and the ``clean-funnel`` table shows, row by row, the counts of the run's own stage tables."""
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from flows.artifacts import KEYS
+    from flows.clean import clean
+    from rows import TOPICS, example, write_run
+    from storage.corpus import CleanStore
+    from storage.shards import RunStore
+
+    data_dir = tmp_path / "data"  # ui_server pointed the factory's storage here
+    for key, value in {"NEGATIVES_PER_QUERY": "2", "NEGATIVE_RANK_MIN": "1", "NEGATIVE_RANK_MAX": "10"}.items():
+        monkeypatch.setenv(f"EMBED_FACTORY_CLEAN__{key}", value)
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__RANK_TOP_K", "3")
+    rows = [example("run-a", i, q, p, negative=TOPICS[(i + 1) % len(TOPICS)][1]) for i, (q, p) in enumerate(TOPICS)]
+    rows.append(example("run-a", 90, "", "An empty query must be dropped by validation."))
+    rows += [
+        example("run-a", 100 + i, q, p, TOPICS[i + 2][1], task_type="short_short")
+        for i, (q, p) in enumerate(TOPICS[:3])
+    ]
+    write_run(data_dir, "run-a", rows)
+    state = clean(clean_id="c-ui", return_state=True)
+    assert state.is_completed()
+    flow_run_id = state.state_details.flow_run_id
+
+    # what the funnel must show, counted here from the run's own tables
+    store = CleanStore(data_dir, "c-ui")
+    tables = {"generated": RunStore(data_dir, "run-a").read_kind("examples")}
+    tables |= {stage: store.read_stage(stage) for stage in ("valid", "deduped", "decontaminated", "filtered", "mined")}
+    expected = {t: [tables[s]["task_type"].to_pylist().count(t) for s in tables] for t in ("retrieval", "short_short")}
+    expected["total"] = [tables[s].num_rows for s in tables]
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-clean-artifacts.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        # the flow run's Artifacts tab lists the clean run's artifacts by key
+        page.goto(f"{ui_server.ui_url}/runs/flow-run/{flow_run_id}")
+        page.locator("[role=tablist]").get_by_text("Artifacts", exact=True).click()
+        panel = page.get_by_role("tabpanel", name="Artifacts")
+        for key in ("clean_funnel", "clean_drop_reasons", "clean_samples", "clean_report", "clean_export"):
+            expect(panel.get_by_text(KEYS[key], exact=True).first).to_be_visible()
+        # the funnel artifact's page: one table row per task type with its count per stage
+        panel.get_by_text(KEYS["clean_funnel"], exact=True).first.click()
+        for name, counts in expected.items():
+            row = page.locator("tr", has=page.get_by_text(name, exact=True))
+            expect(row).to_have_count(1)
+            cells = row.locator("td")
+            for i, count in enumerate(counts):
+                expect(cells.nth(i + 1)).to_have_text(str(count))
+        page.wait_for_timeout(500)
+        page.screenshot(path=shot, full_page=True)
+        browser.close()
+    assert 10_000 < shot.stat().st_size < 300_000, f"{shot}: {shot.stat().st_size} bytes"
+    docs = ROOT / "docs" / "ui-clean-artifacts.png"
+    docs.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, docs)  # the README's walk-through shows this screenshot
+    print(f"screenshot: {shot} (copied to {docs})")

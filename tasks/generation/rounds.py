@@ -23,7 +23,7 @@ from personas.sampling import PersonaSampler
 from personas.sources import Persona, load_persona_pool, read_persona_jsonl
 from prompts.task_types import get_task_type
 from storage.schemas import EXAMPLE_SCHEMA
-from storage.shards import RunStore, read_parquet_checked
+from storage.shards import RunStore, ShardRecord, read_parquet_checked
 from tasks.generation.brainstorm import (
     brainstorm_shard_task,
     deficits,
@@ -37,8 +37,11 @@ from tasks.generation.generate import (
     plan_examples,
     split_targets,
 )
+from tasks.generation.intents import Encode
 
 ShardTask = Callable[[RunStore, object, LLMClient, Sampling], Awaitable[object]]
+#: called with each shard's record as it commits (the flow shows progress from it); never told of skipped shards
+OnShard = Callable[[ShardRecord], None]
 
 
 @dataclass
@@ -69,6 +72,7 @@ async def run_shards(
     client: LLMClient,
     sampling: Sampling,
     shards_in_flight: int,
+    on_shard: OnShard | None = None,
 ) -> list:
     """Run shard tasks with at most ``shards_in_flight`` at once; requests are bounded by the client.
 
@@ -84,10 +88,13 @@ async def run_shards(
             if errors:
                 return None  # a shard failed: start no more
             try:
-                return await shard_task(store, shard, client, sampling)
+                record = await shard_task(store, shard, client, sampling)
             except BaseException as exc:
                 errors.append(exc)
                 raise
+            if on_shard is not None and isinstance(record, ShardRecord):
+                on_shard(record)
+            return record
 
     results = await asyncio.gather(*(run(shard) for shard in shards), return_exceptions=True)
     if errors:
@@ -150,13 +157,20 @@ async def brainstorm_to_targets(
     client: LLMClient,
     sampling: Sampling,
     tally: ShardTally,
+    on_shard: OnShard | None = None,
+    encode: Encode | None = None,
 ) -> Brainstormed:
-    """Brainstorm rounds until every brainstormed type has its unique instructions (or the rounds run out)."""
+    """Brainstorm rounds until every brainstormed type has its intents (or the rounds run out).
+
+    ``encode``: the instruction embedder for semantic dedup (``generation.intent_threshold``); None: text dedup only.
+    """
+    threshold = gen.intent_threshold if encode is not None else None
     logger = get_run_logger()
     targets = instruction_targets(gen)
     for round_idx in range(gen.max_brainstorm_rounds):
         # from earlier rounds' shards only, so a resumed run plans this round exactly as before
-        instructions = unique_instructions(before_round(store.read_kind("brainstorm"), f"b{round_idx:03d}"), targets)
+        earlier = before_round(store.read_kind("brainstorm"), f"b{round_idx:03d}")
+        instructions = unique_instructions(earlier, targets, encode, threshold)
         missing = deficits(instructions, targets)
         if not any(missing.values()):
             break
@@ -170,10 +184,10 @@ async def brainstorm_to_targets(
             len(todo),
             len(shards) - len(todo),
         )
-        await run_shards(brainstorm_shard_task, store, todo, client, sampling, gen.shards_in_flight)
+        await run_shards(brainstorm_shard_task, store, todo, client, sampling, gen.shards_in_flight, on_shard)
         tally.written += len(todo)
     else:  # the rounds ran out: what every round brought
-        instructions = unique_instructions(store.read_kind("brainstorm"), targets)
+        instructions = unique_instructions(store.read_kind("brainstorm"), targets, encode, threshold)
     store.write_instructions(instructions)
     result = Brainstormed(
         instructions, {t: n for t, n in deficits(instructions, targets).items() if n}, gen.max_brainstorm_rounds
@@ -201,6 +215,7 @@ async def examples_with_topups(
     client: LLMClient,
     sampling: Sampling,
     tally: ShardTally,
+    on_shard: OnShard | None = None,
 ) -> dict[str, int]:
     """The example round, then top-up rounds for what failed; returns the examples per task type.
 
@@ -220,7 +235,7 @@ async def examples_with_topups(
         todo = _todo(store, "examples", shards, tally)
         progress.add_total("generate", sum(len(s.requests) for s in todo))
         logger.info("generation round %d: %d shard(s) to run, %d done", round_idx, len(todo), len(shards) - len(todo))
-        await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight)
+        await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight, on_shard)
         tally.written += len(todo)
         for task_type, n in _examples_by_type(store, shards).items():
             have[task_type] = have.get(task_type, 0) + n

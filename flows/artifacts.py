@@ -1,0 +1,417 @@
+"""Prefect artifacts of the flow runs: what a run made, dropped, gained, shown in the UI's Artifacts tab.
+
+Two halves. The pure half turns a flow's own tables and summary into table rows and markdown
+(``generation_rows``, ``funnel_rows``, ``drop_rows``, ``eval_dim_rows`` …): plain functions, tested
+without Prefect. The publishing half (``publish_*``, ``GenerateProgress``) hands them to Prefect's
+artifact API under stable keys (:data:`KEYS`), so the UI's Artifacts page keeps each key's history
+across runs. Outside a flow or task run the publishing calls do nothing; an API error is logged as a
+warning and never fails the run that reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.catalog import Catalog
+from storage.shards import RunStore, ShardRecord
+
+#: one stable key per artifact (lowercase letters, digits, dashes: Prefect's rule)
+KEYS = {
+    "generate_progress": "generate-progress",
+    "generate_task_types": "generate-task-types",
+    "clean_funnel": "clean-funnel",
+    "clean_drop_reasons": "clean-drop-reasons",
+    "clean_samples": "clean-samples",
+    "clean_report": "clean-report",
+    "clean_export": "clean-export",
+    "finetune_dims": "finetune-eval-dims",
+    "finetune_languages": "finetune-eval-languages",
+    "finetune_training": "finetune-training",
+    "finetune_model": "finetune-model",
+    "pipeline_summary": "pipeline-summary",
+}
+FUNNEL_STAGES = ("generated", "valid", "deduped", "decontaminated", "filtered", "mined")
+SAMPLES_PER_TYPE = 3
+TEXT_CHARS = 160  # texts in the sample table are cut to this length
+
+
+# --- pure: summaries and tables -> rows and markdown ---------------------------------------------
+def short(text: str | None, limit: int = TEXT_CHARS) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1].rstrip() + "…"
+
+
+def as_link(location: str) -> str:
+    """A URL for a stored file or folder: S3 (or any) URLs as they are, local paths as ``file://``."""
+    return location if "://" in location else Path(location).resolve().as_uri()
+
+
+def _reasons(reasons: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{r} ×{n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _generation_row(task_type: str, examples: pa.Table, rejects: pa.Table) -> dict[str, Any]:
+    latency = examples["latency_s"].to_numpy(zero_copy_only=False).astype(float)
+    completion = int(pc.sum(examples["completion_tokens"]).as_py() or 0)
+    seconds = float(latency.sum())
+    attempts = int(pc.sum(examples["attempts"]).as_py() or 0) + int(pc.sum(rejects["attempts"]).as_py() or 0)
+    return {
+        "task type": task_type,
+        "requests": examples.num_rows + rejects.num_rows,
+        "examples": examples.num_rows,
+        "rejects": rejects.num_rows,
+        "rejects by reason": _reasons(rejects["reason"].to_pylist()) or "none",
+        "attempts": attempts,
+        "prompt tokens": int(pc.sum(examples["prompt_tokens"]).as_py() or 0),
+        "completion tokens": completion,
+        "tokens/s per request": round(completion / seconds, 1) if seconds else None,
+        "latency p50 s": round(float(np.percentile(latency, 50)), 3) if len(latency) else None,
+        "latency p95 s": round(float(np.percentile(latency, 95)), 3) if len(latency) else None,
+    }
+
+
+def generation_rows(examples: pa.Table, rejects: pa.Table) -> list[dict[str, Any]]:
+    """One row per task type (and a total) from a run's example and reject tables.
+
+    Requests are examples plus rejects of the ``generate`` stage (brainstorm rejects have no example
+    to count against); tokens and latency come from the examples (a reject records no usage);
+    tokens/s per request is completion tokens over the summed request latency.
+    """
+    rejects = rejects.filter(pc.equal(rejects["stage"], "generate")) if rejects.num_rows else rejects
+    types = sorted(set(examples["task_type"].to_pylist()) | set(rejects["task_type"].to_pylist()))
+    rows = [
+        _generation_row(
+            t,
+            examples.filter(pc.equal(examples["task_type"], t)),
+            rejects.filter(pc.equal(rejects["task_type"], t)) if rejects.num_rows else rejects,
+        )
+        for t in types
+    ]
+    if len(rows) > 1:
+        rows.append(_generation_row("total", examples, rejects))
+    return rows
+
+
+def funnel_rows(per_stage: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
+    """``{stage: {task_type: rows}}`` → one row per task type with a column per stage, then a total row."""
+    types = sorted({t for counts in per_stage.values() for t in counts})
+    rows = []
+    for name in [*types, "total"]:
+        counts = {
+            s: (sum(per_stage.get(s, {}).values()) if name == "total" else per_stage.get(s, {}).get(name, 0))
+            for s in FUNNEL_STAGES
+        }
+        kept = round(100.0 * counts["mined"] / counts["generated"], 1) if counts["generated"] else None
+        rows.append({"task type": name, **counts, "kept %": kept})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    head = list(rows[0])
+    cell = lambda v: "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def eval_dim_rows(before: Mapping[str, Any], after: Mapping[str, Any], delta: Mapping[str, Any]) -> list[dict]:
+    """Per Matryoshka dim: mean STS Spearman and held-out nDCG@10 / recall@10, before, after and delta."""
+    rows: dict[str, dict[str, Any]] = {}
+    sts = [(s.get("sts") or {}).get("spearman", {}).get("mean", {}) for s in (before, after)]
+    sts_delta = (delta.get("sts") or {}).get("mean", {})
+    for dim in sts[1]:
+        rows.setdefault(dim, {"dim": int(dim)}).update(
+            {"sts spearman before": sts[0].get(dim), "sts spearman after": sts[1][dim], "sts delta": sts_delta.get(dim)}
+        )
+    metrics = [(s.get("retrieval") or {}).get("metrics", {}) for s in (before, after)]
+    for dim, after_m in metrics[1].items():
+        change = (delta.get("retrieval") or {}).get(dim, {})
+        row = rows.setdefault(dim, {"dim": int(dim)})
+        for metric in ("ndcg@10", "recall@10"):
+            row[f"{metric} before"] = metrics[0].get(dim, {}).get(metric)
+            row[f"{metric} after"] = after_m.get(metric)
+            row[f"{metric} delta"] = change.get(metric)
+    return [_rounded(rows[d]) for d in sorted(rows, key=int, reverse=True)]
+
+
+def eval_language_rows(before: Mapping[str, Any], after: Mapping[str, Any], delta: Mapping[str, Any]) -> list[dict]:
+    """Per STS language (and their mean) and dim: Spearman before, after and delta."""
+    b = ((before.get("sts") or {}).get("spearman")) or {}
+    a = ((after.get("sts") or {}).get("spearman")) or {}
+    d = (delta.get("sts")) or {}
+    langs = sorted(lang for lang in a if lang != "mean") + (["mean"] if "mean" in a else [])
+    return [
+        _rounded(
+            {
+                "language": lang,
+                "dim": int(dim),
+                "before": b.get(lang, {}).get(dim),
+                "after": a[lang][dim],
+                "delta": d.get(lang, {}).get(dim),
+            }
+        )
+        for lang in langs
+        for dim in sorted(a[lang], key=int, reverse=True)
+    ]
+
+
+def _rounded(row: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def training_markdown(summary: Mapping[str, Any]) -> str:
+    train = summary.get("train") or {}
+    figures = [
+        ("base model", summary.get("base_model")),
+        ("clean run", summary.get("clean_id")),
+        ("training data", summary.get("train_path")),
+        ("steps", train.get("steps")),
+        ("samples", train.get("samples")),
+        ("samples/s", train.get("samples_per_s")),
+        ("train seconds", train.get("train_seconds")),
+        ("loss (start → end)", f"{train.get('loss_start')} → {train.get('loss_end')}"),
+        ("model", summary.get("model_url") or summary.get("model_dir")),
+    ]
+    return "### Fine-tuning\n\n" + markdown_table([{"figure": k, "value": v} for k, v in figures])
+
+
+def pipeline_markdown(
+    generated: Mapping[str, Any],
+    cleaned: Mapping[str, Any],
+    tuned: Mapping[str, Any] | None,
+    ledger_markdown: str | None = None,
+) -> str:
+    """One page over the three stages' summaries; ``ledger_markdown`` (the cost ledger) is appended as given."""
+    by_type = generated.get("examples_by_type") or {}
+    counts, dropped = cleaned.get("counts") or {}, cleaned.get("dropped") or {}
+    out = [
+        f"# Pipeline {generated.get('run_id')} → {cleaned.get('clean_id')}\n",
+        "## Generate\n",
+        f"{sum(by_type.values())} examples from {generated.get('requests')} requests "
+        f"({generated.get('rejects')} rejects), {generated.get('completion_tokens')} completion tokens, "
+        f"{generated.get('tokens_per_s', 0):.1f} tokens/s over {generated.get('elapsed_s', 0):.0f} s.\n",
+        markdown_table([{"task type": t, "examples": n} for t, n in by_type.items()]),
+        "## Clean\n",
+        markdown_table([{"stage": s, "rows": n} for s, n in counts.items()]),
+        "Dropped: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none") + ".\n",
+        f"Export: {cleaned.get('export_dir')}; report: {cleaned.get('report')}.\n",
+        "## Fine-tune\n",
+    ]
+    if tuned:
+        out.append(f"Model: {tuned.get('model_url') or tuned.get('model_dir')}\n")
+        deltas = tuned.get("key_deltas") or {}
+        out.append(
+            markdown_table(
+                [{"metric": m, **{f"dim {d}": v for d, v in by_dim.items()}} for m, by_dim in deltas.items()]
+            )
+        )
+    else:
+        out.append("Not fine-tuned in this run.\n")
+    if ledger_markdown:
+        out += ["## Cost\n", ledger_markdown.rstrip() + "\n"]
+    return "\n".join(out)
+
+
+# --- reading what the clean artifacts show (DuckDB catalog views) --------------------------------
+def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, Any]:
+    """Funnel counts, drop reasons with one detail each, and a repeatable triplet sample per task type."""
+    with catalog.session():
+        per_stage = {
+            "generated": _counts(
+                catalog, "SELECT task_type, count(*) AS n FROM raw WHERE list_contains($r, run_id) GROUP BY 1", runs
+            )
+        }
+        for stage in FUNNEL_STAGES[1:]:
+            sql = f"SELECT task_type, count(*) AS n FROM {stage} WHERE clean_id = $c GROUP BY 1"
+            per_stage[stage] = {r["task_type"]: r["n"] for r in catalog.query(sql, {"c": clean_id}).to_pylist()}
+        drops = catalog.query(
+            "SELECT stage, reason, count(*) AS n, "
+            "arg_min(detail, example_id) FILTER (WHERE detail IS NOT NULL) AS detail "
+            "FROM dropped WHERE clean_id = $c GROUP BY stage, reason ORDER BY n DESC, stage, reason",
+            {"c": clean_id},
+        ).to_pylist()
+        samples = catalog.query(
+            "SELECT task_type, query, positive, hard_negatives[1] AS hard_negative, positive_rank FROM mined "
+            "WHERE clean_id = $c QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY md5(example_id)) <= $k "
+            "ORDER BY task_type, md5(example_id)",
+            {"c": clean_id, "k": SAMPLES_PER_TYPE},
+        ).to_pylist()
+    return {"per_stage": per_stage, "drops": drops, "samples": samples}
+
+
+def _counts(catalog: Catalog, sql: str, runs: list[str]) -> dict[str, int]:
+    return {r["task_type"]: r["n"] for r in catalog.query(sql, {"r": runs}).to_pylist()}
+
+
+def drop_rows(drops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"stage": d["stage"], "reason": d["reason"], "rows": d["n"], "example detail": short(d["detail"])}
+        for d in drops
+    ]
+
+
+def sample_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "task type": s["task_type"],
+            "query": short(s["query"]),
+            "positive": short(s["positive"]),
+            "first hard negative": short(s["hard_negative"]),
+            "positive rank": s["positive_rank"],
+        }
+        for s in samples
+    ]
+
+
+# --- publishing ------------------------------------------------------------------------------------
+def in_run() -> bool:
+    """True inside a Prefect flow or task run, where artifacts have a run to belong to."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _publish(create: Callable[..., Any], **kwargs: Any) -> Any:
+    """``create(**kwargs)`` synchronously inside a run (returns the artifact id); outside one: nothing, None."""
+    if not in_run():
+        return None
+    try:
+        return create(**kwargs, _sync=True)
+    except Exception as exc:  # an artifact is a report: losing one must not fail the run it reports on
+        _warn(f"could not publish artifact {kwargs.get('key') or kwargs.get('artifact_id')}: {exc}")
+        return None
+
+
+def _warn(message: str) -> None:
+    from prefect import get_run_logger
+
+    get_run_logger().warning(message)  # in the flow run's log, where the UI shows it
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> Any:
+    from prefect.artifacts import create_table_artifact
+
+    return _publish(create_table_artifact, table=rows, key=KEYS[key], description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> Any:
+    from prefect.artifacts import create_markdown_artifact
+
+    return _publish(create_markdown_artifact, markdown=markdown, key=KEYS[key], description=description)
+
+
+def publish_link(key: str, location: str, text: str, description: str) -> Any:
+    from prefect.artifacts import create_link_artifact
+
+    return _publish(
+        create_link_artifact, link=as_link(location), link_text=text, key=KEYS[key], description=description
+    )
+
+
+class GenerateProgress:
+    """The ``generate-progress`` artifact: parsed examples committed vs the run's target, per shard commit.
+
+    ``shard_committed`` is the ``on_shard`` callback of ``tasks/generation/rounds.py``; the bar
+    starts at what earlier sessions of a resumed run committed (``committed``).
+    """
+
+    def __init__(self, run_id: str, target: int, committed: int = 0):
+        self.run_id, self.target, self.examples = run_id, target, committed
+        self.rejects = self.brainstorm_shards = self.example_shards = 0
+        self.artifact_id: Any = None
+
+    @property
+    def percent(self) -> float:
+        return round(min(100.0, 100.0 * self.examples / self.target), 2) if self.target else 100.0
+
+    @property
+    def description(self) -> str:
+        return (
+            f"run {self.run_id}: {self.examples} of {self.target} parsed examples, {self.rejects} rejects "
+            f"({self.example_shards} example and {self.brainstorm_shards} brainstorm shards committed this session)"
+        )
+
+    def start(self) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.artifact_id = _publish(
+            create_progress_artifact, progress=self.percent, key=KEYS["generate_progress"], description=self.description
+        )
+
+    def shard_committed(self, record: ShardRecord) -> None:
+        if record.kind == "examples":
+            self.examples += record.rows
+            self.rejects += record.rejects
+            self.example_shards += 1
+        else:
+            self.brainstorm_shards += 1
+        self.update()
+
+    def update(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.artifact_id is not None:
+            _publish(
+                update_progress_artifact,
+                artifact_id=self.artifact_id,
+                progress=self.percent,
+                description=self.description,
+            )
+
+
+def publish_generate(store: RunStore) -> Any:
+    """The per-task-type table of a generation run, from all its example and reject shards."""
+    if not in_run():
+        return None
+    rows = generation_rows(store.read_kind("examples"), store.read_kind("rejects"))
+    return publish_table("generate_task_types", rows, f"generation run {store.run_id}: per task type")
+
+
+def publish_clean(catalog: Catalog, summary: Mapping[str, Any]) -> None:
+    """The clean run's funnel, drop reasons, triplet sample, and links to its report and export."""
+    clean_id = summary["clean_id"]
+    if not in_run():
+        return
+    try:
+        facts = clean_facts(catalog, clean_id, list(summary["runs"]))
+    except Exception as exc:  # as in _publish: the report of a run never fails it
+        _warn(f"could not read the clean artifacts' figures from the catalog: {exc}")
+        return
+    publish_table("clean_funnel", funnel_rows(facts["per_stage"]), f"clean run {clean_id}: rows per stage")
+    publish_table("clean_drop_reasons", drop_rows(facts["drops"]), f"clean run {clean_id}: why rows were dropped")
+    publish_table("clean_samples", sample_rows(facts["samples"]), f"clean run {clean_id}: sample triplets")
+    publish_link("clean_report", summary["report"], "report.html", f"clean run {clean_id}: the HTML report")
+    publish_link("clean_export", summary["export_dir"], "export", f"clean run {clean_id}: the training export")
+
+
+def publish_finetune(summary: Mapping[str, Any]) -> None:
+    """Before/after/delta per dim and per language, the training figures, and a link to the model."""
+    before, after, delta = summary.get("before") or {}, summary.get("after") or {}, summary.get("delta") or {}
+    name = f"{summary.get('base_model')} on {summary.get('clean_id')}"
+    publish_table("finetune_dims", eval_dim_rows(before, after, delta), f"{name}: per Matryoshka dim")
+    publish_table("finetune_languages", eval_language_rows(before, after, delta), f"{name}: STS per language")
+    publish_markdown("finetune_training", training_markdown(summary), f"{name}: training")
+    model = summary.get("model_url") or summary.get("model_dir")
+    publish_link("finetune_model", model, "model", f"{name}: the fine-tuned model")
+
+
+def publish_pipeline(
+    generated: Mapping[str, Any],
+    cleaned: Mapping[str, Any],
+    tuned: Mapping[str, Any] | None,
+    ledger_markdown: str | None = None,
+) -> Any:
+    markdown = pipeline_markdown(generated, cleaned, tuned, ledger_markdown)
+    return publish_markdown("pipeline_summary", markdown, f"pipeline {generated.get('run_id')}")

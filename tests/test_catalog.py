@@ -128,10 +128,14 @@ def test_counts_match_the_files_and_ids_come_from_paths(tmp_path):
         "instructions": 3,
         "valid": 3,
         "deduped": 2,
+        "decontaminated": 0,
         "filtered": 1,
         "mined": 1,
+        "verified": 0,
+        "judged": 0,
         "dropped": 1,
         "clean_inputs": 2,
+        "ledger": 0,
     }
     # the empty views had the very columns and types that the file-backed views have
     with catalog.session():

@@ -33,11 +33,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from stub_llm import StubLLM  # noqa: E402
 
+from storage.schemas import LEDGER_WALL_CLOCK_COLUMNS  # noqa: E402
+
 HERE = Path(__file__).parent
 RUN_ID = "crash"
 EXAMPLES = 24
 #: columns that hold wall-clock facts, not content
-VOLATILE_COLUMNS = {"created_at", "latency_s"}
+VOLATILE_COLUMNS = {"created_at", "latency_s", *LEDGER_WALL_CLOCK_COLUMNS}
 
 SUMMARY: dict[str, Counter] = defaultdict(Counter)
 
@@ -320,7 +322,8 @@ def run_snapshot(data_dir: Path, run_id: str = RUN_ID, rename: str | None = None
 
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if not path.is_file() or path.name == ".lock" or path.name.startswith("."):
+        # plan.json: the cost plan, made only when earlier runs exist (an interrupted chain has some)
+        if not path.is_file() or path.name in (".lock", "plan.json") or path.name.startswith("."):
             continue
         if path.suffix == ".parquet":
             table = pq.read_table(path)

@@ -1,0 +1,58 @@
+"""What a generation run asked of the LLM per task type, counted from the run's own rows (for the ledger).
+
+From the rows, not the client's counters, so a resumed run counts every session that committed shards:
+
+- examples: one request each; ``attempts`` chat completions; its prompt and completion tokens (summed over
+  its attempts by the client);
+- rejects (brainstorm or example): one request each, ``attempts`` completions; their tokens are not stored;
+- brainstorm: one row per returned instruction, each carrying its request's tokens, so a request is the group
+  of rows with the same shard, persona, latency and tokens; one completion each (re-asks are not stored).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ground.costs import TypeUsage
+from prompts.task_types import get_task_type
+
+
+def _brainstorm_requests(brainstorm: pa.Table) -> list[dict]:
+    keys = ("shard_id", "persona_id", "latency_s", "prompt_tokens", "completion_tokens")
+    seen: dict[tuple, dict] = {}
+    for row in brainstorm.select(["task_type", *keys]).to_pylist():
+        seen.setdefault((row["task_type"], *(row[k] for k in keys)), row)
+    return list(seen.values())
+
+
+def usage_by_type(examples: pa.Table, rejects: pa.Table, brainstorm: pa.Table) -> list[TypeUsage]:
+    """One :class:`TypeUsage` per task type that sent a request, sorted by task type."""
+    counts: dict[str, dict[str, int]] = {}
+
+    def add(task_type: str, **values: int) -> None:
+        entry = counts.setdefault(
+            task_type, dict.fromkeys(("requests", "llm_calls", "prompt_tokens", "completion_tokens", "examples"), 0)
+        )
+        for name, value in values.items():
+            entry[name] += value or 0
+
+    for row in examples.select(["task_type", "attempts", "prompt_tokens", "completion_tokens"]).to_pylist():
+        add(
+            row["task_type"],
+            requests=1,
+            llm_calls=row["attempts"],
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            examples=1,
+        )
+    for row in rejects.select(["task_type", "attempts"]).to_pylist():
+        add(row["task_type"], requests=1, llm_calls=row["attempts"])
+    for row in _brainstorm_requests(brainstorm):
+        add(
+            row["task_type"],
+            requests=1,
+            llm_calls=1,
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+        )
+    return [TypeUsage(t, get_task_type(t).prompt_version, **counts[t]) for t in sorted(counts)]

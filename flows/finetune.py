@@ -18,7 +18,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from flows.artifacts import publish_finetune
+from ground.costs import with_training
 from ground.settings import FinetuneSettings, Settings, load_settings
+from storage.corpus import CleanStore
+from storage.ledger import read_ledger, write_ledger
 from storage.models import DEFAULT_MODEL_NAME, FinetuneError, ModelStore, check_base_model, resolve_export
 
 # the CLI and the benchmarks check their input with these before starting a flow run
@@ -86,6 +90,16 @@ def _train_figures(result: Any) -> dict[str, Any]:
         "loss_window",
     )
     return {name: getattr(result, name, None) for name in fields}
+
+
+def add_training_to_ledger(settings: Settings, clean_id: str, train_seconds: float | None) -> None:
+    """The clean run's ledger gains this fine-tune's training seconds (a later fine-tune replaces them)."""
+    store = CleanStore.from_settings(settings, clean_id)
+    rows = read_ledger(store.ledger_path)
+    if not rows:  # a clean run from before the ledger
+        get_run_logger().info("no cost ledger in %s: training seconds not recorded", store.root)
+        return
+    write_ledger(store.ledger_path, with_training(rows, train_seconds or 0.0, settings.cost), store.compression)
 
 
 # --- thin task wrappers ------------------------------------------------------------------------
@@ -158,6 +172,7 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
         model_url=store.published_url(final_dir),
     )
     store.write_summary(final_dir, asdict(summary))
+    add_training_to_ledger(settings, export.clean_id, summary.train["train_seconds"])
     if summary.model_url:
         store.publish(final_dir)  # the model, eval.json and finetune.json next to the export on S3
     logger.info(
@@ -167,6 +182,7 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
         summary.train["samples_per_s"],
         summary.key_deltas,
     )
+    publish_finetune(asdict(summary))  # before/after/delta, training figures and the model link in the UI
     return summary
 
 

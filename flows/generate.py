@@ -14,11 +14,19 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow, get_run_logger
 
+from flows.artifacts import GenerateProgress, publish_generate
+from ground.cost_plan import Plan
+from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
 from llm.client import ClientStats, LLMClient, Sampling
+from llm.embedder import make_embedder
 from personas.sampling import PersonaSampler
+from storage.embedding_cache import EmbeddingCache, embeddings_dir, encode_cached
+from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
+from storage.location import data_root
 from storage.shards import RunStore
 from tasks.generation.generate import count_by_type
+from tasks.generation.intents import intent_summary
 from tasks.generation.rounds import (
     Brainstormed,
     ShardTally,
@@ -27,6 +35,7 @@ from tasks.generation.rounds import (
     examples_with_topups,
     persona_pool,
 )
+from tasks.generation.usage import usage_by_type
 
 
 class RunConfigMismatch(ValueError):
@@ -49,6 +58,8 @@ class GenerateSummary:
     shards_written: int
     shards_skipped: int
     warnings: list[str] = field(default_factory=list)
+    # per brainstormed type: instructions, distinct intents, clusters of 2+, mean nearest-neighbour cosine
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
     # what this session asked of the LLM server (a resumed run counts only its own requests)
     llm_calls: int = 0  # chat completions asked for, schema re-asks included
     http_attempts: int = 0  # HTTP requests sent, transport retries included
@@ -82,13 +93,30 @@ def run_fingerprint(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _older(stored: Any, fingerprint: dict[str, Any]) -> Any:
+    """A fingerprint from before ``generation.intent_threshold`` existed reads as one with today's value."""
+    if isinstance(stored, dict) and "intent_threshold" not in stored.get("generation", {"intent_threshold": 0}):
+        generation = fingerprint["generation"]
+        return {**stored, "generation": {**stored["generation"], "intent_threshold": generation["intent_threshold"]}}
+    return stored
+
+
+def instruction_encoder(settings: Settings):
+    """The embedder of intent dedup (clean.embedder, vectors cached under the data dir); None when it is off."""
+    if settings.generation.intent_threshold is None:
+        return None
+    embedder = make_embedder(settings.clean)  # a local model loads only when a text is not cached yet
+    cache = EmbeddingCache(embeddings_dir(data_root(settings.storage), embedder.model_key))
+    return lambda texts: encode_cached(texts, embedder, cache)
+
+
 def check_fingerprint(store: RunStore, settings: Settings) -> None:
     """Record a new run's settings; refuse to resume an existing run with other ones."""
     info = store.read_run_info()
     fingerprint = run_fingerprint(settings)
     if info is None:
         store.write_run_info({"fingerprint": fingerprint, "profile": settings.profile})
-    elif info.get("fingerprint") != fingerprint:
+    elif _older(info.get("fingerprint"), fingerprint) != fingerprint:
         raise RunConfigMismatch(
             f"run {store.run_id!r} already exists with other settings ({store.run_info_path}); "
             "resume it with the same settings or choose a new --run-id"
@@ -146,6 +174,11 @@ def summarize(
         tokens_per_s=stats.completion_tokens / elapsed if elapsed else 0.0,
         elapsed_s=elapsed,
         unique_instructions=count_by_type(brainstormed.instructions),
+        intents=intent_summary(
+            brainstormed.instructions["task_type"].to_pylist(),
+            brainstormed.instructions["intent_id"].to_pylist(),
+            brainstormed.instructions["nearest_similarity"].to_pylist(),
+        ),
         personas=pool_size,
         shards_written=tally.written,
         shards_skipped=tally.skipped,
@@ -177,19 +210,60 @@ def summarize(
     return summary
 
 
-async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
-    """The body of the flow; callable directly (tests, CLI) inside a flow context."""
+def write_run_ledger(settings: Settings, store: RunStore, elapsed_s: float) -> None:
+    """The run's cost ledger per task type, from its rows; wall seconds add up over the sessions that finished."""
+    earlier = sum(row["generation_wall_s"] or 0.0 for row in read_ledger(store.ledger_path))
+    usage = usage_by_type(store.read_kind("examples"), store.read_kind("rejects"), store.read_kind("brainstorm"))
+    plan = read_plan(store.plan_path)
+    predicted = Plan.from_json(plan).predicted_columns() if plan else None
+    rows = generation_rows(
+        store.run_id,
+        settings.llm_model,
+        usage,
+        earlier + elapsed_s,
+        len(settings.llm_base_urls),
+        settings.cost,
+        predicted,
+    )
+    write_ledger(store.ledger_path, rows, store.compression)
+    get_run_logger().info(
+        "ledger: %.4f GPU-hours, %.4f USD over %d task types (%s)",
+        sum(r["gpu_hours"] for r in rows),
+        sum(r["cost_usd"] for r in rows),
+        len(rows),
+        store.ledger_path,
+    )
+
+
+async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | None = None) -> GenerateSummary:
+    """The body of the flow; callable directly (tests, CLI) inside a flow context.
+
+    ``plan``: the cost plan made before the run (``ground/cost_plan.py``), stored with a new run so its
+    ledger shows predicted vs actual."""
     gen, llm = settings.generation, settings.llm
     store = RunStore.from_settings(settings, run_id)
     started = time.monotonic()
     tally = ShardTally()
     with store.exclusive():
         check_fingerprint(store, settings)
+        if plan and not store.plan_path.exists():
+            write_plan(store.plan_path, plan)
+        # the UI's progress bar: parsed examples committed (earlier sessions' too) vs the target
+        committed = sum(e["rows"] for e in store.manifest().values() if e.get("kind") == "examples")
+        tracker = GenerateProgress(run_id, sum(example_targets(gen).values()), committed)
+        tracker.start()
         async with make_client(settings) as client:
             brainstorm_sampling = Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens)
             pool = await persona_pool(store, settings.personas, client, brainstorm_sampling, gen.seed)
             brainstormed = await brainstorm_to_targets(
-                store, gen, PersonaSampler(pool, gen.seed), client, brainstorm_sampling, tally
+                store,
+                gen,
+                PersonaSampler(pool, gen.seed),
+                client,
+                brainstorm_sampling,
+                tally,
+                tracker.shard_committed,
+                instruction_encoder(settings),
             )
             by_type = await examples_with_topups(
                 store,
@@ -198,8 +272,9 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
                 client,
                 Sampling(llm.temperature, llm.top_p, llm.max_tokens),
                 tally,
+                tracker.shard_committed,
             )
-        return summarize(
+        summary = summarize(
             settings,
             store,
             client.stats,
@@ -209,6 +284,9 @@ async def generate_run(settings: Settings, run_id: str) -> GenerateSummary:
             tally=tally,
             elapsed=time.monotonic() - started,
         )
+        write_run_ledger(settings, store, summary.elapsed_s)
+        publish_generate(store)  # the per-task-type table in the UI
+        return summary
 
 
 @flow(name="generate", flow_run_name="generate-{run_id}")
@@ -219,6 +297,7 @@ async def generate(
     seed: int | None = None,
     unique_instructions: int | None = None,
     profile: str | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate persona-driven embedding training examples into Parquet shards of ``run_id``.
 
@@ -229,6 +308,7 @@ async def generate(
         seed: Sampling seed for personas and placeholders (default: generation.seed).
         unique_instructions: Target unique brainstormed instructions (default: what examples needs).
         profile: Settings profile: local or production (default: the environment's).
+        plan: The cost plan made before the run (`embed-factory plan`), stored with a new run.
     """
     overrides = {
         k: v
@@ -241,4 +321,4 @@ async def generate(
         if v is not None
     }
     settings = load_settings(profile=profile, generation=overrides)
-    return asdict(await generate_run(settings, run_id))
+    return asdict(await generate_run(settings, run_id, plan))

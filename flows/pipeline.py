@@ -17,10 +17,15 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from flows.artifacts import publish_pipeline
 from flows.clean import clean
 from flows.finetune import finetune as finetune_flow
 from flows.generate import generate
-from ground.settings import TaskTypeName
+from ground.costs import ledger_markdown
+from ground.settings import TaskTypeName, load_settings
+from storage.corpus import CleanStore
+from storage.ledger import read_ledger
+from storage.shards import RunStore
 
 #: the end of every subflow run name of a ``pipeline`` run; the finetune trigger
 #: (embed_factory/deployments/finetune_trigger.py) skips clean runs whose name ends so: the pipeline fine-tunes itself
@@ -34,6 +39,13 @@ def default_run_id() -> str:
     started = flow_run.scheduled_start_time
     run_uuid = (flow_run.id or "").replace("-", "")
     return f"run-{started:%Y%m%d-%H%M%S}-{run_uuid[:6] or 'local'}"
+
+
+def pipeline_ledger(run_id: str, clean_id: str, profile: str | None) -> str:
+    """The cost ledger of the pipeline's generation run and clean run (fine-tune included) as markdown."""
+    settings = load_settings(profile=profile)
+    run_rows = read_ledger(RunStore.from_settings(settings, run_id).ledger_path)
+    return ledger_markdown(run_rows + read_ledger(CleanStore.from_settings(settings, clean_id).ledger_path))
 
 
 def _run_name() -> str:
@@ -98,4 +110,5 @@ async def pipeline(
         cleaned["counts"].get("mined", 0),
         tuned["model_dir"] if tuned else "(not fine-tuned)",
     )
+    publish_pipeline(generated, cleaned, tuned, ledger_markdown=pipeline_ledger(run_id, clean_id, profile))
     return {"run_id": run_id, "clean_id": clean_id, "generate": generated, "clean": cleaned, "finetune": tuned}

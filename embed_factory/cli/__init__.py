@@ -1,16 +1,18 @@
 """The ``embed-factory`` command line: run the pipeline, manage the embedded servers.
 
-The commands live by job: :mod:`.run` (generate, then clean), :mod:`.data` (clean, query, report),
-:mod:`.train` (finetune, serve), :mod:`.ops` (doctor, deploy, trigger) and :mod:`.servers` (the ``llm``
-and ``prefect`` groups); :mod:`.frame` holds what they share. Heavy imports (the flows, Prefect's
-client, torch) happen inside the commands, so ``--help`` and the server commands start fast.
+The commands live by job: :mod:`.run` (generate, then clean), :mod:`.plan` (the cost preview),
+:mod:`.data` (clean, query, report),
+:mod:`.train` (finetune, serve), :mod:`.ablate` (ablate), :mod:`.ops` (doctor, deploy, trigger) and
+:mod:`.servers` (the ``llm`` and ``prefect`` groups); :mod:`.frame` holds what they share. Heavy imports
+(the flows, Prefect's client, torch) happen inside the commands, so ``--help`` and the server commands
+start fast.
 """
 
 from __future__ import annotations
 
 import typer
 
-from embed_factory.cli import data, ops, run, servers, train
+from embed_factory.cli import ablate, data, ops, plan, run, servers, train
 
 app = typer.Typer(
     help="Embedding-training data factory: personas → LLM → Parquet shards.",
@@ -19,11 +21,13 @@ app = typer.Typer(
 )
 for command in (
     run.run,
+    plan.plan,
     data.clean,
     data.query,
     data.report,
     train.finetune,
     train.serve,
+    ablate.ablate,
     ops.doctor,
     ops.deploy,
     ops.trigger,

@@ -24,6 +24,7 @@ from embed_factory.cli.frame import (
     stage_bars,
     typed,
 )
+from embed_factory.cli.plan import history_plan, make_plan, print_plan
 from embed_factory.llm_server import EmbeddedLLMServer
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
 from ground.task_types import ALL_TASK_TYPES
@@ -32,6 +33,7 @@ from storage.shards import RunStore
 
 if TYPE_CHECKING:
     from flows.generate import GenerateSummary
+    from ground.cost_plan import Plan
 
 TASK_TYPE_LIST = ", ".join(ALL_TASK_TYPES)
 
@@ -51,12 +53,16 @@ def run(
     instructions: int | None = typer.Option(
         None, "--instructions", min=1, help="Target unique brainstormed instructions."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only print the predicted requests, tokens, GPU-hours, time and cost (as `plan`)."
+    ),
     profile: str | None = ProfileOption,
     config: Path | None = ConfigOption,
 ) -> None:
     """Generate examples of all 6 task types, then clean them into a training corpus.
 
     Starts the embedded vLLM and local Prefect servers if needed. Re-use --run-id to resume a run.
+    The cost plan from earlier runs' ledger is stored with a new run, so its ledger shows predicted vs actual.
     """
     settings = load_cli_settings(config, profile)
     unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
@@ -67,6 +73,11 @@ def run(
             for note in load_persona_pool(settings.personas).notes():  # refused as the flow would refuse it
                 say(f"personas: {note}")
         RunStore.from_settings(settings, run_id or "check")
+        if dry_run:  # nothing written, no Prefect flow run; a pilot only when no earlier run matches
+            print_plan(make_plan(settings, examples, task_types), settings)
+            return
+        # the plan from earlier runs (no pilot: the run measures itself), stored with a new run
+        cost_plan = history_plan(settings, examples, task_types)
     if not settings.uses_embedded_llm:  # a configured endpoint must answer before anything is written
         from embed_factory.doctor import FAIL, check_llm
 
@@ -78,13 +89,15 @@ def run(
         if settings.uses_embedded_llm:
             EmbeddedLLMServer(settings.embedded_llm, say).start()
         api_url = resolve_api_url(settings, say)
-        summary = generate_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile)
+        summary = generate_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile, cost_plan)
         print_generate_summary(summary, api_url)
         if clean_after:
             print_clean_summary(clean_flow(api_url, run_id, None, None, settings.profile))
 
 
-def generate_flow(api_url: str, run_id: str, examples, task_types, seed, instructions, profile) -> GenerateSummary:
+def generate_flow(
+    api_url: str, run_id: str, examples, task_types, seed, instructions, profile, plan: Plan | None = None
+) -> GenerateSummary:
     """Run the generate flow here, its stages as bars; its summary."""
     from flows.generate import GenerateSummary, generate
 
@@ -99,6 +112,7 @@ def generate_flow(api_url: str, run_id: str, examples, task_types, seed, instruc
                 seed=seed,
                 unique_instructions=instructions,
                 profile=profile,
+                plan=plan.to_json() if plan else None,
             )
         )
     return typed(GenerateSummary, summary)
@@ -110,9 +124,19 @@ def print_generate_summary(summary: GenerateSummary, api_url: str) -> None:
     table.add_column("task type")
     table.add_column("examples", justify="right")
     table.add_column("unique instructions", justify="right")
+    table.add_column("intents", justify="right")  # semantic dedup (generation.intent_threshold)
+    table.add_column("clusters / mean NN cos", justify="right")
     for task_type, count in summary.examples_by_type.items():
-        table.add_row(task_type, str(count), str(summary.unique_instructions.get(task_type, "-")))
-    table.add_row("[bold]total", f"[bold]{summary.examples}", "")
+        intents = summary.intents.get(task_type) or {}
+        nn = intents.get("mean_nn_similarity")
+        table.add_row(
+            task_type,
+            str(count),
+            str(summary.unique_instructions.get(task_type, "-")),
+            str(intents.get("intents", "-")),
+            f"{intents['clusters']} / {nn:.2f}" if intents and nn is not None else "-",
+        )
+    table.add_row("[bold]total", f"[bold]{summary.examples}", "", "", "")
     out.print(table)
     out.print(
         f"requests: {summary.requests}  rejects: {summary.rejects} "

@@ -9,9 +9,11 @@ global state) embedded as ``data:image/png;base64``. Sections:
 3. drop reasons: which stage dropped how many rows, and why;
 4. positive rank: where the positive ranked for its query (ranking-consistency filter);
 5. negative scores: hard-negative similarity vs the positive's similarity;
+   LLM judge (``report_judge.py``): verdict rates per task type, negatives replaced, positives relabelled;
 6. lengths: query and positive characters per task type;
 7. diversity: unique instructions and personas, top personas, distinct-n of queries and positives;
 8. generation: rejects by reason, attempts, tokens, latency, finish reasons.
+9. costs (``report_ledger.py``): the cost ledger per task type and per 1,000 accepted samples, plan vs actual.
 
 ``clean_id=None`` takes the most recent clean run, or none: a project where only generation ran gets
 the generation sections and a note in the others. Every text that comes from data (personas,
@@ -29,17 +31,18 @@ from storage.catalog import Catalog
 from storage.location import as_store_path
 from tasks.cleaning.report_data import ReportData
 from tasks.cleaning.report_html import CSS, esc
+from tasks.cleaning.report_intents import intents_section
+from tasks.cleaning.report_judge import judge_section
+from tasks.cleaning.report_ledger import ledger_section
 from tasks.cleaning.report_sections import (
-    distinct_n,
-    diversity_section,
     drops_section,
     funnel_section,
-    generation_section,
     lengths_section,
     negatives_section,
     overview_section,
     ranks_section,
 )
+from tasks.cleaning.report_sections_text import distinct_n, diversity_section, generation_section
 
 __all__ = ["SECTIONS", "distinct_n", "render_report", "write_report"]
 
@@ -49,9 +52,12 @@ SECTIONS: list[tuple[str, str, Callable[[ReportData], str]]] = [
     ("drops", "Drop reasons", drops_section),
     ("ranks", "Positive rank", ranks_section),
     ("negatives", "Negative scores", negatives_section),
+    ("judge", "LLM judge: false negatives and relabelled positives", judge_section),
     ("lengths", "Length distributions", lengths_section),
     ("diversity", "Instruction and persona diversity", diversity_section),
     ("generation", "Generation statistics", generation_section),
+    ("intents", "Instruction intents (semantic dedup)", intents_section),
+    ("costs", "Cost ledger: per task type, per 1,000 accepted samples, plan vs actual", ledger_section),
 ]
 
 

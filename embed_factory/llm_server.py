@@ -299,6 +299,7 @@ class EmbeddedLLMServer:
             "--max-num-seqs",
             str(s.max_num_seqs),
             "--disable-uvicorn-access-log",
+            *(["--enforce-eager"] if s.enforce_eager else []),
         ]
         env = {
             **os.environ,

@@ -60,9 +60,10 @@ class EmbeddedLLMSettings(Section):
     # 64 sequences decode ~11% more tokens/s than 32 on 2 cores (bench: 229-237 vs 204-214 tok/s)
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_gib: int = Field(2, ge=1)
-    #: skip torch.compile (vLLM --enforce-eager): the server is healthy minutes sooner on a small CPU, at some
-    #: decode speed (bench/llm_start.py prints both sides)
-    enforce_eager: bool = False
+    #: skip torch.compile (vLLM --enforce-eager). bench/llm_start.py, one trial each side, 2 cores, load 1-4:
+    #: healthy after 127 s vs 266 s, decoding 76 vs 85 tokens/s; at load 11-17 two compiled starts passed 900 s.
+    #: Eager wins the first run and every test session; set false for long local runs (> ~40k tokens)
+    enforce_eager: bool = True
     startup_timeout_s: float = Field(900, gt=0)
     # the longest silence while setting up (pip, GGUF conversion, waiting for /health): one status line this often
     progress_interval_s: float = Field(5.0, gt=0)

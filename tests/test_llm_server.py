@@ -240,3 +240,23 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     assert server_dtype("auto") == "bfloat16"
     monkeypatch.setattr(ground.compute, "bf16_supported", lambda: False)
     assert server_dtype("auto") == "float32"
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_enforce_eager_reaches_the_vllm_command_line(tmp_path, monkeypatch, eager):
+    """--enforce-eager (no torch.compile: a start minutes shorter on a small CPU) exactly when set."""
+    import embed_factory.llm_server as llm_server
+
+    started = []
+
+    class NoProcess:
+        pid = 4242
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+    monkeypatch.setattr(llm_server.subprocess, "Popen", NoProcess)
+    server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, enforce_eager=eager))
+    server._spawn(tmp_path / "model")
+    assert ("--enforce-eager" in started[0]) is eager
+    assert EmbeddedLLMSettings().enforce_eager, "the default: eager (bench/llm_start.py)"

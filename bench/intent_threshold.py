@@ -10,6 +10,11 @@ intents loses one; missing a paraphrase only keeps a near-repeat), so the defaul
 threshold whose precision is at least ``--min-precision``.
 
     .venv/bin/python bench/intent_threshold.py [--lang en] [--min-precision 0.9]
+    .venv/bin/python bench/intent_threshold.py --run RUN_ID   # a real run: distinct strings vs intents
+
+With ``--run``, it reads the run's brainstorm table instead and prints, per task type, the distinct
+instructions after text normalization and the intents they form at ``generation.intent_threshold``
+(the same greedy clustering the brainstorm uses, over every brainstormed instruction, in order).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from ground.settings import load_settings  # noqa: E402
 from llm.embedder import make_embedder  # noqa: E402
+from storage.shards import RunStore  # noqa: E402
+from tasks.generation.intents import cluster_intents  # noqa: E402
 from tasks.training.eval_data import bundled_sts_dir, load_sts  # noqa: E402
 
 PARAPHRASE_MIN = 4.5
@@ -57,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lang", default="en", help="STS-B language file to use (default: en)")
     parser.add_argument("--min-precision", type=float, default=0.9, help="precision the default must reach")
+    parser.add_argument("--run", help="a generation run id: its distinct instruction strings vs intents")
     args = parser.parse_args()
+    if args.run:
+        return run_intents(args.run)
     a, b, label = labelled_pairs(args.lang)
     embedder = make_embedder(load_settings().clean)
     started = time.monotonic()
@@ -82,6 +92,22 @@ def main() -> None:
     if precise:
         t, p, r, f = precise[0]
         print(f"lowest threshold with precision >= {args.min_precision}: {t:.3f} (recall {r:.3f}, F1 {f:.3f})")
+
+
+def run_intents(run_id: str) -> None:
+    settings = load_settings()
+    rows = RunStore.from_settings(settings, run_id).read_kind("brainstorm").to_pylist()
+    seen: dict[tuple[str, str], str] = {}  # first wording of each normalized string, in brainstorm order
+    for row in rows:
+        seen.setdefault((row["task_type"], " ".join(row["instruction"].lower().split())), row["instruction"])
+    types, texts = [t for t, _ in seen], list(seen.values())
+    threshold = settings.generation.intent_threshold or 1.0
+    intents = cluster_intents(types, make_embedder(settings.clean).encode(texts), threshold)
+    print(f"run {run_id}: {len(rows)} brainstormed instructions; intents at cosine >= {threshold}")
+    print(f"{'task type':<16} {'distinct strings':>16} {'intents':>8}")
+    for t in sorted(set(types)):
+        ids = {intents.intent[i] for i, x in enumerate(types) if x == t}
+        print(f"{t:<16} {types.count(t):>16} {len(ids):>8}")
 
 
 if __name__ == "__main__":

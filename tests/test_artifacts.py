@@ -233,20 +233,11 @@ def test_generate_artifacts_match_the_run_tables(prefect_api_url, data_dir, monk
 
 
 # --- finetune: a 40-row export, one step ---------------------------------------------------------------
-def test_finetune_artifacts_match_eval_json(prefect_api_url, data_dir, monkeypatch):
+def test_finetune_artifacts_match_eval_json(prefect_api_url, tiny_finetune, monkeypatch):
     from flows.finetune import finetune
 
-    for key, value in {
-        "STS_LANGUAGES": '["en"]',
-        "STS_MAX_PAIRS": "20",
-        "BATCH_SIZE": "8",
-        "MAX_SEQ_LENGTH": "64",
-        "EVAL_BATCH_SIZE": "32",
-        "HARD_NEGATIVES": "1",
-        "MATRYOSHKA_DIMS": "[256, 64]",
-        "MATRYOSHKA_WEIGHTS": "[1.0, 0.3]",
-    }.items():
-        monkeypatch.setenv(f"EMBED_FACTORY_FINETUNE__{key}", value)
+    data_dir = tiny_finetune
+    monkeypatch.setenv("EMBED_FACTORY_FINETUNE__STS_MAX_PAIRS", "20")
     make_export(data_dir, "c-ft")
     state = finetune(clean_id="c-ft", max_steps=1, return_state=True)
     summary = state.result()

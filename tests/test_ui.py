@@ -163,6 +163,17 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
     clean_tasks = task_run_names(clean_run.id)  # e.g. validate-run-ui-g00-00000, dedup-near-sts, embed-707
     for stage in ("validate-", "dedup-", "embed-", "rank-filter-and-mine-"):
         assert any(name.startswith(stage) for name in clean_tasks), (stage, clean_tasks)
+    # the pipeline run's one-page summary artifact, with the cost ledger of both runs
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[pipeline_id]))
+        )
+    summary = next(a for a in found if a.key == "pipeline-summary")
+    assert "Pipeline run-ui → clean-ui" in summary.data and "Cost ledger" in summary.data, summary.data
+    assert "| generate | run-ui |" in summary.data and "| clean | clean-ui |" in summary.data, summary.data
 
     ui = ui_server.ui_url
     shots = {}

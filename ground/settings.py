@@ -230,7 +230,9 @@ class FinetuneSettings(Section):
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "local": {},
+    # the embedded CPU server decodes ~60-80 tokens/s over all 64 sequences in flight, so a 256-token answer
+    # can take > 180 s; a timed-out request was re-asked alone at the end (21% of attempts in one first run)
+    "local": {"llm": {"request_timeout_s": 600}},
     "production": {
         "llm": {
             "base_url": "http://vllm:8000/v1",

@@ -57,6 +57,8 @@ def test_defaults_are_the_local_profile():
     assert s.generation.unique_instructions is None
     assert s.generation.task_types == list(ALL_TASK_TYPES)
     assert s.personas.source == "seed"
+    # the slow CPU server: a long answer among 64 in flight must not time out (production keeps 180 s)
+    assert s.llm.request_timeout_s == 600 and load_settings(profile="production").llm.request_timeout_s == 180
 
 
 # --- source priority -----------------------------------------------------------------------------

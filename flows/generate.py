@@ -246,10 +246,11 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
     tally = ShardTally()
     with store.exclusive():
         check_fingerprint(store, settings)
-        if plan and not store.plan_path.exists():
+        manifest = store.manifest()  # read (and checked) before anything is written
+        if plan and not manifest and not store.plan_path.exists():  # a new run: nothing committed yet
             write_plan(store.plan_path, plan)
         # the UI's progress bar: parsed examples committed (earlier sessions' too) vs the target
-        committed = sum(e["rows"] for e in store.manifest().values() if e.get("kind") == "examples")
+        committed = sum(e["rows"] for e in manifest.values() if e.get("kind") == "examples")
         tracker = GenerateProgress(run_id, sum(example_targets(gen).values()), committed)
         tracker.start()
         async with make_client(settings) as client:

@@ -180,7 +180,9 @@ def empty_view_sql(schema: pa.Schema, extra: str | None = None) -> str:
 class Catalog:
     """The DuckDB catalog of ``data_dir``: ``refresh()`` the views, ``query()`` them, ``to_file()``."""
 
-    def __init__(self, data_dir: StorePath | str, lock_timeout_s: float = 3.0):
+    # 30 s: another clean run's report holds a read-only session while it draws its figures (seconds, more
+    # under load), and a refresh must wait for it rather than fail the run
+    def __init__(self, data_dir: StorePath | str, lock_timeout_s: float = 30.0):
         root = as_store_path(data_dir)
         self.remote = is_remote(root)
         self.data_dir = root if self.remote else Path(root).resolve()

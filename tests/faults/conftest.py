@@ -302,9 +302,10 @@ def _digest(value) -> str:
 
 
 def table_digest(path: Path) -> str:
-    """Content hash of a Parquet file, wall-clock columns left out; raises if the file is not whole."""
+    """Content hash of a Parquet file, wall-clock columns left out; raises if the file is not whole.
+    ``clean_id`` (a column of the cost ledger only) is left out too: compared clean runs differ by id."""
     table = pq.read_table(path)
-    keep = [c for c in table.column_names if c not in VOLATILE_COLUMNS]
+    keep = [c for c in table.column_names if c not in VOLATILE_COLUMNS and c != "clean_id"]
     return _digest({"columns": keep, "rows": table.select(keep).to_pylist()})
 
 

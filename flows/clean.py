@@ -90,6 +90,14 @@ class CleanContext:
     runner: TaskRunner
     publish_to: str | None = None
     vectors: RankingVectors | None = None  # from the embed step, for the filter step
+    _embedder: Any = None  # made once: decontamination and the ranking embed share its model
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            self._embedder = make_embedder(self.cfg)
+        return self._embedder
+
     _tables: dict[str, pa.Table] = field(default_factory=dict)
 
     @property
@@ -131,7 +139,7 @@ def decontaminate(ctx: CleanContext) -> None:
     """Drop rows near an eval text (clean.decontaminate); off, the deduped rows pass through unchanged."""
     result = StageResult(ctx.table("deduped"), StageResult.dropped_rows([]))
     if ctx.cfg.decontaminate:
-        embedder = make_embedder(ctx.cfg)  # the ranking's embedder and cache: the positives are embedded once
+        embedder = ctx.embedder  # the ranking's embedder and cache: the positives are embedded once
         cache = EmbeddingCache(ctx.store.embeddings_dir(embedder.model_key))
         eval_texts = gather_eval_texts(ctx.settings)
         result = decontaminate_task(
@@ -145,7 +153,7 @@ def embed_deduped(ctx: CleanContext) -> None:
     deduped = ctx.table("decontaminated")
     if deduped.num_rows == 0:
         raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
-    ctx.vectors = embed(deduped, ctx.cfg, ctx.store)
+    ctx.vectors = embed(deduped, ctx.cfg, ctx.store, ctx.embedder)
 
 
 def filter_and_mine_deduped(ctx: CleanContext) -> None:

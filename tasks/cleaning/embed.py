@@ -62,9 +62,12 @@ class RankingVectors:
     positive_idx: np.ndarray  # (rows,) int64: each row's positive in the corpus
 
 
-def embed_for_ranking(table: pa.Table, cfg: CleanSettings, store: CleanStore) -> RankingVectors:
-    """Embed instructed queries and the corpus (unique positives ∪ negatives) once, with the cache."""
-    embedder = make_embedder(cfg)
+def embed_for_ranking(
+    table: pa.Table, cfg: CleanSettings, store: CleanStore, embedder: Embedder | None = None
+) -> RankingVectors:
+    """Embed instructed queries and the corpus (unique positives ∪ negatives) once, with the cache;
+    ``embedder``: one already made for this clean run (its model loads once), else one from ``cfg``."""
+    embedder = embedder or make_embedder(cfg)
     cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))  # fp32 and bf16 vectors kept apart
     instructions, questions = table["instruction"].to_pylist(), table["query"].to_pylist()
     queries = [query_text(i, q) for i, q in zip(instructions, questions, strict=True)]

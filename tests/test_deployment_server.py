@@ -3,8 +3,8 @@
 * Against the session's Prefect test server: ``register_project`` registers the four deployments
   exactly as the real ``prefect deploy --all`` does from the same file (pools, pull step, schedule,
   parameters, trigger); ``--schedule`` switches the schedule on; the CLI's user errors.
-* ``llm`` (~1-2 min): ``embed-factory deploy`` registers and runs a real process worker;
-  ``embed-factory trigger generate`` (6 examples, 2 task types, the embedded vLLM server) completes
+* ``embed-factory deploy`` registers and runs a real process worker; ``embed-factory trigger generate``
+  (6 examples, 2 task types, the stub LLM server: the model is not the subject here) completes
   and its shards are in the (relative) data folder of the flow run's working directory; then
   ``embed-factory trigger clean`` completes and the finetune trigger has the worker fine-tune on it.
 """
@@ -244,8 +244,7 @@ def wait_for_triggered_finetune(clean_id: str, log: Path, timeout: float = 300):
         time.sleep(2)
 
 
-@pytest.mark.llm
-def test_deploy_then_trigger_generate_runs_on_the_worker(llm_base_url, clean_server, tmp_path):
+def test_deploy_then_trigger_generate_runs_on_the_worker(stub_llm_env, clean_server, tmp_path):
     project = tmp_path / "project"  # the flow run's working directory (prefect.yaml's pull step)
     project.mkdir()
     # a relative data folder: the shards land under the project only if the run starts there
@@ -253,7 +252,6 @@ def test_deploy_then_trigger_generate_runs_on_the_worker(llm_base_url, clean_ser
         **os.environ,
         **TINY,
         "PREFECT_API_URL": clean_server,
-        "EMBED_FACTORY_KEEP_LLM": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "EMBED_FACTORY_STORAGE__DATA_DIR": "data",
     }

@@ -1,5 +1,6 @@
-"""The cost preview: ``embed-factory plan`` / ``run --dry-run`` from history (by hand), from a pilot against
-the real embedded vLLM server, and the plan of a second identical real run against what it spent."""
+"""The cost preview: ``embed-factory plan`` / ``run --dry-run`` from history (by hand), from a pilot (sent to
+the stub LLM server: what a pilot counts, not what the model says), and the plan of a second identical run
+against what it spent."""
 
 from __future__ import annotations
 
@@ -78,8 +79,7 @@ def test_plan_errors_are_one_line(cli, data_dir):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-@pytest.mark.llm
-def test_plan_without_history_sends_a_pilot(cli, data_dir, llm_base_url, monkeypatch):
+def test_plan_without_history_sends_a_pilot(cli, data_dir, stub_llm_env, monkeypatch):
     _history(data_dir, prompt_version="an-older-prompt")  # other prompt versions: not history for today's prompts
     monkeypatch.setenv("EMBED_FACTORY_COST__PILOT_REQUESTS", "2")
     result = cli.invoke(app, ["plan", "--examples", "12", "-t", "retrieval", "-t", "sts"])

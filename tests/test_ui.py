@@ -1,12 +1,13 @@
 """The Prefect UI in a real browser: the four deployments and a completed pipeline run, with screenshots.
 
-Marked ``llm`` (~3-5 min on 2 busy cores). It starts what a user starts:
+About 2-3 min on 2 busy cores. It starts what a user starts:
 
 1. the local Prefect server of the CLI (``LocalPrefectServer``: ``prefect server start``, SQLite,
    127.0.0.1, a free port, ``PREFECT_HOME`` in this test's data folder) — it serves the UI;
 2. ``embed-factory deploy`` (registers generate, clean, finetune, pipeline; runs a process worker);
-3. ``embed-factory trigger pipeline`` with a tiny run: 8 examples of 2 task types on the embedded
-   vLLM server, clean tuned for a tiny corpus, a 2-step fine-tune evaluated on 40 English STS pairs;
+3. ``embed-factory trigger pipeline`` with a tiny run: 8 examples of 2 task types from the stub LLM
+   server (the UI is the subject, not the model), clean tuned for a tiny corpus, a 2-step fine-tune
+   evaluated on 40 English STS pairs;
 
 then drives Debian's chromium (``/usr/bin/chromium``; Playwright, headless, no browser download):
 the deployments page lists the four deployments; the pipeline deployment's run form has a field with
@@ -102,8 +103,7 @@ def task_run_names(flow_run_id) -> list[str]:
     return sorted(r.name for r in runs)
 
 
-@pytest.mark.llm
-def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_url, ui_server, tmp_path):
+def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, stub_llm_env, ui_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     from tasks.training.evaluate import bundled_sts_dir
@@ -112,7 +112,7 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, llm_base_ur
         pytest.fail(f"the bundled STS Benchmark is missing: {bundled_sts_dir()}/stsb-en-test.csv")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"screenshots: {ARTIFACTS}")
-    env = {**os.environ, **TINY, "EMBED_FACTORY_KEEP_LLM": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {**os.environ, **TINY, "PREFECT_WORKER_QUERY_SECONDS": "2"}
     project = tmp_path / "project"
     project.mkdir()
     log = tmp_path / "deploy.log"

@@ -159,6 +159,8 @@ class CleanSettings(Section):
     embedding_base_url: str | None = None  # for embedder = "openai" (vLLM /v1/embeddings)
     embedding_api_key: SecretStr = SecretStr("EMPTY")
     embedding_batch_size: int = Field(64, ge=1)
+    # embedder = "openai": ask the endpoint to cut texts to the model's max length (vLLM's truncate_prompt_tokens)
+    embedding_truncate: bool = True
     bf16: bool = True  # bf16 autocast on CPUs that have it
     # ranking-consistency filter
     rank_top_k: int = Field(50, ge=1)

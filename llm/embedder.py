@@ -120,6 +120,7 @@ class OpenAIEmbedder:
         timeout_s: float = 120.0,
         max_retries: int = 4,
         client=None,
+        truncate: bool = True,
     ):
         if client is None:
             from openai import OpenAI
@@ -129,12 +130,17 @@ class OpenAIEmbedder:
         self.model = model
         self.batch_size = batch_size
         self.model_key = f"openai-{model}"
+        # vLLM refuses a text over the model's max length (HTTP 400, failing the whole run) unless asked to cut
+        # it, as sentence-transformers does at max_seq_length; a plain OpenAI API rejects the unknown field
+        self.extra_body = {"truncate_prompt_tokens": -1} if truncate else None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         rows: list[list[float]] = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start : start + self.batch_size])
-            response = self.client.embeddings.create(model=self.model, input=batch, encoding_format="float")
+            response = self.client.embeddings.create(
+                model=self.model, input=batch, encoding_format="float", extra_body=self.extra_body
+            )
             data = sorted(response.data, key=lambda item: item.index)
             if len(data) != len(batch):
                 raise RuntimeError(f"embeddings endpoint returned {len(data)} vectors for {len(batch)} texts")
@@ -154,5 +160,6 @@ def make_embedder(cfg: CleanSettings) -> Embedder:
             cfg.embedding_model,
             cfg.embedding_api_key.get_secret_value(),
             cfg.embedding_batch_size,
+            truncate=cfg.embedding_truncate,
         )
     return SentenceTransformerEmbedder(cfg.embedding_model, cfg.embedding_batch_size, cfg.bf16)

@@ -184,6 +184,7 @@ def test_openai_embedder_against_a_local_server():
         server.server_close()
     assert [len(r["input"]) for r in _FakeEmbeddings.requests] == [2, 2, 1]
     assert {r["model"] for r in _FakeEmbeddings.requests} == {"bge-m3"}
+    assert {r.get("truncate_prompt_tokens") for r in _FakeEmbeddings.requests} == {-1}  # over-long texts are cut
     np.testing.assert_allclose(vecs, np.stack([fake_vector(t) for t in texts]), atol=1e-6)
 
 

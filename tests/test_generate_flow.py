@@ -14,7 +14,7 @@ import pytest
 
 from prompts.task_types import TASK_TYPES
 from storage.shards import RunStore
-from tasks.generation.generate import plan_examples
+from tasks.generation.generate import plan_examples, split_targets
 
 pytestmark = pytest.mark.llm
 ALL_TYPES = list(TASK_TYPES)
@@ -83,11 +83,13 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
         **os.environ,
         "PREFECT_API_URL": prefect_api_url,
         "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-        "EMBED_FACTORY_GENERATION__SHARD_SIZE": "3",
-        "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "1",
+        "EMBED_FACTORY_GENERATION__SHARD_SIZE": "2",
+        "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "2",
         "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "0",
     }
-    args = ["run", "--run-id", "crash", "--examples", "18", "--seed", "3", "--no-clean"]
+    # one brainstormed type and one that is not: every type takes the same resume path, the tokens cost minutes
+    types = ["retrieval", "sts"]
+    args = ["run", "--run-id", "crash", "--examples", "8", "--seed", "3", "--no-clean", "-t", types[0], "-t", types[1]]
     store = RunStore(data, "crash")
 
     first = _run_cli(args, env)
@@ -101,7 +103,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
     first.send_signal(signal.SIGKILL)
     first.wait()
     committed_before = {k: v["sha256"] for k, v in store.manifest().items() if k.startswith("examples/")}
-    planned_shards = -(-18 // 3)
+    planned_shards = 2 * -(-4 // 2)
     assert 0 < len(committed_before) < planned_shards, "the kill landed mid-run"
 
     second = _run_cli(args, env)
@@ -113,7 +115,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
     rejects = store.read_kind("rejects")
     generate_rejects = [r for r in rejects.to_pylist() if r["stage"] == "generate"]
     ids = examples["example_id"].to_pylist() + [r["example_id"] for r in generate_rejects]
-    planned = plan_examples("crash", 0, {t: 3 for t in ALL_TYPES}, store.read_instructions(), 3, 3)
+    planned = plan_examples("crash", 0, split_targets(8, types), store.read_instructions(), 3, 2)
     planned_ids = [r.example_id for shard in planned for r in shard.requests]
     assert len(ids) == len(set(ids)), "no example (or reject) recorded twice"
     assert sorted(ids) == sorted(planned_ids), "every planned request ended in the data or the rejects"
@@ -137,7 +139,20 @@ def test_run_command_generates_then_cleans(llm_base_url, prefect_api_url, tmp_pa
         "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "embed_factory.cli", "run", "--run-id", "e2e", "-n", "12"],
+        [
+            sys.executable,
+            "-m",
+            "embed_factory.cli",
+            "run",
+            "--run-id",
+            "e2e",
+            "-n",
+            "12",
+            "-t",
+            "retrieval",
+            "-t",
+            "sts",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -258,7 +258,8 @@ def test_secrets_never_reach_files_logs_or_prefect(llm_base_url, prefect_api_url
         # the S3 secrets are planted, but the data dir stays local
         outputs = []
         for args in (
-            ["run", "--run-id", "secrets", "-n", "12"],
+            # 2 task types (one brainstormed): the secrets' paths are the same for all six, the tokens are not
+            ["run", "--run-id", "secrets", "-n", "6", "-t", "retrieval", "-t", "sts"],
             ["report"],
             ["query", "SELECT count(*) AS n FROM raw"],
             ["doctor"],

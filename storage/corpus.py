@@ -92,7 +92,8 @@ class CleanStore:
         """A local folder: the export itself, or on S3 its staging copy (see :meth:`upload_export`)."""
         if is_remote(self.root):
             bucket_key = self.root.path.replace("/", "_")
-            return Path(tempfile.gettempdir()) / "embed-factory-export" / f"{bucket_key}-{os.getpid()}"
+            # per user: a parent that another user created first (mode 755) refused this one's writes
+            return Path(tempfile.gettempdir()) / f"embed-factory-export-{os.getuid()}" / f"{bucket_key}-{os.getpid()}"
         return self.root / "export"
 
     @property

@@ -249,6 +249,12 @@ def test_production_rehearsal(llm_base_url, prefect_api_url, s3_endpoint, requir
                 "EMBED_FACTORY_LLM__SEND_SEED": "false",
                 # the run's size: 40,000 unique instructions is production's; here what 6 examples need
                 "EMBED_FACTORY_GENERATION__UNIQUE_INSTRUCTIONS": "null",
+                # SmolLM2 stands in for Qwen2-72B, with the local profile's token budgets (production's 1,024
+                # let it ramble at ~70 tokens/s over all requests on this CPU: 408 s for 12 examples) and
+                # brainstorms of 4 instructions (20 do not fit in 320 tokens; 4 are plenty for 2 examples a type)
+                "EMBED_FACTORY_LLM__MAX_TOKENS": "256",
+                "EMBED_FACTORY_LLM__BRAINSTORM_MAX_TOKENS": "320",
+                "EMBED_FACTORY_GENERATION__INSTRUCTIONS_PER_BRAINSTORM": "4",
                 # a corpus of a few rows has no ranks 50-100 to mine negatives from
                 "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
                 "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10",
@@ -273,7 +279,10 @@ def test_production_rehearsal(llm_base_url, prefect_api_url, s3_endpoint, requir
 
             embedded_before = metric(embeddings_url, "vllm:prompt_tokens_total")
             run_id, clean_id = "rehearsal-run", "rehearsal-clean"
-            factory("run", "--examples", "6", "--run-id", run_id, "--no-clean")
+            # 2 examples for each of 4 task types (2 brainstormed): SmolLM2 fails validation with ~30-50% of its
+            # rows per type, so fewer can leave clean nothing (seen with 6 examples of 2 types)
+            types = ["retrieval", "classification", "sts", "bitext"]
+            factory("run", "--examples", "8", *[a for t in types for a in ("-t", t)], "--run-id", run_id, "--no-clean")
             phase("generate")
             factory("clean", "--clean-id", clean_id)
             phase("clean")

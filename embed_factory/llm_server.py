@@ -355,8 +355,11 @@ class EmbeddedLLMServer:
                 last_said = time.monotonic()
                 self.say(f"waiting for vLLM /health ({last_said - started:.0f}s): {log_tail(self.log_file, 1, 160)}")
             time.sleep(min(1.0, self.settings.progress_interval_s))
+        # left running: on a busy machine it may still come up, and the next command attaches to it
         raise LLMServerError(
-            f"the vLLM server did not become healthy in {self.settings.startup_timeout_s:.0f}s; see {self.log_file}"
+            f"the vLLM server did not become healthy in {self.settings.startup_timeout_s:.0f}s and is still "
+            f"starting (pid {self._pid()}); `embed-factory llm status` says when it answers, `embed-factory llm "
+            f"down` stops it, `embedded_llm.startup_timeout_s` waits longer; its log: {self.log_file}"
         )
 
     def stop(self, timeout_s: float = 30) -> bool:

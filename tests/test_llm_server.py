@@ -141,6 +141,15 @@ def test_a_server_that_dies_while_starting_is_reported_with_its_log(fake_vllm, m
         server._wait_healthy()
 
 
+def test_a_start_past_its_timeout_is_left_running_and_says_how_to_follow_or_stop_it(fake_vllm, monkeypatch):
+    server, process = fake_vllm
+    monkeypatch.setattr(server, "_health", lambda: False)
+    server.settings = server.settings.model_copy(update={"startup_timeout_s": 0.5})
+    with pytest.raises(LLMServerError, match=rf"still starting \(pid {process.pid}\).*llm status.*llm down"):
+        server._wait_healthy()
+    assert process.poll() is None, "the starting server is left running"
+
+
 HOLD_LOCK = textwrap.dedent("""
     import fcntl, os, sys, time
     with open(sys.argv[1], "a+") as fh:

@@ -300,10 +300,11 @@ def test_production_rehearsal(llm_base_url, prefect_api_url, s3_endpoint, requir
 
             embedded_before = metric(embeddings_url, "vllm:prompt_tokens_total")
             run_id, clean_id = "rehearsal-run", "rehearsal-clean"
-            # 2 examples for each of 4 task types (2 brainstormed): SmolLM2 fails validation with ~30-50% of its
-            # rows per type, so fewer can leave clean nothing (seen with 6 examples of 2 types)
+            # 4 examples for each of 4 task types (2 brainstormed): SmolLM2 fails validation with ~30-50% of its
+            # rows per type and the judge and the held-out split take more, so fewer left clean nothing (6
+            # examples of 2 types) or the fine-tune 1 training row (8 of 4 types)
             types = ["retrieval", "classification", "sts", "bitext"]
-            factory("run", "--examples", "8", *[a for t in types for a in ("-t", t)], "--run-id", run_id, "--no-clean")
+            factory("run", "--examples", "16", *[a for t in types for a in ("-t", t)], "--run-id", run_id, "--no-clean")
             phase("generate")
             factory("clean", "--clean-id", clean_id)
             phase("clean")

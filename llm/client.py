@@ -106,10 +106,11 @@ class ClientStats:
         return max(0, self.http_attempts - self.requests)
 
 
-def _pool_limits(max_in_flight: int) -> httpx.Limits:
-    """Connections for every request in flight: the openai client's default pool stops at 1,000 connections,
-    which would cap a large fleet's ``llm.max_in_flight`` below what is configured (bench/fleet.py)."""
-    return httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=max_in_flight)
+def _new_pool(max_in_flight: int) -> httpx.AsyncClient:
+    """An HTTP pool with a connection for every request in flight: the openai client's default pool stops at
+    1,000 connections, which would cap a large fleet's ``llm.max_in_flight`` below what is configured."""
+    limits = httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=max_in_flight)
+    return openai.DefaultAsyncHttpxClient(limits=limits)
 
 
 class LLMClient:
@@ -164,9 +165,7 @@ class LLMClient:
             api_key=api_key,
             timeout=timeout_s,
             max_retries=max_retries,
-            http_client=self._counting(
-                http_client or openai.DefaultAsyncHttpxClient(limits=_pool_limits(max_in_flight))
-            ),
+            http_client=self._counting(http_client or _new_pool(max_in_flight)),
         )
         # several endpoints: the router retries elsewhere, so each endpoint's client does not. Each gets its own
         # HTTP pool: httpcore matches queued requests to connections by scanning the whole pool on every event,
@@ -174,11 +173,10 @@ class LLMClient:
         # An injected client (tests' mock transport) is shared.
         self._tries = max_retries + 1
         self._endpoint_clients: dict[str, AsyncOpenAI] = {}
-        for url in urls if len(urls) > 1 else []:
-            own_pool = None if http_client else openai.DefaultAsyncHttpxClient(limits=_pool_limits(max_in_flight))
-            self._endpoint_clients[url] = self._client.with_options(
-                base_url=url, max_retries=0, **({"http_client": self._counting(own_pool)} if own_pool else {})
-            )
+        if len(urls) > 1:
+            for url in urls:
+                pool = {} if http_client else {"http_client": self._counting(_new_pool(max_in_flight))}
+                self._endpoint_clients[url] = self._client.with_options(base_url=url, max_retries=0, **pool)
 
     def _counting(self, http_client):
         """Count every HTTP attempt on ``http_client`` into ``stats`` (an httpx request hook)."""

@@ -50,7 +50,7 @@ def llm_base_url() -> str:
 @pytest.fixture
 def stub_llm_env(monkeypatch):
     """Point the factory's LLM at the deterministic stub server (tests/faults/stub_llm.py, a real HTTP server on
-    127.0.0.1) for tests whose subject is not the model: deployments, the UI, S3, secrets, plans. Real generation
+    127.0.0.1) for tests whose subject is not the model: deployments, the UI, S3, plans. Real generation
     on the CPU vLLM server (~70 tokens/s over all sequences) is covered by the ``llm`` tests; here it would only
     cost minutes. Sets the environment (subprocesses inherit it) and yields the server."""
     import sys

@@ -33,13 +33,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-
-from embedding_server import pooling_server  # noqa: E402
-from ground.settings import EmbeddedLLMSettings  # noqa: E402
-from s3_server import AWS_ENV, BUCKET, keys  # noqa: E402
-from storage.location import as_store_path  # noqa: E402
+from embedding_server import pooling_server
+from ground.settings import EmbeddedLLMSettings
+from s3_server import AWS_ENV, BUCKET, keys
+from storage.location import as_store_path
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "ef-rehearsal"  # created once when the tests run as root (CI); kept, as the image keeps `factory`

@@ -146,11 +146,13 @@ def install_wheel(work: Path, prefix: list[str]) -> Path:
 def readable_deps(work: Path, prefix: list[str]) -> Path:
     """This venv's site-packages, or, where the rehearsal user cannot reach it (a checkout inside a 700
     folder: ``mktemp -d``, a home directory), a hardlinked mirror of it in ``work`` (copies across
-    filesystems); the files themselves are world-readable."""
+    filesystems); the files themselves are world-readable. The mirror's path keeps "site-packages" in it:
+    dill (datasets' fingerprinting) pickles a module by value, globals and all, unless its file lies under
+    sys.prefix or a path containing "site-packages", and a fine-tune then fails on pyarrow's MonthDayNano."""
     deps = Path(sysconfig.get_paths()["purelib"])
     if subprocess.run([*prefix, "test", "-r", str(deps / "typer" / "__init__.py")]).returncode == 0:
         return deps
-    mirror = work / "deps"
+    mirror = work / "deps" / "site-packages"
 
     def link(src: str, dst: str) -> None:
         try:

@@ -19,7 +19,17 @@ from personas.sources import make_persona
 from prompts.render import render_example
 from prompts.task_types import get_task_type
 from storage.schemas import BRAINSTORM_SCHEMA, INSTRUCTION_SCHEMA
-from tasks.generation.brainstorm import OVERSHOOT, deficits, instruction_key, plan_round, unique_instructions
+from tasks.generation.brainstorm import (
+    MAX_OVERSHOOT,
+    OVERSHOOT,
+    YIELD_MARGIN,
+    asked_for,
+    deficits,
+    instruction_key,
+    next_overshoot,
+    plan_round,
+    unique_instructions,
+)
 from tasks.generation.generate import plan_examples, split_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +141,45 @@ def test_plan_round_covers_deficits_with_overshoot(sampler, per_request, shard_s
         assert (by_type[task_type] - 1) * per_request < deficit * OVERSHOOT
     assert set(by_type) <= {t for t, d in DEFICITS.items() if d > 0}
     assert all(r.n == per_request for r in requests)
+
+
+def test_plan_round_scales_each_type_by_its_overshoot(sampler):
+    overshoot = {"retrieval": 4.0, "classification": 2.5}
+    shards = plan_round(1, DEFICITS, sampler, per_request=6, shard_size=5, seed=1, overshoot=overshoot)
+    by_type = Counter(r.task_type for s in shards for r in s.requests)
+    assert by_type["retrieval"] == math.ceil(40 * 4.0 / 6) == asked_for(40, 4.0, 6)
+    assert by_type["classification"] == math.ceil(7 * 2.5 / 6)
+    assert by_type["long_long"] == math.ceil(1 * OVERSHOOT / 6)  # absent from the mapping: the default
+    assert "short_short" not in by_type
+
+
+def test_next_overshoot_follows_the_last_rounds_yield():
+    # 60 asked closed 20 of the deficit: a yield of 1/3, so three times the rest, with the margin
+    assert next_overshoot(30, 10, asked=60, overshoot=1.5) == pytest.approx(3 * YIELD_MARGIN)
+    assert next_overshoot(30, 0, asked=30, overshoot=1.5) == OVERSHOOT  # never below the first round's
+    assert next_overshoot(30, 30, asked=45, overshoot=1.5) == MAX_OVERSHOOT  # nothing gained
+    assert next_overshoot(30, 29, asked=600, overshoot=1.5) == MAX_OVERSHOOT  # capped
+    assert next_overshoot(0, 0, asked=0, overshoot=2.0) == 2.0  # not asked: unchanged
+
+
+def _rounds_to_target(deficit: int, new_share: float, adaptive: bool, per_request: int = 5) -> int:
+    """Rounds a type needs when a share of what it is asked is new (a model that repeats itself)."""
+    overshoot, rounds = OVERSHOOT, 0
+    while deficit > 0:
+        rounds += 1
+        asked = asked_for(deficit, overshoot, per_request) * per_request
+        after = max(0, deficit - max(1, round(asked * new_share)))  # one new instruction at least
+        if adaptive:
+            overshoot = next_overshoot(deficit, after, asked, overshoot)
+        deficit = after
+    return rounds
+
+
+@pytest.mark.parametrize("new_share", [0.2, 0.3, 0.45])
+def test_yield_sized_rounds_reach_the_target_in_fewer_rounds(new_share):
+    fixed = _rounds_to_target(400, new_share, adaptive=False)
+    sized = _rounds_to_target(400, new_share, adaptive=True)
+    assert sized <= 3 < fixed
 
 
 @pytest.mark.parametrize("shard_size", [1, 4, 9, 1000])

@@ -1,9 +1,10 @@
 """Brainstorm task instructions with personas as system prompts, and keep the unique ones.
 
 A round asks, per task type, enough brainstorm requests to cover that type's deficit of unique
-instructions; rounds repeat until every type reaches its target (or ``max_rounds``). Each round's
-plan depends only on the settings and the shards already stored, so a re-run plans the same
-shards and skips the finished ones.
+instructions, scaled by the yield the type's previous round showed (``next_overshoot``); rounds
+repeat until every type reaches its target (or ``max_rounds``). Each round's plan depends only on
+the settings and the shards already stored, so a re-run plans the same shards and skips the
+finished ones.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from storage.schemas import INSTRUCTION_SCHEMA
 from storage.shards import RunStore, ShardRecord, now_utc, reject_row
 from tasks.generation.intents import Encode, Intents, cluster_intents
 
-#: brainstorm answers overlap; ask for this much more than the deficit
+#: brainstorm answers overlap; the first round asks for this much more than the deficit
 OVERSHOOT = 1.5
+#: later rounds ask deficit / yield of the round before, with this margin (yield falls as a type fills) ...
+YIELD_MARGIN = 1.25
+#: ... and never more than this many times the deficit (a round that gained nothing)
+MAX_OVERSHOOT = 8.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,26 @@ def instruction_key(text: str) -> str:
     return re.sub(r"^[\W_]+|[\W_]+$", "", text)
 
 
+def asked_for(deficit: int, overshoot: float, per_request: int) -> int:
+    """Brainstorm requests a round sends for a type's deficit at that overshoot."""
+    return math.ceil(deficit * overshoot / per_request) if deficit > 0 else 0
+
+
+def next_overshoot(deficit_before: int, deficit_after: int, asked: int, overshoot: float) -> float:
+    """The overshoot for a type's next round, from what its last round yielded.
+
+    ``asked`` instructions (requests × per request) closed ``deficit_before - deficit_after`` of the
+    deficit; the next round asks the remaining deficit divided by that yield, with ``YIELD_MARGIN``,
+    between ``OVERSHOOT`` and ``MAX_OVERSHOOT``. A type that did not take part keeps ``overshoot``.
+    """
+    if asked <= 0:
+        return overshoot
+    gained = deficit_before - deficit_after
+    if gained <= 0:
+        return MAX_OVERSHOOT
+    return min(MAX_OVERSHOOT, max(OVERSHOOT, YIELD_MARGIN * asked / gained))
+
+
 def plan_round(
     round_idx: int,
     deficits: Mapping[str, int],
@@ -65,14 +90,16 @@ def plan_round(
     per_request: int,
     shard_size: int,
     seed: int,
+    overshoot: Mapping[str, float] | None = None,
 ) -> list[BrainstormShard]:
-    """The shards of one brainstorm round; a pure function of its arguments."""
+    """The shards of one brainstorm round; a pure function of its arguments.
+
+    ``overshoot``: per type, how many times its deficit to ask for (``OVERSHOOT`` where absent).
+    """
     requests: list[BrainstormRequest] = []
     for task_type in sorted(deficits):
-        deficit = deficits[task_type]
-        if deficit <= 0:
-            continue
-        for i in range(math.ceil(deficit * OVERSHOOT / per_request)):
+        factor = (overshoot or {}).get(task_type, OVERSHOOT)
+        for i in range(asked_for(deficits[task_type], factor, per_request)):
             request_id = f"b{round_idx:03d}-{task_type}-{i:06d}"
             requests.append(
                 BrainstormRequest(

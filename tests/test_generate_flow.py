@@ -77,7 +77,8 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, prefect_api_url, tmp_path):
+def test_kill_9_mid_run_then_run_again_loses_duplicates_nothing_and_cleans(llm_base_url, prefect_api_url, tmp_path):
+    """A user's crash: `run` killed mid-generation, then the same `run` again resumes, finishes and cleans."""
     data = tmp_path / "data"
     env = {
         **os.environ,
@@ -86,10 +87,15 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
         "EMBED_FACTORY_GENERATION__SHARD_SIZE": "2",
         "EMBED_FACTORY_GENERATION__SHARDS_IN_FLIGHT": "2",
         "EMBED_FACTORY_GENERATION__MAX_TOPUP_ROUNDS": "0",
+        # an 8-example corpus is tiny: shrink the rank windows to fit it
+        "EMBED_FACTORY_CLEAN__RANK_TOP_K": "6",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
+        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "6",
+        "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false",
     }
     # one brainstormed type and one that is not: every type takes the same resume path, the tokens cost minutes
     types = ["retrieval", "sts"]
-    args = ["run", "--run-id", "crash", "--examples", "8", "--seed", "3", "--no-clean", "-t", types[0], "-t", types[1]]
+    args = ["run", "--run-id", "crash", "--examples", "8", "--seed", "3", "-t", types[0], "-t", types[1]]
     store = RunStore(data, "crash")
 
     first = _run_cli(args, env)
@@ -105,6 +111,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
     committed_before = {k: v["sha256"] for k, v in store.manifest().items() if k.startswith("examples/")}
     planned_shards = 2 * -(-4 // 2)
     assert 0 < len(committed_before) < planned_shards, "the kill landed mid-run"
+    assert not (data / "clean" / "crash").exists(), "killed before its clean began"
 
     second = _run_cli(args, env)
     out, _ = second.communicate(timeout=900)
@@ -125,45 +132,11 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(llm_base_url, pr
         assert manifest_after[key]["sha256"] == sha
     assert not list(data.rglob(".*.tmp-*")), "no temp file left behind"
 
-
-def test_run_command_generates_then_cleans(llm_base_url, prefect_api_url, tmp_path):
-    data = tmp_path / "data"
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_api_url,
-        "EMBED_FACTORY_STORAGE__DATA_DIR": str(data),
-        # a 12-example corpus is tiny: shrink the rank windows to fit it
-        "EMBED_FACTORY_CLEAN__RANK_TOP_K": "10",
-        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MIN": "1",
-        "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "8",
-        "EMBED_FACTORY_CLEAN__CHECK_LANGUAGE": "false",
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embed_factory.cli",
-            "run",
-            "--run-id",
-            "e2e",
-            "-n",
-            "12",
-            "-t",
-            "retrieval",
-            "-t",
-            "sts",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "clean e2e" in result.stdout and "report:" in result.stdout
-    clean_root = data / "clean" / "e2e"
+    # then it cleaned what it generated, and the catalog answers over it
+    assert "clean crash" in out and "report:" in out, out
+    clean_root = data / "clean" / "crash"
     assert (clean_root / "valid.parquet").exists() and (clean_root / "report.html").exists()
     assert (clean_root / "export" / "train.jsonl").exists()
-    # the catalog answers over what the run wrote
     query = subprocess.run(
         [sys.executable, "-m", "embed_factory.cli", "query", "SELECT count(*) AS n FROM raw"],
         env=env,
@@ -171,4 +144,4 @@ def test_run_command_generates_then_cleans(llm_base_url, prefect_api_url, tmp_pa
         text=True,
         timeout=120,
     )
-    assert query.returncode == 0 and "12" in query.stdout, query.stdout + query.stderr
+    assert query.returncode == 0 and f"{examples.num_rows}" in query.stdout, query.stdout + query.stderr

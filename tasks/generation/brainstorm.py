@@ -83,6 +83,19 @@ def next_overshoot(deficit_before: int, deficit_after: int, asked: int, overshoo
     return min(MAX_OVERSHOOT, max(OVERSHOOT, YIELD_MARGIN * asked / gained))
 
 
+def next_overshoots(
+    overshoot: Mapping[str, float], planned: Mapping[str, int], missing: Mapping[str, int], per_request: int
+) -> dict[str, float]:
+    """Every type's overshoot for the next round: ``planned`` are the deficits the last round was planned for
+    at ``overshoot`` (``OVERSHOOT`` where absent), ``missing`` the deficits it left."""
+    sized = dict(overshoot)
+    for task_type, before in planned.items():
+        factor = overshoot.get(task_type, OVERSHOOT)
+        asked = asked_for(before, factor, per_request) * per_request
+        sized[task_type] = next_overshoot(before, missing[task_type], asked, factor)
+    return sized
+
+
 def plan_round(
     round_idx: int,
     deficits: Mapping[str, int],

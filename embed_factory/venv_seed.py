@@ -27,6 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: why :func:`seed_venv` skipped a pin the main environment does not have at all
+NOT_IN_MAIN = "not in the main environment"
+
 
 @dataclass
 class Seeded:
@@ -96,7 +99,7 @@ def seed_venv(
             candidates.append((dist, files))
             present.add(name)  # two source folders may hold the same name: the first wins
     for name in wanted.keys() - present - result.skipped.keys():
-        result.skipped[name] = "not in the main environment"
+        result.skipped[name] = NOT_IN_MAIN
     candidates.sort(key=lambda c: -sum(f.size or 0 for f in c[1]))  # the biggest first
     for dist, files in candidates:
         why = _link_dist(dist, files, target_site, target_python, result)

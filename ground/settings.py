@@ -219,7 +219,7 @@ class FinetuneSettings(Section):
     sts_dir: Path | None = None  # None: the STS Benchmark test split bundled with tasks.training (11 languages)
     sts_languages: list[str] = ["en", "de", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh"]
     # pairs per language, a seeded sample (the same pairs before and after); None: the whole split (1,379)
-    sts_max_pairs: int | None = Field(200, ge=1)
+    sts_max_pairs: int | None = Field(150, ge=1)
     eval_batch_size: int = Field(64, ge=1)
 
     @field_validator("matryoshka_weights")

@@ -216,7 +216,7 @@ def test_sts_dir_none_is_the_bundled_benchmark_with_its_license(tmp_path):
 def test_local_profile_samples_the_sts_pairs_production_scores_whole_splits():
     from ground.settings import load_settings
 
-    assert load_settings(profile="local").finetune.sts_max_pairs == 200
+    assert load_settings(profile="local").finetune.sts_max_pairs == 150
     assert load_settings(profile="production").finetune.sts_max_pairs is None
 
 

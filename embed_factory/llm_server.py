@@ -64,6 +64,17 @@ tokenizer.save_pretrained(out)
 """
 
 
+def venv_process_env(**extra: str) -> dict[str, str]:
+    """The environment of a process run in the server's venv (the server, the GGUF conversion).
+
+    The venv is installed ``--no-compile``, so its modules get their bytecode cache on their first import;
+    a ``PYTHONDONTWRITEBYTECODE`` in the caller's environment (Docker images and CI machines often set it)
+    would make every later start compile vLLM and transformers from source again (``bench/llm_start.py
+    --modes eager,eager-no-pyc``), so it is dropped for this venv alone."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **extra}
+
+
 @dataclass
 class ServerStatus:
     running: bool
@@ -141,7 +152,8 @@ class EmbeddedLLMServer:
         if venv.exists():
             shutil.rmtree(venv)
         # --no-compile: pip byte-compiles every module it installs (torch alone ~90 s on 2 busy cores, most of
-        # it never imported); Python compiles what the server imports on its first start instead
+        # it never imported); Python compiles what the server imports on its first start instead, and keeps it
+        # (venv_process_env)
         pip = [str(self.python), "-m", "pip", "install", "--no-compile", "--disable-pip-version-check"]
         create = ("creating the virtual environment", [sys.executable, "-m", "venv", str(venv)], None)
         lock = self._applicable_lock()
@@ -239,7 +251,7 @@ class EmbeddedLLMServer:
                 self.say,
                 "converting the GGUF weights",
                 self.settings.progress_interval_s,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                env=venv_process_env(HF_HUB_OFFLINE="1"),
             )
         if code != 0:
             raise LLMServerError(f"GGUF conversion failed: {last_line}; see {log_path}")
@@ -353,15 +365,14 @@ class EmbeddedLLMServer:
             # VLLM_ENABLE_V1_MULTIPROCESSING=0, which leaves the API server and the engine core apart as before
             *(["--distributed-executor-backend", "uni"] if s.worker_in_engine else []),
         ]
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gib),
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",  # its lines reach the log (and the start-up progress line) as they are printed
+        env = venv_process_env(
+            HF_HUB_OFFLINE="1",
+            VLLM_CPU_KVCACHE_SPACE=str(s.kv_cache_gib),
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            PYTHONUNBUFFERED="1",  # its lines reach the log (and the start-up progress line) as they are printed
             **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if s.worker_in_engine else {}),
-        }
+        )
         self.say(f"starting vLLM ({s.served_model_name}) on {s.host}:{s.port}; log: {self.log_file}")
         with self.log_file.open("ab") as log:
             # the progress line shows the log's last line: this one, not an earlier start's, until vLLM prints

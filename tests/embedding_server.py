@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from embed_factory.llm_server import venv_process_env
 from ground.settings import EmbeddedLLMSettings
 
 #: compose's `embeddings` command line (vLLM >= 0.13: `--runner pooling --convert embed` replaced `--task embed`)
@@ -88,15 +89,18 @@ def pooling_server(
         "256",  # MiniLM's sentence-transformers max_seq_length
         "--enforce-eager",
         "--disable-uvicorn-access-log",
+        # the model in the engine process, as the embedded server runs it (llm.embedded.worker_in_engine)
+        "--distributed-executor-backend",
+        "uni",
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = venv_process_env(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+    )
     if api_key:
         env["VLLM_API_KEY"] = api_key
     log_path.parent.mkdir(parents=True, exist_ok=True)

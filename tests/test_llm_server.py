@@ -4,7 +4,9 @@ the lock that keeps two set-ups apart, and the venv steps."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -318,3 +320,24 @@ def test_worker_in_engine_reaches_the_vllm_command_line_and_environment(tmp_path
     assert backend == ("uni" if in_engine else None)
     assert env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == ("0" if in_engine else None)
     assert EmbeddedLLMSettings().worker_in_engine, "the default (bench/llm_start.py, eager vs eager-mp)"
+
+
+def test_the_servers_venv_keeps_its_bytecode_where_the_caller_says_not_to_write_any(tmp_path, monkeypatch):
+    """The venv is installed --no-compile; under a PYTHONDONTWRITEBYTECODE=1 caller (CI, Docker images) every start
+    would compile vLLM from source again (bench/llm_start.py eager vs eager-no-pyc). Its processes write bytecode,
+    and keep the rest of the caller's environment."""
+    from embed_factory.llm_server import venv_process_env
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("EMBED_FACTORY_SOMETHING", "kept")
+    (tmp_path / "probe_module.py").write_text("VALUE = 1\n")
+    script = "import probe_module, os; print(os.environ['EMBED_FACTORY_SOMETHING'])"
+    for env, writes in ((dict(os.environ), False), (venv_process_env(PYTHONPATH=str(tmp_path)), True)):
+        env["PYTHONPATH"] = str(tmp_path)
+        shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "kept"
+        assert any((tmp_path / "__pycache__").glob("probe_module.*.pyc")) is writes
+
+    _, env = _spawned(tmp_path, monkeypatch)
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["EMBED_FACTORY_SOMETHING"] == "kept"

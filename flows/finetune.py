@@ -47,7 +47,7 @@ class FinetuneSummary:
     heldout_path: str | None
     model_dir: str
     eval_path: str
-    train: dict[str, Any]  # steps, samples, samples_per_s, train_seconds, first/last_loss, loss_start/end/window
+    train: dict[str, Any]  # steps, samples, samples_per_s, train_seconds, heldout_loss_before/after, loss_start/end
     key_deltas: dict[str, dict[str, float | None]]
     before: dict[str, Any]
     after: dict[str, Any]
@@ -89,7 +89,11 @@ def _train_figures(result: Any) -> dict[str, Any]:
         "loss_end",
         "loss_window",
     )
-    return {name: getattr(result, name, None) for name in fields}
+    figures = {name: getattr(result, name, None) for name in fields}
+    for name in ("heldout_loss_before", "heldout_loss_after"):  # the comparable loss: same batches, both models
+        value = getattr(result, name, None)
+        figures[name] = asdict(value) if value is not None else None
+    return figures
 
 
 def add_training_to_ledger(settings: Settings, clean_id: str, train_seconds: float | None) -> None:
@@ -111,10 +115,10 @@ def evaluate_base(model: str | None, cfg: FinetuneSettings, heldout_path: Path |
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(train_path: Path, out_dir: Path, cfg: FinetuneSettings):
+def train(train_path: Path, out_dir: Path, cfg: FinetuneSettings, heldout_path: Path | None):
     from tasks.training.train import train_embedding_model
 
-    return train_embedding_model(train_path, out_dir, cfg)
+    return train_embedding_model(train_path, out_dir, cfg, heldout_path=heldout_path)
 
 
 @task(name="evaluate-finetuned", cache_policy=NO_CACHE)
@@ -151,7 +155,7 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
 
     before = evaluate_base(cfg.base_model, cfg, export.heldout_path)
     with store.staging(final_dir) as staged:
-        result = train(export.train_path, staged.root, cfg)
+        result = train(export.train_path, staged.root, cfg, export.heldout_path)
         trained = Path(result.model_dir)
         after = evaluate_finetuned(trained, cfg, export.heldout_path)
         change = save_eval(staged.eval_path(trained), before, after)

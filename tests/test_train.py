@@ -145,22 +145,25 @@ def test_training_precision_follows_the_settings_else_the_machine(monkeypatch):
     assert training_precision(FinetuneSettings(bf16=False, gradient_checkpointing=False), on_gpu=True) == (False, False)
 
 
-def fixed_batch_loss(model, path: Path, cfg: FinetuneSettings, rows: int = 12) -> float:
-    from tasks.training.losses import build_loss
-
-    data = load_training_rows(path, cfg.hard_negatives)
-    # rows of every task, so the batch mixes easy and hard in-batch negatives
-    picks = list(range(0, data.rows, max(1, data.rows // rows)))[:rows]
-    model.eval()
-    features = [model.preprocess([data.columns[c][i] for i in picks]) for c in data.columns]
-    with torch.no_grad():
-        return build_loss(model, cfg)(features, None).item()
+def shifted_export(path: Path, offset: int) -> Path:
+    """``write_export``'s rows with other item numbers: held-out rows the training never saw."""
+    table = pq.read_table(write_export(path))
+    shift = [q.replace("item number ", f"item number {offset}") for q in table.column("query").to_pylist()]
+    pos = [[p.replace("entry ", f"entry {offset}") for p in ps] for ps in table.column("pos").to_pylist()]
+    table = table.set_column(0, "query", pa.array(shift)).set_column(1, "pos", pa.array(pos))
+    pq.write_table(table, path)
+    return path
 
 
-def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
+# both precisions on every machine: bf16 autocast is native on some CPUs (and GPUs), emulated on the others
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path, bf16):
     from sentence_transformers import SentenceTransformer
 
+    from tasks.training.heldout_loss import fixed_batch_loss, fixed_batches
+
     path = write_export(tmp_path / "train.parquet")
+    heldout = shifted_export(tmp_path / "heldout.parquet", offset=7)
     # lr raised from KaLM's 1e-5 so that 8 small steps show; the rest as in production
     cfg = FinetuneSettings(
         batch_size=8,
@@ -171,9 +174,8 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
         max_seq_length=32,
         homogeneous_ratio=1.0,
         seed=3,
+        bf16=bf16,
     )
-    base, _ = load_base_model(None, cfg.max_seq_length, device="cpu")
-    before = fixed_batch_loss(base, path, cfg)
 
     calls = []
 
@@ -195,9 +197,11 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "model"
     remove = progress.add_listener(Listener())
     try:
-        result = train_embedding_model(path, out, cfg, eval_callback=evaluate)
+        result = train_embedding_model(path, out, cfg, eval_callback=evaluate, heldout_path=heldout)
     finally:
         remove()
+    trained = calls[0]
+    assert "_original_forward" not in trained.__dict__  # accelerate's autocast wrapper is gone after training
 
     assert isinstance(result, TrainResult) and result.model_dir == out
     # 32 rows, 8 per task, batch 8 at ratio 1: 4 full single-task batches per epoch, every row used
@@ -208,7 +212,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     assert (result.loss_start, result.loss_end, result.loss_window) == smoothed_losses(result.losses)
     assert reports == [("total", "train", 8)] + [("advance", "train", 1)] * 8
     assert result.samples_per_s > 0 and result.train_seconds > 0
-    assert result.device == "cpu" and result.precision == ("bf16" if training_precision(cfg, False)[0] else "fp32")
+    assert result.device == "cpu" and result.precision == ("bf16" if bf16 else "fp32")
     assert result.gradient_checkpointing is False
     assert result.matryoshka_dims == [384, 256, 128, 64]
     assert result.matryoshka_weights == [1.0, 0.2, 0.1, 0.1]
@@ -216,17 +220,29 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     # the mean loss of the last steps is below that of the first ones
     assert sum(result.losses[-2:]) / 2 < sum(result.losses[:2]) / 2
 
+    # the comparable loss: the same held-out batches (4 types x 1 batch of 8) before and after, lower after
+    before, after = result.heldout_loss_before, result.heldout_loss_after
+    assert before.source == after.source == "heldout" and before.batches == after.batches == 4
+    assert set(before.by_task) == set(after.by_task) == set(TASKS)
+    assert after.mean < before.mean * 0.8, (before, after)
+
+    # what was evaluated is what was saved: the reloaded model encodes the same vectors and the same loss
     loaded = SentenceTransformer(str(out), device="cpu", local_files_only=True)
-    assert loaded.encode(["hello"]).shape == (1, 384)
-    after = fixed_batch_loss(loaded, path, cfg)
-    assert after < before * 0.8, (before, after)
+    texts = ["hello", "Instruct: Retrieve\nQuery: item number 3", "Catalogue entry 3 is a red kettle."]
+    assert torch.allclose(
+        loaded.encode(texts, convert_to_tensor=True), trained.encode(texts, convert_to_tensor=True), atol=1e-5
+    )
+    data = load_training_rows(heldout, result.hard_negatives)
+    batches = fixed_batches(data.columns, data.task_labels, cfg.batch_size, cfg.seed, "heldout")
+    assert fixed_batch_loss(loaded, batches, cfg, bf16=bf16).mean == pytest.approx(after.mean, rel=1e-4)
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---") and "sentence-transformers" in card
     assert "MatryoshkaLoss" in card  # from the library's generated card
     assert CARD_SECTION in card
     assert "temperature 0.01" in card and "384 (weight 1)" in card and "64 (weight 0.1)" in card
-    assert "mean of the first and last 1 of 8 steps" in card
+    assert "mean of the first and last 1 of 8 steps" in card and "not a trend" in card
+    assert f"held-out loss {before.mean:.4f} -> {after.mean:.4f} (4 fixed batches of heldout rows" in card
     assert "sts_en_spearman" in card
     assert (out / "embed_factory_training.json").exists()
     assert not list(tmp_path.glob(".model.*")) and not list(tmp_path.glob(".trainer-*"))

@@ -21,6 +21,7 @@ from embed_factory.cli.frame import (
     typed,
 )
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
+from tasks.training.heldout_loss import describe_heldout_loss
 
 if TYPE_CHECKING:
     from flows.finetune import FinetuneSummary
@@ -117,8 +118,8 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
     tr = summary.train
     out.print(
         f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
-        f"{tr['train_seconds'] or 0:.0f}s, loss {_fmt(tr.get('loss_start'))} → {_fmt(tr.get('loss_end'))} "
-        f"(mean of the first and last {tr.get('loss_window') or 1} logged steps)"
+        f"{tr['train_seconds'] or 0:.0f}s; "
+        + describe_heldout_loss(tr.get("heldout_loss_before"), tr.get("heldout_loss_after"))
     )
     out.print(f"model: {summary.model_dir}")
     out.print(f"eval:  {summary.eval_path}")

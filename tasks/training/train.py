@@ -30,9 +30,14 @@ see :mod:`tasks.cleaning.export`) and trains with sentence-transformers' ``Sente
   bf16 autocast (``cfg.bf16``; default: on a CUDA GPU with bf16, or a CPU with native bf16,
   :func:`ground.compute.bf16_supported`) and gradient checkpointing (``cfg.gradient_checkpointing``;
   default: on a CUDA GPU). No reporting integrations, no checkpoints: the model is saved once, at the end.
-* **Loss figures**: one loss per optimizer step (``TrainResult.losses``). Single steps are noisy
-  (batches differ in task and, at the end of an epoch, in size), so the trend is ``loss_start`` ->
-  ``loss_end``: the means of the first and last ``loss_window`` steps (10% of them, at least 1).
+* **Loss figures**: the comparable one is ``heldout_loss_before`` -> ``heldout_loss_after``: the loss on
+  the same seeded held-out batches before and after training, per task type
+  (:mod:`tasks.training.heldout_loss`). The per-step losses (``TrainResult.losses``) are the curve; their
+  ends (``loss_start`` -> ``loss_end``, the means of the first and last ``loss_window`` steps) compare
+  batches of different task types and negatives, so they are no trend.
+* **The model in memory is the model saved**: accelerate runs bf16 by wrapping the model's ``forward`` in
+  autocast; the wrapper is removed after training, so the evaluation callback, the held-out loss and the
+  saved folder all see the same fp32 model (evaluation then chooses its own precision).
 * **Progress**: optimizer steps are reported to the ``train`` stage of :mod:`ground.progress`.
 
 The result folder is a sentence-transformers model (``SentenceTransformer(out_dir)`` loads it) with
@@ -60,6 +65,7 @@ from ground.compute import bf16_supported
 from ground.settings import FinetuneSettings
 from storage.atomic import atomic_dir
 from tasks.training.base_model import enable_checkpointing, load_base_model
+from tasks.training.heldout_loss import HeldoutLoss, describe_heldout_loss, fixed_batch_loss, fixed_batches
 from tasks.training.losses import build_loss, embedding_width, matryoshka_dims_for
 from tasks.training.sampler import SemiHomogeneousTaskBatchSampler
 
@@ -84,6 +90,8 @@ class TrainResult:
     loss_start: float | None = None  # mean loss of the first loss_window steps
     loss_end: float | None = None  # mean loss of the last loss_window steps
     loss_window: int = 0  # steps averaged at each end: 10% of the steps, at least 1
+    heldout_loss_before: HeldoutLoss | None = None  # the same fixed batches before and after training
+    heldout_loss_after: HeldoutLoss | None = None
     base_model: str = ""
     rows: int = 0  # training rows after preparation
     rows_skipped: int = 0  # rows without a positive, or without any negative while negatives are used
@@ -167,12 +175,14 @@ def train_embedding_model(
     out_dir: Path,
     cfg: FinetuneSettings,
     eval_callback: Callable[[Any], Mapping[str, Any] | None] | Any | None = None,
+    heldout_path: Path | None = None,
 ) -> TrainResult:
     """Fine-tune ``cfg.base_model`` on ``train_path`` and save it to ``out_dir``.
 
     ``eval_callback``: a function called with the trained model before it is saved, whose returned
     metrics (a mapping, e.g. STS Spearman per language) go into ``TrainResult.eval_metrics`` and the
     model card; or a ``transformers.TrainerCallback``, added to the trainer as is.
+    ``heldout_path``: the export's held-out split, for the fixed-batch loss before and after training.
     """
     import torch
     from datasets import Dataset
@@ -197,6 +207,8 @@ def train_embedding_model(
     loss = build_loss(model, cfg)
     if checkpointing:
         enable_checkpointing(model)
+    comparable = _fixed_batches(data, heldout_path, cfg)
+    loss_before = fixed_batch_loss(model, comparable, cfg, bf16=bf16)
 
     samples = [0]
 
@@ -265,11 +277,13 @@ def train_embedding_model(
             trainer.train()
         finally:
             hook.remove()
+            _remove_autocast_wrapper(trainer, model)
         train_seconds = time.perf_counter() - started
         steps = int(trainer.state.global_step)
         epochs_done = float(trainer.state.epoch or 0.0)
 
     model.eval()
+    loss_after = fixed_batch_loss(model, comparable, cfg, bf16=bf16)
     metrics = None
     if eval_callback is not None and not isinstance(eval_callback, TrainerCallback):
         returned = eval_callback(model)
@@ -289,6 +303,8 @@ def train_embedding_model(
         loss_start=loss_start,
         loss_end=loss_end,
         loss_window=loss_window,
+        heldout_loss_before=loss_before,
+        heldout_loss_after=loss_after,
         base_model=base_name,
         rows=data.rows,
         rows_skipped=data.rows_skipped,
@@ -304,17 +320,35 @@ def train_embedding_model(
     )
     _save(model, out_dir, result, cfg, train_path)
     log.info(
-        "trained %s for %d steps (%d samples, %.1f samples/s); loss %s -> %s (mean of %d steps); saved to %s",
+        "trained %s for %d steps (%d samples, %.1f samples/s); %s; saved to %s",
         base_name,
         steps,
         result.samples,
         result.samples_per_s,
-        _fmt(loss_start),
-        _fmt(loss_end),
-        loss_window,
+        describe_heldout_loss(loss_before, loss_after),
         out_dir,
     )
     return result
+
+
+def _fixed_batches(data: TrainingRows, heldout_path: Path | None, cfg: FinetuneSettings):
+    """The held-out split's rows when it has 2 or more, else a seeded sample of the training rows."""
+    if heldout_path is not None and Path(heldout_path).exists():
+        heldout = load_training_rows(Path(heldout_path), data.hard_negatives)
+        if heldout.rows >= 2:
+            return fixed_batches(heldout.columns, heldout.task_labels, cfg.batch_size, cfg.seed, "heldout")
+    return fixed_batches(data.columns, data.task_labels, cfg.batch_size, cfg.seed, "train sample")
+
+
+def _remove_autocast_wrapper(trainer: Any, model: Any) -> None:
+    """Undo accelerate's mixed-precision ``forward`` wrapper (bf16 autocast + fp32 outputs) on ``model``.
+
+    ``Accelerator.prepare`` replaces ``model.forward`` in place and keeps the original as
+    ``_original_forward``; the Trainer never undoes it, so after a bf16 run the model in memory encoded
+    under autocast while the saved one (fp32 weights, plain forward) did not.
+    """
+    if "_original_forward" in model.__dict__:
+        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 # --- saving --------------------------------------------------------------------------------------
@@ -370,8 +404,10 @@ def training_card_section(result: TrainResult, cfg: FinetuneSettings, train_path
         f"- Max sequence length: {cfg.max_seq_length} tokens",
         f"- Throughput: {result.samples} samples in {result.train_seconds:.1f} s "
         f"({result.samples_per_s:.1f} samples/s)",
-        f"- Training loss: {_fmt(result.loss_start)} -> {_fmt(result.loss_end)} (mean of the first and last "
-        f"{result.loss_window} of {result.steps} steps)",
+        "- Loss on fixed batches, before -> after training: "
+        + describe_heldout_loss(result.heldout_loss_before, result.heldout_loss_after),
+        f"- Per-step training loss: {_fmt(result.loss_start)} -> {_fmt(result.loss_end)} (mean of the first and "
+        f"last {result.loss_window} of {result.steps} steps; their batches differ in task type, not a trend)",
     ]
     if result.eval_metrics:
         lines += ["", "### Evaluation", "", "| metric | value |", "|---|---:|"]

@@ -131,11 +131,24 @@ def test_minilm_vectors_are_unit_384d_and_rank_paraphrases_first(minilm):
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.3
     assert minilm.bf16 == bf16_supported()
     assert minilm.model_key == f"all-MiniLM-L6-v2@{'bf16' if minilm.bf16 else 'fp32'}"
-    if minilm.bf16:  # bf16 autocast stays close to fp32
-        fp32 = SentenceTransformerEmbedder(batch_size=16, bf16=False)
-        assert fp32.model_key == "all-MiniLM-L6-v2@fp32"
-        assert np.min(np.sum(fp32.encode(texts) * vecs, axis=1)) > 0.99
     assert minilm.encode([]).shape == (0, 384)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "no-bf16"])
+def test_bf16_encoding_runs_where_the_cpu_has_it_and_stays_close_to_fp32(monkeypatch, native_bf16):
+    """The hardware branch forced both ways: on a CPU without native bf16, torch emulates the autocast."""
+    import llm.embedder
+
+    monkeypatch.setattr(llm.embedder, "bf16_supported", lambda: native_bf16)
+    texts = ["How do I reset my forgotten email password?", "The Amazon rainforest spans nine countries."]
+    asked = SentenceTransformerEmbedder(batch_size=16, bf16=True)
+    assert asked.bf16 is native_bf16 and asked.model_key == f"all-MiniLM-L6-v2@{'bf16' if native_bf16 else 'fp32'}"
+    fp32 = SentenceTransformerEmbedder(batch_size=16, bf16=False)
+    assert fp32.bf16 is False and fp32.model_key == "all-MiniLM-L6-v2@fp32"
+    vecs, exact = asked.encode(texts), fp32.encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)  # normalised again in fp32
+    assert np.min(np.sum(exact * vecs, axis=1)) > 0.99
+    assert np.array_equal(vecs, exact) is (not native_bf16)  # bf16 really ran where asked and "native"
 
 
 class _FakeEmbeddings(BaseHTTPRequestHandler):

@@ -410,9 +410,13 @@ def test_evaluate_model_delta_and_save(tmp_path):
         evaluate_model(FakeModel(vectors), cfg, sts=False)
 
 
-def test_real_minilm_smoke_on_20_english_pairs():
+# the precision follows the CPU when not given (bf16 where native): both branches forced on every machine
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32", "bf16"])
+def test_real_minilm_smoke_on_20_english_pairs(monkeypatch, native_bf16):
+    monkeypatch.setattr(ev, "bf16_supported", lambda: native_bf16)
     cfg = FinetuneSettings(sts_languages=["en"], sts_max_pairs=20)  # the bundled benchmark
-    result = evaluate_model(None, cfg, bf16=False)
+    result = evaluate_model(None, cfg)
+    assert result["precision"] == ("bf16" if native_bf16 else "fp32")
     assert result["width"] == 384 and result["dims"] == [384, 256, 128, 64]
     assert result["sts"]["pairs"] == {"en": 20}
     rho = result["sts"]["spearman"]["en"]["384"]

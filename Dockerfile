@@ -9,7 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 # dependencies first (cached while only the code changes), then the code
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY embed_factory embed_factory
 COPY flows flows
 COPY tasks tasks
@@ -22,7 +22,8 @@ COPY prefect.yaml* embed-factory.example.toml ./
 # EXTRAS="[gpu]" (worker-gpu) adds faiss-gpu; it and faiss-cpu both ship the module `faiss`, so faiss-cpu goes
 # and faiss-gpu is reinstalled over the files they shared
 ARG EXTRAS=""
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" ".${EXTRAS}" \
+# the versions CI tested (requirements.lock, embed_factory/env_lock.py); faiss-gpu is outside the lock
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c requirements.lock ".${EXTRAS}" \
  && if pip show faiss-gpu >/dev/null 2>&1; then \
       pip uninstall -y faiss-cpu \
       && pip install --no-deps --force-reinstall "faiss-gpu==$(pip show faiss-gpu | sed -n 's/^Version: //p')"; \

@@ -1,8 +1,8 @@
-"""The bf16 screen of :class:`tasks.cleaning.exact_search.Bf16ExactIndex`: bf16 bit helpers, the per-row top-N
+"""The bf16 screen of :class:`tasks.cleaning.search.bf16.Bf16ExactIndex`: bf16 bit helpers, the per-row top-N
 selection, and :class:`ChunkScan`, the scan over the whole corpus for one chunk of queries.
 
 Why the candidates it keeps always contain the exact top N (and the threshold it uses) is proved
-in the module docstring of :mod:`tasks.cleaning.exact_search`; this code follows that text.
+in the module docstring of :mod:`tasks.cleaning.search.bf16`; this code follows that text.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from tasks.cleaning.exact_search import Bf16ExactIndex
+from tasks.cleaning.search.constants import BF16_U
 
-#: bf16 unit roundoff (round to nearest even)
-BF16_U = 2.0**-8
+if TYPE_CHECKING:
+    from tasks.cleaning.search.bf16 import Bf16ExactIndex
 
 
 def pow2_scale(max_abs: np.ndarray) -> np.ndarray:
@@ -82,7 +81,7 @@ def _select_top(rows: np.ndarray, ids: np.ndarray, scores: np.ndarray, n: int):
 
 
 class ChunkScan:
-    """The scan over the whole corpus for one chunk of nonzero queries; see :mod:`tasks.cleaning.exact_search`."""
+    """The scan over the whole corpus for one chunk of nonzero queries; see :mod:`tasks.cleaning.search.bf16`."""
 
     def __init__(self, index: Bf16ExactIndex, q: np.ndarray, n: int) -> None:
         self.index, self.q, self.n = index, np.ascontiguousarray(q), n

@@ -52,7 +52,7 @@ HOOKS = {
     ("tasks.cleaning.dedup", "near_dedup_part"): "dedup",
     ("tasks.cleaning.dedup", "near_dedup"): "dedup",
     ("tasks.cleaning.embed", "encode_cached"): "embed",
-    ("tasks.cleaning.rank_filter", "build_index"): "filter",
+    ("tasks.cleaning.search", "build_index"): "filter",
     ("tasks.cleaning.rank_filter", "rank_filter"): "filter",
     ("tasks.cleaning.negatives", "mine_hard_negatives"): "mine",
     ("tasks.cleaning.export", "export_corpus"): "export",

@@ -48,7 +48,8 @@ from ground.settings import CleanSettings  # noqa: E402
 from storage.schemas import EXAMPLE_SCHEMA  # noqa: E402
 from tasks.cleaning.dedup import exact_dedup, near_dedup  # noqa: E402
 from tasks.cleaning.negatives import mine_hard_negatives  # noqa: E402
-from tasks.cleaning.rank_filter import build_index, rank_filter, result_width, search  # noqa: E402
+from tasks.cleaning.rank_filter import rank_filter  # noqa: E402
+from tasks.cleaning.search import build_index, result_width, search  # noqa: E402
 
 #: keywords of sentence-transformers' mine_hard_negatives this bench passes (present since 3.1)
 ST_KEYWORDS = (

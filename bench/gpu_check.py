@@ -4,7 +4,7 @@ Run on a GPU machine (no network needed; sized to fit a 10-minute command, not y
 
     python3 bench/gpu_check.py --out gpu_check.json
 
-1. **Exact search** (tasks/cleaning/device_search.py, the clean step's path on a GPU worker without
+1. **Exact search** (tasks/cleaning/search/torch_device.py, the clean step's path on a GPU worker without
    faiss-gpu): 550k queries × 1.1M corpus × 384-d unit vectors, top 100 each, fp32 on the GPU; prints the
    time and checks a sample of queries against a float64 brute force on the CPU (same top-100 ids but for
    near-ties below 1e-5, scores within 1e-5).
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.cleaning.device_search import TorchExactIndex  # noqa: E402
+from tasks.cleaning.search.torch_device import TorchExactIndex  # noqa: E402
 from tasks.training.losses import matryoshka_dims_for  # noqa: E402
 
 QWEN2_0_5B = dict(

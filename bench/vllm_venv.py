@@ -32,7 +32,7 @@ def one_setup(locked: bool, root: Path) -> float:
     lines: list[str] = []
     server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=cache), say=lines.append)
     if not locked:
-        server._applicable_lock = lambda: None  # the set-up as it was before the lock file
+        server.venv._applicable_lock = lambda: None  # the set-up as it was before the lock file
     started = time.monotonic()
     server.ensure_venv()
     seconds = time.monotonic() - started

@@ -7,15 +7,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
+from embed_factory.supervisor import SupervisedProcess
 from ground.settings import Settings
 
 
@@ -33,6 +29,15 @@ class LocalPrefectServer:
         self.settings = settings
         self.say = say
         self.home = (settings.storage.local_root / "prefect").resolve()
+        self.process = SupervisedProcess(
+            "Prefect",
+            pid_file=self.home / "server.pid",
+            log_file=self.home / "server.log",
+            lock_file=self.home / "server.lock",
+            health_url=f"{self.api_url}/health",
+            error=PrefectServerError,
+            say=say,
+        )
 
     @property
     def api_url(self) -> str:
@@ -44,11 +49,11 @@ class LocalPrefectServer:
 
     @property
     def pid_file(self) -> Path:
-        return self.home / "server.pid"
+        return self.process.pid_file
 
     @property
     def log_file(self) -> Path:
-        return self.home / "server.log"
+        return self.process.log_file
 
     def env(self) -> dict[str, str]:
         return {
@@ -61,68 +66,31 @@ class LocalPrefectServer:
         }
 
     def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.process.healthy()
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
+        return self.process.pid()
 
     def start(self) -> str:
+        """Start the server unless it already answers (one process at a time); wait until it does."""
         if self.healthy():
             return self.api_url
-        if self.pid() is None:
-            self.home.mkdir(parents=True, exist_ok=True)
-            self.say(f"starting a local Prefect server on {self.ui_url} (PREFECT_HOME={self.home})")
-            with self.log_file.open("ab") as log:
-                process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "prefect",
-                        "server",
-                        "start",
-                        "--host",
-                        self.settings.prefect.host,
-                        "--port",
-                        str(self.settings.prefect.port),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env={**os.environ, **self.env()},
-                    start_new_session=True,
-                )
-            self.pid_file.write_text(str(process.pid))
-        deadline = time.monotonic() + self.settings.prefect.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.healthy():
-                return self.api_url
-            if self.pid() is None:
-                raise PrefectServerError(f"the Prefect server exited during start-up; see {self.log_file}")
-            time.sleep(0.5)
-        raise PrefectServerError(f"the Prefect server did not answer in time; see {self.log_file}")
+        with self.process.lock("starting the Prefect server", self.log_file):
+            if self.pid() is None and not self.healthy():  # another process may have started it meanwhile
+                self.say(f"starting a local Prefect server on {self.ui_url} (PREFECT_HOME={self.home})")
+                s = self.settings.prefect
+                cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", s.host, "--port", str(s.port)]
+                self.process.spawn(cmd, {**os.environ, **self.env()})
+        if not self.process.wait_healthy(self.settings.prefect.startup_timeout_s):
+            raise PrefectServerError(
+                f"the Prefect server did not answer in {self.settings.prefect.startup_timeout_s:.0f}s and is still "
+                f"starting (pid {self.pid()}); `embed-factory prefect down` stops it; its log: {self.log_file}"
+            )
+        return self.api_url
 
-    def stop(self) -> bool:
-        pid = self.pid()
-        if pid is None:
-            return False
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and self.pid() is not None:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.2)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+    def stop(self, timeout_s: float = 20) -> bool:
+        """Stop the server's process group, SIGKILL after ``timeout_s``; True if one was running."""
+        return self.process.stop(timeout_s)
 
 
 def resolve_api_url(settings: Settings, say: Callable[[str], None] = lambda _: None) -> str:

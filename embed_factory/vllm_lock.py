@@ -92,12 +92,12 @@ def write_lock(python: Path, requirements: list[str], path: Path = LOCK_FILE) ->
 
 
 def main() -> None:
-    from embed_factory.llm_server import EmbeddedLLMServer
+    from embed_factory.vllm_venv import VllmVenv
     from ground.settings import EmbeddedLLMSettings
 
     if len(sys.argv) != 2:
         sys.exit("usage: python -m embed_factory.vllm_lock <the python of a vLLM venv the set-up resolved>")
-    requirements = EmbeddedLLMServer(EmbeddedLLMSettings()).venv_requirements()
+    requirements = VllmVenv(EmbeddedLLMSettings()).requirements()
     lock = write_lock(Path(sys.argv[1]), requirements)
     print(f"{lock.path}: {len(lock.pins)} pins for {' '.join(requirements)} ({lock.platform})")
 

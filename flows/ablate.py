@@ -73,7 +73,8 @@ def mine_unfiltered(deduped: pa.Table, cfg: CleanSettings, store: CleanStore) ->
     """The deduped rows with hard negatives mined as the clean run mines them, minus the rank filter."""
     from tasks.cleaning.embed import embed_for_ranking
     from tasks.cleaning.negatives import mine_hard_negatives
-    from tasks.cleaning.rank_filter import build_index, exact_positive_scores, result_width, search
+    from tasks.cleaning.rank_filter import exact_positive_scores
+    from tasks.cleaning.search import build_index, result_width, search
 
     vectors = embed_for_ranking(deduped, cfg, store)  # from the clean run's embedding cache
     ids, scores = search(build_index(vectors.corpus_vecs, cfg), vectors.query_vecs, result_width(cfg))

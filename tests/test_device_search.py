@@ -1,4 +1,4 @@
-"""The GPU worker's exact search (tasks/cleaning/device_search.py), run on CPU tensors against faiss IndexFlatIP."""
+"""The GPU worker's exact search (tasks/cleaning/search/torch_device.py) on CPU tensors, against faiss IndexFlatIP."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from ground.settings import CleanSettings
 from tasks.cleaning import rank_filter as rf
-from tasks.cleaning.device_search import MISSING_SCORE, TorchExactIndex
+from tasks.cleaning.search import MISSING_SCORE, build_index, search
+from tasks.cleaning.search import build as search_build
+from tasks.cleaning.search.torch_device import TorchExactIndex
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -44,7 +46,7 @@ def test_filter_decisions_equal_index_flat_ip_at_20k_by_40k():
     assert 0.2 < len(kept_ref) / len(queries) < 0.9, "the data must make the filter keep some rows and drop others"
     # the same decisions; a difference may only come from an fp32 near-tie at the top-k boundary
     width = our_search.ids.shape[1]
-    ids, scores = rf.search(flat, queries, width)
+    ids, scores = search(flat, queries, width)
     for example in kept_ours ^ kept_ref:
         row = int(example[1:])
         pos_score = float(queries[row] @ corpus[positive_idx[row]])
@@ -89,13 +91,13 @@ def test_ties_are_ordered_by_id_across_blocks_and_missing_results_are_padded():
 def test_build_index_picks_the_device_path_when_cuda_torch_has_no_faiss_gpu(monkeypatch):
     corpus = _unit(np.random.default_rng(2).standard_normal((64, 8)))
     built = []
-    monkeypatch.setattr(rf, "_num_gpus", lambda: 0)
-    monkeypatch.setattr(rf, "cuda_available", lambda: True)
-    monkeypatch.setattr(rf, "TorchExactIndex", lambda vectors, device: built.append(device) or "device-index")
-    assert rf.build_index(corpus, CleanSettings()) == "device-index" and built == ["cuda"]
-    assert rf.build_index(corpus, CleanSettings(search_device="cpu")) != "device-index"
+    monkeypatch.setattr(search_build, "num_gpus", lambda: 0)
+    monkeypatch.setattr(search_build, "cuda_available", lambda: True)
+    monkeypatch.setattr(search_build, "TorchExactIndex", lambda vectors, device: built.append(device) or "device-index")
+    assert build_index(corpus, CleanSettings()) == "device-index" and built == ["cuda"]
+    assert build_index(corpus, CleanSettings(search_device="cpu")) != "device-index"
 
-    monkeypatch.setattr(rf, "cuda_available", lambda: False)
-    assert rf.build_index(corpus, CleanSettings()) != "device-index"
+    monkeypatch.setattr(search_build, "cuda_available", lambda: False)
+    assert build_index(corpus, CleanSettings()) != "device-index"
     with pytest.raises(ValueError, match="no CUDA device"):
-        rf.build_index(corpus, CleanSettings(search_device="cuda"))
+        build_index(corpus, CleanSettings(search_device="cuda"))

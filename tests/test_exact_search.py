@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.cleaning.exact_scan import BF16_U, _bf16_floor, _select_top
-from tasks.cleaning.exact_search import MISSING_SCORE, Bf16ExactIndex
+from tasks.cleaning.search import MISSING_SCORE
+from tasks.cleaning.search.bf16 import Bf16ExactIndex
+from tasks.cleaning.search.bf16_scan import _bf16_floor, _select_top
+from tasks.cleaning.search.constants import BF16_U
 
 DIM = 384
 
@@ -269,3 +271,55 @@ def test_bf16_floor_and_tie_selection():
     scores = np.array([1.0, 2.0, 1.0, -0.0, 0.0, 1.0], dtype=np.float32)
     r, i, s, pos = _select_top(rows, ids, scores, 3)
     assert r.tolist() == [0, 0, 0, 1, 1] and i.tolist() == [2, 5, 7, 0, 1] and pos.tolist() == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("backend", ["bf16", "torch"])
+def test_a_forced_backend_decides_as_faiss_flat_on_any_cpu(backend):
+    """build_index(backend=...) runs each exact back end whatever the CPU (torch emulates bf16 where the CPU lacks
+    it): the rank filter keeps and drops the same rows, with the same ranks and scores, as with IndexFlatIP.
+    Exact duplicates in the corpus put ties right at the positives' scores."""
+    import pyarrow as pa
+
+    from ground.settings import CleanSettings
+    from tasks.cleaning.rank_filter import rank_filter
+    from tasks.cleaning.search import build_index
+
+    rng = np.random.default_rng(11)
+    corpus = clustered(11, 3000, centers=30, spread=0.6)
+    corpus[2000:2300] = corpus[rng.integers(0, 2000, 300)]  # duplicates: ties of equal score
+    positive_idx = rng.integers(0, len(corpus), 500)
+    noise = rng.uniform(1.0, 20.0, size=(500, 1)) * unit(rng.standard_normal((500, DIM)))
+    queries = unit(corpus[positive_idx] + noise)
+    cfg = CleanSettings(rank_top_k=50, negative_rank_min=50, negative_rank_max=100)
+    table = pa.table({"example_id": [f"e{i}" for i in range(500)]})
+    results = {}
+    for name in ("faiss", backend):
+        index = build_index(corpus, cfg, backend=name)
+        assert type(index).__name__ == {"faiss": "IndexFlatIP", "bf16": "Bf16ExactIndex"}.get(name, "TorchExactIndex")
+        results[name] = rank_filter(table, queries, corpus, positive_idx, cfg, index=index)
+    (ref, ref_found), (ours, found) = results["faiss"], results[backend]
+    assert 50 < ref.kept.num_rows < 450, "the data must put positives on both sides of k"
+    assert ours.kept.column("example_id").to_pylist() == ref.kept.column("example_id").to_pylist()
+    # ranks: equal, except that faiss's GEMM may score two copies of one vector a few ulps apart (its blocking
+    # differs by column), so where the positive has copies a rank may differ by at most their number
+    exact = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    positive = exact[np.arange(500), positive_idx]
+    ties = (np.abs(exact - positive[:, None]) <= 1e-6).sum(axis=1) - 1
+    kept_rows = found.rows
+    rank_gap = np.abs(ours.kept.column("positive_rank").to_numpy() - ref.kept.column("positive_rank").to_numpy())
+    assert (rank_gap <= ties[kept_rows]).all() and rank_gap[ties[kept_rows] == 0].max() == 0
+    assert ties[kept_rows].max() > 0, "the duplicates must tie some positives"
+    ours_scores, ref_scores = (r.kept.column("positive_score").to_numpy() for r in (ours, ref))
+    np.testing.assert_allclose(ours_scores, ref_scores, atol=1e-6)
+    assert ours.dropped.column("example_id").to_pylist() == ref.dropped.column("example_id").to_pylist()
+    np.testing.assert_array_equal(found.rows, ref_found.rows)
+    np.testing.assert_allclose(found.scores, ref_found.scores, atol=1e-6)
+
+
+def test_forcing_an_exact_backend_on_an_approximate_index_is_refused():
+    from ground.settings import CleanSettings
+    from tasks.cleaning.search import build_index
+
+    corpus = unit(np.random.default_rng(12).standard_normal((100, 16)))
+    with pytest.raises(ValueError, match="backend 'bf16' is an exact search; clean.index is 'hnsw'"):
+        build_index(corpus, CleanSettings(index="hnsw"), backend="bf16")

@@ -1,5 +1,6 @@
 """The embedded server's set-up: progress of its long steps (with fake slow subprocesses instead of pip and vLLM),
-the lock that keeps two set-ups apart, and the venv steps."""
+the lock that keeps two set-ups apart, the venv steps, and attaching to a server that already runs (a real tiny
+HTTP server). Stopping, escalation and zombies: tests/test_supervisor.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import pytest
 
 from embed_factory.llm_server import EmbeddedLLMServer, LLMServerError
 from embed_factory.setup_progress import PipProgress, run_with_progress
+from embed_factory.supervisor import is_alive
 from ground.settings import EmbeddedLLMSettings
+from tiny_http import serve
 
 # Behaves like `pip install` seen through a pipe: a line per package while resolving, then silence while
 # it installs, during which each package's dist-info folder appears in site-packages.
@@ -126,7 +129,7 @@ def fake_vllm(tmp_path):
 def test_waiting_for_health_names_the_seconds_and_the_last_log_line(fake_vllm, monkeypatch):
     server, _ = fake_vllm
     healthy_at = time.monotonic() + 1.2
-    monkeypatch.setattr(server, "_health", lambda: time.monotonic() >= healthy_at)
+    monkeypatch.setattr(server.process, "healthy", lambda: time.monotonic() >= healthy_at)
     server._wait_healthy()
     waiting = [m for m in server.say.messages if m.startswith("waiting for vLLM /health")]
     assert len(waiting) >= 2, server.say.messages
@@ -136,7 +139,7 @@ def test_waiting_for_health_names_the_seconds_and_the_last_log_line(fake_vllm, m
 
 def test_a_server_that_dies_while_starting_is_reported_with_its_log(fake_vllm, monkeypatch):
     server, process = fake_vllm
-    monkeypatch.setattr(server, "_health", lambda: False)
+    monkeypatch.setattr(server.process, "healthy", lambda: False)
     process.kill()
     process.wait()
     with pytest.raises(LLMServerError, match=r"(?s)exited during start-up.*INFO loading model step 0"):
@@ -145,7 +148,7 @@ def test_a_server_that_dies_while_starting_is_reported_with_its_log(fake_vllm, m
 
 def test_a_start_past_its_timeout_is_left_running_and_says_how_to_follow_or_stop_it(fake_vllm, monkeypatch):
     server, process = fake_vllm
-    monkeypatch.setattr(server, "_health", lambda: False)
+    monkeypatch.setattr(server.process, "healthy", lambda: False)
     server.settings = server.settings.model_copy(update={"startup_timeout_s": 0.5})
     with pytest.raises(LLMServerError, match=rf"still starting \(pid {process.pid}\).*llm status.*llm down"):
         server._wait_healthy()
@@ -166,14 +169,14 @@ def test_a_second_setup_waits_for_the_first_instead_of_removing_its_venv(tmp_pat
     settings = EmbeddedLLMSettings(cache_dir=tmp_path, port=1, progress_interval_s=0.2)
     server = EmbeddedLLMServer(settings, say=Clock())
     calls: list[tuple[float, str]] = []
-    monkeypatch.setattr(server, "_health", lambda: False)
+    monkeypatch.setattr(server.process, "healthy", lambda: False)
     monkeypatch.setattr(server, "ensure_venv", lambda: calls.append((time.monotonic(), "venv")))
     monkeypatch.setattr(server, "ensure_model", lambda: calls.append((time.monotonic(), "model")) or tmp_path)
     monkeypatch.setattr(server, "_spawn", lambda _: calls.append((time.monotonic(), "spawn")))
     monkeypatch.setattr(server, "_wait_healthy", lambda: None)
     monkeypatch.setattr(server, "status", lambda: None)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(server.setup_lock_file), "1.0"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(server.process.lock_file), "1.0"], stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline().strip() == "locked"
     server.start()
@@ -184,18 +187,30 @@ def test_a_second_setup_waits_for_the_first_instead_of_removing_its_venv(tmp_pat
     assert len(waiting) >= 3 and all(f"(pid {holder.pid})" in m for m in waiting), server.say.messages
     assert calls[0][0] > server.say.lines[0][0] + 0.5 and calls[-1][0] <= released  # only after the holder let go
     # the lock is free again and names no holder
-    assert server.setup_lock_file.read_text() == ""
+    assert server.process.lock_file.read_text() == ""
 
 
-def test_a_server_started_by_the_lock_holder_is_not_set_up_again(tmp_path, monkeypatch):
-    settings = EmbeddedLLMSettings(cache_dir=tmp_path, port=1, progress_interval_s=0.2)
-    server = EmbeddedLLMServer(settings, say=Clock())
-    monkeypatch.setattr(server, "_health", lambda: False)
-    monkeypatch.setattr(server, "_pid", lambda: 12345)  # what the other process spawned
-    monkeypatch.setattr(server, "ensure_venv", lambda: pytest.fail("set up twice"))
-    monkeypatch.setattr(server, "_wait_healthy", lambda: None)
-    monkeypatch.setattr(server, "status", lambda: "ok")
-    assert server.start() == "ok"
+@pytest.mark.parametrize("delay_s", [0.0, 1.5])
+def test_a_server_another_process_started_is_attached_to_not_set_up_again(tmp_path, delay_s):
+    """A real server named by the pid file, answering at once or only after a while (started by the lock holder,
+    still starting): start() sets nothing up, waits for it, and reports what it serves; stop() ends it."""
+    models = json.dumps({"data": [{"id": "tiny-model"}]})
+    child, port = serve(tmp_path / "www", {"health": "ok", "v1/models": models}, delay_s=delay_s)
+    try:
+        settings = EmbeddedLLMSettings(cache_dir=tmp_path / "cache", port=port, progress_interval_s=0.2)
+        server = EmbeddedLLMServer(settings, say=Clock())
+        server.pid_file.parent.mkdir(parents=True)
+        server.pid_file.write_text(str(child.pid))
+        server.ensure_venv = lambda: pytest.fail("set up again")
+        status = server.start()
+        assert (status.running, status.healthy, status.pid, status.models) == (True, True, child.pid, ["tiny-model"])
+        if delay_s:
+            assert any(m.startswith("waiting for vLLM /health") for m in server.say.messages), server.say.messages
+        assert server.stop() is True and not is_alive(child.pid)
+        after = server.status()
+        assert (after.running, after.healthy, after.pid) == (False, False, None)
+    finally:
+        child.kill()
 
 
 def test_a_command_that_cannot_start_is_a_failed_step_not_a_crash(tmp_path):
@@ -208,7 +223,7 @@ def test_a_command_that_cannot_start_is_a_failed_step_not_a_crash(tmp_path):
 def test_a_venv_without_its_python_is_not_ready(tmp_path):
     server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path))
     server.settings.venv_dir.mkdir(parents=True)
-    server._venv_marker.write_text(json.dumps({"requirements": server.venv_requirements()}))
+    server.venv.marker.write_text(json.dumps({"requirements": server.venv_requirements()}))
     assert not server.venv_ready()  # the marker alone (a venv half removed by someone else) is not enough
     (server.settings.venv_dir / "bin").mkdir()
     server.python.write_text("")
@@ -216,7 +231,7 @@ def test_a_venv_without_its_python_is_not_ready(tmp_path):
 
 
 def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies(tmp_path, monkeypatch):
-    import embed_factory.llm_server as llm_server
+    import embed_factory.vllm_venv as vllm_venv
 
     ran: list[list[str]] = []
 
@@ -226,14 +241,14 @@ def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies
             Path(cmd[3]).mkdir(parents=True)
         return (1, "boom") if "uninstall" in cmd and fail_uninstall else (0, "ok")
 
-    monkeypatch.setattr(llm_server, "run_with_progress", fake_run)
+    monkeypatch.setattr(vllm_venv, "run_with_progress", fake_run)
     # requirements the shipped lock was not made for: pip resolves them
     settings = EmbeddedLLMSettings(cache_dir=tmp_path, extra_requirements=["gguf>=0.11"])
     server = EmbeddedLLMServer(settings, say=Clock())
     fail_uninstall = True
     with pytest.raises(LLMServerError, match="pip uninstall"):
         server.ensure_venv()
-    assert not server._venv_marker.exists()
+    assert not server.venv.marker.exists()
     fail_uninstall, ran[:] = False, []
     server.ensure_venv()
     steps = [m for m in server.say.messages if re.match(r"\[\d/4\] ", m)]
@@ -241,12 +256,12 @@ def test_venv_setup_says_each_step_and_installs_the_weights_without_dependencies
     assert server.say.messages[-1].startswith("vLLM server environment ready in")
     weights = next(cmd for cmd in ran if server.settings.model_requirement in cmd)
     assert "--no-deps" in weights and all(server.settings.model_requirement not in c for c in ran if c is not weights)
-    assert json.loads(server._venv_marker.read_text())["requirements"] == server.venv_requirements()
+    assert json.loads(server.venv.marker.read_text())["requirements"] == server.venv_requirements()
     assert any(m.startswith("not using vllm-cpu.lock: it was made for ") for m in server.say.messages)
 
 
 def test_venv_setup_with_the_shipped_lock_installs_its_pins_without_resolving(tmp_path, monkeypatch):
-    import embed_factory.llm_server as llm_server
+    import embed_factory.vllm_venv as vllm_venv
     from embed_factory.venv_seed import Seeded
     from embed_factory.vllm_lock import read_lock
 
@@ -263,8 +278,8 @@ def test_venv_setup_with_the_shipped_lock_installs_its_pins_without_resolving(tm
         seeded_with.append(pins)
         return Seeded(dists=[("torch", pins["torch"])], skipped={"vllm-cpu": "not in the main environment"})
 
-    monkeypatch.setattr(llm_server, "run_with_progress", fake_run)
-    monkeypatch.setattr(llm_server, "seed_venv", fake_seed)
+    monkeypatch.setattr(vllm_venv, "run_with_progress", fake_run)
+    monkeypatch.setattr(vllm_venv, "seed_venv", fake_seed)
     server = EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path), say=Clock())
     server.ensure_venv()
     lock = read_lock()
@@ -288,7 +303,7 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
 
 def _spawned(tmp_path, monkeypatch, **settings) -> tuple[list[str], dict[str, str]]:
     """The command line and environment ``_spawn`` starts vLLM with, for these settings (no process started)."""
-    import embed_factory.llm_server as llm_server
+    import embed_factory.supervisor as supervisor
 
     started = []
 
@@ -298,7 +313,7 @@ def _spawned(tmp_path, monkeypatch, **settings) -> tuple[list[str], dict[str, st
         def __init__(self, cmd, **kwargs):
             started.append((cmd, kwargs["env"]))
 
-    monkeypatch.setattr(llm_server.subprocess, "Popen", NoProcess)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", NoProcess)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     EmbeddedLLMServer(EmbeddedLLMSettings(cache_dir=tmp_path, **settings))._spawn(tmp_path / "model")
     return started[0]
@@ -326,7 +341,7 @@ def test_the_servers_venv_keeps_its_bytecode_where_the_caller_says_not_to_write_
     """The venv is installed --no-compile; under a PYTHONDONTWRITEBYTECODE=1 caller (CI, Docker images) every start
     would compile vLLM from source again (bench/llm_start.py eager vs eager-no-pyc). Its processes write bytecode,
     and keep the rest of the caller's environment."""
-    from embed_factory.llm_server import venv_process_env
+    from embed_factory.vllm_venv import venv_process_env
 
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.setenv("EMBED_FACTORY_SOMETHING", "kept")

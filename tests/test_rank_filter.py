@@ -183,12 +183,12 @@ def test_flat_index_choice(monkeypatch):
     """Exact search is the bf16-screened index on bf16 CPUs, faiss's IndexFlatIP without bf16 or with GPUs."""
     import faiss
 
-    import tasks.cleaning.rank_filter as rf
-    from tasks.cleaning.exact_search import Bf16ExactIndex
+    import tasks.cleaning.search.build as rf
+    from tasks.cleaning.search.bf16 import Bf16ExactIndex
 
     corpus = clustered(2, n=200)
     monkeypatch.setattr(rf, "bf16_supported", lambda: True)
-    monkeypatch.setattr(rf, "_num_gpus", lambda: 0)
+    monkeypatch.setattr(rf, "num_gpus", lambda: 0)
     assert isinstance(build_index(corpus, CleanSettings()), Bf16ExactIndex)
     assert isinstance(build_index(corpus, CleanSettings(index="hnsw")), faiss.IndexHNSWFlat)
     monkeypatch.setattr(rf, "bf16_supported", lambda: False)
@@ -200,7 +200,7 @@ def test_bf16_index_filter_decisions_equal_faiss_flat(seed):
     """rank_filter with the bf16-screened exact index decides exactly as with faiss's IndexFlatIP."""
     import faiss
 
-    from tasks.cleaning.exact_search import Bf16ExactIndex
+    from tasks.cleaning.search.bf16 import Bf16ExactIndex
 
     rng = np.random.default_rng(seed)
     corpus = clustered(seed, n=4000, dim=64, centers=30)

@@ -47,7 +47,8 @@ from storage.corpus import StageResult
 from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.embed import RankingVectors
-from tasks.cleaning.rank_filter import build_index, rank_filter
+from tasks.cleaning.rank_filter import rank_filter
+from tasks.cleaning.search import build_index
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it
 NEAR_DUP_COSINE = 0.95

@@ -14,7 +14,7 @@ the positive ranks below N. The positive's score is the exact dot product ``q ·
 (taken from the search results when the positive is among them, so both sides of the comparison
 come from the same arithmetic). With the ``ivf`` and ``hnsw`` indexes, search is approximate and
 so are the ranks. The ``flat`` (exact) search runs, on CPUs with native bf16, as
-:class:`tasks.cleaning.exact_search.Bf16ExactIndex`: the same top-N sets and fp32 scores as faiss's
+:class:`tasks.cleaning.search.bf16.Bf16ExactIndex`: the same top-N sets and fp32 scores as faiss's
 ``IndexFlatIP`` (up to fp32 rounding order on near-ties at the 1e-7 level), ties ordered by id.
 
 The search is done once, for ``N = max(cfg.rank_top_k, cfg.negative_rank_max)`` results per query;
@@ -27,106 +27,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
-from ground.compute import bf16_supported
 from ground.settings import CleanSettings
 from storage.corpus import StageResult
 from storage.schemas import FILTER_COLUMNS
-from tasks.cleaning.device_search import TorchExactIndex, cuda_available
-from tasks.cleaning.exact_search import Bf16ExactIndex
-
-#: what :func:`build_index` returns: a faiss index or, for exact search on bf16 CPUs, our own
-Index = faiss.Index | Bf16ExactIndex | TorchExactIndex
-
-#: queries per faiss search call: bounds the result arrays and faiss's scratch memory
-SEARCH_BATCH = 8192
-
-
-def _as_matrix(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2:
-        raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
-    return vectors
-
-
-def result_width(cfg: CleanSettings) -> int:
-    """How many results per query one search must return for both the filter and mining."""
-    return max(cfg.rank_top_k, cfg.negative_rank_max)
-
-
-def build_index(vectors: np.ndarray, cfg: CleanSettings) -> Index:
-    """An inner-product index over ``vectors`` (L2-normalised rows), as ``cfg.index`` asks.
-
-    * ``flat``: exact search, the default and KaLM's choice. With faiss-gpu: ``IndexFlatIP`` on all GPUs.
-      With CUDA torch but no faiss-gpu: :class:`tasks.cleaning.device_search.TorchExactIndex` (fp32
-      GEMMs on the GPU, same top-N and ties as the CPU path); ``cfg.search_device = "cpu"`` opts out.
-      On a CPU with native bf16 (AVX512-BF16
-      or AMX) and no GPU visible to faiss: :class:`tasks.cleaning.exact_search.Bf16ExactIndex` (a bf16
-      screen with a proven error bound, then exact fp32 rescoring: the same top-N as
-      ``IndexFlatIP``, ties by id, ~2-3× faster); otherwise ``IndexFlatIP``.
-    * ``ivf``: ``IndexIVFFlat`` with inner-product metric, trained on the corpus; ``nlist`` is capped
-      so that each list gets at least 39 training points (faiss's minimum), ``nprobe = cfg.ivf_nprobe``.
-    * ``hnsw``: ``IndexHNSWFlat`` with inner-product metric, ``M = cfg.hnsw_m``.
-
-    With GPUs visible to faiss, flat and IVF indexes are moved to all of them (HNSW stays on CPU).
-    """
-    vectors = _as_matrix(vectors)
-    n, dim = vectors.shape
-    if cfg.index == "flat" and _num_gpus() == 0:
-        if cfg.search_device != "cpu" and cuda_available():
-            return TorchExactIndex(vectors, "cuda")  # CUDA torch without faiss-gpu: fp32 GEMMs on the GPU
-        if cfg.search_device == "cuda":
-            raise ValueError("clean.search_device = 'cuda' but torch sees no CUDA device")
-        if bf16_supported():
-            return Bf16ExactIndex(vectors)
-    if cfg.index == "flat":
-        index: faiss.Index = faiss.IndexFlatIP(dim)
-        index.add(vectors)
-    elif cfg.index == "ivf":
-        nlist = max(1, min(cfg.ivf_nlist, n // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a ref
-        index.train(vectors)
-        index.add(vectors)
-        index.nprobe = min(cfg.ivf_nprobe, nlist)
-        index.make_direct_map()  # so vectors can be reconstructed by id
-    elif cfg.index == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = max(40, 2 * cfg.hnsw_m)
-        index.hnsw.efSearch = max(64, 2 * result_width(cfg))
-        index.add(vectors)
-    else:  # pragma: no cover - settings validate the choice
-        raise ValueError(f"unknown index type {cfg.index!r}")
-    if cfg.index != "hnsw" and _num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    return index
-
-
-def _num_gpus() -> int:
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
-def search(index: Index, queries: np.ndarray, k: int, batch: int = SEARCH_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (ids int64, scores float32) per query, best first, searched ``batch`` queries at a time.
-
-    ``k`` is capped at the index size; ids of missing results (approximate indexes) are -1.
-    """
-    queries = _as_matrix(queries)
-    k = max(0, min(int(k), int(index.ntotal)))
-    n = len(queries)
-    ids = np.empty((n, k), dtype=np.int64)
-    scores = np.empty((n, k), dtype=np.float32)
-    if k == 0 or n == 0:
-        return ids, scores
-    for start in range(0, n, batch):
-        s, i = index.search(queries[start : start + batch], k)
-        scores[start : start + batch] = s
-        ids[start : start + batch] = i
-    return ids, scores
+from tasks.cleaning.search import Index, build_index, result_width, search
+from tasks.cleaning.search import as_matrix as _as_matrix
 
 
 def _reconstruct(index: Index, ids: np.ndarray) -> np.ndarray:

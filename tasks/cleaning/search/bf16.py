@@ -101,20 +101,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from tasks.cleaning.exact_scan import ChunkScan, pow2_scale
-
-#: faiss's filler for missing results (``-FLT_MAX``)
-MISSING_SCORE = float(np.finfo(np.float32).min)
-#: target size of one bf16 score block (query chunk × corpus block), bytes; two are alive at a time
-SCORE_BLOCK_BYTES = 128 * 2**20
-#: queries per chunk (2048 × 32768 corpus items per 128 MB block)
-QUERY_CHUNK = 2048
-#: strided slabs per corpus block for the group-max screen
-GROUPS = 16
-#: candidate entries per query chunk above which the store is compacted
-COMPACT_ENTRIES = 4_000_000
-#: float32 rows per chunk when scanning the corpus at construction
-_BUILD_CHUNK = 65536
+from tasks.cleaning.search.bf16_scan import ChunkScan, pow2_scale
+from tasks.cleaning.search.constants import (
+    BUILD_CHUNK,
+    COMPACT_ENTRIES,
+    GROUPS,
+    MISSING_SCORE,
+    QUERY_CHUNK,
+    SCORE_BLOCK_BYTES,
+)
 
 
 def _in_inference_mode(fn, *args):
@@ -165,10 +160,10 @@ class Bf16ExactIndex:
         self._x_scale = float(pow2_scale(max_abs))
         self._xb = torch.empty((self.ntotal, self.d), dtype=torch.bfloat16)
         squares = np.zeros(3)  # max squared norms of x̂, x̂ - x, x (scaled)
-        for start in range(0, self.ntotal, _BUILD_CHUNK):
-            xs = x[start : start + _BUILD_CHUNK] * np.float32(self._x_scale)  # exact: a power of two
+        for start in range(0, self.ntotal, BUILD_CHUNK):
+            xs = x[start : start + BUILD_CHUNK] * np.float32(self._x_scale)  # exact: a power of two
             xb = torch.from_numpy(xs).to(torch.bfloat16)
-            self._xb[start : start + _BUILD_CHUNK] = xb
+            self._xb[start : start + BUILD_CHUNK] = xb
             xb = xb.float().numpy()
             resid = xb - xs  # exact in fp32
             for slot, v in enumerate((xb, resid, xs)):

@@ -1,8 +1,8 @@
-"""The bf16 screen of :class:`tasks.cleaning.exact_search.Bf16ExactIndex`: bf16 bit helpers, the per-row top-N
+"""The bf16 screen of :class:`tasks.cleaning.search.bf16.Bf16ExactIndex`: bf16 bit helpers, the per-row top-N
 selection, and :class:`ChunkScan`, the scan over the whole corpus for one chunk of queries.
 
 Why the candidates it keeps always contain the exact top N (and the threshold it uses) is proved
-in the module docstring of :mod:`tasks.cleaning.exact_search`; this code follows that text.
+in the module docstring of :mod:`tasks.cleaning.search.bf16`; this code follows that text.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from tasks.cleaning.exact_search import Bf16ExactIndex
+from tasks.cleaning.search.constants import BF16_U
 
-#: bf16 unit roundoff (round to nearest even)
-BF16_U = 2.0**-8
+if TYPE_CHECKING:
+    from tasks.cleaning.search.bf16 import Bf16ExactIndex
 
 
 def pow2_scale(max_abs: np.ndarray) -> np.ndarray:
@@ -82,7 +81,7 @@ def _select_top(rows: np.ndarray, ids: np.ndarray, scores: np.ndarray, n: int):
 
 
 class ChunkScan:
-    """The scan over the whole corpus for one chunk of nonzero queries; see :mod:`tasks.cleaning.exact_search`."""
+    """The scan over the whole corpus for one chunk of nonzero queries; see :mod:`tasks.cleaning.search.bf16`."""
 
     def __init__(self, index: Bf16ExactIndex, q: np.ndarray, n: int) -> None:
         self.index, self.q, self.n = index, np.ascontiguousarray(q), n
@@ -182,6 +181,13 @@ class ChunkScan:
         keep = _bf16_bits_to_float(bits) >= self.thr_float[rows]
         return rows[keep], ids[keep], bits[keep]
 
+    def _rescore_with_exact(self, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """fp32 scores of the candidates ``(rows, ids)``, joined by those kept exactly at earlier compactions."""
+        rows, ids, scores = self.index._rescore(self.q, rows, ids)
+        if self.exact is None:
+            return rows, ids, scores
+        return tuple(np.concatenate([kept, new]) for kept, new in zip(self.exact, (rows, ids, scores), strict=True))
+
     def _compact(self) -> None:
         rows, ids, bits = self._candidates()
         if rows.size <= self.index.compact_entries // 2:  # the tighter threshold was enough
@@ -191,13 +197,7 @@ class ChunkScan:
         # rescore and keep the exact top n per query: an item outside the top n of a subset is not in
         # the top n of the whole corpus
         self.index.last_stats["compactions"] += 1
-        rows, ids, scores = self.index._rescore(self.q, rows, ids)
-        if self.exact is not None:
-            rows, ids, scores = (
-                np.concatenate([self.exact[0], rows]),
-                np.concatenate([self.exact[1], ids]),
-                np.concatenate([self.exact[2], scores]),
-            )
+        rows, ids, scores = self._rescore_with_exact(rows, ids)
         rows, ids, scores, _ = _select_top(rows, ids, scores, self.n)
         self.exact = (rows, ids, scores)
 
@@ -205,13 +205,7 @@ class ChunkScan:
         """Rescore the surviving candidates; the chunk's ``(scores, ids)``, (rows, n) each."""
         n = self.n
         rows, ids, _ = self._candidates()
-        rows, ids, scores = self.index._rescore(self.q, rows, ids)
-        if self.exact is not None:
-            rows, ids, scores = (
-                np.concatenate([self.exact[0], rows]),
-                np.concatenate([self.exact[1], ids]),
-                np.concatenate([self.exact[2], scores]),
-            )
+        rows, ids, scores = self._rescore_with_exact(rows, ids)
         rows, ids, scores, pos = _select_top(rows, ids, scores, n)
         if np.bincount(rows, minlength=self.rows).min() != n:  # pragma: no cover - would break the bound
             raise RuntimeError("bf16 screen lost candidates (outside its error bound); please report")

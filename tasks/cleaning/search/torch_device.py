@@ -2,7 +2,7 @@
 
 :class:`TorchExactIndex` stands in for ``faiss.IndexFlatIP`` where CUDA torch is installed but faiss-gpu
 is not: ``search(x, k) -> (D, I)``, ``ntotal``, ``d``, ``reconstruct``/``reconstruct_batch``. Its results
-follow the semantics of the CPU exact search (:mod:`tasks.cleaning.exact_search`): the k corpus items
+follow the semantics of the CPU exact search (:mod:`tasks.cleaning.search.bf16`): the k corpus items
 with the largest fp32 inner product, best first, ties broken by corpus id (ascending); missing results
 (``k > ntotal``) padded with id -1 and score ``-FLT_MAX`` as faiss pads them.
 
@@ -26,12 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-#: faiss's filler for missing results (``-FLT_MAX``)
-MISSING_SCORE = float(np.finfo(np.float32).min)
-#: extra results kept per block and in the running best, so ties at the k-th score stay in id order
-TIE_SLACK = 16
-#: (queries per chunk, corpus items per block) by device type: 1 GiB score blocks on a GPU, 64 MiB on a CPU
-BLOCK_SHAPE = {"cuda": (4096, 65536), "cpu": (1024, 16384)}
+from tasks.cleaning.search.constants import BLOCK_SHAPE, MISSING_SCORE, TIE_SLACK
 
 
 @contextlib.contextmanager

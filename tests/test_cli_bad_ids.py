@@ -231,6 +231,8 @@ def test_every_command_has_a_row():
     for command, row in ROWS.items():
         assert set(row.cases) | set(row.not_applicable) == set(CASES), command
         assert not set(row.cases) & set(row.not_applicable), command
+    # README.md (Failure modes, "bad input") quotes these counts
+    assert (len(commands), sum(bool(row.cases) for row in ROWS.values()), len(PARAMS)) == (17, 13, 43)
 
 
 # --- the data folders --------------------------------------------------------------------------------------

@@ -315,3 +315,27 @@ def test_bad_input_is_one_line_and_changes_nothing(command, case, reference, tmp
     if "generation run" in row.needle:
         assert RUN in lines[0], "the error names the runs that exist"
     assert tree(tmp_path) == before, "the command created or changed files"
+
+
+def test_unknown_ids_on_s3(s3_root, tmp_path, monkeypatch, no_servers):
+    """The same lookups on an s3:// data dir (moto): unknown ids name what exists, an empty prefix holds
+    no runs, and no object or local file appears."""
+    from s3_server import keys
+    from storage.corpus import CleanStore
+
+    make_generation_run(s3_root, RUN, 4)
+    CleanStore(s3_root, CLEAN).write_inputs([RUN])
+    empty = s3_root / "empty"
+    monkeypatch.chdir(tmp_path)
+    env = {"EMBED_FACTORY_STORAGE__ENDPOINT_URL": s3_root.storage_options["endpoint_url"]}
+    before = keys(s3_root), tree(tmp_path)
+    for args, root, needle in [
+        (["clean", "--run", "nope"], s3_root, f"no generation run 'nope' under {s3_root}/runs (runs: {RUN})"),
+        (["report", "--clean-id", "nope"], s3_root, f"no clean run 'nope' under {s3_root}/clean (clean runs: {CLEAN})"),
+        (["query", "SELECT 1"], empty, f"{empty} holds no runs"),
+    ]:
+        result = CliRunner().invoke(app, args, env={**env, "EMBED_FACTORY_STORAGE__DATA_DIR": str(root)})
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert needle in lines[0], lines[0]
+    assert (keys(s3_root), tree(tmp_path)) == before

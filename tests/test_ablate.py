@@ -282,7 +282,7 @@ def test_cli_user_errors_are_one_line(clean_run, tmp_path):
         )
 
     for args, message in (
-        (["--clean-id", "c-nope"], "no such clean run"),
+        (["--clean-id", "c-nope"], f"no clean run 'c-nope' under {clean_run['data_dir']}/clean (clean runs: "),
         (["--clean-id", CLEAN_ID, "--variants", "filtered,bogus"], "unknown variant(s) bogus"),
     ):
         result = cli(*args)

@@ -179,8 +179,8 @@ def test_cli_trigger_user_errors(clean_server, tmp_path):
     prefect_yaml.register_project(load_settings(), project_dir=tmp_path)
     for args, message in [
         (
-            ["trigger", "pipelin"],
-            "no deployment 'pipelin'; deployments: clean/clean, finetune/finetune, generate/generate",
+            ["trigger", "pipelin"],  # a bare name is one of prefect.yaml's, checked before the server
+            "no deployment 'pipelin' in prefect.yaml (deployments: pipeline, ",
         ),
         (["trigger", "pipeline", "-p", "examples=many"], "parameter examples: 'many' is not integer or null"),
         (["trigger", "generate", "--param", "oops"], "expected NAME=VALUE"),

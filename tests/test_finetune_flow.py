@@ -168,8 +168,8 @@ def test_cli_finetune_user_errors(tmp_path):
     def finetune_cli(*args):
         return cli("finetune", *args, env=env, cwd=tmp_path, timeout=120)
 
-    result = finetune_cli()
-    assert result.returncode == 1 and "no clean run with an export" in result.stderr
+    result = finetune_cli()  # no data folder yet (tests/test_cli_bad_ids.py has every such case)
+    assert result.returncode == 1 and "holds no runs" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     make_export(tmp_path / "data", "c1", n=12)
     result = finetune_cli("--clean-id", "c1", "--base-model", str(tmp_path / "no-such-model"))

@@ -11,6 +11,7 @@ from rich.table import Table
 from embed_factory.cli.frame import (
     ConfigOption,
     ProfileOption,
+    checked_export,
     command_frame,
     load_cli_settings,
     prefect_at,
@@ -46,15 +47,13 @@ def ablate(
     Variants: unfiltered (deduped rows, hard negatives mined the same way without the ranking-consistency filter), filtered (the export), filtered+judge (when the clean run has LLM-judge results), no-hard-negatives (in-batch only), homogeneous-0 / homogeneous-1 (batch task mix). Every variant trains with the same steps and seeds; the table (mean ± spread over seeds) goes to <data_dir>/clean/<clean_id>/ablation/ (results.parquet, ablation.html) and to a Prefect artifact. Quick on CPU: --max-steps 20 --languages en.
     """  # noqa: E501 (typer keeps line breaks: one paragraph, one line)
     from flows.ablate import ablate as ablate_flow
-    from storage.models import ModelStore, check_base_model, resolve_export
+    from storage.models import check_base_model
     from tasks.training.ablation import parse_variants
 
     settings = load_cli_settings(config, profile)
     langs = [lang.strip() for lang in (languages or "").split(",") if lang.strip()] or None
     with command_frame(interrupted="interrupted; no ablation table was written"):
-        resolved_id, _, _ = resolve_export(
-            ModelStore.from_settings(settings).data_dir, clean_id
-        )  # cheap checks before any server
+        resolved_id = checked_export(settings, clean_id)  # cheap checks before any server
         chosen = [v.name for v in parse_variants(variants)]
         check_base_model(base_model or settings.finetune.base_model)
         _check_languages(settings, langs)

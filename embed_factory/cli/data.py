@@ -12,6 +12,7 @@ from rich.table import Table
 
 from embed_factory.cli.frame import (
     ConfigOption,
+    checked_data_dir,
     command_frame,
     console,
     fail,
@@ -38,9 +39,18 @@ def clean(
     config: Path | None = ConfigOption,
 ) -> None:
     """Validate, deduplicate, rank-filter and mine hard negatives; export the training corpus."""
+    from storage.corpus import CleanStore
+    from storage.inventory import check_runs_readable, require_runs, run_ids
+
     settings = load_cli_settings(config)
     clean_id = clean_id or datetime.now(UTC).strftime("clean-%Y%m%d-%H%M%S")
-    with command_frame():
+    with command_frame():  # the ids and the runs' files are checked before any server starts
+        root = checked_data_dir(settings, holds_runs=True)
+        CleanStore(root, clean_id)  # a new clean id is fine; a malformed one is its error
+        chosen = require_runs(root, runs) if runs else run_ids(root)
+        if not chosen:
+            fail(f"no generation runs under {root / 'runs'}; run `embed-factory run` first")
+        check_runs_readable(root, chosen)
         api_url = resolve_api_url(settings, say)
         print_clean_summary(clean_flow(api_url, clean_id, runs, publish_to, settings.profile))
 
@@ -87,6 +97,8 @@ def query(
     from storage.catalog import Catalog, CatalogError
 
     settings = load_cli_settings(config)
+    with command_frame():
+        checked_data_dir(settings, holds_runs=True)  # a misspelled data dir: nothing created, no empty answer
     catalog = Catalog.from_settings(settings)
     try:  # the catalog refreshes its views by itself
         if out is not None:
@@ -121,16 +133,20 @@ def report(
     """Write an HTML report: funnel, drop reasons, ranks, negative scores, lengths, diversity."""
     from storage.catalog import Catalog
     from storage.corpus import CleanStore
+    from storage.inventory import require_clean
     from tasks.cleaning.report import write_report
 
     settings = load_cli_settings(config)
-    catalog = Catalog.from_settings(settings)
-    if clean_id is None:
-        ids = catalog.clean_ids()  # oldest first
-        if not ids:
-            fail("no clean run yet; run `embed-factory clean` first")
-        clean_id = ids[-1]
-    target = out or CleanStore.from_settings(settings, clean_id).report_path
-    catalog.refresh()
-    path = write_report(catalog, clean_id, target)
+    with command_frame():
+        root = checked_data_dir(settings, holds_runs=True)
+        catalog = Catalog.from_settings(settings)
+        if clean_id is None:
+            ids = catalog.clean_ids()  # oldest first
+            if not ids:
+                fail("no clean run yet; run `embed-factory clean` first")
+            clean_id = ids[-1]
+        require_clean(root, clean_id)
+        target = out or CleanStore.from_settings(settings, clean_id).report_path
+        catalog.refresh()
+        path = write_report(catalog, clean_id, target)
     console.print(f"report: {path}")

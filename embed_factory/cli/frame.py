@@ -30,6 +30,9 @@ from ground import progress as progress_sink
 from ground.settings import DEFAULT_CONFIG_FILE, Settings, load_settings
 from personas.sources import PersonaFileError
 from prompts.task_types import check_placeholder_overrides
+from storage.catalog import CatalogError
+from storage.inventory import check_folder, require_data
+from storage.location import StorePath, data_root
 from storage.shards import StorageError
 
 console = Console(stderr=True, soft_wrap=True)  # one error = one line, also in logs
@@ -40,6 +43,7 @@ USER_ERRORS = (
     LLMServerError,
     PrefectServerError,
     StorageError,
+    CatalogError,
     DeployError,
     ValueError,
     FileNotFoundError,
@@ -141,6 +145,31 @@ def _setting_source(loc: tuple, config_file: Path) -> str:
         if env in names:
             return f" (from {env})"
     return f" (in {config_file})" if config_file.is_file() else ""
+
+
+def checked_data_dir(settings: Settings, *, holds_runs: bool = False) -> StorePath:
+    """The data dir, checked before a command starts anything: a file where it (or the local folder of an
+    S3 data dir) should be is an error; with ``holds_runs`` (a command that reads runs), so is a folder
+    that is missing or holds no runs. Call it inside :func:`command_frame`."""
+    storage = settings.storage
+    if storage.is_remote:
+        check_folder(storage.local_root, "storage.local_dir")
+    root = data_root(storage)
+    return require_data(root) if holds_runs else check_folder(root)
+
+
+def checked_export(settings: Settings, clean_id: str | None) -> str:
+    """The clean run whose export a training command reads (default: the latest with one), checked before
+    any server starts: the data dir, the clean id, and that the training file is Parquet."""
+    from storage.inventory import check_parquet, require_clean
+    from storage.models import ModelStore, resolve_export
+
+    root = checked_data_dir(settings, holds_runs=True)
+    if clean_id is not None:
+        require_clean(root, clean_id)
+    export = resolve_export(ModelStore.from_settings(settings).data_dir, clean_id)  # S3: mirrored here first
+    check_parquet(export.train_path)
+    return export.clean_id
 
 
 # --- Prefect and progress ------------------------------------------------------------------------------

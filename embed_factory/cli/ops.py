@@ -10,7 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from embed_factory.cli.frame import ConfigOption, ProfileOption, command_frame, fail, load_cli_settings, prefect_at, say
+from embed_factory.cli.frame import (
+    ConfigOption,
+    ProfileOption,
+    checked_data_dir,
+    command_frame,
+    fail,
+    load_cli_settings,
+    prefect_at,
+    say,
+)
 from embed_factory.llm_server import EmbeddedLLMServer
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
 
@@ -67,6 +76,7 @@ def deploy(
 
     settings = load_cli_settings(config, profile)
     with command_frame(stopped="worker stopped"):
+        checked_data_dir(settings)  # no runs yet is fine: deploying comes first
         api_url = resolve_api_url(settings, say)
         with prefect_at(api_url):
             registered = register_project(settings, schedule=schedule)
@@ -117,6 +127,8 @@ def trigger(
 
     settings = load_cli_settings(config)
     with command_frame(interrupted="stopped waiting; the flow run goes on (cancel it in the UI)"):
+        check_deployment_name(name, settings)  # before any server: a typo names the project's deployments
+        checked_data_dir(settings)
         api_url = resolve_api_url(settings, say)
         with prefect_at(api_url):
             run, full_name = trigger_run(name, params or [], wait=wait, say=say)
@@ -124,3 +136,20 @@ def trigger(
     Console(soft_wrap=True).print(f"{full_name}: flow run {run.name} {run.state_name}  {url}")
     if wait and not (run.state and run.state.is_completed()):
         fail(f"{run.name} ended {run.state_name}: {(run.state.message if run.state else '') or 'no message'}")
+
+
+def check_deployment_name(name: str, settings) -> None:
+    """``name`` is FLOW/DEPLOYMENT (checked on the server) or one of prefect.yaml's deployments."""
+    from embed_factory.deployments import DeployError
+    from embed_factory.deployments.project import load_project, project_values
+    from storage.inventory import closest_first
+
+    parts = name.split("/")
+    if len(parts) > 2 or not all(part.strip() for part in parts):
+        raise DeployError(f"invalid deployment name {name!r}: give NAME (pipeline, generate, ...) or FLOW/DEPLOYMENT")
+    known = [spec.name for spec in load_project(project_values(settings))]
+    if len(parts) == 1 and name not in known:
+        raise DeployError(
+            f"no deployment {name!r} in prefect.yaml (deployments: {closest_first(name, known)}); "
+            "a deployment of another project is FLOW/DEPLOYMENT"
+        )

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from embed_factory.cli.frame import ConfigOption, ProfileOption, command_frame, fail, load_cli_settings, say
+from embed_factory.cli.frame import (
+    ConfigOption,
+    ProfileOption,
+    checked_data_dir,
+    command_frame,
+    fail,
+    load_cli_settings,
+    say,
+)
 from ground.cost_plan import Plan, plan_from_history, plan_from_pilot
 from ground.settings import PersonaSettings, Settings
 from ground.task_types import ALL_TASK_TYPES
@@ -181,6 +189,7 @@ def plan(
     """
     settings = load_cli_settings(config, profile)
     with command_frame(interrupted="interrupted; nothing was written"):
+        checked_data_dir(settings)  # no runs yet is fine: a pilot measures instead
         planned = make_plan(settings, examples, task_types)
         if planned is None:  # pragma: no cover - make_plan pilots when there is no history
             fail("no plan")

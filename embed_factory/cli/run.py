@@ -17,6 +17,7 @@ from embed_factory.cli.data import clean_flow, print_clean_summary
 from embed_factory.cli.frame import (
     ConfigOption,
     ProfileOption,
+    checked_data_dir,
     command_frame,
     fail,
     load_cli_settings,
@@ -30,6 +31,7 @@ from embed_factory.llm_server import EmbeddedLLMServer
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
 from ground.task_types import ALL_TASK_TYPES
 from personas.sources import load_persona_pool
+from storage.inventory import check_runs_readable, run_ids
 from storage.shards import RunStore
 
 if TYPE_CHECKING:
@@ -70,10 +72,14 @@ def run(
     if unknown:
         fail(f"unknown task type(s) {', '.join(unknown)}; choose from {TASK_TYPE_LIST}", 2)
     with command_frame():  # check cheap inputs before starting any server
+        root = checked_data_dir(settings)  # missing or empty is fine: a first run creates it
+        if run_id is not None:  # a new id starts that run; an existing one is resumed, if its files read
+            RunStore(root, run_id)
+            if run_id in run_ids(root):
+                check_runs_readable(root, [run_id])
         if settings.personas.source != "hub":
             for note in load_persona_pool(settings.personas).notes():  # refused as the flow would refuse it
                 say(f"personas: {note}")
-        RunStore.from_settings(settings, run_id or "check")
         if dry_run:  # nothing written, no Prefect flow run; a pilot only when no earlier run matches
             print_plan(make_plan(settings, examples, task_types), settings)
             return

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from embed_factory.cli.frame import ConfigOption, command_frame, console, load_cli_settings, say
+from embed_factory.cli.frame import ConfigOption, checked_data_dir, command_frame, console, load_cli_settings, say
 from embed_factory.llm_server import EmbeddedLLMServer
 from embed_factory.prefect_server import LocalPrefectServer
 
@@ -44,8 +44,10 @@ def llm_status(config: Path | None = ConfigOption) -> None:
 @prefect_app.command("up")
 def prefect_up(config: Path | None = ConfigOption) -> None:
     """Start the local Prefect server (UI at http://127.0.0.1:4200)."""
-    server = LocalPrefectServer(load_cli_settings(config), say)
+    settings = load_cli_settings(config)
     with command_frame():
+        checked_data_dir(settings)  # its home is <data_dir>/prefect
+        server = LocalPrefectServer(settings, say)
         server.start()
     console.print(f"[green]Prefect ready[/]: UI {server.ui_url}  API {server.api_url}")
 
@@ -53,14 +55,22 @@ def prefect_up(config: Path | None = ConfigOption) -> None:
 @prefect_app.command("down")
 def prefect_down(config: Path | None = ConfigOption) -> None:
     """Stop the local Prefect server."""
-    stopped = LocalPrefectServer(load_cli_settings(config)).stop()
+    stopped = _local_prefect(config).stop()
     console.print("Prefect stopped" if stopped else "Prefect was not running")
 
 
 @prefect_app.command("status")
 def prefect_status(config: Path | None = ConfigOption) -> None:
     """Show whether the local Prefect server answers (exit code 1 if not)."""
-    server = LocalPrefectServer(load_cli_settings(config))
+    server = _local_prefect(config)
     healthy = server.healthy()
     console.print(f"pid: {server.pid() or '-'}  healthy: {healthy}  UI: {server.ui_url}")
     raise typer.Exit(0 if healthy else 1)
+
+
+def _local_prefect(config: Path | None) -> LocalPrefectServer:
+    """The local Prefect server of the settings, its home (<data_dir>/prefect) checked first."""
+    settings = load_cli_settings(config)
+    with command_frame():
+        checked_data_dir(settings)
+    return LocalPrefectServer(settings)

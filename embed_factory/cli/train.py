@@ -12,6 +12,8 @@ from rich.table import Table
 from embed_factory.cli.frame import (
     ConfigOption,
     ProfileOption,
+    checked_data_dir,
+    checked_export,
     command_frame,
     console,
     load_cli_settings,
@@ -48,12 +50,12 @@ def finetune(
 
     Writes the model (sentence-transformers format, with its model card) and eval.json (before, after, delta) to <data_dir>/models/<model>-<clean_id>/, and prints the STS Spearman (and held-out nDCG@10) before/after/delta per Matryoshka dimension. Starts the local Prefect server if needed.
     """  # noqa: E501 (typer keeps line breaks: one paragraph, one line)
-    from flows.finetune import FinetuneSummary, check_base_model, local_data_dir, resolve_export
+    from flows.finetune import FinetuneSummary, check_base_model
     from flows.finetune import finetune as finetune_flow
 
     settings = load_cli_settings(config, profile)
     with command_frame(interrupted="interrupted; nothing was moved into place"):  # FinetuneError is a ValueError
-        resolved_id, _, _ = resolve_export(local_data_dir(settings), clean_id)  # cheap checks before any server
+        resolved_id = checked_export(settings, clean_id)  # cheap checks before any server
         check_base_model(base_model or settings.finetune.base_model)
         api_url = resolve_api_url(settings, say)
         say(f"fine-tuning on clean run {resolved_id}; flow run in the Prefect UI at {prefect_ui_url(api_url)}")
@@ -156,6 +158,7 @@ def serve(
     parameters = {"max_steps": max_steps, "base_model": base_model}
     with command_frame(stopped="stopped serving"):
         check_base_model(base_model)
+        checked_data_dir(settings)  # no clean run yet is fine: it fine-tunes the ones that complete
         api_url = resolve_api_url(settings, say)
         with prefect_at(api_url):
             if work_pool:

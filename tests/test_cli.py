@@ -254,3 +254,30 @@ def test_run_starts_prefect_while_vllm_sets_up_and_raises_either_failure(monkeyp
             run.start_servers(settings)
     else:
         assert run.start_servers(settings) == "http://prefect/api"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "personas.sources.PersonaFileError",
+        "prompts.render.OutputInvalid",
+        "storage.shards.RunLocked",
+        "storage.catalog.CatalogError",
+    ],
+)
+def test_a_user_error_raised_in_a_command_is_one_error_line(error, capsys):
+    """What the error classes' bases are for: the command frame turns each into one line and exit code 1."""
+    import importlib
+
+    import typer
+
+    from embed_factory.cli.frame import command_frame
+
+    module, name = error.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(typer.Exit) as exc:
+        with command_frame():
+            raise cls("the thing at /data/x is wrong")
+    assert exc.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: the thing at /data/x is wrong"]

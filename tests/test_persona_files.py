@@ -144,10 +144,6 @@ def test_binary_or_non_utf8_file(tmp_path, payload):
     assert_names_file(exc, path)
 
 
-def test_persona_file_error_is_a_value_error():
-    assert issubclass(PersonaFileError, ValueError)
-
-
 # --- Hub-scale files: bad lines and over-long personas --------------------------------------------
 
 

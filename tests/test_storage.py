@@ -435,7 +435,3 @@ def test_exclusive_released_after_an_exception(tmp_path):
             raise RuntimeError("boom")
     with RunStore(tmp_path, RUN).exclusive():
         pass
-
-
-def test_run_locked_is_a_storage_error():
-    assert issubclass(RunLocked, StorageError)

@@ -47,6 +47,17 @@ def test_finetune_flow_on_tiny_export(prefect_api_url, tiny_finetune):
     assert summary["train"]["steps"] == 2 and summary["train"]["samples_per_s"] > 0
     assert not list((data_dir / "models").glob(".*")), "no staging or old folders left behind"
 
+    # the comparable loss: the held-out split's fixed batches, scored before and after, in the summary,
+    # the finetune-training artifact's table and the model card
+    from flows.artifacts import training_markdown
+
+    before, after = summary["train"]["heldout_loss_before"], summary["train"]["heldout_loss_after"]
+    assert before["source"] == after["source"] == "heldout" and before["batches"] == after["batches"] >= 1
+    assert set(before["by_task"]) == set(after["by_task"])
+    line = f"held-out loss {before['mean']:.4f} -> {after['mean']:.4f} ({before['batches']} fixed batches"
+    assert line in training_markdown(summary)
+    assert line in (model_dir / "README.md").read_text(encoding="utf-8")
+
     # a sentence-transformers folder with a model card, that loads and embeds
     assert (model_dir / "README.md").exists() and (model_dir / "modules.json").exists()
     model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)

@@ -33,13 +33,16 @@ import pyarrow as pa
 
 from ground.compute import bf16_supported
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
+from storage.corpus import Drops, StageResult, dropped_table
 from storage.schemas import FILTER_COLUMNS
 from tasks.cleaning.device_search import TorchExactIndex, cuda_available
 from tasks.cleaning.exact_search import Bf16ExactIndex
 
 #: what :func:`build_index` returns: a faiss index or, for exact search on bf16 CPUs, our own
 Index = faiss.Index | Bf16ExactIndex | TorchExactIndex
+
+STAGE = "rank_filter"
+REASON = "positive_not_in_top_k"
 
 #: queries per faiss search call: bounds the result arrays and faiss's scratch memory
 SEARCH_BATCH = 8192
@@ -210,12 +213,6 @@ class SearchResults:
         return iter((self.ids, self.scores))
 
 
-def _column_or_none(table: pa.Table, name: str, rows: np.ndarray) -> list:
-    if name in table.column_names:
-        return table.column(name).take(pa.array(rows, type=pa.int64())).to_pylist()
-    return [None] * len(rows)
-
-
 def rank_filter(
     table: pa.Table,
     query_vecs: np.ndarray,
@@ -229,7 +226,7 @@ def rank_filter(
     ``query_vecs[i]`` is row i's instructed query vector, ``positive_idx[i]`` the corpus id of its
     positive, ``corpus_vecs`` the corpus (the index's vectors; one is built when ``index`` is None).
     Kept rows get ``positive_rank`` (int32) and ``positive_score`` (float32); dropped rows are
-    reported with stage ``rank_filter`` and reason ``positive_not_in_top_k``.
+    reported with stage :data:`STAGE` and reason :data:`REASON`.
     """
     query_vecs = _as_matrix(query_vecs)
     corpus_vecs = _as_matrix(corpus_vecs)
@@ -262,24 +259,6 @@ def rank_filter(
     for r, s in zip(ranks[dropped_rows].tolist(), pos_scores[dropped_rows].tolist(), strict=True):
         where = f"positive rank {r}" if r <= width else f"positive rank > {width}"
         details.append(f"{where} > k={k} (score {s:.4f})")
-    dropped = StageResult.dropped_rows(
-        [
-            {
-                "example_id": e,
-                "run_id": run,
-                "task_type": t,
-                "stage": "rank_filter",
-                "reason": "positive_not_in_top_k",
-                "detail": d,
-            }
-            for e, run, t, d in zip(
-                _column_or_none(table, "example_id", dropped_rows),
-                _column_or_none(table, "run_id", dropped_rows),
-                _column_or_none(table, "task_type", dropped_rows),
-                details,
-                strict=False,
-            )
-        ]
-    )
+    dropped = dropped_table(table, STAGE, Drops(dropped_rows, REASON, details))
     results = SearchResults(ids[kept_rows], scores[kept_rows], kept_rows.astype(np.int64))
     return StageResult(kept=kept, dropped=dropped), results

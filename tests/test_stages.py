@@ -17,6 +17,7 @@ class OddLengths(Filter):
     """Drops rows whose query has an odd length; counts the batches it saw."""
 
     name = "odd"
+    batch_rows = 3
 
     def __init__(self) -> None:
         self.batches = 0
@@ -28,17 +29,17 @@ class OddLengths(Filter):
         return Drops(odd, "odd_query", [f"length {lengths[i]}" for i in odd])
 
 
-def table_in_batches(queries: list[str], batch: int) -> pa.Table:
+def table_in_chunks(queries: list[str], chunk: int) -> pa.Table:
     rows = [{"example_id": f"e{i}", "run_id": "r", "task_type": "t", "query": q} for i, q in enumerate(queries)]
     whole = pa.Table.from_pylist(rows)
-    return pa.Table.from_batches(whole.to_batches(max_chunksize=batch))
+    return pa.Table.from_batches(whole.to_batches(max_chunksize=chunk))
 
 
 def test_a_filter_runs_batch_by_batch_and_its_base_builds_the_dropped_rows():
     queries = ["ab", "abc", "abcd", "a", "xy", "xyz", "pq"]
     stage = OddLengths()
-    result = stage.run(table_in_batches(queries, batch=3))
-    assert stage.batches == 3, "one call per record batch: a streamed stage"
+    result = stage.run(table_in_chunks(queries, chunk=2))  # batches of 3 rows across chunks of 2
+    assert stage.batches == 3, "one call per batch of batch_rows: a streamed stage"
     assert result.kept["query"].to_pylist() == ["ab", "abcd", "xy", "pq"]
     assert result.dropped.schema == DROPPED_SCHEMA
     assert result.dropped.to_pylist() == [
@@ -52,7 +53,7 @@ def test_a_global_stage_must_implement_run():
         name = "whole"
 
     with pytest.raises(NotImplementedError, match="global stage"):
-        Whole().run(table_in_batches(["a"], 1))
+        Whole().run(table_in_chunks(["a"], 1))
 
 
 def test_dropped_rows_come_in_input_order_with_null_ids_for_missing_columns():

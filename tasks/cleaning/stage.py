@@ -34,12 +34,15 @@ class Stage(ABC):
     name: ClassVar[str]
     #: True: each row is decided alone, so the stage may be fed one record batch at a time
     streamed: ClassVar[bool] = False
+    #: rows per batch when :meth:`run` feeds a streamed stage a whole table (zero-copy slices)
+    batch_rows: ClassVar[int] = 65_536
 
     def run(self, rows: pa.Table) -> StageResult:
         """Kept and dropped rows of a whole table (a streamed stage: its batches', concatenated)."""
         if not self.streamed:
             raise NotImplementedError(f"{type(self).__name__}: a global stage implements run()")
-        results = [self.run_batch(batch) for batch in rows.to_batches()]
+        step = self.batch_rows
+        results = [self.run_batch(rows.slice(start, step)) for start in range(0, rows.num_rows, step)]
         if not results:
             return StageResult.keep_all(rows)
         return StageResult(pa.concat_tables([r.kept for r in results]), pa.concat_tables([r.dropped for r in results]))

@@ -36,6 +36,7 @@ MODULE = "tasks/cleaning/validate.py"
 sys.path.insert(0, str(ROOT))
 
 from ground.settings import CleanSettings  # noqa: E402
+from storage.corpus import Drops, dropped_table  # noqa: E402
 from storage.schemas import EXAMPLE_SCHEMA  # noqa: E402
 from tasks.cleaning import dedup  # noqa: E402
 from tasks.cleaning.validate import python_text_classes, validate_examples  # noqa: E402
@@ -213,6 +214,10 @@ def load_revision(rev: str, folder: Path):
         source = source.replace(
             "from tasks.cleaning.dedup import dropped_table, normalize_array",
             "from tasks.cleaning.dedup import dedup_keys as normalize_array, dropped_table",
+        )
+    if not hasattr(dedup, "dropped_table"):  # moved to storage.corpus since, with its rows as a Drops
+        dedup.dropped_table = lambda table, rows, stage, reasons, details: dropped_table(
+            table, stage, Drops(rows, reasons, details)
         )
     path = folder / f"validate_{rev[:12]}.py"
     path.write_text(source)

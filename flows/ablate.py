@@ -6,9 +6,9 @@ export's held-out rows are left out of every variant and evaluate them all), the
 (``tasks.training.train``) and evaluation (``tasks.training.evaluate``) per seed. Files are
 ``storage.ablation.AblationStore``; the table is also a flow artifact (``ablation-<clean_id>``).
 
-The ``unfiltered`` source is the ``deduped`` table with hard negatives mined exactly as the clean run
-mines them (``tasks.cleaning.negatives.mine_hard_negatives`` over the same exact search, embeddings
-from the clean run's cache) but with no ranking-consistency filter before it.
+The ``unfiltered`` source is the table the rank filter reads (``decontaminated``) with hard negatives
+mined exactly as the clean run mines them (``tasks.cleaning.negatives.mine_hard_negatives`` over the same
+exact search, embeddings from the clean run's cache) but with no ranking-consistency filter before it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ground.settings import CleanSettings, FinetuneSettings, Settings, load_sett
 from storage.ablation import AblationStore, example_ids
 from storage.corpus import CleanStore
 from storage.models import DEFAULT_MODEL_NAME, ModelStore, check_base_model
+from storage.stages import STAGE_NAMES, table_before
 from tasks.training.ablation import (
     BASE,
     PROGRESS_STAGE,
@@ -46,8 +47,13 @@ from tasks.training.ablation import (
     variant_settings,
 )
 
-#: the clean run's stage table of rows after the LLM judge (tasks/cleaning/judge.py), when it ran
-JUDGED_STAGE = "verified"
+#: row source -> the clean run's stage table it reads (storage/stages.py); ``unfiltered`` is mined again from
+#: the table the rank filter reads
+SOURCE_TABLES = {
+    "filtered": STAGE_NAMES["negatives"].table,
+    "judged": STAGE_NAMES["judge"].table,
+    "unfiltered": table_before(STAGE_NAMES["rank_filter"].table),
+}
 
 
 @dataclass
@@ -69,18 +75,18 @@ class AblationSummary:
 
 
 # --- the row sources ------------------------------------------------------------------------------
-def mine_unfiltered(deduped: pa.Table, cfg: CleanSettings, store: CleanStore) -> pa.Table:
-    """The deduped rows with hard negatives mined as the clean run mines them, minus the rank filter."""
+def mine_unfiltered(rows: pa.Table, cfg: CleanSettings, store: CleanStore) -> pa.Table:
+    """The rank filter's input rows with hard negatives mined as the clean run mines them, minus the rank filter."""
     from tasks.cleaning.embed import embed_for_ranking
     from tasks.cleaning.negatives import mine_hard_negatives
     from tasks.cleaning.rank_filter import exact_positive_scores
     from tasks.cleaning.search import build_index, result_width, search
 
-    vectors = embed_for_ranking(deduped, cfg, store)  # from the clean run's embedding cache
+    vectors = embed_for_ranking(rows, cfg, store)  # from the clean run's embedding cache
     ids, scores = search(build_index(vectors.corpus_vecs, cfg), vectors.query_vecs, result_width(cfg))
     positive_scores = exact_positive_scores(vectors.query_vecs, vectors.corpus_vecs, vectors.positive_idx)
     mined = mine_hard_negatives(
-        deduped,
+        rows,
         ids,
         scores,
         vectors.corpus_texts,
@@ -99,11 +105,11 @@ def row_sources(
     needed = {v.source for v in variants}
     sources: dict[str, pa.Table] = {}
     if "filtered" in needed:
-        sources["filtered"] = store.read_stage("mined")
-    if "judged" in needed and store.has(JUDGED_STAGE):
-        sources["judged"] = store.read_stage(JUDGED_STAGE)
+        sources["filtered"] = store.read_stage(SOURCE_TABLES["filtered"])
+    if "judged" in needed and store.has(SOURCE_TABLES["judged"]):
+        sources["judged"] = store.read_stage(SOURCE_TABLES["judged"])
     if "unfiltered" in needed:
-        sources["unfiltered"] = mine_unfiltered(store.read_stage("deduped"), cfg, store)
+        sources["unfiltered"] = mine_unfiltered(store.read_stage(SOURCE_TABLES["unfiltered"]), cfg, store)
     skipped = {
         v.name: "skipped: no judge results" for v in variants if v.source == "judged" and "judged" not in sources
     }

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.catalog import Catalog
+from storage.funnel import funnel_counts
 from storage.shards import RunStore, ShardRecord
 from tasks.training.heldout_loss import describe_heldout_loss
 
@@ -37,7 +38,6 @@ KEYS = {
     "finetune_model": "finetune-model",
     "pipeline_summary": "pipeline-summary",
 }
-FUNNEL_STAGES = ("generated", "valid", "deduped", "decontaminated", "filtered", "mined")
 SAMPLES_PER_TYPE = 3
 TEXT_CHARS = 160  # texts in the sample table are cut to this length
 
@@ -104,15 +104,15 @@ def generation_rows(examples: pa.Table, rejects: pa.Table) -> list[dict[str, Any
 
 
 def funnel_rows(per_stage: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
-    """``{stage: {task_type: rows}}`` → one row per task type with a column per stage, then a total row."""
+    """``{stage: {task_type: rows}}`` (``storage.funnel.funnel_counts``, columns in its order) → one row per
+    task type with a column per stage, then a total row; kept % is the last column over the first."""
+    stages = list(per_stage)
     types = sorted({t for counts in per_stage.values() for t in counts})
     rows = []
     for name in [*types, "total"]:
-        counts = {
-            s: (sum(per_stage.get(s, {}).values()) if name == "total" else per_stage.get(s, {}).get(name, 0))
-            for s in FUNNEL_STAGES
-        }
-        kept = round(100.0 * counts["mined"] / counts["generated"], 1) if counts["generated"] else None
+        counts = {s: (sum(per_stage[s].values()) if name == "total" else per_stage[s].get(name, 0)) for s in stages}
+        first, last = counts[stages[0]], counts[stages[-1]]
+        kept = round(100.0 * last / first, 1) if first else None
         rows.append({"task type": name, **counts, "kept %": kept})
     return rows
 
@@ -236,14 +236,7 @@ def pipeline_markdown(
 def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, Any]:
     """Funnel counts, drop reasons with one detail each, and a repeatable triplet sample per task type."""
     with catalog.session():
-        per_stage = {
-            "generated": _counts(
-                catalog, "SELECT task_type, count(*) AS n FROM raw WHERE list_contains($r, run_id) GROUP BY 1", runs
-            )
-        }
-        for stage in FUNNEL_STAGES[1:]:
-            sql = f"SELECT task_type, count(*) AS n FROM {stage} WHERE clean_id = $c GROUP BY 1"
-            per_stage[stage] = {r["task_type"]: r["n"] for r in catalog.query(sql, {"c": clean_id}).to_pylist()}
+        per_stage = funnel_counts(catalog, clean_id, runs)
         drops = catalog.query(
             "SELECT stage, reason, count(*) AS n, "
             "arg_min(detail, example_id) FILTER (WHERE detail IS NOT NULL) AS detail "
@@ -257,10 +250,6 @@ def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, A
             {"c": clean_id, "k": SAMPLES_PER_TYPE},
         ).to_pylist()
     return {"per_stage": per_stage, "drops": drops, "samples": samples}
-
-
-def _counts(catalog: Catalog, sql: str, runs: list[str]) -> dict[str, int]:
-    return {r["task_type"]: r["n"] for r in catalog.query(sql, {"r": runs}).to_pylist()}
 
 
 def drop_rows(drops: list[dict[str, Any]]) -> list[dict[str, Any]]:

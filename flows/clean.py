@@ -1,8 +1,9 @@
 """Flow ``clean``: raw shards → valid → deduped → rank-filtered → mined → export + catalog + report.
 
-Orchestration only. The clean run is the plain list of steps :data:`STAGES`; each step is a few
-calls of ``tasks/cleaning`` functions (as Prefect tasks) and commits its table through
-``storage.corpus.CleanStore``. A step whose commit table exists is skipped, so a crashed clean run
+Orchestration only. The clean run is the plain list of steps :data:`STEPS`; each step names the stage
+tables it writes (``storage/stages.py``), is a few calls of ``tasks/cleaning`` stages (as Prefect tasks)
+and returns their results, which the loop commits through ``storage.corpus.CleanStore``. A step whose
+tables exist is skipped, so a crashed clean run
 resumes at its first missing table; embeddings are cached by text hash across runs. Validation
 (per shard) and near-dedup (per task type) map onto the task runner of ``flows/runners.py``.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,13 +29,15 @@ from ground.settings import CleanSettings, Settings, load_settings
 from storage.atomic import remove_stale_temps
 from storage.catalog import Catalog
 from storage.corpus import CleanStore, StageResult
+from storage.fingerprint import check_resume, clean_fingerprint
 from storage.ledger import read_ledger, write_ledger
 from storage.location import StorePath
-from storage.schemas import EXAMPLE_SCHEMA
+from storage.schemas import EXAMPLE_SCHEMA, count_by_type
 from storage.shards import RunStore, list_runs, read_parquet_checked
+from storage.stages import CLEAN_STAGES, STAGE_TABLES, enabled_stages, final_table, table_before
 from tasks.cleaning.decontaminate import decontaminate as decontaminate_rows
 from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
-from tasks.cleaning.embed import EmbeddingCache, RankingVectors, embed_for_ranking, encode_cached, make_embedder
+from tasks.cleaning.embed import EmbeddingCache, embed_for_ranking, encode_cached, make_embedder
 from tasks.cleaning.export import export_corpus, write_dataset_card
 from tasks.cleaning.judge import judge_corpus
 from tasks.cleaning.negatives import filter_and_mine
@@ -75,13 +76,9 @@ llm_judge = task(judge_corpus, name="llm-judge", cache_policy=NO_CACHE)
 
 
 # --- the steps -----------------------------------------------------------------------------------
-#: stage tables checked against (and cast to) a schema when read; the others are read as written
-TABLE_SCHEMAS = {"valid": EXAMPLE_SCHEMA, "deduped": EXAMPLE_SCHEMA, "decontaminated": EXAMPLE_SCHEMA}
-
-
 @dataclass
 class CleanContext:
-    """What the steps share: the clean run's store and inputs, the runner, and the tables committed so far."""
+    """What the steps share: the clean run's settings, store and inputs, the runner, one embedder."""
 
     settings: Settings
     store: CleanStore
@@ -89,16 +86,15 @@ class CleanContext:
     shard_files: list[StorePath]
     runner: TaskRunner
     publish_to: str | None = None
-    vectors: RankingVectors | None = None  # from the embed step, for the filter step
+    fingerprint: dict[str, Any] | None = None  # storage/fingerprint.py: written with the first table
     _embedder: Any = None  # made once: decontamination and the ranking embed share its model
+    _tables: dict[str, pa.Table] = field(default_factory=dict)
 
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
             self._embedder = make_embedder(self.cfg)
         return self._embedder
-
-    _tables: dict[str, pa.Table] = field(default_factory=dict)
 
     @property
     def cfg(self) -> CleanSettings:
@@ -107,105 +103,145 @@ class CleanContext:
     def table(self, stage: str) -> pa.Table:
         """A committed stage table, read (and checked) once."""
         if stage not in self._tables:
-            self._tables[stage] = self.store.read_stage(stage, TABLE_SCHEMAS.get(stage))
+            entry = STAGE_TABLES[stage]
+            self._tables[stage] = self.store.read_stage(stage, entry.schema if entry.checked else None)
         return self._tables[stage]
 
 
-def validate(ctx: CleanContext) -> None:
-    files = ctx.shard_files
-    futures = ctx.runner.map(validate_shard, {"path": files, "cfg": unmapped(ctx.cfg)}) if files else []
-    results = [future.result() for future in futures]
-    ctx.store.write_inputs(ctx.runs)
-    kept = pa.concat_tables([r.kept for r in results]) if results else EXAMPLE_SCHEMA.empty_table()
-    dropped = pa.concat_tables([r.dropped for r in results]) if results else StageResult.dropped_rows([])
-    ctx.store.write_stage("valid", StageResult(kept, dropped), drop_stage="validate")
+class Laps:
+    """Seconds per step (and per named part of a step), in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def start(self) -> None:
+        self._since = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._since, 2)
+        self._since = now
 
 
-def dedup(ctx: CleanContext) -> None:
-    exact = dedup_exact(ctx.table("valid"))
-    parts = split_by_task_type(exact.kept)
-    futures = (
-        ctx.runner.map(dedup_near, {"task_type": list(parts), "part": list(parts.values()), "cfg": unmapped(ctx.cfg)})
-        if parts
-        else []
-    )
-    near = merge_near_parts(exact.kept, [future.result() for future in futures])
-    checkpoint("dedup.done")
-    ctx.store.write_dropped("dedup_exact", exact.dropped)
-    ctx.store.write_stage("deduped", near, drop_stage="dedup_near")
+class Step:
+    """One step of the clean run: ``name`` (its key in ``stage_seconds``), the stage tables it ``writes``
+    (``storage/stages.py``) and ``run(ctx, rows, laps) -> {table: StageResult}`` over the table before its
+    first (``rows``; None for the first step). Done when every table it writes exists; a step that writes
+    none always runs; a switchable table's step runs while its setting is on."""
+
+    name = ""
+    writes: tuple[str, ...] = ()
+
+    def enabled(self, cfg: CleanSettings) -> bool:
+        return all(STAGE_TABLES[t].enabled(cfg) for t in self.writes)
+
+    def reads(self) -> str | None:
+        first = self.writes[0] if self.writes else None
+        return table_before(first) if first and first != CLEAN_STAGES[0].table else None
+
+    def run(self, ctx: CleanContext, rows: pa.Table | None, laps: Laps) -> dict[str, StageResult]:
+        raise NotImplementedError
 
 
-def decontaminate(ctx: CleanContext) -> None:
-    """Drop rows near an eval text (clean.decontaminate); off, the deduped rows pass through unchanged."""
-    result = StageResult(ctx.table("deduped"), StageResult.dropped_rows([]))
-    if ctx.cfg.decontaminate:
+class ValidateShards(Step):
+    name, writes = "validate", ("valid",)
+
+    def run(self, ctx, rows, laps):
+        files = ctx.shard_files
+        futures = ctx.runner.map(validate_shard, {"path": files, "cfg": unmapped(ctx.cfg)}) if files else []
+        results = [future.result() for future in futures]
+        ctx.store.write_inputs(ctx.runs, ctx.fingerprint)
+        if not results:
+            return {"valid": StageResult.keep_all(EXAMPLE_SCHEMA.empty_table())}
+        return {"valid": concat_results(results)}
+
+
+class Dedup(Step):
+    name, writes = "dedup", ("deduped",)
+
+    def run(self, ctx, rows, laps):
+        exact = dedup_exact(rows)
+        parts = split_by_task_type(exact.kept)
+        futures = (
+            ctx.runner.map(
+                dedup_near, {"task_type": list(parts), "part": list(parts.values()), "cfg": unmapped(ctx.cfg)}
+            )
+            if parts
+            else []
+        )
+        near = merge_near_parts(exact.kept, [future.result() for future in futures])
+        checkpoint("dedup.done")
+        return {"deduped": StageResult(near.kept, pa.concat_tables([exact.dropped, near.dropped]))}
+
+
+class DecontaminateStep(Step):
+    """Drop rows near an eval text (clean.decontaminate); off, the rows pass through unchanged."""
+
+    name, writes = "decontaminate", ("decontaminated",)
+
+    def run(self, ctx, rows, laps):
+        if not ctx.cfg.decontaminate:
+            return {"decontaminated": StageResult.keep_all(rows)}
         embedder = ctx.embedder  # the ranking's embedder and cache: the positives are embedded once
         cache = EmbeddingCache(ctx.store.embeddings_dir(embedder.model_key))
         eval_texts = gather_eval_texts(ctx.settings)
-        result = decontaminate_task(
-            result.kept, eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache)
-        )
+        result = decontaminate_task(rows, eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache))
         get_run_logger().info("decontaminate: %d eval texts, %d rows dropped", len(eval_texts), result.dropped.num_rows)
-    ctx.store.write_stage("decontaminated", result, drop_stage="decontaminate")
+        return {"decontaminated": result}
 
 
-def embed_deduped(ctx: CleanContext) -> None:
-    deduped = ctx.table("decontaminated")
-    if deduped.num_rows == 0:
-        raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
-    ctx.vectors = embed(deduped, ctx.cfg, ctx.store, ctx.embedder)
+class RankFilterAndMine(Step):
+    """Embed (lap ``embed``), then one search for the rank filter and mining (restricted to the rows it kept)."""
+
+    name, writes = "filter_and_mine", ("filtered", "mined")
+
+    def run(self, ctx, rows, laps):
+        if rows.num_rows == 0:
+            raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
+        vectors = embed(rows, ctx.cfg, ctx.store, ctx.embedder)
+        laps.lap("embed")
+        filtered, mined = rank_filter_and_mine(rows, vectors, ctx.cfg)
+        return {"filtered": filtered, "mined": mined}
 
 
-def filter_and_mine_deduped(ctx: CleanContext) -> None:
-    # mining reuses the filter's one search, restricted to the rows it kept
-    filtered, mined = rank_filter_and_mine(ctx.table("decontaminated"), ctx.vectors, ctx.cfg)
-    ctx.store.write_stage("filtered", filtered, drop_stage="rank_filter")
-    ctx.store.write_stage("mined", mined, drop_stage="negatives")
-
-
-def judge_mined(ctx: CleanContext) -> None:
+class Judge(Step):
     """The LLM judge (clean.judge): false negatives replaced, positives relabelled or dropped."""
-    judged = llm_judge(ctx.table("mined"), ctx.settings, ctx.store, get_run_logger())
-    ctx.store.write_stage("verified", judged, drop_stage="judge")
+
+    name, writes = "judge", ("verified",)
+
+    def run(self, ctx, rows, laps):
+        return {"verified": llm_judge(rows, ctx.settings, ctx.store, get_run_logger())}
 
 
-def export(ctx: CleanContext) -> None:
-    store, cfg = ctx.store, ctx.cfg
-    result = export_corpus(ctx.table("verified" if cfg.judge else "mined"), store.export_dir, cfg)
-    write_dataset_card(
-        store.export_dir,
-        result,
-        {
+class Export(Step):
+    """The export, rewritten from the last enabled stage table on every run."""
+
+    name = "export"
+
+    def run(self, ctx, rows, laps):
+        store, cfg = ctx.store, ctx.cfg
+        result = export_corpus(ctx.table(final_table(cfg)), store.export_dir, cfg)
+        card = {
             "clean_id": store.clean_id,
             "runs": ctx.runs,
             "model": ctx.settings.llm_model,
             "embedding_model": cfg.embedding_model or "all-MiniLM-L6-v2",
-        },
-    )
-    checkpoint("export.card")
-    if ctx.publish_to:
-        publish_dataset(store.export_dir, ctx.publish_to, token=os.environ.get("HF_TOKEN"))
-    store.upload_export()  # on S3: the staged export goes up, card last
+        }
+        write_dataset_card(store.export_dir, result, card)
+        checkpoint("export.card")
+        if ctx.publish_to:
+            publish_dataset(store.export_dir, ctx.publish_to, token=os.environ.get("HF_TOKEN"))
+        store.upload_export()  # on S3: the staged export goes up, card last
+        return {}
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str  # its key in CleanSummary.stage_seconds
-    run: Callable[[CleanContext], None]
-    commit: str | None  # the stage table whose existence means this step is done; None: it always runs
-    enabled: Callable[[CleanSettings], bool] | None = None  # a switchable step: skipped while this says False
+#: the clean run, in order: each step's tables are a run of storage/stages.py's CLEAN_STAGES
+STEPS: tuple[Step, ...] = (ValidateShards(), Dedup(), DecontaminateStep(), RankFilterAndMine(), Judge(), Export())
 
 
-#: the clean run, in order
-STAGES = (
-    Stage("validate", validate, commit="valid"),
-    Stage("dedup", dedup, commit="deduped"),
-    Stage("decontaminate", decontaminate, commit="decontaminated"),
-    Stage("embed", embed_deduped, commit="mined"),  # its vectors serve only the next step
-    Stage("filter_and_mine", filter_and_mine_deduped, commit="mined"),
-    Stage("judge", judge_mined, commit="verified", enabled=lambda cfg: cfg.judge),
-    Stage("export", export, commit=None),  # rewritten from mined on every run
-)
+def concat_results(results: list[StageResult]) -> StageResult:
+    return StageResult(pa.concat_tables([r.kept for r in results]), pa.concat_tables([r.dropped for r in results]))
 
 
 # --- the flow ------------------------------------------------------------------------------------
@@ -218,9 +254,11 @@ def clean_run(
         raise ValueError(f"no generation runs under {store.data_dir}/runs; run `embed-factory run` first")
     # the CPU-heavy stages (validation per shard, near-dedup per task type) map onto threads or Dask
     with store.exclusive(), stage_runner(settings.clean) as runner:  # a second `clean` of the same id fails at once
+        fingerprint = clean_fingerprint(settings, runs)
+        check_resume(clean_id, store.read_fingerprint(), fingerprint)  # a changed resume stops here, one line
         remove_stale_temps(store.data_dir / "embeddings")  # stale temp files go
-        ctx = CleanContext(settings, store, runs, example_shards(settings, runs), runner, publish_to)
-        return summarize(ctx, run_stages(ctx, STAGES))
+        ctx = CleanContext(settings, store, runs, example_shards(settings, runs), runner, publish_to, fingerprint)
+        return summarize(ctx, run_stages(ctx, STEPS))
 
 
 def example_shards(settings: Settings, runs: list[str]) -> list[StorePath]:
@@ -232,24 +270,21 @@ def example_shards(settings: Settings, runs: list[str]) -> list[StorePath]:
     ]
 
 
-def run_stages(ctx: CleanContext, stages: tuple[Stage, ...]) -> dict[str, float]:
-    """Run each step whose commit table is missing; returns the seconds each step that ran took."""
-    logger = get_run_logger()
-    seconds: dict[str, float] = {}
-    for stage in stages:
-        if stage.commit is not None and ctx.store.has(stage.commit):
+def run_stages(ctx: CleanContext, steps: tuple[Step, ...]) -> dict[str, float]:
+    """Run each enabled step whose tables are not all committed; returns the seconds each step that ran took."""
+    logger, laps = get_run_logger(), Laps()
+    for step in steps:
+        if step.writes and all(ctx.store.has(t) for t in step.writes):
             continue
-        if stage.enabled is not None and not stage.enabled(ctx.cfg):
+        if not step.enabled(ctx.cfg):
             continue
-        started = time.monotonic()
-        stage.run(ctx)
-        seconds[stage.name] = round(time.monotonic() - started, 2)
-        logger.info("stage %s done in %.1fs", stage.name, seconds[stage.name])
-    return seconds
-
-
-def count_types(table: pa.Table) -> dict[str, int]:
-    return dict(Counter(table.column("task_type").to_pylist()))
+        laps.start()
+        reads = step.reads()
+        for table, result in step.run(ctx, ctx.table(reads) if reads else None, laps).items():
+            ctx.store.write_stage(table, result)
+        laps.lap(step.name)
+        logger.info("stage %s done in %.1fs", step.name, laps.seconds[step.name])
+    return laps.seconds
 
 
 def write_clean_ledger(ctx: CleanContext, seconds: dict[str, float]) -> None:
@@ -260,8 +295,8 @@ def write_clean_ledger(ctx: CleanContext, seconds: dict[str, float]) -> None:
     rows = clean_rows(
         store.clean_id,
         generation,
-        count_types(ctx.table("deduped")),
-        count_types(ctx.table("verified" if ctx.cfg.judge else "mined")),  # what export_corpus wrote, row for row
+        count_by_type(ctx.table("deduped")),
+        count_by_type(ctx.table(final_table(ctx.cfg))),  # what export_corpus wrote, row for row
         seconds.get("embed", sum(r["embed_s"] or 0.0 for r in earlier)),
         seconds.get("filter_and_mine", sum(r["search_s"] or 0.0 for r in earlier)),
         ctx.settings.cost,
@@ -278,8 +313,8 @@ def summarize(ctx: CleanContext, seconds: dict[str, float]) -> CleanSummary:
     checkpoint("catalog.refreshed")
     report = write_report(catalog, store.clean_id, store.report_path)
     counts = {"raw": sum(store.count(path) for path in ctx.shard_files)}
-    for stage in ("valid", "deduped", "decontaminated", "filtered", "mined") + (("verified",) if ctx.cfg.judge else ()):
-        counts[stage] = store.count(store.stage_path(stage))
+    for stage in enabled_stages(ctx.cfg):
+        counts[stage.table] = store.count(store.stage_path(stage.table))
     dropped = {path.stem: store.count(path) for path in sorted((store.root / "dropped").glob("*.parquet"))}
     get_run_logger().info("clean %s: %s; dropped %s", store.clean_id, counts, dropped)
     summary = CleanSummary(store.clean_id, ctx.runs, counts, dropped, str(store.export_location), str(report), seconds)

@@ -24,8 +24,8 @@ from personas.sampling import PersonaSampler
 from storage.embedding_cache import EmbeddingCache, embeddings_dir, encode_cached
 from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
 from storage.location import data_root
+from storage.schemas import count_by_type
 from storage.shards import RunStore
-from tasks.generation.generate import count_by_type
 from tasks.generation.intents import intent_summary
 from tasks.generation.rounds import (
     Brainstormed,

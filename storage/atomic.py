@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,6 +140,16 @@ def atomic_write_bytes(path: StorePath, data: bytes) -> None:
             tmp.write_bytes(data)
     except OSError as exc:  # disk full, read-only, permissions: one clear line naming the file
         raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
+
+
+def read_json_file(path: StorePath, what: str) -> Any:
+    """A JSON file written by :func:`atomic_write_bytes`; None when it does not exist; unreadable: StorageError."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{path}: corrupt {what} ({exc})") from None
 
 
 def atomic_write_parquet(table: pa.Table, path: StorePath, compression: str = "zstd") -> tuple[int, str] | None:

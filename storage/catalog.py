@@ -15,11 +15,8 @@ raw             ``runs/*/examples/*.parquet``                          (rows car
 rejects         ``runs/*/rejects/*.parquet``
 brainstorm      ``runs/*/brainstorm/*.parquet``
 instructions    ``runs/*/instructions.parquet``                        ``run_id`` (from the path)
-valid           ``clean/*/valid.parquet``                              ``clean_id`` (from the path)
-deduped         ``clean/*/deduped.parquet``                            ``clean_id``
-filtered        ``clean/*/filtered.parquet``                           ``clean_id``
-mined           ``clean/*/mined.parquet``                              ``clean_id``
-verified        ``clean/*/verified.parquet`` (after the LLM judge)      ``clean_id``
+<table>         ``clean/*/<table>.parquet``: one view per stage table   ``clean_id`` (from the path)
+                (``storage/stages.py``, in flow order)
 judged          ``clean/*/judged/*.parquet`` (the judge's decisions)    ``clean_id``
 dropped         ``clean/*/dropped/*.parquet``                          ``clean_id``
 clean_inputs    ``clean/*/inputs.json`` (one row per clean id and run)  ``clean_id``, ``run_id``
@@ -64,18 +61,15 @@ from storage.atomic import atomic_path
 from storage.location import StorePath, as_store_path, data_root, is_remote
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
-    CANDIDATE_COLUMNS,
     DROPPED_SCHEMA,
     EXAMPLE_SCHEMA,
-    FILTER_COLUMNS,
     INSTRUCTION_SCHEMA,
-    JUDGE_COLUMNS,
     JUDGED_SCHEMA,
     LEDGER_SCHEMA,
-    MINED_COLUMNS,
     REJECT_SCHEMA,
 )
 from storage.shards import list_runs
+from storage.stages import CLEAN_STAGES
 
 CATALOG_FILE = "catalog.duckdb"
 _META_TABLE = "_catalog_state"
@@ -89,17 +83,6 @@ class CatalogLocked(CatalogError):
     """Another process holds the catalog file open for writing."""
 
 
-def _with_columns(schema: pa.Schema, extra: list[tuple[str, pa.DataType]]) -> pa.Schema:
-    out = schema
-    for name, dtype in extra:
-        out = out.append(pa.field(name, dtype))
-    return out
-
-
-_CLEAN_EXAMPLE = EXAMPLE_SCHEMA
-_FILTERED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS)
-_MINED = _with_columns(EXAMPLE_SCHEMA, FILTER_COLUMNS + MINED_COLUMNS)  # + CANDIDATE_COLUMNS in newer files
-_VERIFIED = _with_columns(_MINED, CANDIDATE_COLUMNS + JUDGE_COLUMNS)
 _CLEAN_INPUTS = pa.schema([("clean_id", pa.string()), ("run_id", pa.string())])
 
 #: view name -> (glob relative to the data dir, schema of the files, column derived from the path)
@@ -108,12 +91,7 @@ VIEWS: dict[str, tuple[str, pa.Schema, str | None]] = {
     "rejects": ("runs/*/rejects/*.parquet", REJECT_SCHEMA, None),
     "brainstorm": ("runs/*/brainstorm/*.parquet", BRAINSTORM_SCHEMA, None),
     "instructions": ("runs/*/instructions.parquet", INSTRUCTION_SCHEMA, "run_id"),
-    "valid": ("clean/*/valid.parquet", _CLEAN_EXAMPLE, "clean_id"),
-    "deduped": ("clean/*/deduped.parquet", _CLEAN_EXAMPLE, "clean_id"),
-    "decontaminated": ("clean/*/decontaminated.parquet", _CLEAN_EXAMPLE, "clean_id"),
-    "filtered": ("clean/*/filtered.parquet", _FILTERED, "clean_id"),
-    "mined": ("clean/*/mined.parquet", _MINED, "clean_id"),
-    "verified": ("clean/*/verified.parquet", _VERIFIED, "clean_id"),
+    **{s.table: (f"clean/*/{s.table}.parquet", s.schema, "clean_id") for s in CLEAN_STAGES},  # storage/stages.py
     "judged": ("clean/*/judged/*.parquet", JUDGED_SCHEMA, "clean_id"),
     "dropped": ("clean/*/dropped/*.parquet", DROPPED_SCHEMA, "clean_id"),
     "clean_inputs": ("clean/*/inputs.json", _CLEAN_INPUTS, None),

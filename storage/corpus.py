@@ -3,6 +3,7 @@
 Layout of ``<data_dir>/clean/<clean_id>/``::
 
     inputs.json              the generation runs it read
+    fingerprint.json         settings that change its tables + its runs' manifest digests (resume check)
     valid.parquet            rows that passed validation
     deduped.parquet          rows left after exact and near-duplicate removal
     filtered.parquet         rows whose positive ranks within the top k (+ positive_rank, positive_score)
@@ -32,19 +33,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
 from ground.settings import Settings
-from storage.atomic import AtomicFiles, StorageError, atomic_path, atomic_write_bytes, atomic_write_parquet
+from storage.atomic import (
+    AtomicFiles,
+    StorageError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_parquet,
+    read_json_file,
+)
 from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
 from storage.schemas import DROPPED_SCHEMA, JUDGED_SCHEMA, KALM_SCHEMA, st_schema
 from storage.shards import folder_lock, read_parquet_checked
+from storage.stages import STAGE_TABLES
 
-STAGES = ("valid", "deduped", "filtered", "mined")
 #: fault point between the renames of the export's training files
 EXPORT_POINT = "export.part"
+
+
+@dataclass(frozen=True)
+class Drops:
+    """The rows a stage drops: positions in its input table, each with a reason and a detail.
+
+    ``reasons`` / ``details`` hold one value per position, or one value for all of them."""
+
+    rows: Sequence[int] | np.ndarray
+    reasons: Sequence[str] | str
+    details: Sequence[str | None] | str | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def dropped_table(table: pa.Table, stage: str, drops: Drops) -> pa.Table:
+    """The one builder of dropped rows (DROPPED_SCHEMA), in input order; an id column ``table`` lacks is null."""
+    rows = np.asarray(drops.rows, dtype=np.int64).reshape(-1)
+    n = len(rows)
+
+    def per_row(values: Sequence[Any] | str | None) -> list[Any]:
+        return [values] * n if values is None or isinstance(values, str) else list(values)
+
+    order = np.argsort(rows, kind="stable")
+    reasons, details = per_row(drops.reasons), per_row(drops.details)
+    taken = pa.array(rows[order], type=pa.int64())
+    columns = {
+        name: table.column(name).take(taken) if name in table.column_names else pa.nulls(n, pa.string())
+        for name in ("example_id", "run_id", "task_type")
+    }
+    columns["stage"] = pa.array([stage] * n, type=pa.string())
+    columns["reason"] = pa.array([reasons[i] for i in order], type=pa.string())
+    columns["detail"] = pa.array([details[i] for i in order], type=pa.string())
+    return pa.table(columns).cast(DROPPED_SCHEMA)
 
 
 @dataclass
@@ -54,9 +99,16 @@ class StageResult:
     kept: pa.Table
     dropped: pa.Table
 
-    @staticmethod
-    def dropped_rows(rows: list[dict[str, Any]]) -> pa.Table:
-        return pa.Table.from_pylist(rows, schema=DROPPED_SCHEMA)
+    @classmethod
+    def split(cls, table: pa.Table, stage: str, drops: Drops) -> StageResult:
+        """``table`` without the dropped positions (input order), and those rows as :func:`dropped_table`."""
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[np.asarray(drops.rows, dtype=np.int64)] = False
+        return cls(table.filter(pa.array(keep)), dropped_table(table, stage, drops))
+
+    @classmethod
+    def keep_all(cls, table: pa.Table) -> StageResult:
+        return cls(table, DROPPED_SCHEMA.empty_table())
 
 
 def text_hash(text: str) -> str:
@@ -139,17 +191,19 @@ class CleanStore:
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
 
-    def write_stage(self, stage: str, result: StageResult, drop_stage: str | None = None) -> None:
-        """Dropped rows first, then the stage table (its commit point)."""
-        atomic_write_parquet(
-            result.dropped.cast(DROPPED_SCHEMA), self.dropped_path(drop_stage or stage), self.compression
-        )
+    def write_stage(self, stage: str, result: StageResult) -> None:
+        """Commit a stage table (``storage/stages.py``): its drop files first, each with the dropped rows of
+        its name (empty ones too), then the table itself, the commit point."""
+        drops = STAGE_TABLES[stage].drops
+        names = pc.unique(result.dropped.column("stage")).to_pylist()
+        if unknown := sorted(set(names) - set(drops)):
+            raise ValueError(f"{stage}: dropped rows of stage(s) {', '.join(map(str, unknown))}; expected {drops}")
+        for name in drops:
+            rows = result.dropped.filter(pc.equal(result.dropped.column("stage"), name)) if names else result.dropped
+            atomic_write_parquet(rows.cast(DROPPED_SCHEMA), self.dropped_path(name), self.compression)
         checkpoint("stage.dropped")
         atomic_write_parquet(result.kept, self.stage_path(stage), self.compression)
         checkpoint("stage.table")
-
-    def write_dropped(self, name: str, dropped: pa.Table) -> None:
-        atomic_write_parquet(dropped.cast(DROPPED_SCHEMA), self.dropped_path(name), self.compression)
 
     def write_table(self, stage: str, table: pa.Table) -> None:
         atomic_write_parquet(table, self.stage_path(stage), self.compression)
@@ -175,8 +229,19 @@ class CleanStore:
         except (pa.ArrowException, OSError) as exc:
             raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
-    def write_inputs(self, run_ids: list[str]) -> None:
+    def write_inputs(self, run_ids: list[str], fingerprint: dict[str, Any] | None = None) -> None:
+        """The runs read and the fingerprint (``storage/fingerprint.py``), written with the first table."""
+        if fingerprint is not None:
+            atomic_write_bytes(self.fingerprint_path, json.dumps(fingerprint, indent=1).encode())
         atomic_write_bytes(self.root / "inputs.json", json.dumps({"runs": run_ids}, indent=1).encode())
+
+    @property
+    def fingerprint_path(self) -> StorePath:
+        return self.root / "fingerprint.json"
+
+    def read_fingerprint(self) -> dict[str, Any] | None:
+        """The stored fingerprint; None for a new clean run (or one made before fingerprints)."""
+        return read_json_file(self.fingerprint_path, "fingerprint")
 
     @property
     def judged_dir(self) -> StorePath:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet
+from storage.atomic import atomic_write_bytes, atomic_write_parquet, read_json_file
 from storage.location import StorePath
 from storage.schemas import LEDGER_SCHEMA
 from storage.shards import read_parquet_checked, rows_to_table
@@ -32,9 +32,4 @@ def write_plan(path: StorePath, plan: Mapping[str, Any]) -> None:
 
 
 def read_plan(path: StorePath) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StorageError(f"{path}: corrupt plan ({exc})") from None
+    return read_json_file(path, "plan")

@@ -6,6 +6,7 @@ The one schema module: the columns of every table are defined here and nowhere e
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 
@@ -107,7 +108,7 @@ DROPPED_SCHEMA = pa.schema(
         ("example_id", pa.string()),
         ("run_id", pa.string()),
         ("task_type", pa.string()),
-        ("stage", pa.string()),  # validate | dedup_exact | dedup_near | rank_filter | negatives | judge
+        ("stage", pa.string()),  # the stage that dropped it: a drop name of storage/stages.py
         ("reason", pa.string()),  # short machine-friendly reason, e.g. "empty_query", "near_duplicate"
         ("detail", pa.string()),  # human detail, e.g. "duplicate of <example_id>", "positive rank 73"
     ],
@@ -273,3 +274,11 @@ LEDGER_WALL_CLOCK_COLUMNS = (
     "predicted_gpu_hours",
     "predicted_cost_usd",
 )
+
+
+def count_by_type(table: pa.Table, column: str = "task_type") -> dict[str, int]:
+    """Rows per value of ``column`` (task type by default), in order of first appearance."""
+    if table.num_rows == 0:
+        return {}
+    counts = pc.value_counts(table.column(column)).to_pylist()
+    return {c["values"]: c["counts"] for c in counts}

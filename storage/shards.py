@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
 from ground.settings import Settings
-from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet, remove_stale_temps
+from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet, read_json_file, remove_stale_temps
 from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
@@ -213,12 +213,7 @@ class RunStore:
         atomic_write_bytes(self.run_info_path, json.dumps(payload, indent=2, default=str).encode())
 
     def read_run_info(self) -> dict[str, Any] | None:
-        if not self.run_info_path.exists():
-            return None
-        try:
-            return json.loads(self.run_info_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StorageError(f"{self.run_info_path}: corrupt run info ({exc})") from None
+        return read_json_file(self.run_info_path, "run info")
 
     # --- manifest ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, dict[str, Any]]:

@@ -79,7 +79,9 @@ def clean_run(tmp_path_factory):
     store = CleanStore(data_dir, CLEAN_ID)
     deduped = pa.Table.from_pylist(deduped_rows(), schema=EXAMPLE_SCHEMA)
     store.write_table("deduped", deduped)
-    filtered, mined = filter_and_mine(deduped, embed_for_ranking(deduped, cfg, store), cfg)
+    decontaminated = deduped.slice(1)  # the first row matched an eval text: the rank filter never sees it
+    store.write_table("decontaminated", decontaminated)
+    filtered, mined = filter_and_mine(decontaminated, embed_for_ranking(decontaminated, cfg, store), cfg)
     store.write_table("filtered", filtered.kept)
     store.write_table("mined", mined.kept)
     export_corpus(mined.kept, store.export_dir, cfg)
@@ -112,14 +114,15 @@ def test_variants_differ_as_intended(ablation_env, tmp_path):
     assert skipped == {"filtered+judge": "skipped: no judge results"}
     mined, unfiltered = store.read_stage("mined"), sources["unfiltered"]
     assert _ids(sources["filtered"]) == _ids(mined)
-    # unfiltered: every deduped row that mining keeps, the rank-dropped ones included
-    assert set(_ids(mined)) < set(_ids(unfiltered)) <= set(_ids(store.read_stage("deduped")))
+    # unfiltered: every row the rank filter read that mining keeps, the rank-dropped ones included; never
+    # a contaminated one (in deduped, not in decontaminated)
+    assert set(_ids(mined)) < set(_ids(unfiltered)) <= set(_ids(store.read_stage("decontaminated")))
     assert unfiltered.num_rows - mined.num_rows >= ablation_env["rank_dropped"] - 1
     # mined the same way: a row the filter kept has the very negatives it has in mined
     negatives = dict(zip(_ids(unfiltered), unfiltered.column("hard_negatives").to_pylist(), strict=True))
     for eid, negs in zip(_ids(mined), mined.column("hard_negatives").to_pylist(), strict=True):
         assert negatives[eid] == negs
-    assert _ids(mine_unfiltered(store.read_stage("deduped"), cfg, store)) == _ids(unfiltered), "deterministic"
+    assert _ids(mine_unfiltered(store.read_stage("decontaminated"), cfg, store)) == _ids(unfiltered), "deterministic"
 
     heldout = example_ids(store.export_dir / "heldout.parquet")
     assert heldout, "the export holds rows out"

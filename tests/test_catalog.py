@@ -304,18 +304,18 @@ def write_small_store(data_dir) -> None:
         for r, stage, reason in [(g00[2], "validate", "too_short"), (g01[1], "rank_filter", "positive_rank")]
     ]
     valid = pa.Table.from_pylist([r for r in rows if r is not g00[2]], schema=EXAMPLE_SCHEMA)
-    clean.write_stage("valid", StageResult(valid, StageResult.dropped_rows(drop[:1])), drop_stage="validate")
-    clean.write_stage("deduped", StageResult(valid, StageResult.dropped_rows([])), drop_stage="dedup_near")
+    clean.write_stage("valid", StageResult(valid, pa.Table.from_pylist(drop[:1], schema=DROPPED_SCHEMA)))
+    clean.write_stage("deduped", StageResult.keep_all(valid))
     kept = [r for r in rows if r is not g00[2] and r is not g01[1]]
     filtered = pa.Table.from_pylist(
         [row_for(FILTERED, **r, positive_rank=1 + i) for i, r in enumerate(kept)], schema=FILTERED
     )
-    clean.write_stage("filtered", StageResult(filtered, StageResult.dropped_rows(drop[1:])), drop_stage="rank_filter")
+    clean.write_stage("filtered", StageResult(filtered, pa.Table.from_pylist(drop[1:], schema=DROPPED_SCHEMA)))
     mined = pa.Table.from_pylist(
         [row_for(MINED, **r, hard_negatives=[f"neg {r['example_id']}", "other"]) for r in filtered.to_pylist()],
         schema=MINED,
     )
-    clean.write_stage("mined", StageResult(mined, StageResult.dropped_rows([])), drop_stage="negatives")
+    clean.write_stage("mined", StageResult.keep_all(mined))
 
 
 #: what each README query answers on ``write_small_store`` (the sample: its rows, in any order)

@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from cli_process import cli
 from rows import TOPICS, example, write_run
 from storage.corpus import CleanStore
 from storage.shards import RunStore
@@ -94,3 +95,27 @@ def test_corrupt_shard_stops_with_its_name(prefect_api_url, fixture_runs):
         run_clean("c-bad")
     assert str(bad) in str(failure.value)
     assert not CleanStore(fixture_runs, "c-bad").stage_path("valid").exists(), "no partial stage output"
+
+
+def test_resume_with_changed_settings_or_inputs_is_one_error_line(prefect_api_url, fixture_runs, monkeypatch):
+    from storage.fingerprint import CleanConfigMismatch
+
+    monkeypatch.setenv("EMBED_FACTORY_CLEAN__RANK_TOP_K", "3")
+    run_clean("c-fp")
+    store = CleanStore(fixture_runs, "c-fp")
+    mtimes = {p: p.stat().st_mtime_ns for p in store.root.glob("*.parquet")}
+
+    # another rank_top_k, through the CLI: one error line naming the setting, exit 1, no traceback
+    env = {"EMBED_FACTORY_CLEAN__RANK_TOP_K": "4", "PREFECT_API_URL": prefect_api_url}
+    done = cli("clean", "--clean-id", "c-fp", env=env)
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]  # besides Prefect's run log
+    assert done.returncode == 1 and len(errors) == 1 and "clean.rank_top_k: 3 -> 4" in errors[0], output
+    assert "Traceback" not in output, output
+
+    # a generation run that appeared since (the default: every run) is named too
+    write_run(fixture_runs, "run-c", [example("run-c", 0, TOPICS[2][0], TOPICS[2][1], negative=TOPICS[3][1])])
+    with pytest.raises(CleanConfigMismatch, match="runs.run-c: added"):
+        run_clean("c-fp")
+    assert {p: p.stat().st_mtime_ns for p in store.root.glob("*.parquet")} == mtimes, "no table rewritten"
+    assert run_clean("c-fp", runs=["run-a", "run-b"])["stage_seconds"].keys() == {"export"}  # same inputs resume

@@ -20,7 +20,8 @@ from llm.client import LLMClient, Sampling
 from prompts.judge import JUDGE_PROMPT_VERSION, VERDICTS
 from rows import TOPICS, example, write_run
 from storage.catalog import Catalog
-from storage.corpus import CleanStore
+from storage.corpus import CleanStore, StageResult
+from storage.stages import VERIFIED_SCHEMA
 from tasks.cleaning.judge import Ask, judge_corpus, judge_pair
 from tasks.cleaning.negatives import mine_hard_negatives
 from tasks.cleaning.report import render_report
@@ -208,7 +209,11 @@ def test_decisions_are_in_the_judged_view_and_the_report(llm, tmp_path):
     ]
     store = CleanStore(data, "c1")
     result = judge_corpus(pa.Table.from_pylist(rows), settings_for(llm, data), store)
-    store.write_stage("verified", result, drop_stage="judge")
+    kept = result.kept  # as in a clean run, verified rows carry every example column
+    for column in VERIFIED_SCHEMA:
+        if column.name not in kept.column_names:
+            kept = kept.append_column(column, pa.nulls(kept.num_rows, column.type))
+    store.write_stage("verified", StageResult(kept, result.dropped))
     catalog = Catalog(data)
     got = catalog.query(
         "SELECT clean_id, task_type, role, verdict, count(*) AS n FROM judged GROUP BY ALL ORDER BY ALL"

@@ -11,33 +11,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from flows.artifacts import clean_facts, funnel_rows
 from storage.catalog import Catalog
-from storage.schemas import (
-    BRAINSTORM_SCHEMA,
-    DROPPED_SCHEMA,
-    EXAMPLE_SCHEMA,
-    FILTER_COLUMNS,
-    INSTRUCTION_SCHEMA,
-    MINED_COLUMNS,
-    REJECT_SCHEMA,
-)
+from storage.schemas import BRAINSTORM_SCHEMA, DROPPED_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA
+from storage.stages import CLEAN_STAGES, FILTERED_SCHEMA, MINED_SCHEMA, VERIFIED_SCHEMA
 from tasks.cleaning.report import distinct_n, write_report
 
 CREATED = datetime(2024, 5, 1, tzinfo=UTC)
 EVIL_PERSONA = "<script>alert('persona')</script> a hacker from Lyon"
 EVIL_OUTPUT = '<img src=x onerror="alert(1)">{"query": broken'
 TYPES = ["retrieval", "classification", "sts"]
-
-
-def extend(schema: pa.Schema, columns) -> pa.Schema:
-    for name, dtype in columns:
-        schema = schema.append(pa.field(name, dtype))
-    return schema
-
-
-FILTERED = extend(EXAMPLE_SCHEMA, FILTER_COLUMNS)
-MINED = extend(FILTERED, MINED_COLUMNS)
 
 
 def write(path: Path, rows: list[dict], schema: pa.Schema) -> None:
@@ -141,15 +126,17 @@ def build_generation(data: Path, run: str = "r1") -> list[dict]:
     return rows
 
 
-def build_clean(data: Path, rows: list[dict], clean_id: str = "c1") -> None:
+def build_clean(data: Path, rows: list[dict], clean_id: str = "c1", judge: bool = False) -> None:
+    """Every stage table of a clean run (``verified`` with ``judge``), each a prefix of the one before."""
     root = data / "clean" / clean_id
     (root).mkdir(parents=True, exist_ok=True)
     (root / "inputs.json").write_text(json.dumps({"runs": sorted({r["run_id"] for r in rows})}))
-    valid, deduped, filtered = rows[:27], rows[:24], rows[:20]
+    valid, deduped, decontaminated, filtered = rows[:27], rows[:24], rows[:22], rows[:20]
     write(root / "valid.parquet", valid, EXAMPLE_SCHEMA)
     write(root / "deduped.parquet", deduped, EXAMPLE_SCHEMA)
+    write(root / "decontaminated.parquet", decontaminated, EXAMPLE_SCHEMA)
     ranked = [dict(r, positive_rank=1 + i % 6, positive_score=0.8 - i / 100) for i, r in enumerate(filtered)]
-    write(root / "filtered.parquet", ranked, FILTERED)
+    write(root / "filtered.parquet", ranked, FILTERED_SCHEMA)
     mined = [
         dict(
             r,
@@ -158,7 +145,13 @@ def build_clean(data: Path, rows: list[dict], clean_id: str = "c1") -> None:
         )
         for i, r in enumerate(ranked)
     ]
-    write(root / "mined.parquet", mined, MINED)
+    write(root / "mined.parquet", mined, MINED_SCHEMA)
+    if judge:
+        write(
+            root / "verified.parquet",
+            [dict(r, judge_relabelled=False, judge_replaced=0) for r in mined[:17]],
+            VERIFIED_SCHEMA,
+        )
 
     def dropped(rs, stage, reason):
         return [
@@ -175,7 +168,8 @@ def build_clean(data: Path, rows: list[dict], clean_id: str = "c1") -> None:
 
     write(root / "dropped/validate.parquet", dropped(rows[27:], "validate", "empty_query"), DROPPED_SCHEMA)
     write(root / "dropped/dedup.parquet", dropped(rows[24:27], "dedup_near", "near_duplicate"), DROPPED_SCHEMA)
-    write(root / "dropped/rank_filter.parquet", dropped(rows[20:24], "rank_filter", "rank_above_k"), DROPPED_SCHEMA)
+    write(root / "dropped/decontaminate.parquet", dropped(rows[22:24], "decontaminate", "contaminated"), DROPPED_SCHEMA)
+    write(root / "dropped/rank_filter.parquet", dropped(rows[20:22], "rank_filter", "rank_above_k"), DROPPED_SCHEMA)
 
 
 def images(page: str) -> list[bytes]:
@@ -207,12 +201,38 @@ def test_full_report_has_every_section_figures_and_escapes_data(tmp_path):
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in page
     # the funnel table counts every stage per task type (rows 0..29: 10 per type; valid = rows[:27] ...)
     funnel = page.split('id="funnel"')[1].split("</table>")[0]
-    assert re.search(r"<td>retrieval</td>(<td class=\"num\">[^<]*</td>){6}", funnel)
+    assert re.search(r"<td>retrieval</td>(<td class=\"num\">[^<]*</td>){7}", funnel)
     assert (
         '<td>total</td><td class="num">30</td><td class="num">27</td><td class="num">24</td>'
-        '<td class="num">20</td><td class="num">20</td>' in funnel
+        '<td class="num">22</td><td class="num">20</td><td class="num">20</td>' in funnel
     )
     assert "near_duplicate" in page and "rank_above_k" in page and "invalid_json" in page
+
+
+def funnel_totals(page: str) -> dict[str, int]:
+    """The HTML funnel's total row, by column header."""
+    funnel = page.split('id="funnel"')[1].split("</table>")[0]
+    heads = re.findall(r"<th[^>]*>([^<]*)</th>", funnel)
+    total = re.search(r"<tr><td>total</td>(.*?)</tr>", funnel).group(1)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", total)
+    return {h: int(float(c)) for h, c in zip(heads[1:-1], cells[:-1], strict=True)}
+
+
+@pytest.mark.parametrize("judge", [False, True])
+def test_both_funnels_have_a_column_per_stage_table_with_its_rows(tmp_path, judge):
+    """The HTML report's funnel and the Prefect artifact's: one column per stage table written, in flow order."""
+    data = tmp_path / "data"
+    build_clean(data, build_generation(data), judge=judge)
+    catalog = Catalog(data)
+    page = write_report(catalog, "c1", tmp_path / "r.html").read_text()
+    tables = {s.table: data / "clean" / "c1" / f"{s.table}.parquet" for s in CLEAN_STAGES}
+    want = {"generated": 30} | {t: pq.read_metadata(p).num_rows for t, p in tables.items() if p.exists()}
+    assert ("verified" in want) == judge and "decontaminated" in want
+    assert list(funnel_totals(page).items()) == list(want.items())
+    artifact = funnel_rows(clean_facts(catalog, "c1", ["r1"])["per_stage"])[-1]
+    assert artifact.pop("task type") == "total"
+    assert artifact.pop("kept %") == pytest.approx(100 * list(want.values())[-1] / 30, abs=0.05)
+    assert list(artifact.items()) == list(want.items())
 
 
 def test_generation_only_project_says_what_is_missing(tmp_path):

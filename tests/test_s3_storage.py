@@ -187,7 +187,7 @@ def test_clean_store_on_s3(s3_root, tmp_path):
     assert not store.has("valid")
     store.write_inputs(["r"])
     kept = pa.Table.from_pylist(example_rows("g00", 3), schema=EXAMPLE_SCHEMA)
-    store.write_stage("valid", StageResult(kept, StageResult.dropped_rows([])), drop_stage="validate")
+    store.write_stage("valid", StageResult.keep_all(kept))
     assert store.has("valid") and store.count(store.stage_path("valid")) == 3
     assert store.read_stage("valid", EXAMPLE_SCHEMA).equals(kept)
     assert store.read_stage("valid").num_rows == 3

@@ -23,6 +23,7 @@ from embed_factory.cli.frame import (
     typed,
 )
 from embed_factory.prefect_server import resolve_api_url
+from storage.stages import CLEAN_STAGES
 
 if TYPE_CHECKING:
     from flows.clean import CleanSummary
@@ -84,7 +85,7 @@ def query(
     sql: str = typer.Argument(
         ...,
         help="SQL over the catalog views: raw, rejects, brainstorm, instructions, "
-        "valid, dropped, deduped, filtered, mined.",
+        f"{', '.join(s.table for s in CLEAN_STAGES)}, judged, dropped, clean_inputs, ledger.",
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the result to a .csv or .parquet file."),
     limit: int = typer.Option(50, help="Rows to print."),

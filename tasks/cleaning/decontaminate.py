@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
+from storage.corpus import Drops, StageResult
+from tasks.cleaning.stage import Filter
 
 STAGE = "decontaminate"
 REASON = "contaminated"
@@ -138,29 +139,26 @@ def find_matches(table: pa.Table, index: EvalIndex, cfg: CleanSettings, encode: 
     return found
 
 
+class Decontaminate(Filter):
+    """Drop rows whose query or positive nears an eval text (reason ``contaminated``)."""
+
+    name = STAGE
+
+    def __init__(self, eval_texts: Sequence[EvalText], cfg: CleanSettings, encode: Encode | None = None):
+        self.cfg, self.encode = cfg, encode
+        self.index = EvalIndex.build(eval_texts, cfg.decontaminate_ngram) if eval_texts else None
+
+    def drops(self, rows: pa.Table) -> Drops:
+        found = find_matches(rows, self.index, self.cfg, self.encode) if self.index and rows.num_rows else {}
+        details = []
+        for row in sorted(found):
+            match, source = found[row], self.index.texts[found[row].eval_id]
+            details.append(f"{match.field} matches {source.source} row {source.row} ({match.how})")
+        return Drops(sorted(found), REASON, details)
+
+
 def decontaminate(
     table: pa.Table, eval_texts: Sequence[EvalText], cfg: CleanSettings, encode: Encode | None = None
 ) -> StageResult:
     """Rows kept, and rows whose query or positive nears an eval text (reason ``contaminated``)."""
-    if table.num_rows == 0 or not eval_texts:
-        return StageResult(table, StageResult.dropped_rows([]))
-    index = EvalIndex.build(eval_texts, cfg.decontaminate_ngram)
-    found = find_matches(table, index, cfg, encode)
-    ids, runs, types = (table[c].to_pylist() for c in ("example_id", "run_id", "task_type"))
-    dropped = []
-    for row in sorted(found):
-        match = found[row]
-        source = index.texts[match.eval_id]
-        dropped.append(
-            {
-                "example_id": ids[row],
-                "run_id": runs[row],
-                "task_type": types[row],
-                "stage": STAGE,
-                "reason": REASON,
-                "detail": f"{match.field} matches {source.source} row {source.row} ({match.how})",
-            }
-        )
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[list(found)] = False
-    return StageResult(table.filter(pa.array(keep)), StageResult.dropped_rows(dropped))
+    return Decontaminate(eval_texts, cfg, encode).run(table)

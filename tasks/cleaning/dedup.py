@@ -36,8 +36,7 @@ import pyarrow.compute as pc
 from rensa import RMinHash, RMinHashLSH
 
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
-from storage.schemas import DROPPED_SCHEMA
+from storage.corpus import Drops, StageResult
 
 #: task types whose positive is a document, so an equal positive is a duplicate (not classification)
 DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", "sts", "bitext")
@@ -87,35 +86,11 @@ def dedup_key(text: str | None) -> str | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def dropped_table(
-    table: pa.Table, rows: np.ndarray, stage: str, reasons: Sequence[str], details: Sequence[str]
-) -> pa.Table:
-    """DROPPED_SCHEMA rows for the input positions ``rows`` (in that order)."""
-    picked = table.select(["example_id", "run_id", "task_type"]).take(pa.array(rows, type=pa.int64()))
-    return pa.table(
-        {
-            "example_id": picked.column("example_id"),
-            "run_id": picked.column("run_id"),
-            "task_type": picked.column("task_type"),
-            "stage": pa.array([stage] * len(rows), type=pa.string()),
-            "reason": pa.array(list(reasons), type=pa.string()),
-            "detail": pa.array(list(details), type=pa.string()),
-        },
-    ).cast(DROPPED_SCHEMA)
-
-
 def _split(
     table: pa.Table, drop_rows: np.ndarray, stage: str, reasons: Sequence[str], details: Sequence[str]
 ) -> StageResult:
     """Kept rows (input order) and the dropped rows, ordered by input position."""
-    order = np.argsort(drop_rows, kind="stable")
-    drop_rows = np.asarray(drop_rows, dtype=np.int64)[order]
-    reasons = [reasons[i] for i in order]
-    details = [details[i] for i in order]
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[drop_rows] = False
-    kept = table.filter(pa.array(keep))
-    return StageResult(kept=kept, dropped=dropped_table(table, drop_rows, stage, reasons, details))
+    return StageResult.split(table, stage, Drops(drop_rows, reasons, details))
 
 
 def _sort_order(example_ids: Sequence[Any]) -> np.ndarray:
@@ -343,7 +318,7 @@ def near_dedup_part(part: pa.Table, cfg: CleanSettings) -> StageResult:
 def merge_near_parts(table: pa.Table, parts: Sequence[StageResult]) -> StageResult:
     """The :func:`near_dedup_part` results merged into exactly what ``near_dedup(table)`` returns."""
     if not parts:
-        return StageResult(kept=table, dropped=DROPPED_SCHEMA.empty_table())
+        return StageResult.keep_all(table)
     kept = pa.concat_tables([p.kept for p in parts]).sort_by(_ROW).drop_columns([_ROW])
     dropped = pa.concat_tables([p.dropped for p in parts]).sort_by(_ROW).drop_columns([_ROW])
     return StageResult(kept=kept, dropped=dropped)

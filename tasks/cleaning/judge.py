@@ -43,7 +43,7 @@ from ground.seeding import stable_seed
 from ground.settings import CleanSettings, Settings
 from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.judge import JUDGE_PROMPT_VERSION, VERDICTS, render_judge
-from storage.corpus import CleanStore, StageResult, text_hash
+from storage.corpus import CleanStore, Drops, StageResult, dropped_table, text_hash
 from storage.schemas import JUDGE_COLUMNS, JUDGED_SCHEMA
 
 STAGE = "judge"
@@ -162,17 +162,14 @@ def pending(table: pa.Table, decisions: Decisions) -> list[Ask]:
 def decide(table: pa.Table, decisions: Decisions, cfg: CleanSettings) -> StageResult:
     """Apply complete decisions to the mined rows: replace false negatives, relabel or drop (module doc)."""
     kept_rows: list[dict[str, Any]] = []
-    dropped: list[dict[str, Any]] = []
-    for row in _rows(table):
+    dropped: list[tuple[int, str, str]] = []  # position, reason, detail
+    for position, row in enumerate(_rows(table)):
         asks, accepted, removed = _walk(row, decisions)
         if asks:
             raise ValueError(f"{row['example_id']}: {len(asks)} decision(s) missing; judge them first")
 
-        def drop(reason: str, detail: str, row=row) -> None:
-            dropped.append(
-                {"example_id": row["example_id"], "run_id": row.get("run_id"), "task_type": row.get("task_type")}
-                | {"stage": STAGE, "reason": reason, "detail": detail}
-            )
+        def drop(reason: str, detail: str, position=position) -> None:
+            dropped.append((position, reason, detail))
 
         relabel = None
         top = row.get("top_retrieved")
@@ -204,7 +201,8 @@ def decide(table: pa.Table, decisions: Decisions, cfg: CleanSettings) -> StageRe
     for name, dtype in JUDGE_COLUMNS:
         if name not in schema.names:
             schema = schema.append(pa.field(name, dtype))
-    return StageResult(pa.Table.from_pylist(kept_rows, schema=schema), StageResult.dropped_rows(dropped))
+    drops = Drops([d[0] for d in dropped], [d[1] for d in dropped], [d[2] for d in dropped])
+    return StageResult(pa.Table.from_pylist(kept_rows, schema=schema), dropped_table(table, STAGE, drops))
 
 
 # --- asking ----------------------------------------------------------------------------------------

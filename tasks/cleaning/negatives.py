@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from ground.seeding import stable_seed
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
+from storage.corpus import Drops, StageResult, dropped_table
 from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.embed import RankingVectors
@@ -51,6 +51,8 @@ from tasks.cleaning.rank_filter import rank_filter
 from tasks.cleaning.search import build_index
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it
+STAGE = "negatives"
+REASON = "no_hard_negatives"
 NEAR_DUP_COSINE = 0.95
 #: rows per vectorised chunk (bounds the gathered candidate vectors: chunk × window × dim floats)
 CHUNK_ROWS = 1024
@@ -255,24 +257,7 @@ def mine_hard_negatives(
         f"near-duplicates{', margin' if cfg.negative_margin is not None else ''} excluded)"
     )
 
-    def col(name: str) -> list:
-        if name in table.column_names:
-            return table.column(name).take(pa.array(dropped_rows, type=pa.int64())).to_pylist()
-        return [None] * len(dropped_rows)
-
-    dropped = StageResult.dropped_rows(
-        [
-            {
-                "example_id": e,
-                "run_id": r,
-                "task_type": t,
-                "stage": "negatives",
-                "reason": "no_hard_negatives",
-                "detail": detail,
-            }
-            for e, r, t in zip(col("example_id"), col("run_id"), col("task_type"), strict=True)
-        ]
-    )
+    dropped = dropped_table(table, STAGE, Drops(dropped_rows, REASON, detail))
     return StageResult(kept=kept, dropped=dropped)
 
 

@@ -31,10 +31,13 @@ import numpy as np
 import pyarrow as pa
 
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
+from storage.corpus import Drops, StageResult, dropped_table
 from storage.schemas import FILTER_COLUMNS
 from tasks.cleaning.search import Index, build_index, result_width, search
 from tasks.cleaning.search import as_matrix as _as_matrix
+
+STAGE = "rank_filter"
+REASON = "positive_not_in_top_k"
 
 
 def _reconstruct(index: Index, ids: np.ndarray) -> np.ndarray:
@@ -118,12 +121,6 @@ class SearchResults:
         return iter((self.ids, self.scores))
 
 
-def _column_or_none(table: pa.Table, name: str, rows: np.ndarray) -> list:
-    if name in table.column_names:
-        return table.column(name).take(pa.array(rows, type=pa.int64())).to_pylist()
-    return [None] * len(rows)
-
-
 def rank_filter(
     table: pa.Table,
     query_vecs: np.ndarray,
@@ -137,7 +134,7 @@ def rank_filter(
     ``query_vecs[i]`` is row i's instructed query vector, ``positive_idx[i]`` the corpus id of its
     positive, ``corpus_vecs`` the corpus (the index's vectors; one is built when ``index`` is None).
     Kept rows get ``positive_rank`` (int32) and ``positive_score`` (float32); dropped rows are
-    reported with stage ``rank_filter`` and reason ``positive_not_in_top_k``.
+    reported with stage :data:`STAGE` and reason :data:`REASON`.
     """
     query_vecs = _as_matrix(query_vecs)
     corpus_vecs = _as_matrix(corpus_vecs)
@@ -170,24 +167,6 @@ def rank_filter(
     for r, s in zip(ranks[dropped_rows].tolist(), pos_scores[dropped_rows].tolist(), strict=True):
         where = f"positive rank {r}" if r <= width else f"positive rank > {width}"
         details.append(f"{where} > k={k} (score {s:.4f})")
-    dropped = StageResult.dropped_rows(
-        [
-            {
-                "example_id": e,
-                "run_id": run,
-                "task_type": t,
-                "stage": "rank_filter",
-                "reason": "positive_not_in_top_k",
-                "detail": d,
-            }
-            for e, run, t, d in zip(
-                _column_or_none(table, "example_id", dropped_rows),
-                _column_or_none(table, "run_id", dropped_rows),
-                _column_or_none(table, "task_type", dropped_rows),
-                details,
-                strict=False,
-            )
-        ]
-    )
+    dropped = dropped_table(table, STAGE, Drops(dropped_rows, REASON, details))
     results = SearchResults(ids[kept_rows], scores[kept_rows], kept_rows.astype(np.int64))
     return StageResult(kept=kept, dropped=dropped), results

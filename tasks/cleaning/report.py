@@ -5,7 +5,7 @@ and writes a page with no external resources: figures are matplotlib PNGs (Agg c
 global state) embedded as ``data:image/png;base64``. Sections:
 
 1. overview: runs, clean run, rows at each end of the pipeline, models;
-2. funnel: rows per stage (generated → valid → deduped → filtered → mined) per task type;
+2. funnel: rows per stage (generated, then every stage table of ``storage/stages.py``) per task type;
 3. drop reasons: which stage dropped how many rows, and why;
 4. positive rank: where the positive ranked for its query (ranking-consistency filter);
 5. negative scores: hard-negative similarity vs the positive's similarity;

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from storage.catalog import Catalog
+from storage.funnel import GENERATED, funnel_counts
 
-STAGES = ("generated", "valid", "deduped", "filtered", "mined")
 SAMPLE_ROWS = 200_000  # rows pulled into Python for a histogram (reservoir sample, repeatable)
 # a constant in the SQL text: DuckDB takes no parameter here
 SAMPLE_CLAUSE = f" USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE (7)"
@@ -31,7 +31,10 @@ class ReportData:
             )
             runs = [r["run_id"] for r in rows]
         self.runs = runs or self.all_runs
-        self.stage_counts = {stage: self.count(stage) for stage in STAGES[1:]} if self.clean_id else {}
+        #: ``{column: {task_type: rows}}``, ``generated`` first, then the clean run's stage tables in flow order
+        self.funnel = funnel_counts(catalog, self.clean_id, self.runs)
+        #: rows per stage table of the clean run (the funnel's columns after ``generated``)
+        self.stage_counts = {stage: sum(n.values()) for stage, n in self.funnel.items() if stage != GENERATED}
 
     def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         return self.catalog.query(sql, params).to_pylist()
@@ -46,11 +49,8 @@ class ReportData:
             return []
         return self.rows(sql.replace("{clean}", "clean_id = $clean"), {"clean": self.clean_id, **(extra or {})})
 
-    def count(self, stage: str) -> int:
-        return self.clean_rows(f"SELECT count(*) AS n FROM {stage} WHERE {{clean}}")[0]["n"]
-
     @property
     def last_stage(self) -> str | None:
         """The furthest clean stage that has rows."""
-        done = [s for s in STAGES[1:] if self.stage_counts.get(s)]
+        done = [s for s, n in self.stage_counts.items() if n]
         return done[-1] if done else None

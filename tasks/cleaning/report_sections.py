@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from matplotlib.ticker import MaxNLocator
 
-from tasks.cleaning.report_data import SAMPLE_CLAUSE, SAMPLE_ROWS, STAGES, ReportData
+from storage.funnel import GENERATED
+from tasks.cleaning.report_data import SAMPLE_CLAUSE, SAMPLE_ROWS, ReportData
 from tasks.cleaning.report_html import (
     HBOX,
     PALETTE,
@@ -34,9 +35,7 @@ def overview_section(d: ReportData) -> str:
         ("generated examples", generated),
         ("rejected requests", rejects),
     ]
-    for stage in STAGES[1:]:
-        if stage in d.stage_counts:
-            cards.append((stage, d.stage_counts[stage]))
+    cards += list(d.stage_counts.items())
     out = ['<div class="cards">']
     out += [
         f'<div class="card"><div class="v">{esc(fmt(v))}</div><div class="k">{esc(k)}</div></div>' for k, v in cards
@@ -66,19 +65,10 @@ def overview_section(d: ReportData) -> str:
 
 
 def funnel_section(d: ReportData) -> str:
-    per_stage: dict[str, dict[str, int]] = {}
-    per_stage["generated"] = {
-        r["t"]: r["n"] for r in d.run_rows("SELECT task_type AS t, count(*) AS n FROM raw WHERE {runs} GROUP BY 1")
-    }
-    if d.clean_id is not None:
-        for stage in STAGES[1:]:
-            per_stage[stage] = {
-                r["t"]: r["n"]
-                for r in d.clean_rows(f"SELECT task_type AS t, count(*) AS n FROM {stage} WHERE {{clean}} GROUP BY 1")
-            }
+    per_stage = d.funnel
     if not any(per_stage.values()):
         return empty("No generated examples yet.")
-    stages = ["generated"] + [s for s in STAGES[1:] if d.stage_counts.get(s)]
+    stages = [GENERATED] + [s for s, n in d.stage_counts.items() if n]
     types = type_order([t for counts in per_stage.values() for t in counts])
     rows = []
     for t in types:
@@ -91,7 +81,7 @@ def funnel_section(d: ReportData) -> str:
     if d.clean_id is None:
         out.append(note("No cleaning run yet: only the generated rows are counted."))
     else:
-        missing = [s for s in STAGES[1:] if not d.stage_counts.get(s)]
+        missing = [s for s, n in d.stage_counts.items() if not n]
         if missing:
             out.append(note(f"No rows yet for stage(s): {', '.join(missing)}."))
     if len(stages) > 1:

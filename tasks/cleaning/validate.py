@@ -48,8 +48,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ground.settings import CleanSettings
-from storage.corpus import StageResult
-from tasks.cleaning.dedup import dedup_keys, dropped_table
+from storage.corpus import Drops, StageResult
+from tasks.cleaning.dedup import dedup_keys
+from tasks.cleaning.stage import Filter
 from tasks.cleaning.text_checks import (
     DEGENERATE_MIN_CHARS,
     LEAK_MIN_CHARS,
@@ -251,8 +252,24 @@ def _values_at(column: pa.ChunkedArray, rows: np.ndarray) -> dict[int, object]:
     return dict(zip(rows.tolist(), column.take(pa.array(rows, type=pa.int64())).to_pylist(), strict=True))
 
 
-def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
+class Validate(Filter):
     """Keep the rows that pass every check; drop the others with the first failing check's reason."""
+
+    name = STAGE
+
+    def __init__(self, cfg: CleanSettings):
+        self.cfg = cfg
+
+    def drops(self, rows: pa.Table) -> Drops:
+        return validation_drops(rows, self.cfg)
+
+
+def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
+    return Validate(cfg).run(table)
+
+
+def validation_drops(table: pa.Table, cfg: CleanSettings) -> Drops:
+    """The rows that fail a check, each with the first failing check's reason and detail."""
     n = table.num_rows
     v = _Verdicts(n)
     task_type = table.column("task_type")
@@ -354,7 +371,4 @@ def validate_examples(table: pa.Table, cfg: CleanSettings) -> StageResult:
         v.check_each("language_mismatch", mismatch)
 
     dropped_idx = np.flatnonzero(~v.alive)  # input order
-    dropped = dropped_table(
-        table, dropped_idx, STAGE, [v.reason[int(i)] for i in dropped_idx], [v.detail[int(i)] for i in dropped_idx]
-    )
-    return StageResult(kept=table.filter(pa.array(v.alive)), dropped=dropped)
+    return Drops(dropped_idx, [v.reason[int(i)] for i in dropped_idx], [v.detail[int(i)] for i in dropped_idx])

@@ -186,13 +186,6 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
     return store.write_shard("examples", shard.shard_id, rows, rejects)
 
 
-def count_by_type(table: pa.Table) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for task_type in table["task_type"].to_pylist():
-        counts[task_type] = counts.get(task_type, 0) + 1
-    return counts
-
-
 # --- thin Prefect wrapper: one task run per shard (hundreds of requests), never per request ---
 
 example_shard_task = task(

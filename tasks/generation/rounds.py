@@ -22,7 +22,7 @@ from llm.client import LLMClient, Sampling
 from personas.sampling import PersonaSampler
 from personas.sources import Persona, load_persona_pool, read_persona_jsonl
 from prompts.task_types import get_task_type
-from storage.schemas import EXAMPLE_SCHEMA
+from storage.schemas import EXAMPLE_SCHEMA, count_by_type
 from storage.shards import RunStore, ShardRecord, read_parquet_checked
 from tasks.generation.brainstorm import (
     OVERSHOOT,
@@ -34,7 +34,6 @@ from tasks.generation.brainstorm import (
 )
 from tasks.generation.expand_personas import expand_personas
 from tasks.generation.generate import (
-    count_by_type,
     example_shard_task,
     plan_examples,
     split_targets,

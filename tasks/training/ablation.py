@@ -8,7 +8,7 @@ transformation of the clean run's rows (:func:`variant_rows`) plus the fine-tune
 Row sources (mined-like tables: ``example_id``, ``task_type``, ``instruction``, ``query``,
 ``positive``, ``negative``, ``hard_negatives``), prepared by the flow:
 
-* ``unfiltered``: the ``deduped`` rows, before the ranking-consistency filter, with hard negatives
+* ``unfiltered``: the rows the ranking-consistency filter reads (``decontaminated``), before it, with hard negatives
   mined the same way (the same search, ranks 51-100, the same seeded sampling) but without the filter.
   A row the filter kept gets exactly the negatives it has in ``mined``; a row with no usable candidate
   is dropped, as in mining.

@@ -182,7 +182,7 @@ SAFE_NAMES = {
     "_META_TABLE",  # a constant table name
     "path",  # catalog: _literal(<glob under the data dir>)
     "stage",
-    "source",  # report: names from STAGES / the catalog views, never from data
+    "source",  # report: names from storage/stages.py / the catalog views, never from data
     "inner",
     "options",  # catalog.to_file: the user's own SQL (by design) and fixed COPY options
     "run_dir",  # cli: a duckdb command line printed as a hint, never executed

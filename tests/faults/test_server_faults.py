@@ -33,8 +33,9 @@ from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.render import RenderedPrompt, render_example
 from prompts.schemas import object_schema, string_field
 from prompts.task_types import get_task_type
+from storage.schemas import count_by_type
 from storage.shards import RunStore
-from tasks.generation.generate import count_by_type, plan_examples, split_targets
+from tasks.generation.generate import plan_examples, split_targets
 
 PROMPT = RenderedPrompt(
     messages=[{"role": "user", "content": "hi"}],

@@ -1,0 +1,33 @@
+"""The cleaning funnel, counted once: rows per stage table and task type, from the catalog.
+
+Both funnels (the HTML report, ``tasks/cleaning/report_sections.py``, and the Prefect artifact,
+``flows/artifacts.py``) render :func:`funnel_counts`; its columns are ``generated`` and then every
+stage table of ``storage/stages.py`` in flow order.
+"""
+
+from __future__ import annotations
+
+from storage.catalog import Catalog
+from storage.stages import CLEAN_STAGES
+
+GENERATED = "generated"  # the funnel's first column: the generation runs' raw rows
+
+
+def funnel_counts(catalog: Catalog, clean_id: str | None, runs: list[str]) -> dict[str, dict[str, int]]:
+    """``{column: {task_type: rows}}``: ``generated`` (raw rows of ``runs``), then each stage table of
+    ``clean_id`` (none without one). A switchable stage (the judge) that wrote no table is left out;
+    every other stage is a column, 0 rows included."""
+    with catalog.session():
+        counts = {GENERATED: _per_type(catalog, "raw WHERE list_contains($p, run_id)", runs)}
+        if clean_id is None:
+            return counts
+        for stage in CLEAN_STAGES:
+            per_type = _per_type(catalog, f"{stage.table} WHERE clean_id = $p", clean_id)
+            if per_type or stage.switch is None:
+                counts[stage.table] = per_type
+    return counts
+
+
+def _per_type(catalog: Catalog, source: str, param: object) -> dict[str, int]:
+    sql = f"SELECT task_type, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
+    return {r["task_type"]: r["n"] for r in catalog.query(sql, {"p": param}).to_pylist()}

@@ -273,7 +273,9 @@ BITEXT = TaskTypeSpec(
             "high_score": Choice([4, 4.5, 5]),
             "low_score": Choice([1.5, 2, 2.5]),
             "difficulty": Choice(["elementary school", "high school", "college"]),
-        }
+        },
+        # a translation into the same language is dropped by validation (positive_equals_query)
+        distinct=(("src_lang", "tgt_lang"),),
     ),
     field_map=("S1", "S2", "S3"),
 )
@@ -309,11 +311,21 @@ def get_task_type(name: str) -> TaskTypeSpec:
 
 
 def check_placeholder_overrides(overrides: dict[str, dict[str, Any]]) -> None:
-    """Raise ``ValueError`` naming ``generation.placeholder_overrides`` for a placeholder a task type lacks."""
+    """Raise ``ValueError`` naming ``generation.placeholder_overrides`` for a placeholder a task type lacks,
+    or for overrides that leave two placeholders that must differ (bitext's languages) no way to."""
     for task_type, names in overrides.items():
-        known = get_task_type(task_type).placeholders.choices
+        space = get_task_type(task_type).placeholders
         for name in names:
-            if name not in known:
+            if name not in space.choices:
                 raise ValueError(
-                    f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; it has {sorted(known)}"
+                    f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; "
+                    f"it has {sorted(space.choices)}"
                 )
+        merged = space.merged({name: Choice(values) for name, values in names.items()})
+        for a, b in space.distinct:
+            for value in merged[a].values:
+                if not set(merged[b].values) - {value}:
+                    raise ValueError(
+                        f"generation.placeholder_overrides: {task_type}.{a} and {task_type}.{b} must differ, "
+                        f"but with {a} = {value!r} {b} has no other value"
+                    )

@@ -143,10 +143,6 @@ class CleanSettings(Section):
     """Validation, dedup, ranking-consistency filter and hard-negative mining (KaLM defaults)."""
 
     # validation
-    min_query_chars: int = Field(3, ge=1)
-    max_query_chars: int = Field(2000, ge=1)
-    min_doc_chars: int = Field(3, ge=1)
-    max_doc_chars: int = Field(20000, ge=1)
     check_language: bool = True
     language_min_chars: int = Field(40, ge=1)  # texts shorter than this are not language-checked
     # dedup

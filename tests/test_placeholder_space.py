@@ -2,7 +2,8 @@
 
 The test walks each type's whole space (the product of its placeholders' values, less the combinations the
 space excludes) and rejects a combination that asks for something validation drops: a bitext translation
-into its own language (``positive_equals_query``), a language validation cannot check. The sampler is
+into its own language (``positive_equals_query``), a language validation cannot check, a length that
+runs past the field's limit (``*_too_long``) or a one-word answer under it (``*_too_short``). The sampler is
 checked to stay inside the space it declares.
 """
 
@@ -13,6 +14,8 @@ import random
 
 import pytest
 
+from ground.task_types import field_limit
+from prompts.budget import MAX_CHARS_PER_WORD, asked_words
 from prompts.placeholders import Choice, PlaceholderSpace
 from prompts.task_types import TASK_TYPES, check_placeholder_overrides
 from tasks.cleaning.text_checks import _requested_languages, language_code
@@ -38,6 +41,12 @@ def contradictions(task_type: str, combo: dict) -> list[str]:
             found.append(f"language {lang!r} unknown to the language check")
     if task_type == "bitext" and query_lang == positive_lang:
         found.append(f"a translation from {query_lang} into {positive_lang}: positive_equals_query")
+    for role, (fewest, most) in asked_words(task_type, combo).items():
+        limit = field_limit(task_type, role)  # what validation keeps (and the schema allows)
+        if most * MAX_CHARS_PER_WORD > limit.max_chars:
+            found.append(f"{role}: up to {most} words may run past {limit.max_chars} chars ({role}_too_long)")
+        if fewest == 1 and limit.min_chars > 1 + MAX_CHARS_PER_WORD:  # a one-word answer is allowed
+            found.append(f"{role}: a one-word answer is under {limit.min_chars} chars ({role}_too_short)")
     return found
 
 
@@ -92,3 +101,9 @@ def test_overrides_that_force_the_same_language_are_refused():
     with pytest.raises(ValueError, match="bitext.src_lang and bitext.tgt_lang must differ"):
         check_placeholder_overrides({"bitext": {"src_lang": ["English"], "tgt_lang": ["English"]}})
     check_placeholder_overrides({"bitext": {"src_lang": ["English"], "tgt_lang": ["English", "German"]}})
+
+
+def test_the_walk_rejects_a_length_past_the_limit():
+    """The walk can fail: a retrieval document of 1,000 words is more than a document may hold."""
+    combo = dict(next(space_combinations(TASK_TYPES["retrieval"].placeholders)), num_words=1000)
+    assert any("positive_too_long" in c for c in contradictions("retrieval", combo))

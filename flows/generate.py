@@ -8,19 +8,23 @@ Re-running a run id resumes it: completed shards are skipped, the rest are (re)d
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
+from ground.task_types import BRAINSTORM_TASK_TYPES
 from llm.client import ClientStats, LLMClient, Sampling
 from llm.embedder import make_embedder
 from personas.sampling import PersonaSampler
+from prompts.budget import answer_room, budget_problems
 from storage.embedding_cache import EmbeddingCache, embeddings_dir, encode_cached
 from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
 from storage.location import data_root
@@ -40,6 +44,51 @@ from tasks.generation.usage import usage_by_type
 
 class RunConfigMismatch(ValueError):
     """An existing run id was started with other generation settings."""
+
+
+class TargetsMissed(ValueError):
+    """A task type ended far below its target: the run is Failed (its shards stay, a re-run resumes it)."""
+
+
+#: a run with a task type below this share of its target ends Failed
+FAIL_BELOW_SHARE = 0.5
+
+
+def _advice(reason: str) -> str:
+    """What to change for a run whose top reject reason is ``reason``."""
+    if reason.startswith("truncated") or "(length)" in reason:
+        return (
+            "the answers do not fit the token budget: raise llm.context_tokens (the server's max_model_len) "
+            "or ask for shorter texts (generation.placeholder_overrides)"
+        )
+    if reason.startswith(("http", "timeout", "connection", "all endpoints", "invalid response")):
+        return "the LLM server failed: check it with `embed-factory doctor` and re-run the same --run-id"
+    if reason.startswith("invalid output"):
+        return "the model does not follow the JSON schema: use a stronger model or raise llm.schema_retries"
+    return "see the rejects table (`embed-factory` catalog view `rejects`) and re-run the same --run-id"
+
+
+def targets_missed(
+    targets: dict[str, int], by_type: dict[str, int], rejects: pa.Table, instructions: dict[str, int]
+) -> str | None:
+    """The one line that fails a run, or None: the types below FAIL_BELOW_SHARE of target, why, what to change."""
+    far = [t for t, n in targets.items() if by_type.get(t, 0) < FAIL_BELOW_SHARE * n]
+    if not far:
+        return None
+    parts, advice = [], {}
+    for t in far:
+        mine = rejects.filter(pc.equal(rejects["task_type"], t)) if rejects.num_rows else rejects
+        if t in BRAINSTORM_TASK_TYPES and not instructions.get(t):
+            why = "no brainstormed instruction"
+            advice.setdefault("check the brainstorm warnings and re-run the same --run-id", None)
+        elif mine.num_rows:
+            reason, count = Counter(mine["reason"].to_pylist()).most_common(1)[0]
+            why = f"top reject reason {reason!r} x{count}"
+            advice.setdefault(_advice(reason), None)
+        else:
+            why = "no rejects recorded"
+        parts.append(f"{t} {by_type.get(t, 0)}/{targets[t]} ({why})")
+    return f"generation ended below {FAIL_BELOW_SHARE:.0%} of the target for {'; '.join(parts)}: " + "; ".join(advice)
 
 
 @dataclass
@@ -89,15 +138,24 @@ def run_fingerprint(settings: Settings) -> dict[str, Any]:
         "generation": generation,
         "personas": settings.personas.model_dump(),
         "model": settings.llm_model,
-        "sampling": settings.llm.model_dump(include={"temperature", "top_p", "max_tokens", "brainstorm_max_tokens"}),
+        # the context caps the placeholders (prompts/budget.py), so it shapes the plan
+        "sampling": settings.llm.model_dump(
+            include={"temperature", "top_p", "max_tokens", "brainstorm_max_tokens", "context_tokens"}
+        ),
     }
 
 
 def _older(stored: Any, fingerprint: dict[str, Any]) -> Any:
-    """A fingerprint from before ``generation.intent_threshold`` existed reads as one with today's value."""
+    """A fingerprint from before ``generation.intent_threshold`` (or ``llm.context_tokens``) existed reads as
+    one with today's value."""
     if isinstance(stored, dict) and "intent_threshold" not in stored.get("generation", {"intent_threshold": 0}):
         generation = fingerprint["generation"]
-        return {**stored, "generation": {**stored["generation"], "intent_threshold": generation["intent_threshold"]}}
+        stored = {**stored, "generation": {**stored["generation"], "intent_threshold": generation["intent_threshold"]}}
+    if isinstance(stored, dict) and "context_tokens" not in stored.get("sampling", {"context_tokens": 0}):
+        stored = {
+            **stored,
+            "sampling": {**stored["sampling"], "context_tokens": fingerprint["sampling"]["context_tokens"]},
+        }
     return stored
 
 
@@ -246,6 +304,8 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
     tally = ShardTally()
     with store.exclusive():
         check_fingerprint(store, settings)
+        for problem in budget_problems(settings):  # the requests are capped at the context; said once here
+            get_run_logger().warning("token budget: %s", problem)
         manifest = store.manifest()  # read (and checked) before anything is written
         if plan and not manifest and not store.plan_path.exists():  # a new run: nothing committed yet
             write_plan(store.plan_path, plan)
@@ -254,7 +314,8 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
         tracker = GenerateProgress(run_id, sum(example_targets(gen).values()), committed)
         tracker.start()
         async with make_client(settings) as client:
-            brainstorm_sampling = Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens)
+            persona_room = answer_room(settings, settings.personas.max_chars or 0)
+            brainstorm_sampling = Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens, persona_room)
             pool = await persona_pool(store, settings.personas, client, brainstorm_sampling, gen.seed)
             brainstormed = await brainstorm_to_targets(
                 store,
@@ -271,7 +332,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
                 gen,
                 brainstormed.instructions,
                 client,
-                Sampling(llm.temperature, llm.top_p, llm.max_tokens),
+                Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings)),
                 tally,
                 tracker.shard_committed,
             )
@@ -287,6 +348,11 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
         )
         write_run_ledger(settings, store, summary.elapsed_s)
         publish_generate(store)  # the per-task-type table in the UI
+        instructions = count_by_type(brainstormed.instructions)
+        failed = targets_missed(example_targets(gen), by_type, store.read_kind("rejects"), instructions)
+        if failed:
+            get_run_logger().error(failed)
+            raise TargetsMissed(failed)  # the flow run ends Failed; the CLI prints this line and exits 1
         return summary
 
 

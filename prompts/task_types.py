@@ -19,7 +19,7 @@ from typing import Any
 
 from ground.task_types import ALL_TASK_TYPES, BRAINSTORM_TASK_TYPES
 from prompts.placeholders import Choice, PlaceholderSpace
-from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
+from prompts.schemas import EXAMPLE_SCHEMAS, FIELD_KEYS, brainstorm_schema
 
 LANGUAGES = Choice(
     [
@@ -141,7 +141,7 @@ RETRIEVAL = TaskTypeSpec(
             "difficulty": DIFFICULTY,
         }
     ),
-    field_map=("user_query", "positive_document", "hard_negative_document"),
+    field_map=FIELD_KEYS["retrieval"],
 )
 
 CLASSIFICATION = TaskTypeSpec(
@@ -175,7 +175,7 @@ CLASSIFICATION = TaskTypeSpec(
             "difficulty": DIFFICULTY,
         }
     ),
-    field_map=("input_text", "label", "misleading_label"),
+    field_map=FIELD_KEYS["classification"],
 )
 
 _MATCHING_EXAMPLE = (
@@ -205,7 +205,7 @@ SHORT_SHORT = TaskTypeSpec(
     placeholders=PlaceholderSpace(
         {"language": LANGUAGES, "length_rule": Choice(["very short (a sentence or a phrase)"])}
     ),
-    field_map=("input", "positive_document", None),
+    field_map=FIELD_KEYS["short_short"],
 )
 
 LONG_LONG = TaskTypeSpec(
@@ -221,7 +221,7 @@ LONG_LONG = TaskTypeSpec(
     placeholders=PlaceholderSpace(
         {"language": LANGUAGES, "length_rule": Choice(["long documents (at least 300 words)"])}
     ),
-    field_map=("input", "positive_document", None),
+    field_map=FIELD_KEYS["long_long"],
 )
 
 STS = TaskTypeSpec(
@@ -248,7 +248,7 @@ STS = TaskTypeSpec(
             "difficulty": Choice(["elementary school", "high school", "college"]),
         }
     ),
-    field_map=("S1", "S2", "S3"),
+    field_map=FIELD_KEYS["sts"],
 )
 
 BITEXT = TaskTypeSpec(
@@ -273,9 +273,11 @@ BITEXT = TaskTypeSpec(
             "high_score": Choice([4, 4.5, 5]),
             "low_score": Choice([1.5, 2, 2.5]),
             "difficulty": Choice(["elementary school", "high school", "college"]),
-        }
+        },
+        # a translation into the same language is dropped by validation (positive_equals_query)
+        distinct=(("src_lang", "tgt_lang"),),
     ),
-    field_map=("S1", "S2", "S3"),
+    field_map=FIELD_KEYS["bitext"],
 )
 
 
@@ -309,11 +311,21 @@ def get_task_type(name: str) -> TaskTypeSpec:
 
 
 def check_placeholder_overrides(overrides: dict[str, dict[str, Any]]) -> None:
-    """Raise ``ValueError`` naming ``generation.placeholder_overrides`` for a placeholder a task type lacks."""
+    """Raise ``ValueError`` naming ``generation.placeholder_overrides`` for a placeholder a task type lacks,
+    or for overrides that leave two placeholders that must differ (bitext's languages) no way to."""
     for task_type, names in overrides.items():
-        known = get_task_type(task_type).placeholders.choices
+        space = get_task_type(task_type).placeholders
         for name in names:
-            if name not in known:
+            if name not in space.choices:
                 raise ValueError(
-                    f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; it has {sorted(known)}"
+                    f"generation.placeholder_overrides: {task_type} has no placeholder {name!r}; "
+                    f"it has {sorted(space.choices)}"
                 )
+        merged = space.merged({name: Choice(values) for name, values in names.items()})
+        for a, b in space.distinct:
+            for value in merged[a].values:
+                if not set(merged[b].values) - {value}:
+                    raise ValueError(
+                        f"generation.placeholder_overrides: {task_type}.{a} and {task_type}.{b} must differ, "
+                        f"but with {a} = {value!r} {b} has no other value"
+                    )

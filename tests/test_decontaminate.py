@@ -113,7 +113,7 @@ def test_ngram_check_alone_catches_verbatim_and_keeps_clean(sts_eval):
     table = rows_table([CLEAN_QUERIES[0], CLEAN_QUERIES[1]], [CLEAN_POSITIVES[0], s2[700]])
     result = decontaminate(table, sts_eval, CleanSettings(decontaminate_similarity=None))
     assert result.dropped["example_id"].to_pylist() == ["r:001"]
-    assert "positive matches stsb-en-test row 700 (ngram overlap 1.00)" in result.dropped["detail"][0].as_py()
+    assert "positive matches stsb-en-test row 700 (ngram overlap 1.00, " in result.dropped["detail"][0].as_py()
 
 
 def test_user_files_are_eval_sources(tmp_path):
@@ -127,4 +127,54 @@ def test_user_files_are_eval_sources(tmp_path):
     for name in ("bench.jsonl", "bench.csv", "bench.parquet"):
         texts = [EvalText(name, row, t) for row, t in read_eval_file(tmp_path / name, columns)]
         result = decontaminate(rows_table([secret.upper()], ["x y z"]), texts, CleanSettings(), None)
-        assert result.dropped["detail"].to_pylist() == [f"query matches {name} row 1 (ngram overlap 1.00)"], name
+        want = f"query matches {name} row 1 (ngram overlap 1.00, 11 3-grams)"
+        assert result.dropped["detail"].to_pylist() == [want], name
+
+
+def test_a_short_eval_text_needs_to_be_contained_whole(sts_eval):
+    """stsb-en-test row 675 is "There is no maximum.": two trigrams, which ordinary prose shares."""
+    assert any(t.row == 675 and t.text == "There is no maximum." for t in sts_eval)
+    prose_rows = [
+        "There is no reason to wait: the council approved the budget and there is no upper age limit for applicants.",
+        "In practice there is no easy answer, and there is no doubt that the price of bread has risen.",
+        "There is no maximum.",  # the eval text itself
+        "Officials said there is no maximum on the number of permits a farmer may hold this year.",
+    ]
+    table = rows_table(prose_rows, ["A plain answer about something else entirely, written for the test."] * 4)
+    result = decontaminate(table, sts_eval, CleanSettings(decontaminate_similarity=None))
+    details = dict(zip(result.dropped["example_id"].to_pylist(), result.dropped["detail"].to_pylist(), strict=True))
+    assert set(details) == {"r:002", "r:003"}, details  # contained word for word, not shared trigrams
+    assert all("stsb-en-test row 675 (contained" in d for d in details.values()), details
+
+
+def test_shared_ngrams_scattered_over_a_document_are_no_evidence():
+    eval_text = EvalText("bench", 0, "The quarterly revenue of the harbour authority rose by nine percent in spring.")
+    words = eval_text.text.rstrip(".").split()
+    filler = "Many other things happened in the meantime and nobody wrote them down at all. " * 4
+    scattered = filler.join(" ".join(words[i : i + 3]) + "." for i in range(0, len(words), 3))
+    local = "Reports say " + eval_text.text.lower() + " " + filler
+    result = decontaminate(rows_table([scattered, local], ["x y z", "x y z"]), [eval_text], CleanSettings(), None)
+    assert result.dropped["example_id"].to_pylist() == ["r:001"]
+
+
+def test_an_eval_text_of_few_words_matches_only_the_same_words():
+    eval_text = EvalText("bench", 0, "Yes, it is.")
+    rows = rows_table(["yes it is", "Yes, it is a long way to the station, and yes, it is raining."], ["a b", "a b"])
+    result = decontaminate(rows, [eval_text], CleanSettings(), None)
+    assert result.dropped["example_id"].to_pylist() == ["r:000"]
+
+
+def test_false_positive_rate_on_clean_production_length_prose(sts_eval):
+    """<= 0.5 % of clean rows (queries of 8-25 words, documents of 50-520 in 18 languages, as the production
+    stub writes them) are dropped by the n-gram check against every bundled STS-B test split."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from decontaminate import clean_rows, legacy_dropped, sts_eval_texts
+
+    rows, evals = clean_rows(1000, seed=11), sts_eval_texts()
+    result = decontaminate(rows, evals, CleanSettings(decontaminate_similarity=None))
+    assert result.dropped.num_rows <= 0.005 * rows.num_rows, result.dropped["detail"].to_pylist()[:5]
+    # the same rows under the rule before: the test can fail on prose that shares common phrases
+    assert legacy_dropped(rows, evals) > 0.05 * rows.num_rows

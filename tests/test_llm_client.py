@@ -119,3 +119,23 @@ def test_in_flight_requests_are_bounded():
     client = run(main())
     assert peak == 3
     assert client.stats.succeeded == 20 and client.stats.completion_tokens == 100
+
+
+def test_a_truncated_answer_is_asked_again_only_with_more_room():
+    cut = completion('{"answer": "a long answ', finish="length")
+    client, seen = make_client([(200, cut), (200, cut), (200, completion('{"answer": "ok"}'))], max_retries=0)
+    sampling = Sampling(temperature=0.5, top_p=1.0, max_tokens=20, max_tokens_ceiling=50)
+    result = run(client.complete_json(PROMPT, sampling, seed=1))
+    assert result.parsed == {"answer": "ok"}
+    assert [body["max_tokens"] for body in seen] == [20, 40, 50]  # doubled, bounded by the ceiling
+
+
+def test_a_truncated_answer_at_its_ceiling_is_not_asked_again():
+    cut = completion('{"answer": "a long answ', finish="length")
+    for sampling in (SAMPLING, Sampling(temperature=0.5, top_p=1.0, max_tokens=20, max_tokens_ceiling=20)):
+        client, seen = make_client([(200, cut), (200, completion('{"answer": "ok"}'))], max_retries=0)
+        with pytest.raises(RequestFailed) as failure:
+            run(client.complete_json(PROMPT, sampling, seed=1))
+        assert len(seen) == 1, "asked again at the same limit"
+        assert failure.value.reason.startswith("truncated at max_tokens 20 (no more room)")
+        assert failure.value.attempts == 1 and client.stats.truncated == 1

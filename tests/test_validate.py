@@ -162,11 +162,11 @@ CASES = [
     ("empty_positive", "sts", dict(positive="")),
     ("missing_negative", "retrieval", dict(negative=None)),
     ("missing_negative", "classification", dict(negative=" ")),
-    ("query_too_short", "retrieval", dict(query="ab")),
+    ("query_too_short", "retrieval", dict(query="a")),
     ("query_too_long", "retrieval", dict(query=(EN_QUERY + " ") * 40)),
     ("positive_too_short", "retrieval", dict(positive="ok")),
     ("positive_too_long", "retrieval", dict(positive=(EN_DOC + " ") * 130)),
-    ("negative_too_short", "sts", dict(negative="no")),
+    ("negative_too_short", "retrieval", dict(negative="too short")),
     ("positive_too_long", "classification", dict(positive="a label that is far too long " * 5)),
     ("negative_too_long", "classification", dict(negative="a misleading label that rambles " * 5)),
     ("degenerate", "retrieval", dict(positive="aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")),
@@ -351,3 +351,32 @@ def test_language_names_map_to_iso_codes():
     assert language_code("Swedish") == "sv"
     assert language_code("Klingon") is None
     assert language_code(None) is None
+
+
+@pytest.mark.parametrize("task_type", list(GOOD))
+def test_schema_and_validation_limits_agree(task_type, cfg):
+    """What the JSON schema lets the model write is what validation keeps, at both ends of every field."""
+    from prompts.task_types import get_task_type
+
+    spec = get_task_type(task_type)
+    rows, expected = [], {}
+    for role, key in zip(("query", "positive", "negative"), spec.field_map, strict=True):
+        if key is None:
+            continue
+        field = spec.schema["properties"][key]
+        for length, verdict in (
+            (field["maxLength"], None),
+            (field["maxLength"] + 1, f"{role}_too_long"),
+            (field["minLength"], None),
+            (field["minLength"] - 1, f"{role}_too_short" if field["minLength"] > 1 else None),
+        ):
+            if length < 1:
+                continue
+            text = (prose(length // 4 + 5, seed=len(rows)) * 2)[:length]
+            text = text[:-1] + "x" if text.endswith(" ") else text  # no edge space: trimmed lengths must match
+            row = make_example(len(rows), task_type, **{role: text})
+            rows.append(row)
+            expected[row["example_id"]] = verdict
+    got = reasons(validate_examples(table_of(rows), cfg.model_copy(update={"check_language": False})))
+    length_reasons = {i: r for i, r in got.items() if r.endswith(("_too_long", "_too_short"))}
+    assert length_reasons == {i: v for i, v in expected.items() if v is not None}

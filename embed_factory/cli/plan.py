@@ -26,6 +26,7 @@ from embed_factory.cli.frame import (
 from ground.cost_plan import Plan, plan_from_history, plan_from_pilot
 from ground.settings import PersonaSettings, Settings
 from ground.task_types import ALL_TASK_TYPES
+from prompts.budget import budget_problems, budget_summary
 from prompts.task_types import get_task_type
 from storage.catalog import Catalog, CatalogError
 from storage.location import data_root
@@ -57,6 +58,7 @@ def pilot_plan(settings: Settings, targets: dict[str, int]) -> Plan:
     from llm.client import LLMClient, Sampling
     from personas.sampling import PersonaSampler
     from personas.sources import load_persona_pool
+    from prompts.budget import answer_room
     from tasks.generation.pilot import run_pilot
 
     gen, llm, n = settings.generation, settings.llm, settings.cost.pilot_requests
@@ -79,7 +81,7 @@ def pilot_plan(settings: Settings, targets: dict[str, int]) -> Plan:
                 n,
                 pool,
                 Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens),
-                Sampling(llm.temperature, llm.top_p, llm.max_tokens),
+                Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings)),
                 gen.instructions_per_brainstorm,
                 gen.seed,
             )
@@ -162,6 +164,9 @@ def print_plan(plan: Plan, settings: Settings) -> None:
             f"{row.cost_usd:,.2f}",
         )
     out.print(table)
+    out.print(budget_summary(settings, [t.task_type for t in plan.by_type]))  # prompts/budget.py
+    for problem in budget_problems(settings):
+        out.print(f"[yellow]warning:[/] token budget: {problem}")
     per_k = plan.cost_per_1k_accepted
     out.print(
         f"from {plan.source}; wall time {plan.wall_s / 3600:.2f} h; GPU-hours {plan.gpu_hours:.3f} at "

@@ -225,11 +225,7 @@ def _requested_languages(placeholders: str | None, task_type: str | None) -> tup
     return lang, lang
 
 
-# --------------------------------------------------------------------------- the stage
-
-
-def _np(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(array.to_numpy(zero_copy_only=False))
+# --------------------------------------------------------------------------- Arrow helpers
 
 
 def _np(array: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -8,11 +8,9 @@ check it fails (the check's code is the ``reason``, with a human ``detail``):
 ``empty_query``            query missing or blank
 ``empty_positive``         positive missing or blank
 ``missing_negative``       no negative for a type that has one (retrieval, classification, sts, bitext)
-``query_too_short/long``   query length outside ``min/max_query_chars`` (long_long queries are
-                           documents: ``min/max_doc_chars``)
-``positive_too_short/long``, ``negative_too_short/long``
-                           outside ``min/max_doc_chars``; classification positives and negatives
-                           are labels: 1 to ``min(max_query_chars, LABEL_MAX_CHARS)`` characters
+``query_too_short/long``, ``positive_too_short/long``, ``negative_too_short/long``
+                           outside the field's limits in ``ground/task_types.py`` (the table the
+                           JSON schemas are built from: a query, a document, a label, ...)
 ``degenerate``             a field with no letter or digit, or (from ``DEGENERATE_MIN_CHARS`` chars)
                            very few distinct characters, mostly non-letters, one token repeated,
                            or zlib compressing it like a loop
@@ -48,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ground.settings import CleanSettings
+from ground.task_types import FIELD_KINDS, field_limit
 from storage.corpus import Drops, StageResult
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.stage import Filter
@@ -75,11 +74,6 @@ STAGE = "validate"
 
 #: task types whose examples must carry a negative
 NEGATIVE_TYPES: tuple[str, ...] = ("retrieval", "classification", "sts", "bitext")
-#: task types whose positive/negative are short labels, not documents
-LABEL_TYPES: tuple[str, ...] = ("classification",)
-#: task types whose query is a document
-DOC_QUERY_TYPES: tuple[str, ...] = ("long_long",)
-LABEL_MAX_CHARS = 100
 
 FIELDS = ("query", "positive", "negative")
 #: the distinct-character screen looks at this many leading characters (a prefix has no more)
@@ -275,8 +269,6 @@ def validation_drops(table: pa.Table, cfg: CleanSettings) -> Drops:
     task_type = table.column("task_type")
     types = task_type.to_pylist()
     is_neg_type = _np(pc.is_in(task_type, value_set=pa.array(NEGATIVE_TYPES)))
-    is_label = _np(pc.is_in(task_type, value_set=pa.array(LABEL_TYPES)))
-    is_doc_query = _np(pc.is_in(task_type, value_set=pa.array(DOC_QUERY_TYPES)))
 
     fields = {name: table.column(name) for name in FIELDS}
     trimmed = {name: pc.utf8_trim_whitespace(col) for name, col in fields.items()}
@@ -288,17 +280,13 @@ def validation_drops(table: pa.Table, cfg: CleanSettings) -> Drops:
     v.flag(~present["positive"], "empty_positive", lambda i: "positive is missing or blank")
     v.flag(is_neg_type & ~present["negative"], "missing_negative", lambda i: f"{types[i]} needs a negative")
 
-    # 2. length bounds
-    label_max = min(cfg.max_query_chars, LABEL_MAX_CHARS)
-    bounds = {
-        "query": (
-            np.where(is_doc_query, cfg.min_doc_chars, cfg.min_query_chars),
-            np.where(is_doc_query, cfg.max_doc_chars, cfg.max_query_chars),
-        ),
-        "positive": (np.where(is_label, 1, cfg.min_doc_chars), np.where(is_label, label_max, cfg.max_doc_chars)),
-        "negative": (np.where(is_label, 1, cfg.min_doc_chars), np.where(is_label, label_max, cfg.max_doc_chars)),
-    }
-    for name, (lo, hi) in bounds.items():
+    # 2. length bounds: ground/task_types.py's table, the one the JSON schemas were built from
+    for name in FIELDS:
+        lo, hi = (np.zeros(n, dtype=np.int64) for _ in range(2))
+        for task in set(types):
+            limit = field_limit(task, name) if task in FIELD_KINDS else None
+            rows = _np(pc.fill_null(pc.equal(task_type, task), False))
+            lo[rows], hi[rows] = limit if limit is not None else (0, np.iinfo(np.int64).max)
         ln = length[name]
         v.flag(
             present[name] & (ln < lo),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from ground import progress
 from ground.seeding import rng_for, stable_seed
 from llm.client import LLMClient, RequestFailed, Sampling
+from prompts.budget import fit_placeholders, request_max_tokens
 from prompts.placeholders import Choice
 from prompts.render import render_example
 from prompts.task_types import check_placeholder_overrides, get_task_type
@@ -59,10 +60,13 @@ def plan_examples(
     seed: int,
     shard_size: int,
     placeholder_overrides: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+    answer_room: int | None = None,
 ) -> list[ExampleShard]:
     """Requests for ``wanted[type]`` examples per type, cut into shards; a pure function.
 
     ``placeholder_overrides[type][name]`` replaces that placeholder's distribution (uniform values).
+    ``answer_room``: the most completion tokens a request may take; a length placeholder whose answer would
+    not fit is lowered to the largest of its values that does (``prompts/budget.py``).
     """
     check_placeholder_overrides(placeholder_overrides or {})
     overrides = {
@@ -95,7 +99,7 @@ def plan_examples(
                     instruction_id=instruction_id,
                     persona_id=persona_id,
                     persona=persona,
-                    placeholders=spec.placeholders.sample(rng, overrides.get(task_type)),
+                    placeholders=_fitted(spec, spec.placeholders.sample(rng, overrides.get(task_type)), answer_room),
                     seed=stable_seed(seed, key),
                 )
             )
@@ -103,6 +107,20 @@ def plan_examples(
         ExampleShard(f"g{round_idx:02d}-{k:05d}", tuple(requests[start : start + shard_size]))
         for k, start in enumerate(range(0, len(requests), shard_size))
     ]
+
+
+def _fitted(spec, placeholders: dict[str, Any], answer_room: int | None) -> dict[str, Any]:
+    if answer_room is None:
+        return placeholders
+    return fit_placeholders(spec.name, spec.placeholders, placeholders, answer_room)
+
+
+def request_sampling(request: ExampleRequest, sampling: Sampling) -> Sampling:
+    """The request's sampling: ``max_tokens`` as its placeholders need, at least the configured, at most the room."""
+    wanted = request_max_tokens(
+        request.task_type, request.placeholders, sampling.max_tokens, sampling.max_tokens_ceiling
+    )
+    return replace(sampling, max_tokens=wanted)
 
 
 def _example_row(
@@ -152,7 +170,7 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
         spec = get_task_type(request.task_type)
         prompt = render_example(spec, request.instruction, dict(request.placeholders))
         try:
-            outcome = await client.complete_json(prompt, sampling, request.seed)
+            outcome = await client.complete_json(prompt, request_sampling(request, sampling), request.seed)
         except RequestFailed as failure:
             progress.advance("generate", ok=False)
             return request, prompt.prompt_version, failure
@@ -182,7 +200,8 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
                 )
             )
         else:
-            rows.append(_example_row(store, shard.shard_id, request, client, sampling, version, outcome, created))
+            used = request_sampling(request, sampling)
+            rows.append(_example_row(store, shard.shard_id, request, client, used, version, outcome, created))
     return store.write_shard("examples", shard.shard_id, rows, rejects)
 
 

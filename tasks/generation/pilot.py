@@ -12,11 +12,13 @@ import asyncio
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ground.cost_plan import PilotUsage
 from ground.seeding import stable_seed
 from llm.client import LLMClient, RequestFailed, Sampling
 from personas.sources import Persona
+from prompts.budget import fit_placeholders, request_max_tokens
 from prompts.render import render_brainstorm, render_example
 from prompts.task_types import get_task_type
 
@@ -24,9 +26,13 @@ from prompts.task_types import get_task_type
 async def _example(client: LLMClient, usage: PilotUsage, instruction: str | None, sampling: Sampling, seed: int):
     spec = get_task_type(usage.task_type)
     placeholders = spec.placeholders.sample(random.Random(seed))
+    if sampling.max_tokens_ceiling is not None:  # as a run plans them: capped to what the context holds
+        placeholders = fit_placeholders(spec.name, spec.placeholders, placeholders, sampling.max_tokens_ceiling)
+    asked = request_max_tokens(spec.name, placeholders, sampling.max_tokens, sampling.max_tokens_ceiling)
     usage.example_requests += 1
     try:
-        done = await client.complete_json(render_example(spec, instruction, placeholders), sampling, seed)
+        prompt = render_example(spec, instruction, placeholders)
+        done = await client.complete_json(prompt, replace(sampling, max_tokens=asked), seed)
     except RequestFailed as failure:
         usage.rejected.append(failure.reason)
         return

@@ -237,7 +237,14 @@ async def examples_with_topups(
         if not any(wanted.values()):
             break
         shards = plan_examples(
-            store.run_id, round_idx, wanted, instructions, gen.seed, gen.shard_size, gen.placeholder_overrides
+            store.run_id,
+            round_idx,
+            wanted,
+            instructions,
+            gen.seed,
+            gen.shard_size,
+            gen.placeholder_overrides,
+            sampling.max_tokens_ceiling,  # the placeholders are capped to what the context holds
         )
         todo = _todo(store, "examples", shards, tally)
         progress.add_total("generate", sum(len(s.requests) for s in todo))

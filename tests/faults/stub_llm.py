@@ -181,6 +181,11 @@ class StubLLM:
         self._open.set()
 
     # --- serving -----------------------------------------------------------------------------
+    def reply(self, body: dict[str, Any]) -> tuple[str, str, int]:
+        """(completion text, finish_reason, completion tokens) for a chat request; subclasses answer otherwise."""
+        text = answer(body, self.invalid_every, self.duplicate_every)
+        return text, "stop", len(text.split())
+
     def _on_chat(self) -> bool:
         """Count a chat request; False if it killed its client (no answer needed)."""
         with self._lock:
@@ -246,7 +251,7 @@ class StubLLM:
                     return
                 if stub.delay_s:
                     threading.Event().wait(stub.delay_s)
-                text = answer(body, stub.invalid_every, stub.duplicate_every)
+                text, finish_reason, completion_tokens = stub.reply(body)
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 self._send(
                     200,
@@ -259,14 +264,14 @@ class StubLLM:
                             {
                                 "index": 0,
                                 "message": {"role": "assistant", "content": text},
-                                "finish_reason": "stop",
+                                "finish_reason": finish_reason,
                                 "logprobs": None,
                             }
                         ],
                         "usage": {
                             "prompt_tokens": prompt_words,
-                            "completion_tokens": len(text.split()),
-                            "total_tokens": prompt_words + len(text.split()),
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_words + completion_tokens,
                         },
                     },
                 )

@@ -188,9 +188,24 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
             "train_seconds": 5.0,
             "first_loss": 1.25,
             "last_loss": 0.5,
-            "loss_start": 1.1,  # the smoothed loss (mean of the first / last window of steps) is what is printed
+            "loss_start": 1.1,  # per-step ends: not printed, their batches differ (no trend)
             "loss_end": 0.6,
             "loss_window": 2,
+            # the comparable loss: the same held-out batches before and after, as the flow's summary carries it
+            "heldout_loss_before": {
+                "mean": 2.5,
+                "by_task": {"sts": 2.0, "retrieval": 3.0},
+                "batches": 4,
+                "rows": 16,
+                "source": "heldout",
+            },
+            "heldout_loss_after": {
+                "mean": 1.25,
+                "by_task": {"sts": 1.0, "retrieval": 1.5},
+                "batches": 4,
+                "rows": 16,
+                "source": "heldout",
+            },
         },
         key_deltas={},
         before=sts({"384": 0.8, "64": 0.7}),
@@ -207,8 +222,11 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
     }
     assert rows == {"384": ["0.8000", "0.8500", "+0.0500"], "64": ["0.7000", "0.6500", "-0.0500"]}, out
     flat = " ".join(out.split())
-    assert "training: 5 steps, 40 samples, 8.0 samples/s, 5s, loss 1.1000 → 0.6000" in flat
-    assert "(mean of the first and last 2 logged steps)" in flat
+    assert (
+        "training: 5 steps, 40 samples, 8.0 samples/s, 5s; held-out loss 2.5000 -> 1.2500 (4 fixed batches of "
+        "heldout rows; by type: sts 2.0000 -> 1.0000, retrieval 3.0000 -> 1.5000)"
+    ) in flat
+    assert "1.1000" not in flat  # the per-step ends are no trend: not in the summary
     assert "model: /d/models/mini-c1" in out and "eval:  /d/models/mini-c1/eval.json" in out
 
 

@@ -1,6 +1,6 @@
 """Decontamination's false positives on clean production-length prose, and its recall on planted STS-B text.
 
-Clean rows: the answers of ``tests/faults/prod_stub_llm.py`` (running English prose with the phrases real
+Clean rows: the answers of ``tests/support/prod_stub_llm.py`` (running English prose with the phrases real
 text has, and 17 other languages), as queries of 8-25 words and documents of 50-520 words, none copied from
 an eval text. Eval texts: the bundled STS-B test splits of every ``finetune.sts_languages`` language.
 Planted: STS-B English test sentences verbatim, as a prefix-extended or suffix-extended query, and inside
@@ -24,12 +24,11 @@ from pathlib import Path
 import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "faults"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from prod_stub_llm import LANGUAGE_ORDER, prose  # noqa: E402
-
 from ground.settings import CleanSettings, load_settings  # noqa: E402
+from support.prod_stub_llm import LANGUAGE_ORDER, prose  # noqa: E402
 from tasks.cleaning.decontaminate import EvalIndex, EvalText, RowText, decontaminate, ngrams  # noqa: E402
 from tasks.training.eval_data import bundled_sts_dir, load_sts  # noqa: E402
 

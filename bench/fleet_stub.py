@@ -5,7 +5,7 @@ endpoint's ``max_num_seqs`` slots for ``TTFT + completion_tokens / decode rate``
 ``--time-scale``), and requests beyond ``max_num_seqs`` wait inside the endpoint for a slot, as in vLLM's
 scheduler. ``completion_tokens`` is drawn uniformly within ``--tokens-spread`` of ``--tokens`` and capped
 at the request's ``max_tokens``; it is what ``usage`` reports. The answer text is the deterministic,
-schema-valid JSON of ``tests/faults/stub_llm.py`` (imported, not copied), so the client's schema
+schema-valid JSON of ``tests/support/stub_llm.py`` (imported, not copied), so the client's schema
 validation passes; that text is shorter than the token count says (the stub writes a few hundred
 characters), which is fine here: the bench measures requests, not tokens.
 
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from stub_llm import answer  # noqa: E402  (the deterministic stub's schema-valid answers)
 
 HOST = "127.0.0.1"

@@ -1,6 +1,6 @@
 """The data funnel against a production-length LLM double: generate, then validate, dedup, decontaminate.
 
-Runs the ``generate`` flow (Prefect's test harness, in-process) against ``tests/faults/prod_stub_llm.py``
+Runs the ``generate`` flow (Prefect's test harness, in-process) against ``tests/support/prod_stub_llm.py``
 (answers at the lengths and in the languages the prompts ask for, ~1 % non-JSON, ~4 % duplicates), then the
 cleaning stages' own functions on its examples: validation, exact + near dedup, and decontamination
 against the bundled STS-B test splits (n-gram check; the embedding check needs an embedder and is left
@@ -9,7 +9,7 @@ of each stage, and bitext requests that asked for a translation into the same la
 
     python bench/funnel.py --examples 2000 [--seed 42] [--max-tokens 1024] [--context 32768]
 
-``tests/test_funnel.py`` runs :func:`measure_funnel` and asserts the bounds.
+``tests/generation/test_funnel.py`` runs :func:`measure_funnel` and asserts the bounds.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "faults"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from prod_stub_llm import ProdStubLLM  # noqa: E402
+from support.prod_stub_llm import ProdStubLLM  # noqa: E402
 
 STAGES = ("requests", "parsed", "valid", "deduped", "decontaminated")
 

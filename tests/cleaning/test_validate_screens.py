@@ -5,9 +5,9 @@ stage equals the per-row stage."""
 from __future__ import annotations
 
 import pytest
-from test_validate import GOOD, make_example, table_of  # shared with the per-row tests
 
 from ground.settings import CleanSettings
+from support.validate_rows import GOOD, make_example, table_of
 from tasks.cleaning.text_checks import degenerate_detail
 from tasks.cleaning.validate import validate_examples
 

@@ -7,8 +7,8 @@ import json
 
 import jsonschema
 import pytest
-from test_prompts import ALL_TYPES  # shared with the template tests
 
+from ground.task_types import ALL_TASK_TYPES
 from prompts.render import OutputInvalid, parse_output
 from prompts.schemas import EXAMPLE_SCHEMAS, brainstorm_schema
 
@@ -41,7 +41,7 @@ def valid_value(schema: dict) -> dict:
 # --- schemas -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_example_schema_accepts_valid_object(name):
     schema = EXAMPLE_SCHEMAS[name]
     value = valid_value(schema)
@@ -50,7 +50,7 @@ def test_example_schema_accepts_valid_object(name):
     assert parsed == value
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_example_schema_rejects_missing_keys(name):
     schema = EXAMPLE_SCHEMAS[name]
     for key in schema["properties"]:
@@ -60,7 +60,7 @@ def test_example_schema_rejects_missing_keys(name):
             parse_output(json.dumps(value), schema)
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_example_schema_rejects_extra_keys(name):
     schema = EXAMPLE_SCHEMAS[name]
     value = {**valid_value(schema), "explanation": "I made this up."}
@@ -68,7 +68,7 @@ def test_example_schema_rejects_extra_keys(name):
         parse_output(json.dumps(value), schema)
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 @pytest.mark.parametrize("bad", [17, 3.5, None, True, ["a list of words"], {"nested": "object"}])
 def test_example_schema_rejects_wrong_types(name, bad):
     schema = EXAMPLE_SCHEMAS[name]
@@ -78,7 +78,7 @@ def test_example_schema_rejects_wrong_types(name, bad):
             parse_output(json.dumps(value), schema)
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_example_schema_rejects_too_long_strings(name):
     schema = EXAMPLE_SCHEMAS[name]
     key, prop = next(iter(schema["properties"].items()))
@@ -121,7 +121,7 @@ def test_parse_output_rejects_json_that_is_not_an_object(text):
         parse_output(text, EXAMPLE_SCHEMAS["sts"])
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_parse_output_strips_whitespace(name):
     schema = EXAMPLE_SCHEMAS[name]
     value = valid_value(schema)
@@ -129,7 +129,7 @@ def test_parse_output_strips_whitespace(name):
     assert parse_output(json.dumps(padded), schema) == value
 
 
-@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("name", ALL_TASK_TYPES)
 def test_parse_output_rejects_blank_strings(name):
     schema = EXAMPLE_SCHEMAS[name]
     for key, prop in schema["properties"].items():
@@ -153,7 +153,9 @@ def test_parse_output_rejects_blank_list_items():
         parse_output(json.dumps({"tasks": tasks}), schema)
 
 
-PADDABLE = [n for n in ALL_TYPES if any(p.get("minLength", 1) >= 2 for p in EXAMPLE_SCHEMAS[n]["properties"].values())]
+PADDABLE = [
+    n for n in ALL_TASK_TYPES if any(p.get("minLength", 1) >= 2 for p in EXAMPLE_SCHEMAS[n]["properties"].values())
+]
 
 
 @pytest.mark.parametrize("name", PADDABLE)

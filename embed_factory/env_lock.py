@@ -26,7 +26,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from embed_factory.vllm_lock import Lock, read_lock, this_platform
+from embed_factory.vllm_lock import Lock, freeze, read_lock, this_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = ROOT / "requirements.lock"
@@ -60,22 +60,6 @@ def problems(lock: Lock, reqs: list[Requirement]) -> list[str]:
     return found
 
 
-def freeze(python: Path) -> list[str]:
-    """``name==version`` of every distribution in the venv of ``python`` but ``NOT_LOCKED``, sorted."""
-    listing = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    pins = []
-    for line in listing.splitlines():
-        name, sep, version = line.strip().partition("==")
-        if sep and canonicalize_name(name) not in NOT_LOCKED:
-            pins.append(f"{name}=={version.split('+')[0]}")
-    return sorted(pins, key=str.lower)
-
-
 def write_lock(python: Path, path: Path = LOCK_FILE) -> Lock:
     spec = f".[{','.join(LOCKED_EXTRAS)}]"
     lines = [
@@ -84,7 +68,7 @@ def write_lock(python: Path, path: Path = LOCK_FILE) -> Lock:
         "# Refresh after changing pyproject's requirements: python -m embed_factory.env_lock",
         f"# for: {spec}",
         f"# platform: {this_platform()}",
-        *freeze(python),
+        *freeze(python, NOT_LOCKED, local_labels=False),
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return read_lock(path)

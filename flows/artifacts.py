@@ -25,6 +25,7 @@ from storage.shards import RunStore, ShardRecord
 KEYS = {
     "generate_progress": "generate-progress",
     "generate_task_types": "generate-task-types",
+    "generate_llm_endpoints": "generate-llm-endpoints",
     "clean_funnel": "clean-funnel",
     "clean_drop_reasons": "clean-drop-reasons",
     "clean_samples": "clean-samples",

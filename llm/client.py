@@ -367,11 +367,10 @@ class LLMClient:
             waiting.add(task)
             try:
                 response = await _post_chat(self._endpoint_clients[lease.url], request)
-            except asyncio.CancelledError:
-                if not self.watch.was_moved(task):
+            except asyncio.CancelledError:  # by the watch (the endpoint is silent: go elsewhere), or by its owner
+                if not self.watch.was_moved(task) or task.uncancel() > 0:
                     self.router.release(lease)
                     raise
-                task.uncancel()  # the watch found the endpoint silent: send the request elsewhere
                 self.stats.moved_off_silent += 1
                 timeout = openai.APITimeoutError(request=httpx.Request("POST", lease.url))
                 self._endpoint_failed(lease, "silent", timeout, last)

@@ -33,6 +33,14 @@ min(that ceiling, the stubs' capacity). CPU per request is comparable across sca
     python bench/fleet.py ... --http-connections 8192        # what-if: a client HTTP pool that large
     python bench/fleet.py ... --profile /tmp/fleet.prof      # cProfile the factory side, print the top
 
+``--hang-after T``: the hung-endpoint scenario. The same generation runs twice in this invocation, fault-free
+and with the last endpoint hanging T seconds after the first request (it accepts connections and never
+answers), both at the production profile's ``llm`` timeouts; the report gives both times, their ratio,
+whether the hung run wrote exactly the fault-free run's example ids (none lost, none doubled), and each
+endpoint's requests, failures, latencies and time out of rotation.
+
+    python bench/fleet.py --endpoints 8 --per-endpoint 32 --requests 10000 --time-scale 0.2 --hang-after 20 --rounds 2
+
 Only 127.0.0.1; the stub process stops when this one closes its stdin or dies, or after --max-seconds.
 """
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -67,7 +76,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from fleet_result import FleetConfig, FleetResult, Sample, report, steady_window  # noqa: E402
+from fleet_result import FleetConfig, FleetResult, Sample, hang_report, report, steady_window  # noqa: E402
 from fleet_stub import LatencyModel, raise_open_files_limit  # noqa: E402
 from generation import bench_plan  # noqa: E402  (the existing bench's instructions and plan)
 
@@ -104,6 +113,10 @@ def stub_fleet(config: FleetConfig) -> Iterator[dict[str, Any]]:
         "--max-seconds",
         str(config.max_seconds + 300),
     ]  # it stops when we close its stdin
+    if config.hang_after_s is not None:
+        command += ["--hang-after", str(config.hang_after_s)]
+        if config.hang_for_s is not None:
+            command += ["--hang-for", str(config.hang_for_s)]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         ready: list[str] = []
@@ -163,7 +176,7 @@ def fleet_client(config: FleetConfig, urls: list[str], model: str) -> tuple[LLMC
             "model": model,
             "max_in_flight": min(config.target, cap),
             "max_tokens": 2 * config.latency.tokens,
-            "request_timeout_s": 600.0,
+            "request_timeout_s": config.request_timeout_s,
         }
     )
     overrides: dict[str, Any] = {}
@@ -257,8 +270,10 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
     await take(0.0)
     elapsed = time.monotonic() - start
     await client.close()
-    examples = sorted((store.root / "examples").glob("*.parquet"))
-    latencies = [x for p in examples for x in pq.read_table(str(p), columns=["latency_s"])["latency_s"].to_pylist()]
+    examples = [
+        pq.read_table(str(p), columns=["example_id", "latency_s"]) for p in store.root.glob("examples/*.parquet")
+    ]
+    latencies = [x for t in examples for x in t["latency_s"].to_pylist()]
     result = FleetResult(
         config=config,
         samples=samples,
@@ -277,6 +292,9 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
         mean_latency_s=statistics.fmean(latencies) if latencies else 0.0,
         timed_out=timed_out,
         notes=notes,
+        example_ids=[x for t in examples for x in t["example_id"].to_pylist()],
+        endpoint_rows=client.router.report_rows(),
+        client_stats=dataclasses.asdict(client.stats),
     )
     result.window = steady_window(result)
     return result
@@ -332,6 +350,9 @@ def main() -> None:
     p.add_argument("--http-connections", type=int, default=None, help="what-if: the client's HTTP pool size")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop the run after this long")
     p.add_argument("--profile", default=None, help="cProfile the factory side into this file; print the top")
+    p.add_argument("--hang-after", type=float, default=None, help="hung-endpoint scenario (see the docstring)")
+    p.add_argument("--hang-for", type=float, default=None, help="... the hang ends after this long")
+    p.add_argument("--rounds", type=int, default=1, help="hung-endpoint scenario: pairs of runs, alternating")
     args = p.parse_args()
     if min(args.endpoints, args.per_endpoint, args.requests, args.shard_size) < 1 or args.time_scale <= 0:
         p.error("counts must be >= 1 and --time-scale > 0")
@@ -346,6 +367,21 @@ def main() -> None:
         args.http_connections,
         max_seconds=args.max_seconds,
     )
+    if args.hang_after is not None:
+        production = load_settings(profile="production").llm.request_timeout_s
+        clean = dataclasses.replace(config, request_timeout_s=production)
+        hung = dataclasses.replace(clean, hang_after_s=args.hang_after, hang_for_s=args.hang_for)
+        runs: dict[FleetConfig, list[FleetResult]] = {clean: [], hung: []}
+        for k in range(args.rounds):  # alternating, ABBA: fault-free, hung, hung, fault-free, …
+            for c in (clean, hung) if k % 2 == 0 else (hung, clean):
+                runs[c].append(run_fleet(c))
+                print(f"{'hung' if c is hung else 'fault-free'}: {runs[c][-1].elapsed_s:.1f}s", file=sys.stderr)
+        print(report(runs[clean][0]), flush=True)
+        for a, b in zip(runs[clean], runs[hung], strict=True):
+            print(hang_report(a, b), flush=True)
+        total = sum(r.elapsed_s for r in runs[hung]) / sum(r.elapsed_s for r in runs[clean])
+        print(f"hung / fault-free over {args.rounds} round(s), alternating: {total:.2f}x", flush=True)
+        return
     result = run_fleet(config, args.profile)
     print(report(result), flush=True)
     if args.profile:

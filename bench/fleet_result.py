@@ -37,6 +37,9 @@ class FleetConfig:
     sample_s: float = 0.25
     max_seconds: float = 600.0
     seed: int = 0
+    request_timeout_s: float = 600.0  # llm.request_timeout_s of the client
+    hang_after_s: float | None = None  # the last endpoint hangs this long after the first request (None: never)
+    hang_for_s: float | None = None  # ... for this long (None: for good)
 
     @property
     def target(self) -> int:
@@ -75,6 +78,9 @@ class FleetResult:
     window: tuple[int, int] = (0, 0)  # sample indices of the steady window
     timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    example_ids: list[str] = field(default_factory=list)  # of the rows written, as read back from the shards
+    endpoint_rows: list[dict[str, Any]] = field(default_factory=list)  # the router's per-endpoint summary
+    client_stats: dict[str, Any] = field(default_factory=dict)  # hedges, requests moved off a silent endpoint …
 
     @property
     def mean_service_s(self) -> float:
@@ -170,3 +176,32 @@ def report(r: FleetResult) -> str:
         f"{r.sustained_rps / goal:.2f}× the goal",
     ]
     return "\n".join(lines + [f"note: {n}" for n in r.notes])
+
+
+def hang_report(clean: FleetResult, hung: FleetResult) -> str:
+    """The hung-endpoint scenario beside the fault-free run of the same invocation: time ratio, rows, endpoints."""
+    c = hung.config
+    ratio = hung.elapsed_s / max(1e-9, clean.elapsed_s)
+    doubled = len(hung.example_ids) - len(set(hung.example_ids))
+    same = sorted(hung.example_ids) == sorted(clean.example_ids)
+    s = hung.client_stats
+    lines = [
+        f"hung endpoint: 1 of {c.endpoints} endpoints accepts connections and never answers from "
+        f"{c.hang_after_s:g}s after the first request"
+        + (f" for {c.hang_for_s:g}s" if c.hang_for_s is not None else " on")
+        + f"; llm.request_timeout_s {c.request_timeout_s:g}",
+        f"  generation time: fault-free {clean.elapsed_s:.1f}s, hung {hung.elapsed_s:.1f}s: ratio {ratio:.2f}x",
+        f"  rows: fault-free {len(clean.example_ids)}, hung {len(hung.example_ids)}; doubled {doubled}; "
+        f"same example ids: {'yes' if same else 'NO'}; failed requests {hung.failed}",
+        f"  client: {s.get('hedges', 0)} hedges ({s.get('hedges_won', 0)} won, "
+        f"{s.get('hedges', 0) / max(1, s.get('requests', 1)):.1%} of requests), {s.get('moved_off_silent', 0)} "
+        f"requests moved off a silent endpoint; stub: {hung.stub.get('hung', 0)} requests swallowed by the hung one",
+        "  endpoint                          requests failures median_s  p99_s  out_s  taken_out  last reason",
+    ]
+    for row in hung.endpoint_rows:
+        lines.append(
+            f"  {row['endpoint']:<33} {row['requests']:8} {row['failures']:8} {row['median_latency_s'] or 0:8.3f} "
+            f"{row['p99_latency_s'] or 0:6.3f} {row['out_of_rotation_s']:6.1f} {row['taken_out']:10}  "
+            f"{row['last_reason']}"
+        )
+    return "\n".join(lines)

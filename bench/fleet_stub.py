@@ -15,7 +15,12 @@ stdin closes (the bench exits or dies) or ``--max-seconds`` have passed. ``GET /
 returns fleet-wide counters (requests served, in the endpoints now, queued, slot-seconds, CPU seconds).
 Only 127.0.0.1.
 
+``--hang-after T`` makes the last endpoint hang T seconds after the fleet's first chat request (for
+``--hang-for`` seconds, default for good): it still accepts connections and reads requests, and answers
+none of them, chat or ``/v1/models`` — what a vLLM replica with a deadlocked engine or a wedged GPU does.
+
     python bench/fleet_stub.py --endpoints 4 --per-endpoint 8 --time-scale 0.05
+    python bench/fleet_stub.py --endpoints 8 --per-endpoint 32 --time-scale 0.1 --hang-after 20
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class FleetCounters:
     bad_requests: int = 0
     cpu_s: float = 0.0  # this process's CPU time (filled in on read)
     per_endpoint: list[int] = field(default_factory=list)  # requests served per endpoint
+    hung: int = 0  # requests the hung endpoint took and never answered
 
 
 class Endpoint:
@@ -95,12 +101,23 @@ class Endpoint:
 
 
 class Fleet:
-    def __init__(self, endpoints: int, max_num_seqs: int, model: LatencyModel, seed: int = 0):
+    def __init__(
+        self,
+        endpoints: int,
+        max_num_seqs: int,
+        model: LatencyModel,
+        seed: int = 0,
+        hang_after_s: float | None = None,
+        hang_for_s: float | None = None,
+    ):
         self.model = model
+        self.hang_after_s, self.hang_for_s = hang_after_s, hang_for_s
+        self.first_request: float | None = None  # when the first chat request arrived (the hang's clock)
         self.rng = random.Random(seed)
         self.endpoints = [Endpoint(i, max_num_seqs) for i in range(endpoints)]
         self.counters = FleetCounters(per_endpoint=[0] * endpoints)
         self.servers: list[asyncio.AbstractServer] = []
+        self._stopping = asyncio.Event()  # the hung endpoint's requests end (without an answer) when it is set
 
     async def start(self) -> None:
         for endpoint in self.endpoints:
@@ -111,6 +128,7 @@ class Fleet:
             self.servers.append(server)
 
     def close(self) -> None:
+        self._stopping.set()
         for server in self.servers:
             server.close()
 
@@ -159,7 +177,19 @@ class Fleet:
         finally:
             writer.close()
 
+    def _hangs(self, endpoint: Endpoint) -> bool:
+        if self.hang_after_s is None or endpoint.index != len(self.endpoints) - 1 or self.first_request is None:
+            return False
+        since = time.monotonic() - self.first_request - self.hang_after_s
+        return since >= 0 and (self.hang_for_s is None or since < self.hang_for_s)
+
     async def _route(self, endpoint: Endpoint, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        if path == "/v1/chat/completions" and self.first_request is None:
+            self.first_request = time.monotonic()
+        if path != "/stats" and self._hangs(endpoint):
+            self.counters.hung += path == "/v1/chat/completions"
+            await self._stopping.wait()  # never answers; the client closes the connection or we stop
+            raise ConnectionError("the fleet stops")
         if method == "GET" and path == "/v1/models":
             return 200, {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}
         if method == "GET" and path == "/stats":
@@ -233,7 +263,7 @@ def raise_open_files_limit() -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     model = LatencyModel(args.ttft, args.decode_rate, args.tokens, args.tokens_spread, args.time_scale)
-    fleet = Fleet(args.endpoints, args.per_endpoint, model, args.seed)
+    fleet = Fleet(args.endpoints, args.per_endpoint, model, args.seed, args.hang_after, args.hang_for)
     await fleet.start()
     print(
         json.dumps(
@@ -273,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies every latency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop by itself after this long")
+    p.add_argument("--hang-after", type=float, default=None, help="the last endpoint hangs this long after start")
+    p.add_argument("--hang-for", type=float, default=None, help="... for this long (default: for good)")
     return p
 
 

@@ -27,6 +27,7 @@ from tasks.training.heldout_loss import describe_heldout_loss
 KEYS = {
     "generate_progress": "generate-progress",
     "generate_task_types": "generate-task-types",
+    "generate_llm_endpoints": "generate-llm-endpoints",
     "clean_funnel": "clean-funnel",
     "clean_drop_reasons": "clean-drop-reasons",
     "clean_samples": "clean-samples",

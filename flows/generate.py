@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
+from flows.endpoints import degraded_warnings, publish_endpoints
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
@@ -116,6 +117,9 @@ class GenerateSummary:
     transport_retries: int = 0
     schema_retries: int = 0
     transport_failure_rate: float = 0.0
+    # per LLM endpoint: requests, failures, median / p99 latency, seconds out of rotation (llm/router.py)
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    hedges: int = 0  # requests sent to a second endpoint because the first was slow
 
     @property
     def examples(self) -> int:
@@ -196,6 +200,7 @@ def summarize(
     by_type: dict[str, int],
     tally: ShardTally,
     elapsed: float,
+    endpoints: list[dict[str, Any]] | None = None,
 ) -> GenerateSummary:
     """The run's summary, with a warning for each target missed and each failure rate over the threshold."""
     logger = get_run_logger()
@@ -217,6 +222,7 @@ def summarize(
             f"{rejects.num_rows} of {requests} requests were rejected "
             f"({rejects.num_rows / requests:.1%}); reasons: {rejects_by_reason(rejects)}"
         )
+    found += degraded_warnings(endpoints or [])
     for warning in found:
         logger.warning(warning)
     # the brainstorm step logged its warning when it found it
@@ -247,6 +253,8 @@ def summarize(
         transport_retries=stats.transport_retries,
         schema_retries=stats.schema_retries,
         transport_failure_rate=transport_rate,
+        endpoints=list(endpoints or []),
+        hedges=stats.hedges,
     )
     logger.info(
         "run %s: %d examples %s, %d rejects, %.0f completion tokens/s",
@@ -345,9 +353,11 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
             by_type=by_type,
             tally=tally,
             elapsed=time.monotonic() - started,
+            endpoints=client.router.report_rows(),
         )
         write_run_ledger(settings, store, summary.elapsed_s)
         publish_generate(store)  # the per-task-type table in the UI
+        publish_endpoints(store.run_id, summary.endpoints)
         instructions = count_by_type(brainstormed.instructions)
         failed = targets_missed(example_targets(gen), by_type, store.read_kind("rejects"), instructions)
         if failed:

@@ -44,6 +44,17 @@ class LLMSettings(Section):
     base_urls: list[str] = []
     endpoint_cooldown_s: float = Field(2.0, gt=0)  # a failed endpoint's first time out of rotation; doubles
     endpoint_max_cooldown_s: float = Field(60.0, gt=0)  # ... up to this; also the longest wait when all are out
+    # several endpoints: one out of rotation returns only after GET <url>/models answers within probe_timeout_s
+    # and then a one-token canary chat request within canary_timeout_s (llm/client.py)
+    probe_timeout_s: float = Field(5.0, gt=0)
+    canary_timeout_s: float = Field(60.0, gt=0)
+    # an endpoint with requests in flight that answered nothing for this many times the fleet's recent p99
+    # latency, while others answered, is taken out and its requests go elsewhere (a hung replica)
+    silent_after_p99: float = Field(2.0, ge=1.5)
+    # a request in flight longer than this quantile of the fleet's recent latencies is sent to a second endpoint
+    # too (first answer wins), for at most hedge_max_share of the requests; 0 turns hedging off
+    hedge_quantile: float = Field(0.95, ge=0.5, lt=1)
+    hedge_max_share: float = Field(0.03, ge=0, le=0.5)
     api_key: SecretStr = SecretStr("EMPTY")
     model: str | None = None  # None: the embedded server's served model name
     max_in_flight: int = Field(64, ge=1, le=65536)  # = the embedded server's max_num_seqs; over all endpoints

@@ -13,6 +13,12 @@ requests in flight (``llm/router.py``); a connection error, timeout or 5xx takes
 out of rotation for a cool-down and the request goes to another endpoint, at most ``max_retries + 1``
 tries in all (the ``openai`` client's own retries are off then). When every endpoint is out, a try
 waits at most one longest cool-down, then the request fails with a line naming every endpoint.
+
+A hung endpoint costs seconds, not a request timeout (``llm/fleet_watch.py``: silent endpoints out, their
+requests elsewhere; re-admission only by health probe and canary). A request in flight longer than the
+fleet's ``hedge_quantile`` latency is also sent to a second endpoint (for at most ``hedge_max_share`` of the
+requests): the first answer wins, the other copy is cancelled, and its tokens are counted as the answer's
+(an upper bound) so the ledger carries the cost.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from openai.types.chat import ChatCompletion
 
 from ground.secrets import reveal
 from ground.settings import Settings
+from llm.fleet_watch import FleetWatch
 from llm.router import EndpointRouter, Lease
 from llm.router import log as router_log
 from prompts.render import OutputInvalid, RenderedPrompt, parse_output
 
 #: statuses that mean "busy, ask again" rather than "this endpoint is broken"
 _THROTTLED = (408, 409, 429)
+#: answers the fleet must have given before its tail quantile is trusted to hedge against (a p95 of fewer is noise)
+HEDGE_MIN_ANSWERS = 200
 
 
 class AllEndpointsDown(Exception):
@@ -98,6 +107,10 @@ class ClientStats:
     http_ok: int = 0  # attempts that gave a readable chat completion
     invalid_bodies: int = 0  # 200s whose body was no chat completion (asked again)
     truncated: int = 0  # requests that failed cut at max_tokens with no more room to ask again
+    hedges: int = 0  # second copies sent for slow requests
+    hedges_won: int = 0  # ... whose answer came first
+    hedge_tokens: int = 0  # tokens counted for the cancelled copies (prompt + completion, an upper bound)
+    moved_off_silent: int = 0  # requests taken off an endpoint found silent and sent elsewhere
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -138,6 +151,11 @@ class LLMClient:
             send_seed=llm.send_seed,
             endpoint_cooldown_s=llm.endpoint_cooldown_s,
             endpoint_max_cooldown_s=llm.endpoint_max_cooldown_s,
+            probe_timeout_s=llm.probe_timeout_s,
+            canary_timeout_s=llm.canary_timeout_s,
+            silent_after_p99=llm.silent_after_p99,
+            hedge_quantile=llm.hedge_quantile,
+            hedge_max_share=llm.hedge_max_share,
             logger=logger,
         )
         return cls(**{**options, **overrides})
@@ -155,10 +173,27 @@ class LLMClient:
         http_client: httpx.AsyncClient | None = None,  # tests inject a mock transport here
         endpoint_cooldown_s: float = 2.0,
         endpoint_max_cooldown_s: float = 60.0,
+        probe_timeout_s: float = 5.0,
+        canary_timeout_s: float = 60.0,
+        silent_after_p99: float = 2.0,
+        hedge_quantile: float = 0.95,
+        hedge_max_share: float = 0.03,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
     ):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.router = EndpointRouter(urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log)
+        self.router = EndpointRouter(
+            urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log, readmit_by_probe=True
+        )
+        self.watch = FleetWatch(
+            self.router,
+            model,
+            api_key,
+            silent_fallback_s=timeout_s,
+            silent_after_p99=silent_after_p99,
+            probe_timeout_s=probe_timeout_s,
+            canary_timeout_s=canary_timeout_s,
+        )
+        self._hedge_quantile, self._hedge_max_share = hedge_quantile, hedge_max_share
         self.model = model
         self.base_url = base_url = urls[0]
         self.schema_retries = schema_retries
@@ -193,6 +228,7 @@ class LLMClient:
         return http_client
 
     async def close(self) -> None:
+        await self.watch.close()
         for client in (self._client, *self._endpoint_clients.values()):
             await client.close()
 
@@ -213,7 +249,7 @@ class LLMClient:
             # a new seed per attempt, so a retry is not the same bad sample again
             attempt_seed = seed + 1_000_003 * (attempt - 1)
             try:
-                response = await self._create(prompt, sampling, attempt_seed)
+                response, copies = await self._create(prompt, sampling, attempt_seed)
             except AllEndpointsDown as exc:
                 self._count_failure()
                 raise RequestFailed(str(exc), attempt) from None
@@ -229,7 +265,7 @@ class LLMClient:
                     f"connection error after retries: {_short(str(exc.__cause__ or exc))}", attempt
                 ) from None
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (the openai client does not retry it)
-                response = f"{type(exc).__name__}: {exc}"
+                response, copies = f"{type(exc).__name__}: {exc}", 1
             if not getattr(response, "choices", None):  # not JSON, or JSON without choices: ask again
                 self.stats.invalid_bodies += 1
                 last_reason = f"invalid response body: {_short(str(response))}"
@@ -239,11 +275,12 @@ class LLMClient:
             choice = response.choices[0]
             last_text = choice.message.content or ""
             last_finish = choice.finish_reason
-            if response.usage:
-                usage_prompt += response.usage.prompt_tokens
-                usage_completion += response.usage.completion_tokens
-                self.stats.prompt_tokens += response.usage.prompt_tokens
-                self.stats.completion_tokens += response.usage.completion_tokens
+            if response.usage:  # a hedged request: the cancelled copy is counted as costly as the answer
+                usage_prompt += copies * response.usage.prompt_tokens
+                usage_completion += copies * response.usage.completion_tokens
+                self.stats.prompt_tokens += copies * response.usage.prompt_tokens
+                self.stats.completion_tokens += copies * response.usage.completion_tokens
+                self.stats.hedge_tokens += (copies - 1) * response.usage.total_tokens
             try:
                 parsed = parse_output(last_text, prompt.schema)
             except OutputInvalid as exc:
@@ -273,7 +310,8 @@ class LLMClient:
         self._count_failure()
         raise RequestFailed(last_reason, attempt, last_text, last_finish)
 
-    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int):
+    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> tuple[Any, int]:
+        """The response and how many copies of the request were sent for it (2 when hedged)."""
         extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}
         request = dict(
             model=self.model,
@@ -289,28 +327,79 @@ class LLMClient:
             self.stats.in_flight += 1
             try:
                 if self._endpoint_clients:
-                    return await self._routed(request)
-                return await _post_chat(self._client, request)
+                    return await self._hedged(request)
+                return await _post_chat(self._client, request), 1
             finally:
                 self.stats.in_flight -= 1
 
-    async def _routed(self, request: dict[str, Any]):
-        """Try the least-loaded endpoint in rotation; an endpoint failure sends the next try elsewhere."""
+    async def _hedged(self, request: dict[str, Any]) -> tuple[Any, int]:
+        """The request on one endpoint; still in flight after the fleet's hedge quantile (and within the cap),
+        a copy on another endpoint too: the first answer wins, the other copy is cancelled."""
+        self.watch.start()
+        where: list[str] = []
+        after = self._hedge_after()
+        if after is None:
+            return await self._routed(request, where), 1
+        first = asyncio.ensure_future(self._routed(request, where))
+        second = None
+        try:
+            done, _ = await asyncio.wait((first,), timeout=after)
+            lease = None if done or self._hedge_after() is None else self.router.acquire(avoid=where)
+            if lease is None:
+                return await first, 1
+            self.stats.hedges += 1
+            second = asyncio.ensure_future(self._routed(request, [], lease))
+            pending: set[asyncio.Future] = {first, second}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for copy in done:
+                    if copy.exception() is None:
+                        self.stats.hedges_won += copy is second
+                        return copy.result(), 2
+            return await first, 2  # both failed: the first copy's error
+        finally:
+            for copy in (first, second):
+                if copy is not None and not copy.done():
+                    copy.cancel()
+
+    def _hedge_after(self) -> float | None:
+        """Seconds after which a request is hedged; None while hedging is off, capped or not yet informed."""
+        if (self.stats.hedges + 1) > self._hedge_max_share * self.stats.requests:
+            return None
+        return self.router.quantile(self._hedge_quantile, HEDGE_MIN_ANSWERS)
+
+    async def _routed(self, request: dict[str, Any], where: list[str], lease: Lease | None = None):
+        """Try the least-loaded endpoint in rotation; an endpoint failure sends the next try elsewhere.
+        ``where`` is kept to the endpoint it waits on (a hedge avoids it); ``lease``: the first try's."""
+        task = asyncio.current_task()
         for attempt in range(self._tries):
             last = attempt == self._tries - 1
-            lease = await self._lease()
+            if lease is None:
+                lease = await self._lease()
+            where[:] = [lease.url]
+            waiting = self.watch.waiting[lease.url]
+            waiting.add(task)
             try:
                 response = await _post_chat(self._endpoint_clients[lease.url], request)
+            except asyncio.CancelledError:  # by the watch (the endpoint is silent: go elsewhere), or by its owner
+                if not self.watch.was_moved(task) or task.uncancel() > 0:
+                    self.router.release(lease)
+                    raise
+                self.stats.moved_off_silent += 1
+                timeout = openai.APITimeoutError(request=httpx.Request("POST", lease.url))
+                self._endpoint_failed(lease, "silent", timeout, last)
             except openai.APIStatusError as exc:
                 if exc.status_code < 500:  # it answered: alive; busy (429 …) is asked again, anything else is final
-                    self.router.answered(lease)
+                    self.router.answered(lease, latency=False)
                     if last or exc.status_code not in _THROTTLED:
                         raise
                     await asyncio.sleep(_retry_delay(exc.response, attempt))
                     continue
                 self._endpoint_failed(lease, f"http {exc.status_code}", exc, last)
             except openai.APIConnectionError as exc:  # refused, reset, timed out
-                reason = "timeout" if isinstance(exc, openai.APITimeoutError) else _short(str(exc.__cause__ or exc), 80)
+                cause = exc.__cause__ or exc  # some connection errors have no message: then their type
+                reason = _short(str(cause), 80) or type(cause).__name__
+                reason = "timeout" if isinstance(exc, openai.APITimeoutError) else reason
                 self._endpoint_failed(lease, reason, exc, last)
             except BaseException:
                 self.router.release(lease)
@@ -318,6 +407,9 @@ class LLMClient:
             else:
                 self.router.answered(lease)
                 return response
+            finally:
+                waiting.discard(task)
+            lease = None
             self.stats.failovers += 1
 
     def _endpoint_failed(self, lease: Lease, reason: str, exc: Exception, last: bool) -> None:

@@ -11,18 +11,32 @@ for a :class:`Lease` on an endpoint, sends the request there, and reports how it
 * **Cool-down and return**: when the cool-down is over, one request at a time is let through (a
   probe). A probe that gets an answer puts the endpoint back in rotation; a probe that fails takes it
   out again with twice the cool-down, up to ``max_cooldown_s``. A success resets the cool-down.
+  With ``readmit_by_probe`` (what ``LLMClient`` uses) no live request is let through: the client
+  checks the endpoint with a health probe and a canary request (``due_for_probe``), then reports
+  ``readmit`` or ``probe_failed`` (out again, twice as long).
+* **Silent endpoints**: an endpoint with requests in flight that has answered nothing for a while
+  (``silent``: the client compares it with the fleet's recent latencies, ``quantile``) is taken out
+  as if a request had failed, while the other endpoints keep answering.
 * **A lone endpoint is never taken out**: there is nowhere else to send its requests; the ``openai``
   client's own retries apply instead.
 
-Taking out and returning are logged (warning / info), with the reason.
+Taking out and returning are logged (warning / info), with the reason; ``report_rows`` sums each
+endpoint up (requests, failures, median and p99 latency, seconds out of rotation) for the run summary.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+#: answers kept per endpoint for its median / p99, and fleet-wide for the quantiles that steer hedging
+ENDPOINT_LATENCIES = 20_000
+FLEET_LATENCIES = 1_000
+MIN_LATENCIES = 20  # fewer answers than this: no quantile yet
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,11 @@ class Endpoint:
     probing: bool = False  # a probe is in flight (only one at a time after a cool-down)
     reason: str = ""  # why it was last taken out
     taken_out: int = 0  # how many times
+    out_since: float | None = None  # when it left rotation this time
+    out_s: float = 0.0  # seconds out of rotation in earlier outages
+    busy_since: float = 0.0  # when its in-flight count last rose from 0
+    last_heard: float = 0.0  # when it last answered or failed (a cancelled request says nothing)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=ENDPOINT_LATENCIES))
 
     @property
     def in_rotation(self) -> bool:
@@ -55,6 +74,7 @@ class Lease:
     endpoint: Endpoint
     generation: int
     probe: bool = False
+    started: float = 0.0
 
     @property
     def url(self) -> str:
@@ -68,6 +88,7 @@ class EndpointRouter:
     max_cooldown_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     logger: logging.Logger | logging.LoggerAdapter = field(default=log)
+    readmit_by_probe: bool = False  # True: out-of-rotation endpoints get no live request (see the docstring)
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -78,19 +99,25 @@ class EndpointRouter:
             raise ValueError(f"need 0 < cooldown_s ({self.cooldown_s}) <= max_cooldown_s ({self.max_cooldown_s})")
         self.endpoints = [Endpoint(url) for url in self.urls]
         self._turn = 0  # round-robin start for ties
+        self._recent: deque[float] = deque(maxlen=FLEET_LATENCIES)  # latencies of the fleet's last answers
+        self._sorted: list[float] = []  # ``_recent`` sorted, refreshed every few answers
+        self._stale = 0  # answers recorded since ``_sorted`` was refreshed
+        self._last_answer = 0.0  # when any endpoint last answered
 
     def __len__(self) -> int:
         return len(self.endpoints)
 
     # --- choosing -------------------------------------------------------------------------------
-    def acquire(self) -> Lease | None:
-        """A lease on the least-loaded usable endpoint, or None while every endpoint is out (or probed)."""
+    def acquire(self, avoid: Sequence[str] = ()) -> Lease | None:
+        """A lease on the least-loaded usable endpoint not in ``avoid``, or None while none is usable."""
         now = self.clock()
         n = len(self.endpoints)
         best: Endpoint | None = None
         for k in range(n):
             e = self.endpoints[(self._turn + k) % n]
-            if not (e.in_rotation or (now >= e.down_until and not e.probing)):
+            if e.url in avoid:
+                continue
+            if not (e.in_rotation or (not self.readmit_by_probe and now >= e.down_until and not e.probing)):
                 continue
             if best is None or e.in_flight < best.in_flight:
                 best = e
@@ -101,9 +128,11 @@ class EndpointRouter:
         if probe:
             best.probing = True
             self.logger.info("LLM endpoint %s: cool-down over, trying it again", best.url)
+        if best.in_flight == 0:
+            best.busy_since = now
         best.in_flight += 1
         best.requests += 1
-        return Lease(best, best.generation, probe)
+        return Lease(best, best.generation, probe, now)
 
     def retry_in(self) -> float:
         """Seconds until an endpoint out of rotation may be tried again (0: one may be tried now)."""
@@ -111,30 +140,102 @@ class EndpointRouter:
         waits = [max(0.0, e.down_until - now) for e in self.endpoints if not e.in_rotation and not e.probing]
         return min(waits) if waits else self.cooldown_s  # only probes in flight: their answer decides
 
+    # --- the fleet's own latencies ----------------------------------------------------------------
+    def quantile(self, q: float, min_answers: int = MIN_LATENCIES) -> float | None:
+        """The ``q`` quantile (0..1) of the fleet's recent answer latencies; None before ``min_answers``."""
+        if len(self._recent) < min_answers:
+            return None
+        if len(self._sorted) != len(self._recent) or self._stale >= MIN_LATENCIES:
+            self._sorted, self._stale = sorted(self._recent), 0
+        return self._sorted[min(len(self._sorted) - 1, int(q * len(self._sorted)))]
+
+    def silent(self, after_s: float) -> list[Endpoint]:
+        """Endpoints in rotation with requests in flight that have not answered for ``after_s`` seconds,
+        while another endpoint answered within that time (when all are slow, it is the work, not one endpoint)."""
+        now = self.clock()
+        if len(self.endpoints) == 1 or now - self._last_answer > after_s:
+            return []
+        return [
+            e
+            for e in self.endpoints
+            if e.in_rotation and e.in_flight and now - max(e.busy_since, e.last_heard) > after_s
+        ]
+
+    def take_out(self, e: Endpoint, reason: str) -> None:
+        """Take ``e`` out of rotation now, as if a request had failed there (its in-flight leases go stale)."""
+        self._take_out(e, reason)
+
+    # --- re-admission by probe (``readmit_by_probe``) ----------------------------------------------
+    def due_for_probe(self) -> list[Endpoint]:
+        """Endpoints whose cool-down is over and that nobody probes yet; they are marked as being probed."""
+        now = self.clock()
+        due = [e for e in self.endpoints if not e.in_rotation and not e.probing and now >= e.down_until]
+        for e in due:
+            e.probing = True
+        return due
+
+    def readmit(self, e: Endpoint) -> None:
+        """Its health probe and canary request succeeded: back in rotation."""
+        e.probing = False
+        e.failures_in_row = 0
+        self._back(e, "its health probe and a canary request succeeded")
+
+    def probe_failed(self, e: Endpoint, reason: str) -> None:
+        """Its probe or canary failed: out again, for twice as long (logged at debug: the take-out said it)."""
+        e.probing = False
+        e.failures_in_row += 1
+        e.down_until = self.clock() + self._cooldown(e)
+        self.logger.debug("LLM endpoint %s: probe failed (%s); next probe in %.1fs", e.url, reason, self._cooldown(e))
+
     # --- reporting ------------------------------------------------------------------------------
-    def answered(self, lease: Lease) -> None:
-        """The endpoint answered (any HTTP response that is not a 5xx): it is alive."""
+    def answered(self, lease: Lease, latency: bool = True) -> None:
+        """The endpoint answered (any HTTP response that is not a 5xx): it is alive. ``latency``: a full
+        answer, whose latency counts (a 429 or 4xx says the endpoint is alive, not how fast it is)."""
         e = self._release(lease)
         e.answered += 1
+        e.last_heard = self.clock()
+        if latency:
+            took = e.last_heard - lease.started
+            e.latencies.append(took)
+            self._recent.append(took)
+            self._stale += 1
+            self._last_answer = e.last_heard
         if lease.generation != e.generation:
             return  # acquired before the last take-out: says nothing about the endpoint now
         if not e.in_rotation:
-            self.logger.info(
-                "LLM endpoint %s is back in rotation (out %d time(s); last: %s)", e.url, e.taken_out, e.reason
-            )
-            e.down_until = None
+            self._back(e, f"last: {e.reason}")
         e.failures_in_row = 0
+
+    def _back(self, e: Endpoint, why: str) -> None:
+        now = self.clock()
+        out = now - (e.out_since or now)
+        e.out_s += out
+        e.down_until = e.out_since = None
+        self.logger.info(
+            "LLM endpoint %s is back in rotation after %.1fs out (out %d time(s); %s)", e.url, out, e.taken_out, why
+        )
 
     def failed(self, lease: Lease, reason: str) -> None:
         """The endpoint failed this request (connection error, timeout, 5xx): take it out of rotation."""
         e = self._release(lease)
         e.failed += 1
+        e.last_heard = self.clock()
         if lease.generation != e.generation or len(self.endpoints) == 1:
             return  # already out for this outage, or nowhere else to go
+        self._take_out(e, reason)
+
+    def _cooldown(self, e: Endpoint) -> float:
+        return min(self.max_cooldown_s, self.cooldown_s * 2 ** (e.failures_in_row - 1))
+
+    def _take_out(self, e: Endpoint, reason: str) -> None:
         e.failures_in_row += 1
-        cooldown = min(self.max_cooldown_s, self.cooldown_s * 2 ** (e.failures_in_row - 1))
-        e.down_until = self.clock() + cooldown
+        cooldown = self._cooldown(e)
+        now = self.clock()
+        e.down_until = now + cooldown
+        if e.out_since is None:
+            e.out_since = now
         e.generation += 1
+        e.probing = False
         e.reason = reason
         e.taken_out += 1
         left = sum(x.in_rotation for x in self.endpoints)
@@ -186,3 +287,27 @@ class EndpointRouter:
             }
             for e in self.endpoints
         }
+
+    def report_rows(self) -> list[dict[str, object]]:
+        """One row per endpoint for a run's summary and artifact: requests, failures, median and p99
+        latency of its answers (seconds), seconds out of rotation (the current outage included)."""
+        now = self.clock()
+        rows = []
+        for e in self.endpoints:
+            ordered = sorted(e.latencies)
+            rows.append(
+                {
+                    "endpoint": e.url,
+                    "requests": e.requests,
+                    "failures": e.failed,
+                    "median_latency_s": round(statistics.median(ordered), 3) if ordered else None,
+                    "p99_latency_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
+                    if ordered
+                    else None,
+                    "out_of_rotation_s": round(e.out_s + (now - e.out_since if e.out_since is not None else 0.0), 1),
+                    "taken_out": e.taken_out,
+                    "last_reason": e.reason,
+                    "in_rotation": e.in_rotation,
+                }
+            )
+        return rows

@@ -122,6 +122,40 @@ def test_all_down_says_so_and_a_lone_endpoint_is_never_taken_out():
     assert lone.endpoints[0].in_rotation and lone.acquire() is not None
 
 
+def test_a_silent_endpoint_is_found_and_returns_only_by_probe(caplog):
+    r, clock = router((A, B, C), readmit_by_probe=True)
+    leases = [r.acquire() for _ in range(6)]
+    for lease in leases[:2]:  # one answer each from A and B, 0.5 s after the start
+        clock.now += 0.5
+        r.answered(lease)
+    assert r.quantile(0.99, min_answers=3) is None and r.quantile(0.99, min_answers=2) == 1.0
+    clock.now += 2.0  # A and B answer again; C has answered nothing for 3 s with 2 requests in flight
+    r.answered(leases[3])
+    assert r.silent(after_s=5.0) == []  # not yet silent long enough
+    assert [e.url for e in r.silent(after_s=2.5)] == [C]
+    r.answered(leases[4])
+    clock.now += 3.0  # now no endpoint has answered for 3 s: the work is slow, not one endpoint
+    assert r.silent(after_s=2.5) == []
+    clock.now -= 3.0
+    with caplog.at_level(logging.WARNING):
+        r.take_out(r.endpoints[2], "silent for 2.5s with 2 requests in flight")
+    assert "out of rotation" in caplog.text and C in caplog.text
+    assert all(r.acquire().url != C for _ in range(10)), "a live request went to an endpoint out of rotation"
+    clock.now += 2.0
+    assert [e.url for e in r.due_for_probe()] == [C] and r.due_for_probe() == []  # one probe at a time
+    r.probe_failed(r.endpoints[2], "ReadTimeout")  # the cool-down doubles: 4 s
+    clock.now += 3.9
+    assert r.due_for_probe() == []
+    clock.now += 0.2
+    assert r.due_for_probe() == [r.endpoints[2]]
+    r.readmit(r.endpoints[2])
+    row = next(row for row in r.report_rows() if row["endpoint"] == C)
+    assert row["in_rotation"] and row["taken_out"] == 1 and row["out_of_rotation_s"] == pytest.approx(6.1)
+    assert row["requests"] == 2 and row["median_latency_s"] is None  # its requests never answered
+    a = next(row for row in r.report_rows() if row["endpoint"] == A)
+    assert a["median_latency_s"] == pytest.approx(1.75) and a["out_of_rotation_s"] == 0
+
+
 def test_bad_endpoint_lists_are_refused():
     with pytest.raises(ValueError, match="at least one"):
         EndpointRouter([])
@@ -204,7 +238,9 @@ def test_all_endpoints_down_fails_the_request_with_one_clear_line():
         asyncio.run(client.complete_json(PROMPT, SAMPLING, seed=1))
     assert failure.value.reason.startswith("all 2 LLM endpoints are out of rotation:")
     assert "http://a.test/v1 (" in failure.value.reason and "http://b.test/v1 (http 503" in failure.value.reason
-    assert sum(hits.values()) == 3  # max_retries + 1 tries, bounded
+    # one live try each; the third try waited (one longest cool-down) for a probe to re-admit one: live
+    # requests never test an endpoint out of rotation (the probes bypass the mock transport and fail)
+    assert sum(hits.values()) == 2
     assert time.monotonic() - started < 5
     assert client.stats.failed == 1
 

@@ -32,6 +32,7 @@ from storage.corpus import CleanStore
 from storage.schemas import count_by_type
 from storage.shards import RunStore, ShardRecord
 from storage.stages import enabled_stages
+from support.artifacts import artifacts_of, table_of
 from support.rows import TOPICS, example, make_export, write_run
 from support.stub_llm import StubLLM
 
@@ -41,25 +42,6 @@ CLEAN_ENV = {  # a corpus of 7 texts: shrink the rank windows to fit it
     "EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX": "10",
     "EMBED_FACTORY_CLEAN__RANK_TOP_K": "3",
 }
-
-
-def artifacts_of(flow_run_id) -> dict[str, object]:
-    """The artifacts of one flow run by key, read through the Prefect client API."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    by_key = {a.key: a for a in found}
-    assert len(by_key) == len(found), "one artifact per key per run"
-    return by_key
-
-
-def table_of(artifact) -> list[dict]:
-    assert artifact.type == "table"
-    return json.loads(artifact.data)
 
 
 # --- clean: one run, several checks ------------------------------------------------------------------

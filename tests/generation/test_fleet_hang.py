@@ -147,10 +147,9 @@ class HungServer:
 
 
 def test_generate_summary_and_artifact_name_the_hung_endpoint(prefect_api_url, data_dir, monkeypatch):
-    from test_artifacts import artifacts_of, table_of
-
     from flows.artifacts import KEYS
     from flows.generate import generate
+    from support.artifacts import artifacts_of, table_of
 
     with StubLLM(delay_s=0.01, invalid_every=0) as llm, HungServer() as hung:
         for key, value in {

@@ -9,7 +9,7 @@ a 300-word document. Only the n-gram check runs (no embedder): the rule whose fa
     python bench/decontaminate.py [--rows 2000] [--seed 7]
 
 The rule before issue 28 (>= 50 % of an eval text's trigrams anywhere in the text) is measured on the
-same rows in the same run. ``tests/test_decontaminate.py`` asserts the false-positive rate (<= 0.5 %).
+same rows in the same run. ``tests/cleaning/test_decontaminate.py`` asserts the false-positive rate (<= 0.5 %).
 """
 
 from __future__ import annotations

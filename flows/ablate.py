@@ -23,6 +23,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from flows.artifacts import publish_ablation
 from ground import progress
 from ground.settings import CleanSettings, FinetuneSettings, Settings, load_settings
 from storage.ablation import AblationStore, example_ids
@@ -279,13 +280,9 @@ def _notes(
 
 
 def _artifacts(clean_id: str, summary: pa.Table, title: str, notes: list[str]) -> None:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     from tasks.training.ablation import display_rows
 
-    key = "ablation-" + "".join(c if c.isalnum() else "-" for c in clean_id.lower()).strip("-")
-    create_table_artifact(display_rows(summary).records(), key=key, description=title)
-    create_markdown_artifact(to_markdown(summary, title, notes), key=f"{key}-notes", description=title)
+    publish_ablation(clean_id, display_rows(summary).records(), to_markdown(summary, title, notes), title)
 
 
 def _run_name() -> str:

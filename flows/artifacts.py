@@ -310,6 +310,15 @@ def publish_markdown(key: str, markdown: str, description: str) -> Any:
     return _publish(create_markdown_artifact, markdown=markdown, key=KEYS[key], description=description)
 
 
+def publish_ablation(clean_id: str, rows: list[dict[str, Any]], markdown: str, description: str) -> None:
+    """An ablation's table and notes, keyed by its clean run (``ablation-<clean id>``, ``…-notes``)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = "ablation-" + "".join(c if c.isalnum() else "-" for c in clean_id.lower()).strip("-")
+    _publish(create_table_artifact, table=rows, key=key, description=description)
+    _publish(create_markdown_artifact, markdown=markdown, key=f"{key}-notes", description=description)
+
+
 def publish_link(key: str, location: str, text: str, description: str) -> Any:
     from prefect.artifacts import create_link_artifact
 

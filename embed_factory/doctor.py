@@ -307,7 +307,7 @@ def failed(checks: list[Check]) -> bool:
 
 def check_token_budget(settings: Settings) -> Check:
     """Whether the server's context holds each generated type's shortest answer after its prompt."""
-    from prompts.budget import answer_room, budget_problems, context_tokens
+    from prompts.budget import answer_cap, answer_room, budget_problems, context_tokens
 
     context = context_tokens(settings)
     if context is None:
@@ -325,4 +325,7 @@ def check_token_budget(settings: Settings) -> Check:
             " | ".join(p.split("; raise")[0] for p in problems),
             "raise" + problems[0].split("; raise")[1],
         )
-    return Check("tokens", OK, f"{context}-token context: answers up to {answer_room(settings)} tokens fit every type")
+    cap = answer_cap(settings)
+    note = f" (the embedded model's answers capped at {cap}: embedded_llm.max_answer_tokens)" if cap else ""
+    room = answer_room(settings, capped=False)
+    return Check("tokens", OK, f"{context}-token context: answers up to {room} tokens fit every type{note}")

@@ -57,6 +57,10 @@ class EmbeddedLLMSettings(Section):
     #: an order of magnitude slower (seen: ~10 tokens/s on an AVX2-only EPYC)
     dtype: str = "auto"
     max_model_len: int = Field(2048, ge=256)
+    #: the most tokens one answer of the embedded model may take (None: what max_model_len leaves). SmolLM2-135M
+    #: writes short answers, and when it loops it writes until the limit: at 1,360 tokens each loop held a slot
+    #: for minutes and a first run's examples took 3x as long; requests ask for lengths that fit this instead
+    max_answer_tokens: int | None = Field(512, ge=16)
     # 64 sequences decode ~11% more tokens/s than 32 on 2 cores (bench: 229-237 vs 204-214 tok/s)
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_gib: int = Field(2, ge=1)

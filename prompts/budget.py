@@ -149,14 +149,21 @@ def context_tokens(settings: Settings) -> int | None:
     return settings.embedded_llm.max_model_len if settings.uses_embedded_llm else None
 
 
-def answer_room(settings: Settings, extra_prompt_chars: int = 0) -> int | None:
+def answer_cap(settings: Settings) -> int | None:
+    """The embedded model's own bound on an answer (``embedded_llm.max_answer_tokens``), when it is the endpoint."""
+    return settings.embedded_llm.max_answer_tokens if settings.uses_embedded_llm else None
+
+
+def answer_room(settings: Settings, extra_prompt_chars: int = 0, capped: bool = True) -> int | None:
     """The most completion tokens one example request may ask for: the context less the prompt allowance
-    (and less ``extra_prompt_chars`` more characters of prompt: a brainstorm's persona)."""
-    context = context_tokens(settings)
+    (and less ``extra_prompt_chars`` more characters of prompt: a brainstorm's persona), at most the
+    embedded model's :func:`answer_cap` (``capped=False``: what the context alone leaves)."""
+    context, cap = context_tokens(settings), (answer_cap(settings) if capped else None)
     if context is None:
-        return None
+        return cap
     extra = math.ceil(3 * extra_prompt_chars / PROMPT_BYTES_PER_TOKEN)
-    return max(context - prompt_allowance() - extra, 16)
+    room = max(context - prompt_allowance() - extra, 16)
+    return room if cap is None else min(room, cap)
 
 
 def request_max_tokens(task_type: str, placeholders: Mapping[str, Any], floor: int, room: int | None) -> int:
@@ -167,10 +174,11 @@ def request_max_tokens(task_type: str, placeholders: Mapping[str, Any], floor: i
 
 def budget_problems(settings: Settings) -> list[str]:
     """One line per task type whose shortest answer cannot fit the server's context (empty: all fit), each
-    saying what to change."""
+    saying what to change. The embedded model's own cap (:func:`answer_cap`) is a choice, not a problem:
+    ``plan`` and ``doctor`` show it."""
     from prompts.task_types import get_task_type
 
-    room = answer_room(settings)
+    room = answer_room(settings, capped=False)
     if room is None:
         return []
     setting = (

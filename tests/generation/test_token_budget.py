@@ -76,6 +76,29 @@ def test_placeholders_are_capped_to_what_the_context_holds():
     assert 400 in {r.placeholders["num_words"] for shard in uncapped for r in shard.requests}
 
 
+def test_the_embedded_models_answers_are_capped_and_its_requests_ask_for_what_fits(monkeypatch):
+    """SmolLM2 loops until the limit: its answers are capped (embedded_llm.max_answer_tokens), the
+    placeholders fitted to the cap; another server's answers are bounded by its context alone."""
+    from prompts.budget import answer_room
+
+    for name in ("EMBED_FACTORY_LLM__BASE_URL", "EMBED_FACTORY_LLM__BASE_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.uses_embedded_llm and settings.embedded_llm.max_answer_tokens == 512
+    assert answer_room(settings) == 512 and answer_room(settings, capped=False) == 2048 - prompt_allowance()
+    planned = plan_examples("r", 0, {"retrieval": 300}, INSTRUCTIONS, 42, 500, answer_room=answer_room(settings))
+    requests = [r for shard in planned for r in shard.requests]
+    sampling = Sampling(0.9, 0.95, max_tokens=256, max_tokens_ceiling=answer_room(settings))
+    assert {r.placeholders["num_words"] for r in requests} == {50}  # two 100-word documents and a query: > 512
+    assert 256 < max(request_sampling(r, sampling).max_tokens for r in requests) <= 512
+    monkeypatch.setenv("EMBED_FACTORY_EMBEDDED_LLM__MAX_ANSWER_TOKENS", "null")
+    assert answer_room(load_settings()) == 2048 - prompt_allowance()
+    monkeypatch.delenv("EMBED_FACTORY_EMBEDDED_LLM__MAX_ANSWER_TOKENS")
+    monkeypatch.setenv("EMBED_FACTORY_LLM__BASE_URL", "http://llm.test/v1")  # not the embedded model: no cap
+    monkeypatch.setenv("EMBED_FACTORY_LLM__CONTEXT_TOKENS", "32768")
+    assert answer_room(load_settings()) == 32768 - prompt_allowance()
+
+
 def test_the_prompt_allowance_holds_every_rendered_prompt():
     longest_instruction = "x" * 300
     for name, spec in TASK_TYPES.items():

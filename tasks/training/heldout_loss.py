@@ -6,7 +6,8 @@ and the last steps compare different things (a run whose STS went up logged ``4.
 :func:`fixed_batch_loss` scores the *same* batches with the model before and after training: the rows of
 the export's held-out split (or, where it has fewer than 2 rows, a seeded sample of the training rows,
 said so in ``source``), grouped by task type, shuffled with ``seed`` and cut into batches of
-``batch_size``; at most ``max_batches`` per type. The loss is the training loss itself (Matryoshka over
+``batch_size``; at most ``max_batches`` per type; rows left alone in their type (a small split) are pooled
+into mixed-type batches. The loss is the training loss itself (Matryoshka over
 InfoNCE, :func:`tasks.training.losses.build_loss`), without gradients, under bf16 autocast when training
 runs in bf16, so before and after are measured the same way.
 """
@@ -23,6 +24,8 @@ from tasks.training.losses import build_loss
 
 #: batches per task type at most: enough to average out the rows, cheap next to training
 MAX_BATCHES_PER_TYPE = 8
+#: the "type" of the batches pooled from types with a single row (a small held-out split has many)
+MIXED = "mixed types"
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,19 @@ def fixed_batches(
     rng = random.Random(seed)
     batches: dict[str, list[list[int]]] = {}
     size = max(2, int(batch_size))
+    leftover: list[int] = []  # rows of a type too small for a batch of its own: pooled into mixed batches
     for task in sorted(by_task):
         rows = by_task[task][:]
         rng.shuffle(rows)
         cut = [rows[i : i + size] for i in range(0, len(rows), size)]
+        leftover += [i for b in cut if len(b) < 2 for i in b]
         cut = [b for b in cut if len(b) >= 2][:max_batches]
         if cut:
             batches[task] = cut
+    mixed = [leftover[i : i + size] for i in range(0, len(leftover), size)]
+    mixed = [b for b in mixed if len(b) >= 2][:max_batches]
+    if mixed:
+        batches[MIXED] = mixed
     return FixedBatches(columns, batches, source)
 
 

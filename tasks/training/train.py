@@ -332,11 +332,12 @@ def train_embedding_model(
 
 
 def _fixed_batches(data: TrainingRows, heldout_path: Path | None, cfg: FinetuneSettings):
-    """The held-out split's rows when it has 2 or more, else a seeded sample of the training rows."""
+    """Batches of the held-out split's rows when it makes one (2 rows), else of a seeded sample of the training rows."""
     if heldout_path is not None and Path(heldout_path).exists():
         heldout = load_training_rows(Path(heldout_path), data.hard_negatives)
-        if heldout.rows >= 2:
-            return fixed_batches(heldout.columns, heldout.task_labels, cfg.batch_size, cfg.seed, "heldout")
+        batches = fixed_batches(heldout.columns, heldout.task_labels, cfg.batch_size, cfg.seed, "heldout")
+        if batches.count:
+            return batches
     return fixed_batches(data.columns, data.task_labels, cfg.batch_size, cfg.seed, "train sample")
 
 

@@ -325,7 +325,12 @@ def check_token_budget(settings: Settings) -> Check:
             " | ".join(p.split("; raise")[0] for p in problems),
             "raise" + problems[0].split("; raise")[1],
         )
-    cap = answer_cap(settings)
-    note = f" (the embedded model's answers capped at {cap}: embedded_llm.max_answer_tokens)" if cap else ""
-    room = answer_room(settings, capped=False)
-    return Check("tokens", OK, f"{context}-token context: answers up to {room} tokens fit every type{note}")
+    cap, room = answer_cap(settings), answer_room(settings, capped=False)
+    if cap is not None and cap <= room:
+        return Check(
+            "tokens",
+            OK,
+            f"the embedded model's answers are capped at {cap} tokens (embedded_llm.max_answer_tokens; its "
+            f"{context}-token context leaves {room}): requests ask for lengths that fit",
+        )
+    return Check("tokens", OK, f"{context}-token context: answers up to {room} tokens fit every type")

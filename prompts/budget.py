@@ -174,12 +174,12 @@ def request_max_tokens(task_type: str, placeholders: Mapping[str, Any], floor: i
 
 def budget_problems(settings: Settings) -> list[str]:
     """One line per task type whose shortest answer cannot fit the server's context (empty: all fit), each
-    saying what to change. The embedded model's own cap (:func:`answer_cap`) is a choice, not a problem:
-    ``plan`` and ``doctor`` show it."""
+    saying what to change. Where the embedded model's own cap (:func:`answer_cap`) is below what the context
+    leaves, it binds, and it is a choice, not a problem: ``plan`` and ``doctor`` show it."""
     from prompts.task_types import get_task_type
 
-    room = answer_room(settings, capped=False)
-    if room is None:
+    room, cap = answer_room(settings, capped=False), answer_cap(settings)
+    if room is None or (cap is not None and cap <= room):  # the embedded model's own cap binds: a choice
         return []
     setting = (
         "llm.context_tokens"

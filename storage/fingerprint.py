@@ -8,6 +8,7 @@ line names what changed (:func:`changes`), instead of silently reusing tables ma
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from ground.settings import Settings
@@ -55,10 +56,13 @@ def clean_fingerprint(settings: Settings, runs: list[str]) -> dict[str, Any]:
 
 
 def manifest_digest(store: RunStore) -> str | None:
-    """A digest of a generation run's manifest (its shards and their rows); None when it has none."""
+    """A digest of what a generation run holds: its shards and their row and reject counts; None when it has
+    no manifest. Not of the manifest's bytes: those carry commit times, so a run resumed after a crash (the
+    same shards and rows) would read as other inputs."""
     if not store.manifest_path.exists():
         return None
-    return hashlib.blake2b(store.manifest_path.read_bytes(), digest_size=16).hexdigest()
+    content = {key: [entry.get("rows"), entry.get("rejects")] for key, entry in sorted(store.manifest().items())}
+    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def changes(stored: Any, current: Any, prefix: str = "") -> list[str]:

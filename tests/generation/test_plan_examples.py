@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from ground.task_types import BRAINSTORM_TASK_TYPES
 from personas.sources import make_persona
 from prompts.render import render_example
 from prompts.task_types import get_task_type
@@ -23,15 +24,7 @@ from tasks.generation.brainstorm import (
 from tasks.generation.generate import plan_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
 LEFTOVER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
-
-POOL = [
-    make_persona(f"Persona number {i}: a {job} from {city}.")
-    for i, (job, city) in enumerate(
-        [(j, c) for j in ("baker", "pilot", "nurse", "coder", "farmer") for c in ("Oslo", "Lima", "Pune", "Kyiv")]
-    )
-]
 
 
 # --- plan_examples -------------------------------------------------------------------------------
@@ -117,7 +110,7 @@ def test_plan_examples_direct_types_need_no_instructions(task_type):
     assert len(requests) == 3
 
 
-@pytest.mark.parametrize("task_type", BRAINSTORMED)
+@pytest.mark.parametrize("task_type", BRAINSTORM_TASK_TYPES)
 def test_plan_examples_brainstormed_types_cycle_instructions(task_type):
     table = instruction_table(POOLS)
     pool = [r for r in table.to_pylist() if r["task_type"] == task_type]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from ground.seeding import rng_for, stable_seed
+from ground.task_types import BRAINSTORM_TASK_TYPES
 from personas.sampling import PersonaSampler
 from personas.sources import make_persona
 from storage.schemas import BRAINSTORM_SCHEMA, INSTRUCTION_SCHEMA
@@ -27,10 +26,6 @@ from tasks.generation.brainstorm import (
     unique_instructions,
 )
 from tasks.generation.generate import split_targets
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BRAINSTORMED = ("retrieval", "classification", "short_short", "long_long")
-LEFTOVER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 POOL = [
     make_persona(f"Persona number {i}: a {job} from {city}.")
@@ -61,7 +56,9 @@ def test_stable_seed_is_31_bit_and_key_sensitive():
 
 
 @pytest.mark.parametrize("total", [0, 1, 5, 6, 7, 119, 120, 121, 550_000])
-@pytest.mark.parametrize("types", [("sts",), ("retrieval", "sts"), BRAINSTORMED, BRAINSTORMED + ("sts", "bitext")])
+@pytest.mark.parametrize(
+    "types", [("sts",), ("retrieval", "sts"), BRAINSTORM_TASK_TYPES, BRAINSTORM_TASK_TYPES + ("sts", "bitext")]
+)
 def test_split_targets_sums_to_total_and_is_even(total, types):
     split = split_targets(total, types)
     assert list(split) == list(types)

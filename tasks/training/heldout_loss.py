@@ -83,13 +83,16 @@ def fixed_batches(
     return FixedBatches(columns, batches, source)
 
 
-def fixed_batch_loss(model: Any, batches: FixedBatches, cfg: Any, bf16: bool = False) -> HeldoutLoss:
-    """The training loss of ``model`` on every fixed batch, averaged per task type and over all batches."""
+def fixed_batch_loss(
+    model: Any, batches: FixedBatches, cfg: Any, bf16: bool = False, loss: Any | None = None
+) -> HeldoutLoss:
+    """The training loss of ``model`` on every fixed batch, averaged per task type and over all batches;
+    ``loss``: the trainer's own loss object (default: built from ``cfg``, as the trainer builds it)."""
     import torch
 
     if not batches.count:
         return HeldoutLoss(None, source=batches.source)
-    loss = build_loss(model, cfg)
+    loss = loss if loss is not None else build_loss(model, cfg)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -208,7 +208,7 @@ def train_embedding_model(
     if checkpointing:
         enable_checkpointing(model)
     comparable = _fixed_batches(data, heldout_path, cfg)
-    loss_before = fixed_batch_loss(model, comparable, cfg, bf16=bf16)
+    loss_before = fixed_batch_loss(model, comparable, cfg, bf16=bf16, loss=loss)
 
     samples = [0]
 
@@ -283,7 +283,7 @@ def train_embedding_model(
         epochs_done = float(trainer.state.epoch or 0.0)
 
     model.eval()
-    loss_after = fixed_batch_loss(model, comparable, cfg, bf16=bf16)
+    loss_after = fixed_batch_loss(model, comparable, cfg, bf16=bf16, loss=loss)
     metrics = None
     if eval_callback is not None and not isinstance(eval_callback, TrainerCallback):
         returned = eval_callback(model)

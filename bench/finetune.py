@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     before = evaluate(cfg.base_model)
     print(
-        f"before: STS-B en Spearman ({before['sts']['pairs']['en']} pairs, {before['precision']}, "
-        f"{before['seconds']:.1f}s)  {fmt_dims(before['sts']['spearman']['en'])}"
+        f"before: STS-B en Spearman ({before.sts.pairs['en']} pairs, {before.precision}, "
+        f"{before.seconds:.1f}s)  {fmt_dims(before.sts.spearman['en'])}"
     )
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         after = evaluate(str(result.model_dir))
     print(
-        f"after:  STS-B en Spearman ({after['sts']['pairs']['en']} pairs, {after['precision']}, "
-        f"{after['seconds']:.1f}s)  {fmt_dims(after['sts']['spearman']['en'])}"
+        f"after:  STS-B en Spearman ({after.sts.pairs['en']} pairs, {after.precision}, "
+        f"{after.seconds:.1f}s)  {fmt_dims(after.sts.spearman['en'])}"
     )
     change = delta(before, after)
     if args.require_cuda and (result.device != "cuda" or result.precision != "bf16"):
@@ -176,19 +176,19 @@ def main(argv: list[str] | None = None) -> int:
         "loss_start": result.loss_start,
         "loss_end": result.loss_end,
         "loss_window": result.loss_window,
-        "before": before,
-        "after": after,
-        "delta": change,
+        "before": before.model_dump(mode="json"),
+        "after": after.model_dump(mode="json"),
+        "delta": change.model_dump(mode="json"),
         "total_seconds": total,
     }
     out = Path(__file__).resolve().parent / "results" / f"finetune-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=str))
     print(f"results: {out}  (total {total:.0f}s)")
-    if change.get("retrieval"):
+    if change.retrieval:
         print(
             "held-out nDCG@10 delta: "
-            + fmt_dims({d: m.get("ndcg@10") for d, m in change["retrieval"].items()}, signed=True)
+            + fmt_dims({d: m.get("ndcg@10") for d, m in change.retrieval.items()}, signed=True)
         )
     per_step = result.samples / result.steps if result.steps else 0.0
     print(
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if on_gpu:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(
-        f"STS-B en delta (after - before, {after['sts']['pairs']['en']} pairs): "
-        f"{fmt_dims(change['sts']['en'], signed=True)}"
-    )
+    print(f"STS-B en delta (after - before, {after.sts.pairs['en']} pairs): {fmt_dims(change.sts['en'], signed=True)}")
     return 0
 
 

@@ -145,10 +145,10 @@ def train_and_evaluate(
     from tasks.training.evaluate import evaluate_model
     from tasks.training.train import train_embedding_model
 
-    evaluation: dict[str, Any] = {}
+    evaluations = []
 
     def evaluate(model) -> None:  # on the trained model in memory, before it is saved
-        evaluation.update(evaluate_model(model, eval_cfg, heldout))
+        evaluations.append(evaluate_model(model, eval_cfg, heldout))
 
     try:
         result = train_embedding_model(train_path, out_dir, train_cfg, eval_callback=evaluate)
@@ -157,7 +157,7 @@ def train_and_evaluate(
     return RunResult(
         name,
         train_cfg.seed,
-        scores_by_dim(evaluation),
+        scores_by_dim(evaluations[-1]),
         train_rows=result.rows,
         negatives=result.hard_negatives,
         steps=result.steps,

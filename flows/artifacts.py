@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from storage.catalog import Catalog
 from storage.funnel import funnel_counts
 from storage.shards import RunStore, ShardRecord
+from storage.summaries import EvalDelta, Evaluation, FinetuneSummary
 from tasks.training.heldout_loss import describe_heldout_loss
 
 #: one stable key per artifact (lowercase letters, digits, dashes: Prefect's rule)
@@ -128,31 +129,35 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_dim_rows(before: Mapping[str, Any], after: Mapping[str, Any], delta: Mapping[str, Any]) -> list[dict]:
+def eval_dim_rows(before: Evaluation, after: Evaluation, delta: EvalDelta) -> list[dict]:
     """Per Matryoshka dim: mean STS Spearman and held-out nDCG@10 / recall@10, before, after and delta."""
     rows: dict[str, dict[str, Any]] = {}
-    sts = [(s.get("sts") or {}).get("spearman", {}).get("mean", {}) for s in (before, after)]
-    sts_delta = (delta.get("sts") or {}).get("mean", {})
-    for dim in sts[1]:
+    sts_delta = (delta.sts or {}).get("mean", {})
+    for dim, value in after.sts_mean.items():
         rows.setdefault(dim, {"dim": int(dim)}).update(
-            {"sts spearman before": sts[0].get(dim), "sts spearman after": sts[1][dim], "sts delta": sts_delta.get(dim)}
+            {
+                "sts spearman before": before.sts_mean.get(dim),
+                "sts spearman after": value,
+                "sts delta": sts_delta.get(dim),
+            }
         )
-    metrics = [(s.get("retrieval") or {}).get("metrics", {}) for s in (before, after)]
-    for dim, after_m in metrics[1].items():
-        change = (delta.get("retrieval") or {}).get(dim, {})
-        row = rows.setdefault(dim, {"dim": int(dim)})
-        for metric in ("ndcg@10", "recall@10"):
-            row[f"{metric} before"] = metrics[0].get(dim, {}).get(metric)
-            row[f"{metric} after"] = after_m.get(metric)
-            row[f"{metric} delta"] = change.get(metric)
+    if after.retrieval:
+        before_metrics = before.retrieval.metrics if before.retrieval else {}
+        for dim, after_m in after.retrieval.metrics.items():
+            change = (delta.retrieval or {}).get(dim, {})
+            row = rows.setdefault(dim, {"dim": int(dim)})
+            for metric in ("ndcg@10", "recall@10"):
+                row[f"{metric} before"] = before_metrics.get(dim, {}).get(metric)
+                row[f"{metric} after"] = after_m.get(metric)
+                row[f"{metric} delta"] = change.get(metric)
     return [_rounded(rows[d]) for d in sorted(rows, key=int, reverse=True)]
 
 
-def eval_language_rows(before: Mapping[str, Any], after: Mapping[str, Any], delta: Mapping[str, Any]) -> list[dict]:
+def eval_language_rows(before: Evaluation, after: Evaluation, delta: EvalDelta) -> list[dict]:
     """Per STS language (and their mean) and dim: Spearman before, after and delta."""
-    b = ((before.get("sts") or {}).get("spearman")) or {}
-    a = ((after.get("sts") or {}).get("spearman")) or {}
-    d = (delta.get("sts")) or {}
+    b = before.sts.spearman if before.sts else {}
+    a = after.sts.spearman if after.sts else {}
+    d = delta.sts or {}
     langs = sorted(lang for lang in a if lang != "mean") + (["mean"] if "mean" in a else [])
     return [
         _rounded(
@@ -173,25 +178,22 @@ def _rounded(row: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def training_markdown(summary: Mapping[str, Any]) -> str:
-    train = summary.get("train") or {}
+def training_markdown(summary: FinetuneSummary) -> str:
+    train = summary.train
     figures = [
-        ("base model", summary.get("base_model")),
-        ("clean run", summary.get("clean_id")),
-        ("training data", summary.get("train_path")),
-        ("steps", train.get("steps")),
-        ("samples", train.get("samples")),
-        ("samples/s", train.get("samples_per_s")),
-        ("train seconds", train.get("train_seconds")),
+        ("base model", summary.base_model),
+        ("clean run", summary.clean_id),
+        ("training data", summary.train_path),
+        ("steps", train.steps),
+        ("samples", train.samples),
+        ("samples/s", train.samples_per_s),
+        ("train seconds", train.train_seconds),
         (
             "loss on fixed batches (before → after)",
-            describe_heldout_loss(train.get("heldout_loss_before"), train.get("heldout_loss_after")),
+            describe_heldout_loss(train.heldout_loss_before, train.heldout_loss_after),
         ),
-        (
-            "per-step loss, first → last steps (batches differ: no trend)",
-            f"{train.get('loss_start')} → {train.get('loss_end')}",
-        ),
-        ("model", summary.get("model_url") or summary.get("model_dir")),
+        ("per-step loss, first → last steps (batches differ: no trend)", f"{train.loss_start} → {train.loss_end}"),
+        ("model", summary.model_url or summary.model_dir),
     ]
     return "### Fine-tuning\n\n" + markdown_table([{"figure": k, "value": v} for k, v in figures])
 
@@ -199,7 +201,7 @@ def training_markdown(summary: Mapping[str, Any]) -> str:
 def pipeline_markdown(
     generated: Mapping[str, Any],
     cleaned: Mapping[str, Any],
-    tuned: Mapping[str, Any] | None,
+    tuned: FinetuneSummary | None,
     ledger_markdown: str | None = None,
 ) -> str:
     """One page over the three stages' summaries; ``ledger_markdown`` (the cost ledger) is appended as given."""
@@ -219,8 +221,8 @@ def pipeline_markdown(
         "## Fine-tune\n",
     ]
     if tuned:
-        out.append(f"Model: {tuned.get('model_url') or tuned.get('model_dir')}\n")
-        deltas = tuned.get("key_deltas") or {}
+        out.append(f"Model: {tuned.model_url or tuned.model_dir}\n")
+        deltas = tuned.key_deltas
         out.append(
             markdown_table(
                 [{"metric": m, **{f"dim {d}": v for d, v in by_dim.items()}} for m, by_dim in deltas.items()]
@@ -403,21 +405,20 @@ def publish_clean(catalog: Catalog, summary: Mapping[str, Any]) -> None:
     publish_link("clean_export", summary["export_dir"], "export", f"clean run {clean_id}: the training export")
 
 
-def publish_finetune(summary: Mapping[str, Any]) -> None:
+def publish_finetune(summary: FinetuneSummary) -> None:
     """Before/after/delta per dim and per language, the training figures, and a link to the model."""
-    before, after, delta = summary.get("before") or {}, summary.get("after") or {}, summary.get("delta") or {}
-    name = f"{summary.get('base_model')} on {summary.get('clean_id')}"
+    before, after, delta = summary.before, summary.after, summary.delta
+    name = f"{summary.base_model} on {summary.clean_id}"
     publish_table("finetune_dims", eval_dim_rows(before, after, delta), f"{name}: per Matryoshka dim")
     publish_table("finetune_languages", eval_language_rows(before, after, delta), f"{name}: STS per language")
     publish_markdown("finetune_training", training_markdown(summary), f"{name}: training")
-    model = summary.get("model_url") or summary.get("model_dir")
-    publish_link("finetune_model", model, "model", f"{name}: the fine-tuned model")
+    publish_link("finetune_model", summary.model_url or summary.model_dir, "model", f"{name}: the fine-tuned model")
 
 
 def publish_pipeline(
     generated: Mapping[str, Any],
     cleaned: Mapping[str, Any],
-    tuned: Mapping[str, Any] | None,
+    tuned: FinetuneSummary | None,
     ledger_markdown: str | None = None,
 ) -> Any:
     markdown = pipeline_markdown(generated, cleaned, tuned, ledger_markdown)

@@ -11,7 +11,6 @@ or by the deployment trigger when a ``clean`` flow run completes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from ground.settings import FinetuneSettings, Settings, load_settings
 from storage.corpus import CleanStore
 from storage.ledger import read_ledger, write_ledger
 from storage.models import DEFAULT_MODEL_NAME, FinetuneError, ModelStore, check_base_model, resolve_export
+from storage.summaries import EvalDelta, Evaluation, FinetuneSummary, TrainFigures
 
 # the CLI and the benchmarks check their input with these before starting a flow run
 __all__ = [
@@ -37,63 +37,17 @@ __all__ = [
 ]
 
 
-@dataclass
-class FinetuneSummary:
-    """What the flow returns; also written to the model folder as finetune.json."""
-
-    clean_id: str
-    base_model: str
-    train_path: str
-    heldout_path: str | None
-    model_dir: str
-    eval_path: str
-    train: dict[str, Any]  # steps, samples, samples_per_s, train_seconds, heldout_loss_before/after, loss_start/end
-    key_deltas: dict[str, dict[str, float | None]]
-    before: dict[str, Any]
-    after: dict[str, Any]
-    delta: dict[str, Any]
-    model_url: str | None = None  # with S3 storage: the model's copy next to the export (s3://…/models/<name>)
-
-
 def local_data_dir(settings: Settings) -> Path:
     """The local folder that training reads and writes; with S3 storage, the exports are mirrored there first."""
     return ModelStore.from_settings(settings).data_dir
 
 
 # --- summaries ----------------------------------------------------------------------------------
-def key_deltas(change: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """The headline numbers of a ``tasks.training.evaluate.delta``: STS mean Spearman and held-out nDCG@10 per dim."""
-    out: dict[str, dict[str, float | None]] = {}
-    sts = (change or {}).get("sts") or {}
-    if sts.get("mean"):
-        out["sts_spearman_mean"] = {str(d): _round(v) for d, v in sts["mean"].items()}
-    retrieval = (change or {}).get("retrieval") or {}
-    if retrieval:
-        out["heldout_ndcg@10"] = {str(d): _round(m.get("ndcg@10")) for d, m in retrieval.items()}
-    return out
-
-
-def _round(value: Any) -> float | None:
-    return None if value is None else round(float(value), 6)
-
-
-def _train_figures(result: Any) -> dict[str, Any]:
-    fields = (
-        "steps",
-        "samples",
-        "samples_per_s",
-        "train_seconds",
-        "first_loss",
-        "last_loss",
-        "loss_start",
-        "loss_end",
-        "loss_window",
+def _train_figures(result: Any) -> TrainFigures:
+    """The training result's figures for the summary (the per-step losses stay in the trainer's log)."""
+    return TrainFigures.model_validate(
+        {name: getattr(result, name, None) for name in TrainFigures.model_fields}, from_attributes=True
     )
-    figures = {name: getattr(result, name, None) for name in fields}
-    for name in ("heldout_loss_before", "heldout_loss_after"):  # the comparable loss: same batches, both models
-        value = getattr(result, name, None)
-        figures[name] = asdict(value) if value is not None else None
-    return figures
 
 
 def add_training_to_ledger(settings: Settings, clean_id: str, train_seconds: float | None) -> None:
@@ -108,7 +62,7 @@ def add_training_to_ledger(settings: Settings, clean_id: str, train_seconds: flo
 
 # --- thin task wrappers ------------------------------------------------------------------------
 @task(name="evaluate-base", cache_policy=NO_CACHE)
-def evaluate_base(model: str | None, cfg: FinetuneSettings, heldout_path: Path | None) -> dict:
+def evaluate_base(model: str | None, cfg: FinetuneSettings, heldout_path: Path | None) -> Evaluation:
     from tasks.training.evaluate import evaluate_model
 
     return evaluate_model(model, cfg, heldout_path)
@@ -122,14 +76,14 @@ def train(train_path: Path, out_dir: Path, cfg: FinetuneSettings, heldout_path: 
 
 
 @task(name="evaluate-finetuned", cache_policy=NO_CACHE)
-def evaluate_finetuned(model_dir: Path, cfg: FinetuneSettings, heldout_path: Path | None) -> dict:
+def evaluate_finetuned(model_dir: Path, cfg: FinetuneSettings, heldout_path: Path | None) -> Evaluation:
     from tasks.training.evaluate import evaluate_model
 
     return evaluate_model(str(model_dir), cfg, heldout_path)
 
 
 @task(name="save-eval", cache_policy=NO_CACHE)
-def save_eval(path: Path, before: dict, after: dict) -> dict:
+def save_eval(path: Path, before: Evaluation, after: Evaluation) -> EvalDelta:
     from tasks.training.evaluate import delta, save_results
 
     save_results(path, before, after)
@@ -169,24 +123,24 @@ def finetune_run(settings: Settings, clean_id: str | None = None) -> FinetuneSum
         model_dir=str(placed.model_dir),
         eval_path=str(placed.eval_path),
         train=_train_figures(result),
-        key_deltas=key_deltas(change),
+        key_deltas=change.key_deltas(),
         before=before,
         after=after,
         delta=change,
         model_url=store.published_url(final_dir),
     )
-    store.write_summary(final_dir, asdict(summary))
-    add_training_to_ledger(settings, export.clean_id, summary.train["train_seconds"])
+    store.write_summary(final_dir, summary.model_dump(mode="json"))
+    add_training_to_ledger(settings, export.clean_id, summary.train.train_seconds)
     if summary.model_url:
         store.publish(final_dir)  # the model, eval.json and finetune.json next to the export on S3
     logger.info(
         "model %s: %s steps, %s samples/s; key deltas %s",
         placed.model_dir,
-        summary.train["steps"],
-        summary.train["samples_per_s"],
+        summary.train.steps,
+        summary.train.samples_per_s,
         summary.key_deltas,
     )
-    publish_finetune(asdict(summary))  # before/after/delta, training figures and the model link in the UI
+    publish_finetune(summary)  # before/after/delta, training figures and the model link in the UI
     return summary
 
 
@@ -200,7 +154,7 @@ def _run_name() -> str:
 @flow(name="finetune", flow_run_name=_run_name)
 def finetune(
     clean_id: str | None = None, base_model: str | None = None, max_steps: int | None = None, profile: str | None = None
-) -> dict[str, Any]:
+) -> FinetuneSummary:
     """Fine-tune an embedding model on a clean run's export (default: the latest) and evaluate it before and after.
 
     Args:
@@ -219,4 +173,4 @@ def finetune(
             raise FinetuneError(f"max_steps must be at least 1, not {max_steps}")
         updates["max_steps"] = max_steps
     settings = settings.model_copy(update={"finetune": settings.finetune.model_copy(update=updates)})
-    return asdict(finetune_run(settings, clean_id))
+    return finetune_run(settings, clean_id)

@@ -108,7 +108,7 @@ async def pipeline(
         run_id,
         sum(generated["examples_by_type"].values()),
         cleaned["counts"].get("mined", 0),
-        tuned["model_dir"] if tuned else "(not fine-tuned)",
+        tuned.model_dir if tuned else "(not fine-tuned)",
     )
     publish_pipeline(generated, cleaned, tuned, ledger_markdown=pipeline_ledger(run_id, clean_id, profile))
     return {"run_id": run_id, "clean_id": clean_id, "generate": generated, "clean": cleaned, "finetune": tuned}

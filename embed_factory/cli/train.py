@@ -20,7 +20,6 @@ from embed_factory.cli.frame import (
     prefect_at,
     say,
     stage_bars,
-    typed,
 )
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
 from tasks.training.heldout_loss import describe_heldout_loss
@@ -63,7 +62,7 @@ def finetune(
             summary = finetune_flow(
                 clean_id=resolved_id, base_model=base_model, max_steps=max_steps, profile=settings.profile
             )
-    print_finetune_summary(typed(FinetuneSummary, summary))
+    print_finetune_summary(FinetuneSummary.of(summary))
 
 
 def _fmt(value) -> str:
@@ -81,10 +80,9 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
     """Before/after/delta per Matryoshka dimension, then the training figures and where the model is."""
     out = Console()
     before, after, change = summary.before, summary.after, summary.delta  # the metrics as eval.json has them
-    sts_b, sts_a = (before.get("sts") or {}), (after.get("sts") or {})
-    langs = sts_a.get("languages") or []
+    langs = after.sts.languages if after.sts else []
     what = f"STS Spearman ({langs[0]})" if len(langs) == 1 else f"STS Spearman (mean of {', '.join(langs)})"
-    has_ret = bool(change.get("retrieval"))
+    has_ret = bool(change.retrieval)
     if has_ret:
         what += " and held-out nDCG@10"
     table = Table(title=f"{summary.base_model} fine-tuned on {summary.clean_id}: {what}")
@@ -94,21 +92,17 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
     if has_ret:
         for col in ("before", "after", "delta"):
             table.add_column(f"nDCG {col}", justify="right")
-    spear_b = (sts_b.get("spearman") or {}).get("mean", {})
-    spear_a = (sts_a.get("spearman") or {}).get("mean", {})
-    spear_d = (change.get("sts") or {}).get("mean", {})
-    dims = [str(d) for d in after.get("dims") or sorted({*spear_a}, key=int, reverse=True)]
+    spear_d = (change.sts or {}).get("mean", {})
+    dims = [str(d) for d in after.dims or sorted(after.sts_mean, key=int, reverse=True)]
     for dim in dims:
-        row = [dim, _fmt(spear_b.get(dim)), _fmt(spear_a.get(dim)), _fmt_delta(spear_d.get(dim))]
+        row = [dim, _fmt(before.sts_mean.get(dim)), _fmt(after.sts_mean.get(dim)), _fmt_delta(spear_d.get(dim))]
         if has_ret:
-            rb = ((before.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
-            ra = ((after.get("retrieval") or {}).get("metrics") or {}).get(dim, {})
-            rd = (change.get("retrieval") or {}).get(dim, {})
-            row += [_fmt(rb.get("ndcg@10")), _fmt(ra.get("ndcg@10")), _fmt_delta(rd.get("ndcg@10"))]
+            rd = (change.retrieval or {}).get(dim, {})
+            row += [_fmt(before.ndcg.get(dim)), _fmt(after.ndcg.get(dim)), _fmt_delta(rd.get("ndcg@10"))]
         table.add_row(*row)
     out.print(table)
     if len(langs) > 1:
-        per_lang = {lang: v for lang, v in (change.get("sts") or {}).items() if lang != "mean"}
+        per_lang = {lang: v for lang, v in (change.sts or {}).items() if lang != "mean"}
         top = dims[0] if dims else None
         if top:
             out.print(
@@ -119,9 +113,8 @@ def print_finetune_summary(summary: FinetuneSummary) -> None:
             )
     tr = summary.train
     out.print(
-        f"training: {tr['steps']} steps, {tr['samples']} samples, {tr['samples_per_s'] or 0:.1f} samples/s, "
-        f"{tr['train_seconds'] or 0:.0f}s; "
-        + describe_heldout_loss(tr.get("heldout_loss_before"), tr.get("heldout_loss_after"))
+        f"training: {tr.steps} steps, {tr.samples} samples, {tr.samples_per_s or 0:.1f} samples/s, "
+        f"{tr.train_seconds or 0:.0f}s; " + describe_heldout_loss(tr.heldout_loss_before, tr.heldout_loss_after)
     )
     out.print(f"model: {summary.model_dir}")
     out.print(f"eval:  {summary.eval_path}")

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from ground.settings import FinetuneSettings
 from storage.schemas import ABLATION_RUN_SCHEMA, ABLATION_SCHEMA
+from storage.summaries import Evaluation
 
 SOURCES = ("unfiltered", "filtered", "judged")
 #: the untrained model's row in the table
@@ -149,12 +150,11 @@ class RunResult:
     same_as: str | None = None
 
 
-def scores_by_dim(evaluation: Mapping[str, Any]) -> dict[int, tuple[float | None, float | None]]:
+def scores_by_dim(evaluation: Evaluation) -> dict[int, tuple[float | None, float | None]]:
     """``{dim: (mean STS Spearman, held-out nDCG@10)}`` from a ``tasks.training.evaluate.evaluate_model`` result."""
-    sts = ((evaluation.get("sts") or {}).get("spearman") or {}).get("mean") or {}
-    retrieval = (evaluation.get("retrieval") or {}).get("metrics") or {}
-    dims = sorted({int(d) for d in (*sts, *retrieval)}, reverse=True)
-    return {d: (_num(sts.get(str(d))), _num((retrieval.get(str(d)) or {}).get("ndcg@10"))) for d in dims}
+    sts, ndcg = evaluation.sts_mean, evaluation.ndcg
+    dims = sorted({int(d) for d in (*sts, *ndcg)}, reverse=True)
+    return {d: (_num(sts.get(str(d))), _num(ndcg.get(str(d)))) for d in dims}
 
 
 def _num(value: Any) -> float | None:

@@ -21,8 +21,8 @@ slice of those vectors, truncated and re-normalised (:func:`truncate`), the way 
 is used. So one encode serves all dimensions.
 
 :func:`evaluate_model` loads a model path (``SentenceTransformer(path, device="cpu")``, offline)
-or takes a model object, runs both checks and returns a JSON-native dict (dimension keys as
-strings, so a saved and re-loaded result equals the returned one)::
+or takes a model object, runs both checks and returns a ``storage.summaries.Evaluation`` (dimension keys
+as strings, so a saved and re-loaded result equals the returned one); as JSON::
 
     {"model": ..., "width": 384, "dims": [384, 256, 128, 64], "precision": "bf16",
      "max_seq_length": 256, "seconds": 41.2,
@@ -33,7 +33,7 @@ strings, so a saved and re-loaded result equals the returned one)::
                    "seconds": 1.2, "metrics": {"384": {"ndcg@10": ..., "recall@10": ..., "queries": 3}}}}
 
 (``"retrieval"`` is ``None`` without a held-out file). :func:`delta` gives after - before for every
-metric, :func:`save_results` writes ``{"before", "after", "delta"}`` as JSON (atomically).
+metric (an ``EvalDelta``), :func:`save_results` writes ``{"before", "after", "delta"}`` as JSON (atomically).
 
 Precision: on CPUs with native bf16 (AVX512-BF16 / AMX) the model runs under bf16 autocast by
 default, about 2-3x faster than fp32 for MiniLM here, with Spearman within ~2e-4 of fp32. Results
@@ -64,6 +64,7 @@ import numpy as np
 
 from ground.compute import bf16_supported
 from ground.settings import FinetuneSettings
+from storage.summaries import EvalDelta, Evaluation
 
 # re-exported: the inputs and metrics are part of the evaluation API
 from tasks.training.eval_data import (  # noqa: F401
@@ -272,8 +273,8 @@ def evaluate_model(
     split: str = "test",
     num_threads: int | None = None,
     stage: str | None = PROGRESS_STAGE,
-) -> dict[str, Any]:
-    """STS and (with ``heldout_path``) held-out retrieval for one model, with metadata; JSON-native.
+) -> Evaluation:
+    """STS and (with ``heldout_path``) held-out retrieval for one model, with metadata.
 
     ``model_or_path``: a model folder (loaded with :func:`load_model`, capped at
     ``cfg.max_seq_length``), ``None`` for ``cfg.base_model`` or the bundled MiniLM, or a model
@@ -347,7 +348,7 @@ def evaluate_model(
             "held-out retrieval (%d queries, %d documents) in %.1f s", info["queries"], info["corpus"], info["seconds"]
         )
     result["seconds"] = round(time.perf_counter() - started, 3)
-    return _jsonable(result)
+    return Evaluation.model_validate(_jsonable(result))
 
 
 def _sub(after: Any, before: Any) -> float | None:
@@ -360,42 +361,47 @@ def _sub(after: Any, before: Any) -> float | None:
     return float(after) - float(before)
 
 
-def delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+def delta(before: Evaluation | Mapping[str, Any], after: Evaluation | Mapping[str, Any]) -> EvalDelta:
     """after - before for every metric both results have (results of :func:`evaluate_model`).
 
-    ``{"sts": {lang|"mean": {dim: d}}, "retrieval": {dim: {"ndcg@10": d, "recall@10": d}}}``; a
+    ``sts``: ``{lang|"mean": {dim: d}}``, ``retrieval``: ``{dim: {"ndcg@10": d, "recall@10": d}}``; a
     section missing on either side is ``None``, a metric missing or ``None`` on either side is left
-    out or ``None``. Works on results as returned and as re-loaded from JSON. Raises ``ValueError``
+    out or ``None``. Takes results as returned or as re-loaded from JSON. Raises ``ValueError``
     for results computed at different precisions (fp32 vs bf16), which are not comparable.
     """
-    if before.get("precision") and after.get("precision") and before["precision"] != after["precision"]:
-        raise ValueError(f"cannot compare a {before['precision']} result with a {after['precision']} one")
-    out: dict[str, Any] = {"sts": None, "retrieval": None}
-    if before.get("sts") and after.get("sts"):
-        b, a = _jsonable(before["sts"]["spearman"]), _jsonable(after["sts"]["spearman"])
-        out["sts"] = {
+    before, after = _evaluation(before), _evaluation(after)
+    if before.precision != after.precision:
+        raise ValueError(f"cannot compare a {before.precision} result with a {after.precision} one")
+    sts = retrieval = None
+    if before.sts and after.sts:
+        b, a = before.sts.spearman, after.sts.spearman
+        sts = {
             lang: {dim: _sub(a[lang][dim], b[lang][dim]) for dim in a[lang] if dim in b[lang]}
             for lang in a
             if lang in b
         }
-    if before.get("retrieval") and after.get("retrieval"):
-        b, a = _jsonable(before["retrieval"]["metrics"]), _jsonable(after["retrieval"]["metrics"])
-        out["retrieval"] = {
+    if before.retrieval and after.retrieval:
+        b, a = before.retrieval.metrics, after.retrieval.metrics
+        retrieval = {
             dim: {m: _sub(a[dim][m], b[dim].get(m)) for m in a[dim] if m != "queries" and m in b[dim]}
             for dim in a
             if dim in b
         }
-    return out
+    return EvalDelta(sts=sts, retrieval=retrieval)
 
 
-def save_results(path: Path, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> Path:
+def _evaluation(value: Evaluation | Mapping[str, Any]) -> Evaluation:
+    return value if isinstance(value, Evaluation) else Evaluation.model_validate(value)
+
+
+def save_results(path: Path, before: Evaluation | None, after: Evaluation | None) -> Path:
     """Write ``{"before", "after", "delta"}`` as JSON (atomically); ``delta`` is ``None`` unless both exist."""
     from storage.atomic import atomic_write_bytes
 
+    change = delta(before, after) if before is not None and after is not None else None
     payload = {
-        "before": _jsonable(before) if before is not None else None,
-        "after": _jsonable(after) if after is not None else None,
-        "delta": delta(before, after) if before is not None and after is not None else None,
+        name: value.model_dump(mode="json") if value is not None else None
+        for name, value in (("before", before), ("after", after), ("delta", change))
     }
     path = Path(path)
     text = json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n"

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from storage.summaries import HeldoutLoss
 from tasks.training.losses import build_loss
 
 #: batches per task type at most: enough to average out the rows, cheap next to training
@@ -39,17 +39,6 @@ class FixedBatches:
     @property
     def count(self) -> int:
         return sum(len(b) for b in self.batches.values())
-
-
-@dataclass
-class HeldoutLoss:
-    """Mean loss over the fixed batches, overall and per task type (``None`` where there were none)."""
-
-    mean: float | None
-    by_task: dict[str, float] = field(default_factory=dict)
-    batches: int = 0
-    rows: int = 0
-    source: str = ""
 
 
 def fixed_batches(
@@ -91,7 +80,7 @@ def fixed_batch_loss(
     import torch
 
     if not batches.count:
-        return HeldoutLoss(None, source=batches.source)
+        return HeldoutLoss(mean=None, source=batches.source)
     loss = loss if loss is not None else build_loss(model, cfg)
     device = next(model.parameters()).device
     was_training = model.training
@@ -113,13 +102,14 @@ def fixed_batch_loss(
             total += sum(values)
     finally:
         model.train(was_training)
-    return HeldoutLoss(total / batches.count, by_task, batches.count, rows, batches.source)
+    return HeldoutLoss(
+        mean=total / batches.count, by_task=by_task, batches=batches.count, rows=rows, source=batches.source
+    )
 
 
-def describe_heldout_loss(before: HeldoutLoss | Mapping | None, after: HeldoutLoss | Mapping | None) -> str:
+def describe_heldout_loss(before: HeldoutLoss | None, after: HeldoutLoss | None) -> str:
     """``held-out loss 3.91 -> 2.10 (12 fixed batches of heldout rows; by type: ...)``: for the log, the CLI,
-    the model card and the Prefect artifact (which read it back from a summary, as a mapping)."""
-    before, after = _as_loss(before), _as_loss(after)
+    the model card and the Prefect artifact."""
     if before is None or after is None or before.mean is None or after.mean is None:
         return "held-out loss n/a (no task type has 2 rows to batch)"
     types = ", ".join(f"{t} {v:.4f} -> {after.by_task.get(t, float('nan')):.4f}" for t, v in before.by_task.items())
@@ -127,7 +117,3 @@ def describe_heldout_loss(before: HeldoutLoss | Mapping | None, after: HeldoutLo
         f"held-out loss {before.mean:.4f} -> {after.mean:.4f} "
         f"({before.batches} fixed batches of {before.source} rows; by type: {types})"
     )
-
-
-def _as_loss(value: HeldoutLoss | Mapping | None) -> HeldoutLoss | None:
-    return HeldoutLoss(**value) if isinstance(value, Mapping) else value

@@ -32,6 +32,7 @@ from storage.corpus import CleanStore
 from storage.schemas import count_by_type
 from storage.shards import RunStore, ShardRecord
 from storage.stages import enabled_stages
+from storage.summaries import FinetuneSummary
 from support.artifacts import artifacts_of, table_of
 from support.rows import TOPICS, example, make_export, write_run
 from support.stub_llm import StubLLM
@@ -224,7 +225,7 @@ def test_finetune_artifacts_match_eval_json(prefect_api_url, tiny_finetune, monk
     keys = ("finetune_dims", "finetune_languages", "finetune_training", "finetune_model")
     assert set(artifacts) == {KEYS[k] for k in keys}
 
-    saved = json.loads(Path(summary["eval_path"]).read_text())
+    saved = json.loads(Path(summary.eval_path).read_text())
     before, after, delta = saved["before"], saved["after"], saved["delta"]
     dims = table_of(artifacts[KEYS["finetune_dims"]])
     assert [r["dim"] for r in dims] == [384, 256, 64]
@@ -242,8 +243,8 @@ def test_finetune_artifacts_match_eval_json(prefect_api_url, tiny_finetune, monk
     for r in languages:
         assert r["delta"] == pytest.approx(delta["sts"][r["language"]][str(r["dim"])], abs=1e-4)
     training = artifacts[KEYS["finetune_training"]].data
-    assert f"| steps | {summary['train']['steps']} |" in training and f"| {summary['clean_id']} |" in training
-    assert f"({Path(summary['model_dir']).resolve().as_uri()})" in artifacts[KEYS["finetune_model"]].data
+    assert f"| steps | {summary.train.steps} |" in training and f"| {summary.clean_id} |" in training
+    assert f"({Path(summary.model_dir).resolve().as_uri()})" in artifacts[KEYS["finetune_model"]].data
 
 
 # --- pipeline: the markdown summary ------------------------------------------------------------------
@@ -259,7 +260,16 @@ def test_pipeline_markdown_sums_up_the_three_stages_and_appends_the_ledger():
     }
     cleaned = {"clean_id": "clean-1", "counts": {"raw": 12, "mined": 9}, "dropped": {"validate": 3}}
     cleaned |= {"export_dir": "/d/export", "report": "/d/report.html"}
-    tuned = {"model_dir": "/d/model", "key_deltas": {"sts_spearman_mean": {"384": 0.01, "64": 0.02}}}
+    evaluation = {"model": "mini", "precision": "fp32"}
+    tuned = FinetuneSummary.of(
+        {
+            **dict.fromkeys(("clean_id", "base_model", "train_path", "heldout_path", "eval_path"), "x"),
+            "model_dir": "/d/model",
+            "train": {"steps": 1, "samples": 8},
+            "key_deltas": {"sts_spearman_mean": {"384": 0.01, "64": 0.02}},
+            **{"before": evaluation, "after": evaluation, "delta": {}},
+        }
+    )
     text = pipeline_markdown(generated, cleaned, tuned, ledger_markdown="| cost per 1k | $0.42 |")
     assert "12 examples from 14 requests (2 rejects)" in text
     assert "| retrieval | 7 |" in text and "| mined | 9 |" in text and "validate 3" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from support.cli_process import cli
@@ -164,17 +166,15 @@ def test_summaries_are_printed_from_their_dataclasses(capsys):
     assert "export: /data/clean/c1/export   report: /data/report.html" in out
 
 
-def test_finetune_summary_is_printed_from_its_dataclass(capsys):
-    from dataclasses import asdict
-
-    from embed_factory.cli.frame import typed
+def test_finetune_summary_is_printed_from_its_json_form(capsys):
     from embed_factory.cli.train import print_finetune_summary
     from flows.finetune import FinetuneSummary
 
     def sts(spearman: dict[str, float]) -> dict:
-        return {"sts": {"languages": ["en"], "spearman": {"mean": spearman}}, "dims": [384, 64]}
+        sts = {"split": "test", "languages": ["en"], "pairs": {"en": 20}, "spearman": {"mean": spearman}}
+        return {"model": "mini", "precision": "fp32", "sts": sts, "dims": [384, 64]}
 
-    summary = FinetuneSummary(
+    summary = dict(
         clean_id="c1",
         base_model="mini",
         train_path="/d/train.parquet",
@@ -212,7 +212,8 @@ def test_finetune_summary_is_printed_from_its_dataclass(capsys):
         after=sts({"384": 0.85, "64": 0.65}),
         delta={"sts": {"mean": {"384": 0.05, "64": -0.05}}},
     )
-    print_finetune_summary(typed(FinetuneSummary, asdict(summary)))
+    # as a deployment's flow run or finetune.json gives it back: plain JSON, validated into the summary
+    print_finetune_summary(FinetuneSummary.of(json.loads(json.dumps(summary))))
     out = capsys.readouterr().out
     assert "mini fine-tuned on c1: STS Spearman (en)" in out.replace("\n", " ").replace("  ", " ")
     rows = {

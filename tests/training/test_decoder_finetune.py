@@ -140,5 +140,5 @@ def test_decoder_fine_tunes_saves_and_reloads_to_the_same_vectors(tmp_path):
     assert again.shape == (3, width)
     assert torch.allclose(again, expected, atol=1e-5)
     after = evaluate_model(loaded, cfg, bf16=True)
-    assert after["width"] == width and after["sts"]["pairs"] == {"en": 12}
-    assert after["sts"]["spearman"]["en"][str(width)] == pytest.approx(result.eval_metrics["sts_en_spearman"], abs=1e-6)
+    assert after.width == width and after.sts.pairs == {"en": 12}
+    assert after.sts.spearman["en"][str(width)] == pytest.approx(result.eval_metrics["sts_en_spearman"], abs=1e-6)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ground.settings import FinetuneSettings
+from storage.summaries import Evaluation
 from tasks.training import eval_encode
 from tasks.training import evaluate as ev
 from tasks.training.evaluate import (
@@ -382,30 +383,32 @@ def test_evaluate_model_delta_and_save(tmp_path):
     vectors.update(more)
     cfg = cfg_for(tmp_path)
     before = evaluate_model(FakeModel(vectors), cfg, heldout_path=path)
-    assert before["dims"] == [4, 2] and before["width"] == 4 and before["precision"] == "fp32"
-    assert before["sts"]["pairs"] == {"en": 4}
-    assert before["sts"]["spearman"]["en"] == {"4": pytest.approx(1.0), "2": pytest.approx(-1.0)}
-    assert before["retrieval"]["metrics"]["4"]["ndcg@10"] == pytest.approx(expected_retrieval()[4]["ndcg@10"])
-    assert json.loads(json.dumps(before)) == before  # JSON-native: survives a round trip unchanged
+    assert before.dims == [4, 2] and before.width == 4 and before.precision == "fp32"
+    assert before.sts.pairs == {"en": 4}
+    assert before.sts.spearman["en"] == {"4": pytest.approx(1.0), "2": pytest.approx(-1.0)}
+    assert before.ndcg["4"] == pytest.approx(expected_retrieval()[4]["ndcg@10"])
+    # JSON-native: survives a round trip unchanged
+    assert Evaluation.model_validate(json.loads(before.model_dump_json())) == before
 
     # "after": s2 vectors made worse at full width by swapping ranks 0 and 3
     worse = dict(vectors)
     worse["en second 0"], worse["en second 3"] = vectors["en second 3"], vectors["en second 0"]
     after = evaluate_model(FakeModel(worse), cfg, heldout_path=path)
     d = delta(before, after)
-    assert d["sts"]["en"]["4"] == pytest.approx(after["sts"]["spearman"]["en"]["4"] - 1.0)
-    assert d["sts"]["en"]["4"] < 0
-    assert d["retrieval"]["4"] == {"ndcg@10": pytest.approx(0.0), "recall@10": pytest.approx(0.0)}
-    assert "queries" not in d["retrieval"]["4"]
+    assert d.sts["en"]["4"] == pytest.approx(after.sts.spearman["en"]["4"] - 1.0)
+    assert d.sts["en"]["4"] < 0
+    assert d.retrieval["4"] == {"ndcg@10": pytest.approx(0.0), "recall@10": pytest.approx(0.0)}
+    assert "queries" not in d.retrieval["4"]
+    assert d.key_deltas()["sts_spearman_mean"]["4"] == pytest.approx(d.sts["mean"]["4"], abs=1e-6)
 
     out = save_results(tmp_path / "eval" / "results.json", before, after)
     saved = json.loads(out.read_text())
-    assert saved["before"] == before and saved["after"] == after
-    assert saved["delta"]["sts"]["en"]["4"] == pytest.approx(d["sts"]["en"]["4"])
+    assert Evaluation.model_validate(saved["before"]) == before and Evaluation.model_validate(saved["after"]) == after
+    assert saved["delta"]["sts"]["en"]["4"] == pytest.approx(d.sts["en"]["4"])
     assert delta(saved["before"], saved["after"]) == d  # same from the re-loaded JSON
 
     with pytest.raises(ValueError, match="precision|bf16"):
-        delta(before, {**after, "precision": "bf16"})
+        delta(before, after.model_copy(update={"precision": "bf16"}))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate_model(FakeModel(vectors), cfg, sts=False)
 
@@ -416,9 +419,9 @@ def test_real_minilm_smoke_on_20_english_pairs(monkeypatch, native_bf16):
     monkeypatch.setattr(ev, "bf16_supported", lambda: native_bf16)
     cfg = FinetuneSettings(sts_languages=["en"], sts_max_pairs=20)  # the bundled benchmark
     result = evaluate_model(None, cfg)
-    assert result["precision"] == ("bf16" if native_bf16 else "fp32")
-    assert result["width"] == 384 and result["dims"] == [384, 256, 128, 64]
-    assert result["sts"]["pairs"] == {"en": 20}
-    rho = result["sts"]["spearman"]["en"]["384"]
+    assert result.precision == ("bf16" if native_bf16 else "fp32")
+    assert result.width == 384 and result.dims == [384, 256, 128, 64]
+    assert result.sts.pairs == {"en": 20}
+    rho = result.sts.spearman["en"]["384"]
     assert 0.5 < rho <= 1.0
-    assert all(0.3 < result["sts"]["spearman"]["en"][str(d)] <= 1.0 for d in (256, 128, 64))
+    assert all(0.3 < result.sts.spearman["en"][str(d)] <= 1.0 for d in (256, 128, 64))

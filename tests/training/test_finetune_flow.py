@@ -40,21 +40,21 @@ def test_finetune_flow_on_tiny_export(prefect_api_url, tiny_finetune):
     summary = finetune(max_steps=2)
     print(f"finetune flow on 40 rows, 2 steps: {time.monotonic() - started:.1f}s")
 
-    assert summary["clean_id"] == "c-tiny"
+    assert summary.clean_id == "c-tiny"
     final = data_dir / "models" / "all-MiniLM-L6-v2-c-tiny"
-    model_dir = Path(summary["model_dir"])
+    model_dir = Path(summary.model_dir)
     assert model_dir == final or final in model_dir.parents
-    assert summary["train"]["steps"] == 2 and summary["train"]["samples_per_s"] > 0
+    assert summary.train.steps == 2 and summary.train.samples_per_s > 0
     assert not list((data_dir / "models").glob(".*")), "no staging or old folders left behind"
 
     # the comparable loss: the held-out split's fixed batches, scored before and after, in the summary,
     # the finetune-training artifact's table and the model card
     from flows.artifacts import training_markdown
 
-    before, after = summary["train"]["heldout_loss_before"], summary["train"]["heldout_loss_after"]
-    assert before["source"] == after["source"] == "heldout" and before["batches"] == after["batches"] >= 1
-    assert set(before["by_task"]) == set(after["by_task"])
-    line = f"held-out loss {before['mean']:.4f} -> {after['mean']:.4f} ({before['batches']} fixed batches"
+    before, after = summary.train.heldout_loss_before, summary.train.heldout_loss_after
+    assert before.source == after.source == "heldout" and before.batches == after.batches >= 1
+    assert set(before.by_task) == set(after.by_task)
+    line = f"held-out loss {before.mean:.4f} -> {after.mean:.4f} ({before.batches} fixed batches"
     assert line in training_markdown(summary)
     assert line in (model_dir / "README.md").read_text(encoding="utf-8")
 
@@ -67,7 +67,7 @@ def test_finetune_flow_on_tiny_export(prefect_api_url, tiny_finetune):
     assert abs(float(vec @ _base_embedding(text)) - 1.0) > 1e-7, "training changed the model"
 
     # eval.json: before / after / delta, per dim, for STS (en) and the held-out retrieval
-    saved = json.loads(Path(summary["eval_path"]).read_text())
+    saved = json.loads(Path(summary.eval_path).read_text())
     assert set(saved) == {"before", "after", "delta"}
     dims = ["384", "256", "64"]
     for side in ("before", "after"):
@@ -78,13 +78,13 @@ def test_finetune_flow_on_tiny_export(prefect_api_url, tiny_finetune):
         before = saved["before"]["sts"]["spearman"]["en"][dim]
         after = saved["after"]["sts"]["spearman"]["en"][dim]
         assert saved["delta"]["sts"]["en"][dim] == pytest.approx(after - before)
-        assert summary["key_deltas"]["sts_spearman_mean"][dim] == pytest.approx(after - before, abs=1e-6)
+        assert summary.key_deltas["sts_spearman_mean"][dim] == pytest.approx(after - before, abs=1e-6)
     assert set(saved["delta"]["retrieval"]) == set(dims)
-    assert json.loads((final / "finetune.json").read_text())["model_dir"] == summary["model_dir"]
+    assert json.loads((final / "finetune.json").read_text())["model_dir"] == summary.model_dir
 
     # again on the same clean run: the new model replaces the old one in place
     again = finetune(clean_id="c-tiny", max_steps=1)
-    assert again["model_dir"] == summary["model_dir"] and again["train"]["steps"] == 1
+    assert again.model_dir == summary.model_dir and again.train.steps == 1
     assert not list((data_dir / "models").glob(".*"))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from storage.summaries import TrainFigures
 from tasks.training.heldout_loss import MIXED, describe_heldout_loss, fixed_batches
 
 
@@ -19,9 +22,12 @@ def test_batches_are_seeded_per_type_and_singletons_are_pooled_into_mixed_batche
     assert fixed_batches(columns, ["a"], 2, 5, "heldout").count == 0  # one row: no batch
 
 
-def test_the_description_reads_a_summary_mapping_as_well_as_the_result():
-    before = {"mean": 2.0, "by_task": {"a": 2.0}, "batches": 1, "rows": 2, "source": "heldout"}
-    after = {**before, "mean": 1.5, "by_task": {"a": 1.5}}
+def test_the_description_of_losses_read_back_from_a_summary_json():
+    loss = {"mean": 2.0, "by_task": {"a": 2.0}, "batches": 1, "rows": 2, "source": "heldout"}
+    figures = {"steps": 1, "samples": 2, "heldout_loss_before": loss}
+    figures["heldout_loss_after"] = {**loss, "mean": 1.5, "by_task": {"a": 1.5}}
+    train = TrainFigures.model_validate(json.loads(json.dumps(figures)))  # as finetune.json holds it
+    before, after = train.heldout_loss_before, train.heldout_loss_after
     assert describe_heldout_loss(before, after) == (
         "held-out loss 2.0000 -> 1.5000 (1 fixed batches of heldout rows; by type: a 2.0000 -> 1.5000)"
     )

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -104,22 +106,25 @@ def test_blocks_go_to_their_own_cuda_device_or_the_cpu(monkeypatch):
 
 
 def test_split_on_a_two_process_dask_cluster_equals_one_search_at_20k_by_40k(prefect_api_url, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed  # prefect-dask's dependency: a hard one of this project
     from dask.utils import key_split
     from prefect_dask import DaskTaskRunner
 
     queries, corpus, positive_idx = data(20_000, 40_000)
     cfg = CleanSettings(rank_top_k=10, negative_rank_min=10, negative_rank_max=20)
     k = max(cfg.rank_top_k, cfg.negative_rank_max)
-    ref_ids, ref_scores = search(build_index(corpus, cfg), queries, k)
-
-    with (
-        distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster,
-        distributed.Client(cluster) as client,
-        distributed.get_task_stream(client=client) as stream,
-        DaskTaskRunner(address=cluster.scheduler_address) as runner,
-    ):
-        scores, ids = search_split(corpus, queries, k, cfg, blocks=3, runner=runner, scratch=tmp_path / "scratch")
+    with ThreadPoolExecutor(1) as pool:  # the single-process search meanwhile the cluster starts
+        reference = pool.submit(lambda: search(build_index(corpus, cfg), queries, k))
+        with (
+            distributed.LocalCluster(
+                n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+            distributed.get_task_stream(client=client) as stream,
+            DaskTaskRunner(address=cluster.scheduler_address) as runner,
+        ):
+            scores, ids = search_split(corpus, queries, k, cfg, blocks=3, runner=runner, scratch=tmp_path / "scratch")
+        ref_ids, ref_scores = reference.result()
     ran = [(key_split(t["key"]), t["worker"]) for t in stream.data if t["status"] == "OK"]
     assert sorted(name for name, _ in ran) == ["search_query_block"] * 3, ran
     assert len({worker for _, worker in ran}) == 2, ran
@@ -136,3 +141,25 @@ def test_split_on_a_two_process_dask_cluster_equals_one_search_at_20k_by_40k(pre
     np.testing.assert_array_equal(keep, ref_ranks <= cfg.rank_top_k)
     tied = (np.diff(ref_scores, axis=1) == 0) & (ref_ids[:, 1:] >= 0)
     assert tied.any(axis=1).sum() > 100, "the duplicates must tie results, so that their order is checked"
+
+
+def test_split_on_the_flow_thread_runner_equals_one_search(prefect_api_url):
+    """The clean flow's default runner (its own thread pool, ``stage_runner``): blocks get the arrays by reference."""
+    from prefect import flow
+
+    from flows.runners import stage_runner
+
+    queries, corpus, _ = data(SEARCH_BATCH + 300, 1500, seed=2)
+    cfg = CleanSettings(search_blocks=2)
+
+    @flow
+    def split_on_threads():
+        with stage_runner(cfg) as runner:
+            spans = [(part.start, len(part.ids)) for part in iter_split(corpus, queries, 30, cfg, runner=runner)]
+            return spans, search_split(corpus, queries, 30, cfg, runner=runner)
+
+    spans, (scores, ids) = split_on_threads()
+    assert spans == [(0, SEARCH_BATCH), (SEARCH_BATCH, 300)]
+    ref_ids, ref_scores = search(build_index(corpus, cfg), queries, 30)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(scores, ref_scores)

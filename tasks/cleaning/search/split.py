@@ -27,6 +27,7 @@ computed against the whole corpus, so merging is placing the blocks at their row
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -44,6 +45,8 @@ from ground.settings import CleanSettings
 from tasks.cleaning.search.build import Backend, as_matrix, build_index, search
 from tasks.cleaning.search.constants import MISSING_SCORE, SEARCH_BATCH
 from tasks.cleaning.search.torch_device import cuda_available, cuda_device_count
+
+log = logging.getLogger(__name__)
 
 #: vectors as an array (in this process) or the path of a 2-d float32 ``.npy`` file (memory-mapped by workers)
 Vectors = np.ndarray | str | os.PathLike
@@ -156,15 +159,16 @@ def iter_split(
     with _shared({"corpus": corpus_vecs, "queries": query_vecs}, by_reference, scratch) as shared:
         common = {"k": k, "cfg": cfg, "backend": backend, **shared}
         if runner is None:
-            for b, (start, stop) in enumerate(spans):
-                yield _search_query_block(start=start, stop=stop, block=b, **common)
-            return
-        futures = [
-            runner.submit(search_query_block, {"start": start, "stop": stop, "block": b, **common})
-            for b, (start, stop) in enumerate(spans)
-        ]
-        for future in futures:
-            yield future.result()
+            results = (_search_query_block(start=a, stop=z, block=b, **common) for b, (a, z) in enumerate(spans))
+        else:
+            futures = [
+                runner.submit(search_query_block, {"start": a, "stop": z, "block": b, **common})
+                for b, (a, z) in enumerate(spans)
+            ]
+            results = (future.result() for future in futures)
+        for b, result in enumerate(results):
+            log.info("exact search: query block %d/%d (rows %d-%d) done", b + 1, len(spans), *spans[b])
+            yield result
 
 
 def merge_blocks(parts: Iterable[BlockResult], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

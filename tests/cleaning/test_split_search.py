@@ -74,19 +74,19 @@ def test_merge_places_uneven_blocks_in_query_order_and_refuses_gaps_and_overlaps
 
 @pytest.mark.parametrize("backend", ["faiss", "bf16", "torch"])
 def test_split_in_process_equals_one_search_for_every_backend(backend, tmp_path):
-    queries, corpus, _ = data(SEARCH_BATCH + 300, 1500, seed=1)
+    queries, corpus, _ = data(SEARCH_BATCH + 300, 1000, seed=1)
     cfg = CleanSettings()
-    ids, scores = search(build_index(corpus, cfg, backend), queries, 40)
-    parts = list(iter_split(corpus, queries, 40, cfg, blocks=2, backend=backend))
+    ids, scores = search(build_index(corpus, cfg, backend), queries, 20)
+    parts = list(iter_split(corpus, queries, 20, cfg, blocks=2, backend=backend))
     assert [(p.start, len(p.ids)) for p in parts] == [(0, SEARCH_BATCH), (SEARCH_BATCH, 300)]
-    got_scores, got_ids = merge_blocks(parts, len(queries), 40)
+    got_scores, got_ids = merge_blocks(parts, len(queries), 20)
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_scores, scores)
     assert (np.diff(scores, axis=1) == 0).any(), "the duplicates must tie results"
     # paths of .npy files are memory-mapped by the worker
     np.save(tmp_path / "c.npy", corpus)
     np.save(tmp_path / "q.npy", queries)
-    got_scores, got_ids = search_split(tmp_path / "c.npy", str(tmp_path / "q.npy"), 40, cfg, blocks=2, backend=backend)
+    got_scores, got_ids = search_split(tmp_path / "c.npy", str(tmp_path / "q.npy"), 20, cfg, blocks=2, backend=backend)
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_scores, scores)
     # k beyond the corpus: capped as search caps it

@@ -8,7 +8,11 @@ Run on a GPU machine (no network needed; sized to fit a 10-minute command, not y
    faiss-gpu): 550k queries × 1.1M corpus × 384-d unit vectors, top 100 each, fp32 on the GPU; prints the
    time and checks a sample of queries against a float64 brute force on the CPU (same top-100 ids but for
    near-ties below 1e-5, scores within 1e-5).
-2. **Decoder training** at Qwen2-0.5B's shape (24 layers, 896 wide, GQA 14/2 heads, vocabulary 151,936),
+2. **Split search** (tasks/cleaning/search/split.py): the same search of ``--split-queries`` queries as one
+   query block and as two blocks one after the other on the same device (the path's split overhead: a second
+   index build, shorter batches), alternated twice; prints both times, their ratio and whether the two agree
+   exactly (same ids, same scores).
+3. **Decoder training** at Qwen2-0.5B's shape (24 layers, 896 wide, GQA 14/2 heads, vocabulary 151,936),
    randomly initialised (no download), mean pooling, sequence length 512, bf16 autocast, gradient
    checkpointing, the project's loss (MatryoshkaLoss over MultipleNegativesRankingLoss, scale 100, dims
    896/512/256/128/64) with 1 positive + 7 hard negatives per query; prints samples/s (one sample = query,
@@ -32,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ground.settings import CleanSettings  # noqa: E402
+from tasks.cleaning.search import search_split  # noqa: E402
 from tasks.cleaning.search.torch_device import TorchExactIndex  # noqa: E402
 from tasks.training.losses import matryoshka_dims_for  # noqa: E402
 
@@ -102,6 +108,37 @@ def check_search(args, device: torch.device) -> dict:
         "mismatched_rows": mismatched_rows,
         "max_score_error": worst_score_error,
         "equal_to_exact": mismatched_rows == 0 and worst_score_error < 1e-5,
+    }
+
+
+def check_split(args, device: torch.device) -> dict:
+    """One device: the split search as 1 block and as 2 blocks, alternated (1, 2, 1, 2); the best of each."""
+    corpus = unit_vectors(args.split_corpus or args.corpus, args.dim, 0, device).cpu().numpy()
+    queries = unit_vectors(args.split_queries, args.dim, 2, device).cpu().numpy()
+    cfg = CleanSettings(search_device="cpu" if device.type == "cpu" else "cuda")
+    k = args.split_k or args.k
+    search_split(corpus, queries[:256], k, cfg, blocks=1, backend="torch")  # warm-up: kernels, allocator
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    results = {}
+    for blocks in (1, 2, 1, 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        results[blocks] = search_split(corpus, queries, k, cfg, blocks=blocks, backend="torch")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds[blocks].append(time.perf_counter() - started)
+    one, two = min(seconds[1]), min(seconds[2])
+    return {
+        "queries": args.split_queries,
+        "corpus": len(corpus),
+        "dim": args.dim,
+        "k": k,
+        "devices_visible": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "seconds_1_block": round(one, 3),
+        "seconds_2_blocks": round(two, 3),
+        "ratio_2_to_1": round(two / one, 3),
+        "equal": bool(np.array_equal(results[1][1], results[2][1]) and np.array_equal(results[1][0], results[2][0])),
     }
 
 
@@ -182,11 +219,16 @@ def check_training(args, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny: a functional check)")
-    parser.add_argument("--tiny", action="store_true", help="toy sizes: 2k x 4k search, a 2-layer decoder")
+    parser.add_argument(
+        "--tiny", action="store_true", help="toy sizes: 2k x 4k search, 9k x 1k top-10 split, a 2-layer decoder"
+    )
     parser.add_argument("--queries", type=int, default=550_000)
     parser.add_argument("--corpus", type=int, default=1_100_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--split-queries", type=int, default=200_000, help="queries of the split-search timing")
+    parser.add_argument("--split-corpus", type=int, help="corpus of the split-search timing (default: --corpus)")
+    parser.add_argument("--split-k", type=int, help="results per query of the split-search timing (default: --k)")
     parser.add_argument("--sample", type=int, default=200, help="queries checked against a float64 brute force")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32)
@@ -197,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         args.queries, args.corpus, args.sample, args.seq, args.batch = 2000, 4000, 50, 32, 4
+        # two blocks: 8192 + 808 (blocks start on the search's batches)
+        args.split_queries, args.split_corpus, args.split_k = 9000, 1000, 10
         args.negatives, args.warmup, args.steps = 2, 1, 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results["search"] = check_search(args, device)
     print(json.dumps({"search": results["search"]}), flush=True)
+    results["split"] = check_split(args, device)
+    print(json.dumps({"split": results["split"]}), flush=True)
     results["training"] = check_training(args, device)
     print(json.dumps({"training": results["training"]}), flush=True)
     if args.out:

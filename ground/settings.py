@@ -177,6 +177,9 @@ class CleanSettings(Section):
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     #: exact search's device: "auto" = faiss-gpu if importable, else CUDA torch if present, else the CPU
     search_device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: query blocks of the exact search, one task run each on the task runner (its own device per worker,
+    #: tasks/cleaning/search/split.py); 1: one search in the flow's process
+    search_blocks: int = Field(1, ge=1)
     ivf_nlist: int = Field(1024, ge=1)
     ivf_nprobe: int = Field(32, ge=1)
     hnsw_m: int = Field(32, ge=4)

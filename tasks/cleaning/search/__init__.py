@@ -8,10 +8,24 @@ and its padding (id -1, score :data:`~tasks.cleaning.search.constants.MISSING_SC
   error bound and an fp32 rescore;
 * ``torch_device``: exact fp32 GEMMs on a torch device (the GPU worker without faiss-gpu).
 
-``build`` chooses among them (by hardware, or as a caller forces); ``constants`` holds every constant.
+``build`` chooses among them (by hardware, or as a caller forces); ``split`` runs one search as query blocks
+on a task runner's workers (same results); ``constants`` holds every constant.
 """
 
 from tasks.cleaning.search.build import Backend, Index, as_matrix, build_index, result_width, search
 from tasks.cleaning.search.constants import MISSING_SCORE
+from tasks.cleaning.search.split import BlockResult, iter_split, merge_blocks, search_split
 
-__all__ = ["MISSING_SCORE", "Backend", "Index", "as_matrix", "build_index", "result_width", "search"]
+__all__ = [
+    "MISSING_SCORE",
+    "Backend",
+    "BlockResult",
+    "Index",
+    "as_matrix",
+    "build_index",
+    "iter_split",
+    "merge_blocks",
+    "result_width",
+    "search",
+    "search_split",
+]

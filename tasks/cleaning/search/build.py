@@ -35,7 +35,7 @@ def result_width(cfg: CleanSettings) -> int:
     return max(cfg.rank_top_k, cfg.negative_rank_max)
 
 
-def build_index(vectors: np.ndarray, cfg: CleanSettings, backend: Backend = "auto") -> Index:
+def build_index(vectors: np.ndarray, cfg: CleanSettings, backend: Backend = "auto", device: str | None = None) -> Index:
     """An inner-product index over ``vectors`` (L2-normalised rows), as ``cfg.index`` asks.
 
     * ``flat``: exact search, the default and KaLM's choice. With faiss-gpu: ``IndexFlatIP`` on all GPUs.
@@ -50,6 +50,8 @@ def build_index(vectors: np.ndarray, cfg: CleanSettings, backend: Backend = "aut
     ``backend`` forces an exact back end whatever the hardware (``flat`` only): ``faiss`` (``IndexFlatIP``),
     ``bf16`` (emulated by torch on CPUs without native bf16: slower, same results), ``torch`` (fp32 GEMMs on
     CUDA when torch sees it, else on CPU tensors). Tests use it so that every branch runs on every machine.
+    ``device`` names the torch device of the torch back end (``"cuda:1"``, ``"cpu"``; the split search gives
+    each block its own); None: ``"cuda"`` when torch sees CUDA, else ``"cpu"``.
     """
     vectors = as_matrix(vectors)
     if backend != "auto":
@@ -58,11 +60,11 @@ def build_index(vectors: np.ndarray, cfg: CleanSettings, backend: Backend = "aut
         if backend == "bf16":
             return Bf16ExactIndex(vectors)
         if backend == "torch":
-            return TorchExactIndex(vectors, "cuda" if cuda_available() else "cpu")
+            return TorchExactIndex(vectors, device or ("cuda" if cuda_available() else "cpu"))
         return faiss_index(vectors, cfg, 2 * result_width(cfg))
     if cfg.index == "flat" and num_gpus() == 0:
         if cfg.search_device != "cpu" and cuda_available():
-            return TorchExactIndex(vectors, "cuda")  # CUDA torch without faiss-gpu: fp32 GEMMs on the GPU
+            return TorchExactIndex(vectors, device or "cuda")  # CUDA torch without faiss-gpu: fp32 GEMMs on the GPU
         if cfg.search_device == "cuda":
             raise ValueError("clean.search_device = 'cuda' but torch sees no CUDA device")
         if bf16_supported():

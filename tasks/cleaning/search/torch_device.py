@@ -48,6 +48,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    """CUDA devices torch sees (0 without CUDA)."""
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
 class TorchExactIndex:
     """Exact inner-product top-N over ``vectors`` (float32 rows) on ``device`` ("cuda", "cuda:1", "cpu")."""
 

@@ -21,6 +21,7 @@ EXECUTION_ONLY = {
     "embedding_api_key",
     "embedding_batch_size",
     "search_device",
+    "search_blocks",
     "task_runner",
     "dask_address",
     "dask_workers",

@@ -56,6 +56,8 @@ class ImportSummary:
 def _recorded(store: RunStore, inputs: dict[str, Any]) -> datetime:
     """Record a new import's inputs and options; for an existing run, check they are the same. Its created_at."""
     info = store.read_run_info()
+    if info is None and store.manifest():
+        raise ImportMismatch(f"run {store.run_id!r} already holds shards and is no import; choose another --import-id")
     if info is None:
         created_at = now_utc()
         store.write_run_info({"source": SOURCE, "import": inputs, "created_at": created_at.isoformat()})

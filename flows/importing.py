@@ -53,17 +53,23 @@ class ImportSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def _recorded(store: RunStore, inputs: dict[str, Any]) -> datetime:
-    """Record a new import's inputs and options; for an existing run, check they are the same. Its created_at."""
+def check_import_id(store: RunStore) -> dict[str, Any] | None:
+    """The run info of an earlier import of this id (None: a new run); a run that is no import is refused."""
     info = store.read_run_info()
     if info is None and store.manifest():
         raise ImportMismatch(f"run {store.run_id!r} already holds shards and is no import; choose another --import-id")
+    if info is not None and info.get("source") != SOURCE:
+        raise ImportMismatch(f"run {store.run_id!r} is a generation run, not an import; choose another --import-id")
+    return info
+
+
+def _recorded(store: RunStore, inputs: dict[str, Any]) -> datetime:
+    """Record a new import's inputs and options; for an existing run, check they are the same. Its created_at."""
+    info = check_import_id(store)
     if info is None:
         created_at = now_utc()
         store.write_run_info({"source": SOURCE, "import": inputs, "created_at": created_at.isoformat()})
         return created_at
-    if info.get("source") != SOURCE:
-        raise ImportMismatch(f"run {store.run_id!r} is a generation run, not an import; choose another --import-id")
     if info.get("import") != inputs:
         raise ImportMismatch(
             f"run {store.run_id!r} was imported from other inputs or with other options ({store.run_info_path}); "

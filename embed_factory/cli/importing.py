@@ -50,6 +50,7 @@ def import_data(
     (anchor/positive/negative, query/positive or query/answer). A bad line stops the import with its
     file:line (nothing is kept), or with --skip-invalid is skipped and counted.
     """
+    from flows.importing import check_import_id
     from tasks.importing.readers import resolve_sources
     from tasks.importing.shards import default_import_id
 
@@ -59,7 +60,7 @@ def import_data(
     import_id = import_id or default_import_id(paths)
     with command_frame():  # the inputs and the id are checked before any server starts
         root = checked_data_dir(settings)
-        RunStore(root, import_id)  # a malformed id is its error
+        check_import_id(RunStore(root, import_id))  # a malformed id, or a generation run's, is its error
         resolve_sources(paths, settings.storage.storage_options())
         api_url = resolve_api_url(settings, say)
         summary = import_flow(api_url, paths, import_id, task_type, instruction, skip_invalid, shard_rows, settings)

@@ -271,7 +271,10 @@ def test_clean_over_an_imported_and_a_synthetic_run_exports_both(prefect_api_url
     from flows.clean import clean
     from storage.corpus import CleanStore
 
-    for key, value in {"NEGATIVES_PER_QUERY": "2", "NEGATIVE_RANK_MIN": "1", "NEGATIVE_RANK_MAX": "10"}.items():
+    # decontamination treats every row alike; embedding its eval texts (thousands of STS sentences) would be
+    # most of this test's time, so it is off here (tests/cleaning covers it)
+    tiny = {"NEGATIVES_PER_QUERY": "2", "NEGATIVE_RANK_MIN": "1", "NEGATIVE_RANK_MAX": "10", "DECONTAMINATE": "false"}
+    for key, value in tiny.items():
         monkeypatch.setenv(f"EMBED_FACTORY_CLEAN__{key}", value)
     rows = [example("synth", i, q, p, negative=TOPICS[(i + 1) % len(TOPICS)][1]) for i, (q, p) in enumerate(TOPICS)]
     write_run(data_dir, "synth", rows)

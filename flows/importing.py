@@ -139,7 +139,7 @@ def import_run(
     return summary
 
 
-@flow(name="import_data", flow_run_name="import-{import_id}")
+@flow(name="import_data", flow_run_name="{import_id}")
 def import_data(
     paths: list[str],
     import_id: str | None = None,

@@ -87,7 +87,7 @@ def import_flow(api_url, paths, import_id, task_type, instruction, skip_invalid,
 
 def print_import_summary(summary: ImportSummary) -> None:
     out = Console()
-    out.print(f"import {summary.import_id}: {summary.rows} rows ({summary.rows_per_s:,.0f} rows/s)")
+    out.print(f"import {summary.import_id}: {summary.rows} rows in {summary.elapsed_s:.1f} s")
     table = Table()
     table.add_column("task type")
     table.add_column("rows", justify="right")

@@ -50,6 +50,18 @@ def lineage_rows(import_id: str) -> list[dict]:
     return Catalog.from_settings(settings).query(sql, [import_id]).to_pylist()
 
 
+def test_the_bundled_sample_is_package_data_with_its_licence():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p for pattern in patterns["tasks.importing"] for p in (root / "tasks/importing").glob(pattern)}
+    readme = sample_path().parent / "README.md"
+    assert {sample_path(), readme} <= shipped
+    assert "CC0" in readme.read_text()
+    assert sum(1 for line in sample_path().read_text().splitlines() if line.strip()) == 28  # as its README says
+
+
 # --- layouts --------------------------------------------------------------------------------------------
 def test_kalm_jsonl_maps_task_names_instructions_and_extra_texts(data_dir, tmp_path):
     path = write_jsonl(

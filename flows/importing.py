@@ -86,7 +86,7 @@ def import_run(
     started = time.monotonic()
     sources = resolve_sources(paths, settings.storage.storage_options())
     store = RunStore.from_settings(settings, import_id)
-    inputs = {"inputs": [[s.shown, s.kind, s.size] for s in sources], "options": asdict(options)}
+    inputs = {"inputs": [[s.location, s.kind, s.size] for s in sources], "options": asdict(options)}
     discard = False
     try:
         with store.exclusive():

@@ -292,7 +292,7 @@ LINEAGE_SCHEMA = pa.schema(
         ("example_id", pa.string()),  # the example's id in the run's examples shards
         ("run_id", pa.string()),
         ("source", pa.string()),  # "imported"
-        ("file", pa.string()),  # the input file (or datasets folder) as given: a local path or an s3:// URL
+        ("file", pa.string()),  # the input file (or datasets folder): an absolute local path or an s3:// URL
         ("line", pa.int64()),  # 1-based: the JSONL line, or the row of a Parquet file or datasets folder
         ("layout", pa.string()),  # kalm | triplet | query_positive (tasks/importing/layouts.py)
     ],

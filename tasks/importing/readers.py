@@ -51,12 +51,17 @@ class BadLine:
 
 @dataclass(frozen=True)
 class Source:
-    """One input: where it is, how it was named, what kind it is and its size (the resume check)."""
+    """One input: where it is, how it was named (in messages), what kind it is and its size (the resume check)."""
 
     path: StorePath
     shown: str
     kind: str  # jsonl | parquet | arrow
     size: int
+
+    @property
+    def location(self) -> str:
+        """Where it is, whatever the working directory: an absolute path or the URL (lineage, resume check)."""
+        return str(self.path) if is_remote(self.path) else str(self.path.resolve())
 
 
 def _kind(name: str) -> str | None:

@@ -127,7 +127,7 @@ class _ShardWriter:
                 "example_id": example_id,
                 "run_id": self.store.run_id,
                 "source": SOURCE,
-                "file": source.shown,
+                "file": source.location,
                 "line": line,
                 "layout": layout,
             }

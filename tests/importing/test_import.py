@@ -214,6 +214,12 @@ def test_import_from_and_to_s3(s3_endpoint, monkeypatch, tmp_path):
     files = [(r["file"], r["line"]) for r in lineage_rows("imp-s3")]
     assert files == [(f"s3://{prefix}/in/a.jsonl", i) for i in (1, 2, 3)] + [(f"s3://{prefix}/in/b.parquet", 1)]
 
+    fs.pipe_file(f"{prefix}/bad/x.jsonl", (json.dumps(kalm(1)) + "\nnot json\n").encode())
+    with pytest.raises(ImportFileError, match=r"x\.jsonl:2: not valid JSON"):
+        do_import("imp-s3-bad", f"s3://{prefix}/bad/x.jsonl")
+    assert not fs.exists(f"{prefix}/data/runs/imp-s3-bad/run.json"), "nothing half-imported on S3 either"
+    assert fs.exists(f"{prefix}/data/runs/imp-s3/run.json")
+
 
 # --- crashes and re-runs ------------------------------------------------------------------------------------
 def _comparable(store: RunStore) -> tuple[list, list]:

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from ground import progress
 from ground.settings import Settings, TaskTypeName, load_settings
 from storage.lineage import discard_run
-from storage.shards import RunStore, now_utc
+from storage.shards import RunStore, folder_lock, now_utc
 from tasks.importing.readers import ImportFileError, resolve_sources
 from tasks.importing.shards import SHARD_ROWS, SOURCE, ImportOptions, default_import_id, import_records
 
@@ -89,7 +89,8 @@ def import_run(
     inputs = {"inputs": [[s.location, s.kind, s.size] for s in sources], "options": asdict(options)}
     discard = False
     try:
-        with store.exclusive():
+        # the run's lock (store.exclusive()), its error naming this command's option
+        with folder_lock(store.root, import_id, option="--import-id", ttl_s=store.lock_ttl_s):
             created_at = _recorded(store, inputs)
             try:
 

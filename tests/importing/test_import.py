@@ -15,6 +15,7 @@ from flows.importing import ImportMismatch, import_run
 from ground.settings import load_settings
 from storage.catalog import Catalog
 from storage.lineage import read_lineage
+from storage.atomic import StorageError
 from storage.shards import RunStore
 from support.cli_process import cli
 from support.rows import TOPICS, example, write_run
@@ -280,6 +281,9 @@ def test_rerun_with_other_options_or_a_generation_run_id_is_refused(data_dir, tm
     RunStore(data_dir, "gen-a").write_run_info({"fingerprint": {}})  # as the generate flow records a run
     with pytest.raises(ImportMismatch, match="'gen-a' is a generation run"):
         do_import("gen-a", path)
+    with RunStore(data_dir, "imp-r").exclusive():  # another process writing it
+        with pytest.raises(StorageError, match="run 'imp-r' is being written by another process.*--import-id"):
+            do_import("imp-r", path)
     assert RunStore(data_dir, "imp-r").read_kind("examples").num_rows == 1  # the refused re-runs changed nothing
     assert RunStore(data_dir, "gen-a").read_kind("examples").num_rows == 1
 

@@ -13,9 +13,9 @@ import pytest
 
 from flows.importing import ImportMismatch, import_run
 from ground.settings import load_settings
+from storage.atomic import StorageError
 from storage.catalog import Catalog
 from storage.lineage import read_lineage
-from storage.atomic import StorageError
 from storage.shards import RunStore
 from support.cli_process import cli
 from support.rows import TOPICS, example, write_run

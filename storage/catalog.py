@@ -21,6 +21,7 @@ judged          ``clean/*/judged/*.parquet`` (the judge's decisions)    ``clean_
 dropped         ``clean/*/dropped/*.parquet``                          ``clean_id``
 clean_inputs    ``clean/*/inputs.json`` (one row per clean id and run)  ``clean_id``, ``run_id``
 ledger          ``runs/*/ledger.parquet``, ``clean/*/ledger.parquet``   (rows carry ``scope``, ids)
+lineage         ``runs/*/lineage/*.parquet``: imported rows' file, line  (rows carry ``run_id``)
 ==============  =====================================================  =========================
 
 A view whose files do not exist yet is an empty view with the right columns (typed ``NULL`` casts
@@ -66,6 +67,7 @@ from storage.schemas import (
     INSTRUCTION_SCHEMA,
     JUDGED_SCHEMA,
     LEDGER_SCHEMA,
+    LINEAGE_SCHEMA,
     REJECT_SCHEMA,
 )
 from storage.shards import list_runs
@@ -96,6 +98,7 @@ VIEWS: dict[str, tuple[str, pa.Schema, str | None]] = {
     "dropped": ("clean/*/dropped/*.parquet", DROPPED_SCHEMA, "clean_id"),
     "clean_inputs": ("clean/*/inputs.json", _CLEAN_INPUTS, None),
     "ledger": ("*/*/ledger.parquet", LEDGER_SCHEMA, None),  # runs/<id>/ and clean/<id>/ (storage/ledger.py)
+    "lineage": ("runs/*/lineage/*.parquet", LINEAGE_SCHEMA, None),  # imported runs' file and line (storage/lineage.py)
 }
 
 # The id that a path column is taken from: the folder right under runs/ or clean/.

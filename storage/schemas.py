@@ -282,3 +282,19 @@ def count_by_type(table: pa.Table, column: str = "task_type") -> dict[str, int]:
         return {}
     counts = pc.value_counts(table.column(column)).to_pylist()
     return {c["values"]: c["counts"] for c in counts}
+
+
+# --- imported runs (storage/lineage.py) ----------------------------------------------------------
+
+#: where one imported example came from, ``runs/<run_id>/lineage/<shard>.parquet`` (catalog view ``lineage``)
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),  # the example's id in the run's examples shards
+        ("run_id", pa.string()),
+        ("source", pa.string()),  # "imported"
+        ("file", pa.string()),  # the input file (or datasets folder): an absolute local path or an s3:// URL
+        ("line", pa.int64()),  # 1-based: the JSONL line, or the row of a Parquet file or datasets folder
+        ("layout", pa.string()),  # kalm | triplet | query_positive (tasks/importing/layouts.py)
+    ],
+    metadata={"embed_factory.table": "lineage", "embed_factory.schema_version": str(SCHEMA_VERSION)},
+)

@@ -2,6 +2,7 @@
 
 The commands live by job: :mod:`.run` (generate, then clean), :mod:`.plan` (the cost preview),
 :mod:`.data` (clean, query, report),
+:mod:`.importing` (import),
 :mod:`.train` (finetune, serve), :mod:`.ablate` (ablate), :mod:`.ops` (doctor, deploy, trigger) and
 :mod:`.servers` (the ``llm`` and ``prefect`` groups); :mod:`.frame` holds what they share. Heavy imports
 (the flows, Prefect's client, torch) happen inside the commands, so ``--help`` and the server commands
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from embed_factory.cli import ablate, data, ops, plan, run, servers, train
+from embed_factory.cli import ablate, data, importing, ops, plan, run, servers, train
 
 app = typer.Typer(
     help="Embedding-training data factory: personas → LLM → Parquet shards.",
@@ -33,6 +34,7 @@ for command in (
     ops.trigger,
 ):
     app.command()(command)
+app.command(name="import")(importing.import_data)  # `import` is a Python keyword: the function is import_data
 app.add_typer(servers.llm_app, name="llm")
 app.add_typer(servers.prefect_app, name="prefect")
 

@@ -20,6 +20,7 @@ from storage.schemas import (
     DROPPED_SCHEMA,
     EXAMPLE_SCHEMA,
     INSTRUCTION_SCHEMA,
+    LINEAGE_SCHEMA,
     REJECT_SCHEMA,
 )
 from support.catalog_store import (
@@ -54,6 +55,7 @@ def build_project(data: Path) -> None:
         INSTRUCTION_SCHEMA,
     )
     write(data / "runs/r2/instructions.parquet", [row_for(INSTRUCTION_SCHEMA)], INSTRUCTION_SCHEMA)
+    write(data / "runs/r3/lineage/imp-00000.parquet", [row_for(LINEAGE_SCHEMA, run_id="r3")] * 2, LINEAGE_SCHEMA)
     clean = data / "clean/c1"
     write(clean / "valid.parquet", [ex("r1", 0), ex("r1", 1, "sts"), ex("r1", 2)], EXAMPLE_SCHEMA)
     write(clean / "deduped.parquet", [ex("r1", 0), ex("r1", 1, "sts")], EXAMPLE_SCHEMA)
@@ -107,6 +109,7 @@ def test_counts_match_the_files_and_ids_come_from_paths(tmp_path):
         "dropped": 1,
         "clean_inputs": 2,
         "ledger": 0,
+        "lineage": 2,
     }
     # the empty views had the very columns and types that the file-backed views have
     with catalog.session():

@@ -60,6 +60,7 @@ def test_missing_config_file_is_reported(tmp_path):
 COMMANDS = [
     ["run"],
     ["clean"],
+    ["import"],
     ["query"],
     ["report"],
     ["finetune"],

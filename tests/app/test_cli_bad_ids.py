@@ -93,6 +93,20 @@ ROWS: dict[tuple, Row] = {
             "empty data folder": "a first run fills an empty data folder",
         },
     ),
+    ("import",): Row(
+        {
+            "malformed value": Case(["import", "in.jsonl", "--import-id", "../x"], "invalid run id '../x'"),
+            "data folder is a file": Case(["import", "in.jsonl"], A_FILE),
+            "unreadable file inside": Case(
+                ["import", "in.jsonl", "--import-id", RUN], "corrupt manifest", garbage(f"runs/{RUN}/manifest.json")
+            ),
+        },
+        {
+            "unknown id": "`import --import-id NEW` starts that import: a legitimate create",
+            "missing data folder": "a first import creates the data folder",
+            "empty data folder": "a first import fills an empty data folder",
+        },
+    ),
     ("plan",): Row(
         {
             "data folder is a file": Case(["plan"], A_FILE),
@@ -232,7 +246,7 @@ def test_every_command_has_a_row():
         assert set(row.cases) | set(row.not_applicable) == set(CASES), command
         assert not set(row.cases) & set(row.not_applicable), command
     # README.md (Failure modes, "bad input") quotes these counts
-    assert (len(commands), sum(bool(row.cases) for row in ROWS.values()), len(PARAMS)) == (17, 13, 43)
+    assert (len(commands), sum(bool(row.cases) for row in ROWS.values()), len(PARAMS)) == (18, 14, 46)
 
 
 # --- the data folders --------------------------------------------------------------------------------------

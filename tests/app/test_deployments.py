@@ -68,7 +68,13 @@ def test_pools_schedule_and_pull_step_per_profile(monkeypatch):
         {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
     ]
     production = {s.name: s.work_pool for s in local_specs(profile="production")}
-    assert production == {"generate": "cpu-pool", "clean": "gpu-pool", "finetune": "gpu-pool", "pipeline": "cpu-pool"}
+    assert production == {
+        "generate": "cpu-pool",
+        "clean": "gpu-pool",
+        "finetune": "gpu-pool",
+        "pipeline": "cpu-pool",
+        "import_data": "cpu-pool",
+    }
 
     (schedule,) = local["pipeline"].schedules
     assert schedule["active"] is False and schedule["slug"] == prefect_yaml.PIPELINE_SCHEDULE_SLUG

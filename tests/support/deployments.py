@@ -1,5 +1,5 @@
 """What the deployment tests share (app/test_deployments.py, app/test_deployment_server.py, app/test_ui.py): the
-four deployments, tiny clean and fine-tune settings, and waiting for a work pool's worker."""
+deployments, tiny clean and fine-tune settings, and waiting for a work pool's worker."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EXPECTED = {
     "clean": "flows.clean.clean",
     "finetune": "flows.finetune.finetune",
     "pipeline": "flows.pipeline.pipeline",
+    "import_data": "flows.importing.import_data",
 }
 
 

@@ -1,4 +1,4 @@
-"""Prefect deployments: the four of ``prefect.yaml``, the finetune trigger, the local worker, ad-hoc runs.
+"""Prefect deployments: the ones ``prefect.yaml`` declares, the finetune trigger, the local worker, ad-hoc runs.
 
 One module per job:
 

@@ -14,9 +14,9 @@ from tasks.cleaning.dedup import (
     dedup_key,
     exact_dedup,
     instruction_clusters,
-    lsh_bands,
     near_dedup,
 )
+from tasks.cleaning.dedup_near import lsh_bands
 from tasks.generation.brainstorm import instruction_key
 
 

@@ -72,14 +72,17 @@ class OldUnionFind:
 def old_near_clusters(texts: list[str], cfg: CleanSettings) -> list[int]:
     from rensa import RMinHash, RMinHashLSH
 
-    from tasks.cleaning.dedup_near import MINHASH_SEED, SKETCH_BATCH, _shingles, lsh_bands
+    from tasks.cleaning.dedup_minhash import MINHASH_SEED
+    from tasks.cleaning.dedup_near import lsh_bands
 
     n = len(texts)
     if n < 2:
         return list(range(n))
-    sketches = []
-    for start in range(0, n, SKETCH_BATCH):
-        batch = [_shingles(t, cfg.shingle_size) for t in texts[start : start + SKETCH_BATCH]]
+    sketches, k = [], cfg.shingle_size
+    for start in range(0, n, 2048):
+        batch = [
+            [t[i : i + k] for i in range(len(t) - k + 1)] if len(t) > k else [t] for t in texts[start : start + 2048]
+        ]
         sketches.extend(RMinHash.from_token_sets(batch, num_perm=cfg.minhash_num_perm, seed=MINHASH_SEED))
     lsh = RMinHashLSH(
         cfg.near_dup_threshold, cfg.minhash_num_perm, lsh_bands(cfg.minhash_num_perm, cfg.near_dup_threshold)
@@ -181,7 +184,8 @@ def child(impl: str, rows_file: Path, drops_file: Path) -> None:
 
 
 def make_rows(n: int, seed: int, rows_file: Path) -> None:
-    from bench.clean_growth import synthetic_rows
+    from clean_growth import synthetic_rows  # bench/ is on the path (this script's folder, or pytest's pythonpath)
+
     from storage.schemas import EXAMPLE_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(synthetic_rows(n, "bench-run", seed), schema=EXAMPLE_SCHEMA), rows_file)

@@ -45,6 +45,8 @@ DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", 
 NEAR_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long")
 #: normalized texts shorter than this are left to exact dedup (a few shingles say nothing)
 NEAR_MIN_CHARS = 20
+#: texts case-folded per batch in :func:`dedup_keys`
+KEY_BATCH = 8192
 
 STAGE_EXACT = "dedup_exact"
 STAGE_NEAR = "dedup_near"
@@ -67,10 +69,17 @@ def dedup_keys(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.
         values = pa.array(list(values), type=pa.string())
     values = values.cast(pa.string())
     nfkc = pc.utf8_normalize(values, form="NFKC")
-    # str.casefold is full Unicode case folding (ß -> ss), which Arrow's utf8_lower is not
-    folded = pa.array([None if s is None else s.casefold() for s in nfkc.to_pylist()], type=pa.string())
+    folded = pa.concat_arrays([pa.array([], pa.string()), *_casefolded(nfkc)])
     spaced = pc.replace_substring_regex(folded, pattern=r"[\p{P}\p{S}\s]+", replacement=" ")
     return pc.utf8_trim_whitespace(spaced)
+
+
+def _casefolded(values: pa.Array):
+    """``str.casefold`` (full Unicode case folding, ß -> ss, which Arrow's utf8_lower is not) of the
+    values, :data:`KEY_BATCH` at a time, so the Python strings of a whole column never exist at once."""
+    for start in range(0, len(values), KEY_BATCH):
+        texts = values.slice(start, KEY_BATCH).to_pylist()
+        yield pa.array([None if s is None else s.casefold() for s in texts], pa.string())
 
 
 def dedup_key(text: str | None) -> str | None:

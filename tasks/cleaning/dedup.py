@@ -11,32 +11,33 @@ NFKC, casefold, punctuation and symbols removed, whitespace collapsed):
   normalized positive equals an earlier row's goes (``duplicate_positive``), for the task types whose
   positive is a document (:data:`DOC_POSITIVE_TYPES`; classification positives are labels that
   repeat by design).
-* :func:`near_dedup` (MinHash LSH from ``rensa``): character shingles of the normalized text; LSH
-  candidates are verified by their estimated Jaccard similarity (>= ``near_dup_threshold``) and joined
-  into clusters (union-find). Queries of at least :data:`NEAR_MIN_CHARS` characters within each task
-  type (``near_duplicate_query``), then positive documents of :data:`NEAR_POSITIVE_TYPES`
-  (``near_duplicate_positive``) among the rows left.
+* :func:`near_dedup` (MinHash LSH, :mod:`tasks.cleaning.dedup_near`): character shingles of the
+  normalized text; LSH candidates are verified by their estimated Jaccard similarity
+  (>= ``near_dup_threshold``) and joined into clusters (connected components). Queries of at
+  least :data:`NEAR_MIN_CHARS` characters within each task type (``near_duplicate_query``), then
+  positive documents of :data:`NEAR_POSITIVE_TYPES` (``near_duplicate_positive``) among the rows left.
 
 "Earlier" is the order of ``example_id`` (ties: input position), so each cluster keeps its smallest
 ``example_id`` whatever the input order, and every dropped row names that representative in its
 ``detail``. Both passes compare within one task type only: the same text in two task types serves
-two different tasks. Kept tables keep the input schema and the input row order.
+two different tasks. Kept tables keep the input schema and the input row order. :func:`near_duplicates` decides near
+dedup from four columns alone and returns positions, for callers that stream the other columns.
 :func:`instruction_clusters` applies the same rule to the instruction table for reporting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from rensa import RMinHash, RMinHashLSH
 
 from ground.settings import CleanSettings
 from storage.corpus import Drops, StageResult
+from tasks.cleaning.dedup_near import join, near_clusters
 
 #: task types whose positive is a document, so an equal positive is a duplicate (not classification)
 DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", "sts", "bitext")
@@ -44,12 +45,8 @@ DOC_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long", "short_short", 
 NEAR_POSITIVE_TYPES: tuple[str, ...] = ("retrieval", "long_long")
 #: normalized texts shorter than this are left to exact dedup (a few shingles say nothing)
 NEAR_MIN_CHARS = 20
-#: MinHash seed; fixed, so results do not depend on anything but the data and the settings
-MINHASH_SEED = 20240501
-#: texts shingled and sketched per batch (bounds the memory the shingle lists take)
-SKETCH_BATCH = 2048
-#: lower bound on the probability that a pair at the threshold becomes an LSH candidate
-LSH_RECALL_AT_THRESHOLD = 0.99
+#: texts case-folded per batch in :func:`dedup_keys`
+KEY_BATCH = 8192
 
 STAGE_EXACT = "dedup_exact"
 STAGE_NEAR = "dedup_near"
@@ -72,10 +69,17 @@ def dedup_keys(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.
         values = pa.array(list(values), type=pa.string())
     values = values.cast(pa.string())
     nfkc = pc.utf8_normalize(values, form="NFKC")
-    # str.casefold is full Unicode case folding (ß -> ss), which Arrow's utf8_lower is not
-    folded = pa.array([None if s is None else s.casefold() for s in nfkc.to_pylist()], type=pa.string())
+    folded = pa.concat_arrays([pa.array([], pa.string()), *_casefolded(nfkc)])
     spaced = pc.replace_substring_regex(folded, pattern=r"[\p{P}\p{S}\s]+", replacement=" ")
     return pc.utf8_trim_whitespace(spaced)
+
+
+def _casefolded(values: pa.Array):
+    """``str.casefold`` (full Unicode case folding, ß -> ss, which Arrow's utf8_lower is not) of the
+    values, :data:`KEY_BATCH` at a time, so the Python strings of a whole column never exist at once."""
+    for start in range(0, len(values), KEY_BATCH):
+        texts = values.slice(start, KEY_BATCH).to_pylist()
+        yield pa.array([None if s is None else s.casefold() for s in texts], pa.string())
 
 
 def dedup_key(text: str | None) -> str | None:
@@ -91,12 +95,6 @@ def _split(
 ) -> StageResult:
     """Kept rows (input order) and the dropped rows, ordered by input position."""
     return StageResult.split(table, stage, Drops(drop_rows, reasons, details))
-
-
-def _sort_order(example_ids: Sequence[Any]) -> np.ndarray:
-    """Positions sorted by example_id (nulls last), ties by position: the "earlier" order."""
-    keyed = [("\U0010ffff" * 2 if e is None else e, i) for i, e in enumerate(example_ids)]
-    return np.array([i for _, i in sorted(keyed)], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- exact
@@ -166,131 +164,89 @@ def exact_dedup(table: pa.Table) -> StageResult:
 # --------------------------------------------------------------------------- near
 
 
-def lsh_bands(num_perm: int, threshold: float, recall: float = LSH_RECALL_AT_THRESHOLD) -> int:
-    """The fewest LSH bands (a divisor of ``num_perm``) that make a pair at ``threshold`` a candidate
-    with probability >= ``recall``: fewer bands mean fewer false candidates to verify."""
-    divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
-    for bands in divisors:
-        rows = num_perm // bands
-        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
-            return bands
-    return num_perm
+class NearDrops(NamedTuple):
+    """What near dedup decides, as positions in its input: the dropped rows (ascending), whether each
+    went for its positive (else its query), and the row it near-duplicates (its cluster's representative)."""
+
+    rows: np.ndarray
+    positive: np.ndarray
+    reps: np.ndarray
 
 
-class _UnionFind:
-    """Union-find whose root is always the smallest member (members are positions in sorted order)."""
-
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
+def _earlier_ranks(example_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each row's rank in the "earlier" order: example_id ascending (nulls last), ties by position."""
+    n = len(example_ids)
+    keyed = pa.table({"id": example_ids, "pos": pa.array(np.arange(n, dtype=np.int64))})
+    order = pc.sort_indices(keyed, sort_keys=[("id", "ascending"), ("pos", "ascending")])  # nulls at the end
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order.to_numpy()] = np.arange(n, dtype=np.int64)
+    return ranks
 
 
-def _shingles(text: str, k: int) -> list[str]:
-    if len(text) <= k:
-        return [text]
-    return [text[i : i + k] for i in range(len(text) - k + 1)]
-
-
-def _sketches(texts: Sequence[str], cfg: CleanSettings) -> list[RMinHash]:
-    out: list[RMinHash] = []
-    for start in range(0, len(texts), SKETCH_BATCH):
-        batch = [_shingles(t, cfg.shingle_size) for t in texts[start : start + SKETCH_BATCH]]
-        out.extend(RMinHash.from_token_sets(batch, num_perm=cfg.minhash_num_perm, seed=MINHASH_SEED))
-    return out
-
-
-def near_clusters(texts: Sequence[str], cfg: CleanSettings) -> list[int]:
-    """For texts already in "earlier first" order: each text's cluster representative (smallest position).
-
-    MinHash over character shingles, LSH candidates, each candidate pair verified by its estimated
-    Jaccard similarity >= ``cfg.near_dup_threshold``, verified pairs joined transitively.
-    """
-    n = len(texts)
-    if n < 2:
-        return list(range(n))
-    sketches = _sketches(texts, cfg)
-    bands = lsh_bands(cfg.minhash_num_perm, cfg.near_dup_threshold)
-    lsh = RMinHashLSH(cfg.near_dup_threshold, cfg.minhash_num_perm, bands)
-    lsh.insert_many(sketches)
-    uf = _UnionFind(n)
-    find, threshold = uf.find, cfg.near_dup_threshold
-    for i, candidates in enumerate(lsh.query_all(sketches)):
-        if len(candidates) < 2:
-            continue
-        sketch = sketches[i]
-        for j in candidates:
-            # pairs already joined need no verification (cost stays low inside big clusters)
-            if j > i and find(i) != find(j) and sketch.jaccard(sketches[j]) >= threshold:
-                uf.union(i, j)
-    return [find(i) for i in range(n)]
+def _type_codes(task_types: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """One integer per task type (null is a type of its own), for grouping rows by type."""
+    if isinstance(task_types, pa.ChunkedArray):
+        task_types = task_types.combine_chunks()
+    codes = pc.dictionary_encode(task_types).indices
+    return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _near_pass(
-    example_ids: list, task_types: list, texts: list, candidates: np.ndarray, cfg: CleanSettings
-) -> dict[int, int]:
-    """{dropped row: representative row} among ``candidates`` (positions), per task type."""
-    dropped: dict[int, int] = {}
-    by_type: dict[str, list[int]] = {}
-    for i in candidates:
-        by_type.setdefault(task_types[i], []).append(int(i))
-    for task_type in sorted(by_type, key=str):
-        rows = by_type[task_type]
-        order = _sort_order([example_ids[i] for i in rows])
-        rows = [rows[j] for j in order]
-        reps = near_clusters([texts[i] for i in rows], cfg)
-        for pos, rep in enumerate(reps):
-            if rep != pos:
-                dropped[rows[pos]] = rows[rep]
-    return dropped
+    codes: np.ndarray, ranks: np.ndarray, keys: pa.Array, eligible: np.ndarray, cfg: CleanSettings
+) -> np.ndarray:
+    """Each row's representative row (-1 where it is its own or not ``eligible``), per task type."""
+    reps = np.full(len(codes), -1, dtype=np.int64)
+    for code in np.unique(codes[eligible]):
+        rows = np.flatnonzero(eligible & (codes == code))
+        rows = rows[np.argsort(ranks[rows], kind="stable")]
+        labels = near_clusters(
+            keys.take(pa.array(rows)), cfg.minhash_num_perm, cfg.shingle_size, cfg.near_dup_threshold
+        )
+        moved = labels != np.arange(len(rows))
+        reps[rows[moved]] = rows[labels[moved]]
+    return reps
+
+
+def near_duplicates(
+    example_ids: pa.Array | pa.ChunkedArray,
+    task_types: pa.Array | pa.ChunkedArray,
+    queries: pa.Array | pa.ChunkedArray,
+    positives: pa.Array | pa.ChunkedArray,
+    cfg: CleanSettings,
+) -> NearDrops:
+    """Near dedup decided from four columns alone: near-duplicate queries (per task type), then
+    near-duplicate positive documents (retrieval, long_long) among the rows left; each cluster keeps
+    its smallest example_id. Texts are normalized and sketched in batches; the rest are numpy arrays."""
+    codes, ranks = _type_codes(task_types), _earlier_ranks(example_ids)
+    qn = dedup_keys(queries)
+    q_len = pc.fill_null(pc.utf8_length(qn), 0).to_numpy(zero_copy_only=False)
+    q_reps = _near_pass(codes, ranks, qn, q_len >= NEAR_MIN_CHARS, cfg)
+    del qn
+    pn = dedup_keys(positives)
+    p_len = pc.fill_null(pc.utf8_length(pn), 0).to_numpy(zero_copy_only=False)
+    is_doc = np.asarray(pc.is_in(task_types, pa.array(NEAR_POSITIVE_TYPES)).to_numpy(zero_copy_only=False), bool)
+    p_reps = _near_pass(codes, ranks, pn, (q_reps < 0) & is_doc & (p_len >= NEAR_MIN_CHARS), cfg)
+    reps = np.where(q_reps >= 0, q_reps, p_reps)
+    rows = np.flatnonzero(reps >= 0)
+    return NearDrops(rows, p_reps[rows] >= 0, reps[rows])
+
+
+def _near_result(table: pa.Table, cfg: CleanSettings) -> tuple[StageResult, np.ndarray]:
+    """:func:`near_dedup` and its dropped positions (ascending)."""
+    ids = table.column("example_id")
+    found = near_duplicates(ids, table.column("task_type"), table.column("query"), table.column("positive"), cfg)
+    rep_ids = ids.take(pa.array(found.reps, type=pa.int64())).to_pylist()
+    reasons = np.where(found.positive, "near_duplicate_positive", "near_duplicate_query").tolist()
+    fields = np.where(found.positive, "positive", "query").tolist()
+    thr = cfg.near_dup_threshold
+    details = [f"{f} near-duplicate of {rep} (Jaccard >= {thr:g})" for f, rep in zip(fields, rep_ids, strict=True)]
+    return _split(table, found.rows, STAGE_NEAR, reasons, details), found.rows
 
 
 def near_dedup(table: pa.Table, cfg: CleanSettings) -> StageResult:
     """Drop near-duplicate queries (per task type), then near-duplicate positive documents
     (retrieval, long_long) among the rows left; each cluster keeps its smallest example_id."""
-    n = table.num_rows
-    example_ids = table.column("example_id").to_pylist()
-    task_types = table.column("task_type").to_pylist()
-    qn = dedup_keys(table.column("query"))
-    pn = dedup_keys(table.column("positive"))
-    q_len = pc.fill_null(pc.utf8_length(qn), 0).to_numpy(zero_copy_only=False)
-    p_len = pc.fill_null(pc.utf8_length(pn), 0).to_numpy(zero_copy_only=False)
-
-    q_texts = qn.to_pylist()
-    q_dropped = _near_pass(example_ids, task_types, q_texts, np.flatnonzero(q_len >= NEAR_MIN_CHARS), cfg)
-
-    alive = np.ones(n, dtype=bool)
-    alive[list(q_dropped)] = False
-    is_doc = pc.is_in(table.column("task_type"), value_set=pa.array(NEAR_POSITIVE_TYPES)).to_numpy(zero_copy_only=False)
-    p_candidates = np.flatnonzero(alive & is_doc & (p_len >= NEAR_MIN_CHARS))
-    p_texts = pn.to_pylist()
-    p_dropped = _near_pass(example_ids, task_types, p_texts, p_candidates, cfg)
-
-    rows, reasons, details = [], [], []
-    for dropped, reason, field in (
-        (q_dropped, "near_duplicate_query", "query"),
-        (p_dropped, "near_duplicate_positive", "positive"),
-    ):
-        for row, rep in dropped.items():
-            rows.append(row)
-            reasons.append(reason)
-            details.append(f"{field} near-duplicate of {example_ids[rep]} (Jaccard >= {cfg.near_dup_threshold:g})")
-    return _split(table, np.array(rows, dtype=np.int64), STAGE_NEAR, reasons, details)
+    return _near_result(table, cfg)[0]
 
 
 _ROW = "__row"  # input position, carried through the parts of a split
@@ -308,11 +264,10 @@ def split_by_task_type(table: pa.Table) -> dict[str, pa.Table]:
 
 def near_dedup_part(part: pa.Table, cfg: CleanSettings) -> StageResult:
     """:func:`near_dedup` of one part of :func:`split_by_task_type`; its dropped rows keep their position too."""
-    result = near_dedup(part, cfg)
-    kept_rows = set(result.kept.column(_ROW).to_pylist())
-    # dropped rows come in input order, so their positions are the part's positions not kept, ascending
-    dropped_rows = [r for r in part.column(_ROW).to_pylist() if r not in kept_rows]
-    return StageResult(kept=result.kept, dropped=result.dropped.append_column(_ROW, pa.array(dropped_rows, pa.int64())))
+    result, rows = _near_result(part, cfg)
+    # dropped rows come in input order, as ``rows`` do
+    dropped_rows = part.column(_ROW).take(pa.array(rows, type=pa.int64()))
+    return StageResult(kept=result.kept, dropped=result.dropped.append_column(_ROW, dropped_rows))
 
 
 def merge_near_parts(table: pa.Table, parts: Sequence[StageResult]) -> StageResult:
@@ -331,28 +286,26 @@ def instruction_clusters(instructions: pa.Table, cfg: CleanSettings) -> dict[str
     """Map every ``instruction_id`` to its cluster representative (smallest instruction_id) within its
     task type: equal normalized text, or near-duplicates by the same MinHash rule as :func:`near_dedup`.
     The number of distinct values is the number of unique instructions."""
-    ids = instructions.column("instruction_id").to_pylist()
-    types = instructions.column("task_type").to_pylist()
-    texts = dedup_keys(instructions.column("instruction")).to_pylist()
-    result: dict[str, str] = {}
-    by_type: dict[str, list[int]] = {}
-    for i, t in enumerate(types):
-        by_type.setdefault(t, []).append(i)
-    for task_type in sorted(by_type, key=str):
-        rows = by_type[task_type]
-        rows = [rows[j] for j in _sort_order([ids[i] for i in rows])]
-        uf = _UnionFind(len(rows))
-        first_with_text: dict[str, int] = {}
-        for pos, i in enumerate(rows):
-            text = texts[i] or ""
-            if text in first_with_text:
-                uf.union(first_with_text[text], pos)
-            else:
-                first_with_text[text] = pos
-        long_pos = [pos for pos, i in enumerate(rows) if len(texts[i] or "") >= NEAR_MIN_CHARS]
-        reps = near_clusters([texts[rows[pos]] for pos in long_pos], cfg)
-        for local, rep in enumerate(reps):
-            uf.union(long_pos[local], long_pos[rep])
-        for pos, i in enumerate(rows):
-            result[ids[i]] = ids[rows[uf.find(pos)]]
-    return result
+    ids = instructions.column("instruction_id")
+    keys = pc.fill_null(dedup_keys(instructions.column("instruction")), "")
+    codes, ranks = _type_codes(instructions.column("task_type")), _earlier_ranks(ids)
+    long_text = pc.utf8_length(keys).to_numpy(zero_copy_only=False) >= NEAR_MIN_CHARS
+    reps = np.arange(len(codes), dtype=np.int64)
+    for code in np.unique(codes):
+        rows = np.flatnonzero(codes == code)
+        rows = rows[np.argsort(ranks[rows], kind="stable")]  # local positions: the earlier order
+        texts = keys.take(pa.array(rows))
+        local = np.arange(len(rows), dtype=np.int64)
+        # equal texts join the first row with that text; near-duplicates join their cluster's first row
+        text_code = pc.dictionary_encode(texts).indices.to_numpy()
+        first = np.full(len(rows), len(rows), dtype=np.int64)
+        np.minimum.at(first, text_code, local)
+        long_pos = np.flatnonzero(long_text[rows])
+        near = near_clusters(
+            texts.take(pa.array(long_pos)), cfg.minhash_num_perm, cfg.shingle_size, cfg.near_dup_threshold
+        )
+        left = np.concatenate([local, long_pos])
+        right = np.concatenate([first[text_code], long_pos[near]])
+        reps[rows] = rows[join(len(rows), left, right)]
+    rep_ids = ids.take(pa.array(reps)).to_pylist()
+    return dict(zip(ids.to_pylist(), rep_ids, strict=True))

@@ -110,7 +110,7 @@ class LeanWire:
                 await asyncio.sleep(backoff_s(None, n))
                 continue
             if 200 <= status < 300:
-                return read_answer(raw)
+                return read_answer(raw, headers.get("content-type", ""))
             if n < retries and should_retry(status, headers):
                 await asyncio.sleep(backoff_s(headers, n))
                 continue
@@ -153,11 +153,14 @@ class LeanWire:
         return session
 
 
-def read_answer(raw: bytes) -> Answer:
-    """The chat completion in ``raw``, or ``BadBody`` (worded as the SDK path words a body that is not JSON)."""
+def read_answer(raw: bytes, content_type: str = "application/json") -> Answer:
+    """The chat completion in ``raw``, or ``BadBody`` worded as the SDK path words it: a body declared JSON that is
+    not, by json's error; a body not declared JSON (an HTML error page …), by its text."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        if "json" not in content_type:
+            raise BadBody(raw.decode("utf-8", errors="replace"), answered=False) from None
         try:  # what orjson refuses and json reads (NaN …) is read; else json's words for the error
             data = json.loads(raw)
         except ValueError as exc:

@@ -44,7 +44,6 @@ from llm.router import EndpointRouter, Lease
 from llm.router import log as router_log
 from llm.wire import THROTTLED, Answer, BadBody, ConnectFailure, StatusFailure, TimeoutFailure
 from llm.wire_lean import LeanWire
-from llm.wire_openai import OpenAIWire
 from prompts.render import OutputInvalid, RenderedPrompt, parse_output
 
 __all__ = ["AllEndpointsDown", "ClientStats", "Completion", "LLMClient", "RequestFailed", "Sampling"]
@@ -52,7 +51,8 @@ __all__ = ["AllEndpointsDown", "ClientStats", "Completion", "LLMClient", "Reques
 #: answers the fleet must have given before its tail quantile is trusted to hedge against (a p95 of fewer is noise)
 HEDGE_MIN_ANSWERS = 200
 #: the request paths: ``llm/wire_lean.py`` (aiohttp, orjson, compiled answer checks) and the ``openai`` SDK's
-WIRES = {"lean": LeanWire, "openai": OpenAIWire}
+#: (imported only when chosen: the SDK takes seconds to import)
+CLIENTS = ("lean", "openai")
 
 
 class LLMClient:
@@ -107,8 +107,8 @@ class LLMClient:
         logger: logging.Logger | logging.LoggerAdapter | None = None,
     ):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        if client not in WIRES:
-            raise ValueError(f"llm.client must be one of {sorted(WIRES)}, not {client!r}")
+        if client not in CLIENTS:
+            raise ValueError(f"llm.client must be one of {', '.join(CLIENTS)}, not {client!r}")
         self.router = EndpointRouter(
             urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log, readmit_by_probe=True
         )
@@ -132,7 +132,11 @@ class LLMClient:
         # several endpoints: the router retries elsewhere (one try per send), at most max_retries + 1 tries in all
         self._tries = max_retries + 1
         self._routing = len(urls) > 1
-        self._wire = WIRES[client](
+        if client == "openai":
+            from llm.wire_openai import OpenAIWire as wire
+        else:
+            wire = LeanWire
+        self._wire = wire(
             urls, model, api_key, timeout_s, max_retries, max_in_flight, self.stats, send_seed, http_client
         )
         self._parse = parse_answer if client == "lean" else parse_output

@@ -247,6 +247,7 @@ def test_a_body_that_is_not_json_is_worded_alike_on_both_paths():
 
 def test_both_paths_get_the_same_answers_from_a_real_server():
     from generation import bench_plan
+
     from support.stub_llm import StubLLM
 
     request = bench_plan(6, 6, seed=5)[0].requests[0]

@@ -1,7 +1,7 @@
 """``bench/fleet.py --processes N``: the request paths side by side, and the lean client over N processes.
 
-Each run starts a fresh stub fleet (``bench/fleet_stub.py``) and spawns its client processes; every process
-imports, plans and builds its ``LLMClient`` before a barrier, then all drive the fleet at once (``fleet.drive``:
+Each run starts a fresh stub fleet (``bench/fleet_stub.py``) and forks its client processes; every process
+plans and builds its ``LLMClient`` before a barrier, then all drive the fleet at once (``fleet.drive``:
 the real generation path, its own run store). With N processes each gets every N-th endpoint (a share of
 ``llm.base_urls``, as separate generation workers would), that share's slots as its in-flight target and
 1/N of the requests. The figures of several processes are summed over the window in which every one of them
@@ -44,7 +44,7 @@ def shares(config: FleetConfig, fleet: dict, n: int) -> list[tuple[FleetConfig, 
 
 def _child(config: FleetConfig, fleet: dict, barrier, results) -> None:
     """One client process: everything set up, wait for the others, drive, hand the result back."""
-    from fleet import drive  # imported before the barrier: import time is not measured
+    from fleet import drive  # imported before the barrier (spawned children): import time is not measured
 
     raise_open_files_limit()
     try:
@@ -59,7 +59,9 @@ def run_processes(config: FleetConfig, n: int) -> list[FleetResult]:
     """One run: a fresh stub fleet driven by ``n`` client processes at once; their results."""
     from fleet import stub_fleet
 
-    context = multiprocessing.get_context("spawn")
+    # fork where there is one: the children start with this process's imports (seconds each, on a loaded machine)
+    # and no event loop or client yet (each builds its own after the fork)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with stub_fleet(config) as fleet:
         barrier, results = context.Barrier(n), context.Queue()
         children = [

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import yarl
 
 from llm.outcomes import ClientStats, Sampling
 from llm.wire import Answer, BadBody, ConnectFailure, StatusFailure, TimeoutFailure, backoff_s, should_retry
@@ -59,6 +60,7 @@ class LeanWire:
             for n in range(max_retries + 1)
         ]
         self._chat = {url: f"{url.rstrip('/')}/chat/completions" for url in self.urls}
+        self._chat_url = {url: yarl.URL(chat) for url, chat in self._chat.items()}  # parsed once, for aiohttp
         self._http = http_client
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,7 +124,7 @@ class LeanWire:
             return await self._post_httpx(url, body, headers)
         session = self._session(url)
         try:
-            async with session.post(self._chat[url], data=body, headers=headers) as response:
+            async with session.post(self._chat_url[url], data=body, headers=headers) as response:
                 return response.status, response.headers, await response.read()
         except TimeoutError as exc:  # aiohttp's timeouts are asyncio.TimeoutError (= TimeoutError)
             raise TimeoutFailure(str(exc), type(exc).__name__) from exc

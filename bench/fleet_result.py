@@ -292,6 +292,8 @@ def scale_report(runs: list[Figures], processes: int, tokens_per_request: float)
         f"a {FLEET_REPLICAS}-replica fleet at ~{REPLICA_TOKENS_PER_S:,.0f} output tokens/s per replica and "
         f"{tokens_per_request:.0f} tokens per request answers ≈ {demand:.0f} req/s: "
         f"{-(-demand // max(1e-9, one_rps)):.0f} lean client process(es) at this run's 1-process rate "
-        f"({one_rps:.1f} req/s, one core each)",
+        f"({one_rps:.1f} req/s; the openai SDK path: {-(-demand // max(1e-9, old_rps)):.0f} at {old_rps:.1f}); "
+        f"a lean process with a core of its own is CPU-bound near {1 / max(1e-9, lean_cpu):.0f} req/s "
+        "(1 / its CPU per request)",
     ]
     return "\n".join(lines)

@@ -128,7 +128,6 @@ class LLMClient:
         self.send_seed = send_seed
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stats = ClientStats()
-        self.client_kind = client
         # several endpoints: the router retries elsewhere (one try per send), at most max_retries + 1 tries in all
         self._tries = max_retries + 1
         self._routing = len(urls) > 1

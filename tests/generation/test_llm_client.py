@@ -351,3 +351,17 @@ def test_a_schema_the_checks_do_not_know_goes_to_jsonschema():
     assert parse_answer('{"a": " cat "}', schema) == {"a": "cat"}
     with pytest.raises(OutputInvalid, match="does not match"):
         parse_answer('{"a": "dog"}', schema)
+
+
+def test_the_setting_picks_the_path_and_refuses_others():
+    from pydantic import ValidationError
+
+    from ground.settings import load_settings
+    from llm.wire_lean import LeanWire
+    from llm.wire_openai import OpenAIWire
+
+    for path, wire in (("lean", LeanWire), ("openai", OpenAIWire)):
+        settings = load_settings(llm={"base_url": "http://llm.test/v1", "model": "m", "client": path})
+        assert type(LLMClient.from_settings(settings)._wire) is wire
+    with pytest.raises(ValidationError, match="client"):
+        load_settings(llm={"client": "requests"})

@@ -32,6 +32,14 @@ min(that ceiling, the stubs' capacity). CPU per request is comparable across sca
     python bench/fleet.py --endpoints 32 --per-endpoint 256 --requests 40000 --time-scale 0.05
     python bench/fleet.py ... --http-connections 8192        # what-if: a client HTTP pool that large
     python bench/fleet.py ... --profile /tmp/fleet.prof      # cProfile the factory side, print the top
+    python bench/fleet.py ... --client openai                # the openai SDK request path (llm.client)
+
+``--processes N`` (N > 1): the request paths side by side and the lean client over 1 and N processes, in one
+invocation, alternating over ``--rounds`` (``bench/fleet_scale.py``): sustained requests/s of each run, client
+CPU per request of the openai SDK path against the lean path, the lean rate for 1 and N processes and their
+ratio, the goal, and how many client processes a 32-replica fleet needs.
+
+    python bench/fleet.py --endpoints 32 --per-endpoint 8 --requests 12000 --time-scale 0.02 --processes 2
 
 ``--hang-after T``: the hung-endpoint scenario. The same generation runs twice in this invocation, fault-free
 and with the last endpoint hanging T seconds after the first request (it accepts connections and never
@@ -177,6 +185,7 @@ def fleet_client(config: FleetConfig, urls: list[str], model: str) -> tuple[LLMC
             "max_in_flight": min(config.target, cap),
             "max_tokens": 2 * config.latency.tokens,
             "request_timeout_s": config.request_timeout_s,
+            "client": config.client,
         }
     )
     overrides: dict[str, Any] = {}
@@ -186,13 +195,13 @@ def fleet_client(config: FleetConfig, urls: list[str], model: str) -> tuple[LLMC
             f"llm.max_in_flight is capped at {cap} by ground/settings.py; the bench passes "
             f"{config.target} to from_settings as an override"
         )
-    if config.http_connections:
+    if config.http_connections and config.client == "openai":
         limits = openai_http.Limits(
             max_connections=config.http_connections, max_keepalive_connections=config.http_connections
         )
         overrides["http_client"] = openai.DefaultAsyncHttpxClient(limits=limits)
         notes.append(f"what-if: the client's HTTP pool raised to {config.http_connections} connections")
-    else:
+    elif config.client == "openai":
         from openai._constants import DEFAULT_CONNECTION_LIMITS as pool
 
         if pool.max_connections and pool.max_connections < config.target:
@@ -215,6 +224,8 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
     samples: list[Sample] = []
     rss_start = _rss_mib()
     start = time.monotonic()
+    if config.http_connections and config.client != "openai":
+        notes.append("--http-connections applies to the openai path only (the lean path pools per endpoint)")
 
     stub: dict[str, Any] = {}
     printed = [0.0]  # when the last progress line was printed
@@ -295,6 +306,7 @@ async def drive(config: FleetConfig, fleet: dict[str, Any], data_dir: str) -> Fl
         example_ids=[x for t in examples for x in t["example_id"].to_pylist()],
         endpoint_rows=client.router.report_rows(),
         client_stats=dataclasses.asdict(client.stats),
+        started_at=start,
     )
     result.window = steady_window(result)
     return result
@@ -352,10 +364,14 @@ def main() -> None:
     p.add_argument("--profile", default=None, help="cProfile the factory side into this file; print the top")
     p.add_argument("--hang-after", type=float, default=None, help="hung-endpoint scenario (see the docstring)")
     p.add_argument("--hang-for", type=float, default=None, help="... the hang ends after this long")
-    p.add_argument("--rounds", type=int, default=1, help="hung-endpoint scenario: pairs of runs, alternating")
+    p.add_argument("--rounds", type=int, default=1, help="--hang-after / --processes: rounds of runs, alternating")
+    p.add_argument("--client", choices=("lean", "openai"), default="lean", help="llm.client: the request path")
+    p.add_argument("--processes", type=int, default=1, help="N > 1: both paths, and lean over 1 and N processes")
     args = p.parse_args()
-    if min(args.endpoints, args.per_endpoint, args.requests, args.shard_size) < 1 or args.time_scale <= 0:
-        p.error("counts must be >= 1 and --time-scale > 0")
+    if min(args.endpoints, args.per_endpoint, args.requests, args.shard_size, args.processes) < 1:
+        p.error("counts must be >= 1")
+    if args.time_scale <= 0 or args.processes > args.endpoints:
+        p.error("need --time-scale > 0 and --processes <= --endpoints (each process gets a share of them)")
     latency = LatencyModel(args.ttft, args.decode_rate, args.tokens, args.tokens_spread, args.time_scale)
     config = FleetConfig(
         args.endpoints,
@@ -366,7 +382,13 @@ def main() -> None:
         latency,
         args.http_connections,
         max_seconds=args.max_seconds,
+        client=args.client,
     )
+    if args.processes > 1:
+        from fleet_scale import run_scale
+
+        print(run_scale(config, args.processes, args.rounds), flush=True)
+        return
     if args.hang_after is not None:
         production = load_settings(profile="production").llm.request_timeout_s
         clean = dataclasses.replace(config, request_timeout_s=production)

@@ -40,6 +40,7 @@ class FleetConfig:
     request_timeout_s: float = 600.0  # llm.request_timeout_s of the client
     hang_after_s: float | None = None  # the last endpoint hangs this long after the first request (None: never)
     hang_for_s: float | None = None  # ... for this long (None: for good)
+    client: str = "lean"  # llm.client: the request path ("lean" or "openai")
 
     @property
     def target(self) -> int:
@@ -81,6 +82,7 @@ class FleetResult:
     example_ids: list[str] = field(default_factory=list)  # of the rows written, as read back from the shards
     endpoint_rows: list[dict[str, Any]] = field(default_factory=list)  # the router's per-endpoint summary
     client_stats: dict[str, Any] = field(default_factory=dict)  # hedges, requests moved off a silent endpoint …
+    started_at: float = 0.0  # time.monotonic() at sample t = 0 (one clock for every process on the machine)
 
     @property
     def mean_service_s(self) -> float:
@@ -204,4 +206,94 @@ def hang_report(clean: FleetResult, hung: FleetResult) -> str:
             f"{row['p99_latency_s'] or 0:6.3f} {row['out_of_rotation_s']:6.1f} {row['taken_out']:10}  "
             f"{row['last_reason']}"
         )
+    return "\n".join(lines)
+
+
+# --- several runs: request paths side by side, client processes ------------------------------------
+# A 32-replica fleet as the README's Capacity section assumes it: ~3,000 output tokens/s per replica (an
+# assumption from public vLLM reports, not measured here); requests of the latency model's mean token count.
+FLEET_REPLICAS = 32
+REPLICA_TOKENS_PER_S = 3000.0
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Steady-state figures of one run: one client process, or several over their common steady window."""
+
+    client: str
+    processes: int
+    rps: float
+    cpu_per_request_s: float  # all client processes' CPU / their completions
+    cpu_share: float  # of one core, all client processes together
+    completions: int
+    window_s: float
+    note: str = ""
+
+
+def figures(results: list[FleetResult]) -> Figures:
+    """One run's figures; for several processes, summed over the window in which all of them were steady."""
+    own = [(r.started_at + r.span()[0].t, r.started_at + r.span()[1].t) for r in results]
+    lo, hi = max(a for a, _ in own), min(b for _, b in own)
+    common = hi - lo >= 1.0
+    windows = [(lo, hi)] * len(results) if common else own
+    done = sum(_at(r, b, "done") - _at(r, a, "done") for r, (a, b) in zip(results, windows, strict=True))
+    cpu = sum(_at(r, b, "cpu_s") - _at(r, a, "cpu_s") for r, (a, b) in zip(results, windows, strict=True))
+    if common:
+        span, rps, share, note = hi - lo, done / (hi - lo), cpu / (hi - lo), ""
+    else:  # each process over its own steady window, summed
+        span = statistics.fmean(b - a for a, b in own)
+        rps, share = sum(r.sustained_rps for r in results), sum(r.cpu_share for r in results)
+        note = "the processes' steady windows barely overlap: each counted over its own"
+    client = results[0].config.client
+    return Figures(client, len(results), rps, cpu / max(1.0, done), share, round(done), span, note)
+
+
+def _at(r: FleetResult, when: float, name: str) -> float:
+    """A sample counter at absolute time ``when``, interpolated linearly between the samples around it."""
+    points = [(r.started_at + s.t, getattr(s, name)) for s in r.samples]
+    for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False):
+        if t0 <= when <= t1:
+            return v0 + (v1 - v0) * (when - t0) / max(1e-9, t1 - t0)
+    return points[0][1] if when < points[0][0] else points[-1][1]
+
+
+def fleet_demand_rps(tokens_per_request: float) -> float:
+    """Requests/s a ``FLEET_REPLICAS``-replica fleet answers at ``REPLICA_TOKENS_PER_S`` each."""
+    return FLEET_REPLICAS * REPLICA_TOKENS_PER_S / tokens_per_request
+
+
+def scale_report(runs: list[Figures], processes: int, tokens_per_request: float) -> str:
+    """Every run of a ``--processes`` invocation, then the comparisons drawn from them (sums over rounds)."""
+    lines = ["run  client  processes   req/s sustained   client CPU/request   client CPU (cores)   window"]
+    for k, f in enumerate(runs, 1):
+        lines.append(
+            f"{k:3}  {f.client:<7} {f.processes:9} {f.rps:17.1f} {f.cpu_per_request_s * 1000:17.2f} ms "
+            f"{f.cpu_share:18.2f} {f.window_s:7.1f}s" + (f"  ({f.note})" if f.note else "")
+        )
+
+    def pooled(client: str, n: int) -> tuple[float, float]:
+        picked = [f for f in runs if f.client == client and f.processes == n]
+        done = sum(f.completions for f in picked)
+        rps = sum(f.rps * f.window_s for f in picked) / max(1e-9, sum(f.window_s for f in picked))
+        return rps, sum(f.cpu_per_request_s * f.completions for f in picked) / max(1, done)
+
+    (old_rps, old_cpu), (one_rps, lean_cpu) = pooled("openai", 1), pooled("lean", 1)
+    many_rps, many_cpu = pooled("lean", processes)
+    demand = fleet_demand_rps(tokens_per_request)
+    lines += [
+        f"client CPU per request, 1 process, same invocation (alternating): openai SDK path {old_cpu * 1000:.2f} ms, "
+        f"lean path {lean_cpu * 1000:.2f} ms: {old_cpu / max(1e-9, lean_cpu):.1f}× lower "
+        f"(req/s {old_rps:.1f} → {one_rps:.1f})",
+        f"lean client, sustained req/s: 1 process {one_rps:.1f}, {processes} processes {many_rps:.1f} "
+        f"(CPU/request {many_cpu * 1000:.2f} ms): scaling {many_rps / max(1e-9, one_rps):.2f}× for {processes}×",
+        f"goal {GOAL_FACTOR * plan_rate():.0f} req/s (10× the 10× plan): {processes} processes sustained "
+        f"{many_rps / (GOAL_FACTOR * plan_rate()):.2f}× the goal; machine {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end",
+        f"a {FLEET_REPLICAS}-replica fleet at ~{REPLICA_TOKENS_PER_S:,.0f} output tokens/s per replica and "
+        f"{tokens_per_request:.0f} tokens per request answers ≈ {demand:.0f} req/s: "
+        f"{-(-demand // max(1e-9, one_rps)):.0f} lean client process(es) at this run's 1-process rate "
+        f"({one_rps:.1f} req/s; the openai SDK path: {-(-demand // max(1e-9, old_rps)):.0f} at {old_rps:.1f}); "
+        f"a lean process with a core of its own is CPU-bound near {1 / max(1e-9, lean_cpu):.0f} req/s "
+        "(1 / its CPU per request)",
+    ]
     return "\n".join(lines)

@@ -56,6 +56,9 @@ class LLMSettings(Section):
     hedge_quantile: float = Field(0.95, ge=0.5, lt=1)
     hedge_max_share: float = Field(0.03, ge=0, le=0.5)
     api_key: SecretStr = SecretStr("EMPTY")
+    # the request path: "lean" (aiohttp pools, orjson, compiled answer checks: a fraction of the CPU per request)
+    # or "openai" (the openai SDK, kept for comparison: bench/fleet.py measures both side by side)
+    client: Literal["lean", "openai"] = "lean"
     model: str | None = None  # None: the embedded server's served model name
     max_in_flight: int = Field(64, ge=1, le=65536)  # = the embedded server's max_num_seqs; over all endpoints
     request_timeout_s: float = Field(180.0, gt=0)

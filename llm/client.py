@@ -2,16 +2,18 @@
 
 Bounded in-flight requests (one semaphore shared by every shard of a flow run), per-request
 timeouts, and transport retries with exponential backoff and jitter on 408/409/429/5xx, timeouts
-and connection errors — those come from the ``openai`` client itself (``max_retries``). On top,
+and connection errors, at most ``max_retries`` — done by the request path (``llm.client``: ``llm/wire_lean.py``,
+the default, or the ``openai`` SDK, ``llm/wire_openai.py``; both word failures alike, ``llm/wire.py``). On top,
 an output that fails schema validation, or a 200 whose body is no chat completion (cut short, not
 JSON), is asked again, at most ``schema_retries`` times; an answer cut at ``max_tokens`` only with twice
 the tokens, up to ``Sampling.max_tokens_ceiling`` (never again at the same limit). Every HTTP attempt is
-counted (an httpx request hook), so ``ClientStats`` reports transport failures and retries, not only outcomes.
+counted, so ``ClientStats`` reports transport failures and retries, not only outcomes. The lean path checks
+answers with compiled schema checks (``llm/answers.py``), the same verdicts and error words as jsonschema's.
 
 Several endpoints (``base_url`` given as a list): each try goes to the endpoint with the fewest
 requests in flight (``llm/router.py``); a connection error, timeout or 5xx takes that endpoint
 out of rotation for a cool-down and the request goes to another endpoint, at most ``max_retries + 1``
-tries in all (the ``openai`` client's own retries are off then). When every endpoint is out, a try
+tries in all (the request path's own retries are off then). When every endpoint is out, a try
 waits at most one longest cool-down, then the request fails with a line naming every endpoint.
 
 A hung endpoint costs seconds, not a request timeout (``llm/fleet_watch.py``: silent endpoints out, their
@@ -24,40 +26,33 @@ requests): the first answer wins, the other copy is cancelled, and its tokens ar
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import httpx
-import openai
-from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
 
 from ground.secrets import reveal
 from ground.settings import Settings
+from llm.answers import parse_answer
 from llm.fleet_watch import FleetWatch
 from llm.outcomes import AllEndpointsDown, ClientStats, Completion, RequestFailed, Sampling
 from llm.router import EndpointRouter, Lease
 from llm.router import log as router_log
-
-__all__ = ["AllEndpointsDown", "ClientStats", "Completion", "LLMClient", "RequestFailed", "Sampling"]
+from llm.wire import THROTTLED, Answer, BadBody, ConnectFailure, StatusFailure, TimeoutFailure
+from llm.wire_lean import LeanWire
 from prompts.render import OutputInvalid, RenderedPrompt, parse_output
 
-#: statuses that mean "busy, ask again" rather than "this endpoint is broken"
-_THROTTLED = (408, 409, 429)
+__all__ = ["AllEndpointsDown", "ClientStats", "Completion", "LLMClient", "RequestFailed", "Sampling"]
+
 #: answers the fleet must have given before its tail quantile is trusted to hedge against (a p95 of fewer is noise)
 HEDGE_MIN_ANSWERS = 200
-
-
-def _new_pool(max_in_flight: int) -> httpx.AsyncClient:
-    """An HTTP pool with a connection for every request in flight: the openai client's default pool stops at
-    1,000 connections, which would cap a large fleet's ``llm.max_in_flight`` below what is configured."""
-    limits = httpx.Limits(max_connections=max_in_flight + 16, max_keepalive_connections=max_in_flight)
-    return openai.DefaultAsyncHttpxClient(limits=limits)
+#: the request paths: ``llm/wire_lean.py`` (aiohttp, orjson, compiled answer checks) and the ``openai`` SDK's
+#: (imported only when chosen: the SDK takes seconds to import)
+CLIENTS = ("lean", "openai")
 
 
 class LLMClient:
@@ -85,6 +80,7 @@ class LLMClient:
             silent_after_p99=llm.silent_after_p99,
             hedge_quantile=llm.hedge_quantile,
             hedge_max_share=llm.hedge_max_share,
+            client=llm.client,
             logger=logger,
         )
         return cls(**{**options, **overrides})
@@ -107,9 +103,12 @@ class LLMClient:
         silent_after_p99: float = 2.0,
         hedge_quantile: float = 0.95,
         hedge_max_share: float = 0.03,
+        client: Literal["lean", "openai"] = "lean",  # the request path (``llm.client``)
         logger: logging.Logger | logging.LoggerAdapter | None = None,
     ):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if client not in CLIENTS:
+            raise ValueError(f"llm.client must be one of {', '.join(CLIENTS)}, not {client!r}")
         self.router = EndpointRouter(
             urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log, readmit_by_probe=True
         )
@@ -124,42 +123,26 @@ class LLMClient:
         )
         self._hedge_quantile, self._hedge_max_share = hedge_quantile, hedge_max_share
         self.model = model
-        self.base_url = base_url = urls[0]
+        self.base_url = urls[0]
         self.schema_retries = schema_retries
         self.send_seed = send_seed
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stats = ClientStats()
-        self._client = AsyncOpenAI(
-            base_url=base_url,
-            api_key=api_key,
-            timeout=timeout_s,
-            max_retries=max_retries,
-            http_client=self._counting(http_client or _new_pool(max_in_flight)),
-        )
-        # several endpoints: the router retries elsewhere, so each endpoint's client does not. Each gets its own
-        # HTTP pool: httpcore matches queued requests to connections by scanning the whole pool on every event,
-        # so one pool of 256 connections cost more CPU per request than the rest of the client (bench/fleet.py).
-        # An injected client (tests' mock transport) is shared.
+        # several endpoints: the router retries elsewhere (one try per send), at most max_retries + 1 tries in all
         self._tries = max_retries + 1
-        self._endpoint_clients: dict[str, AsyncOpenAI] = {}
-        if len(urls) > 1:
-            for url in urls:
-                pool = {} if http_client else {"http_client": self._counting(_new_pool(max_in_flight))}
-                self._endpoint_clients[url] = self._client.with_options(base_url=url, max_retries=0, **pool)
-
-    def _counting(self, http_client):
-        """Count every HTTP attempt on ``http_client`` into ``stats`` (an httpx request hook)."""
-
-        async def on_send(_request) -> None:
-            self.stats.http_attempts += 1
-
-        http_client.event_hooks["request"].append(on_send)
-        return http_client
+        self._routing = len(urls) > 1
+        if client == "openai":
+            from llm.wire_openai import OpenAIWire as wire
+        else:
+            wire = LeanWire
+        self._wire = wire(
+            urls, model, api_key, timeout_s, max_retries, max_in_flight, self.stats, send_seed, http_client
+        )
+        self._parse = parse_answer if client == "lean" else parse_output
 
     async def close(self) -> None:
         await self.watch.close()
-        for client in (self._client, *self._endpoint_clients.values()):
-            await client.close()
+        await self._wire.close()
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -178,40 +161,35 @@ class LLMClient:
             # a new seed per attempt, so a retry is not the same bad sample again
             attempt_seed = seed + 1_000_003 * (attempt - 1)
             try:
-                response, copies = await self._create(prompt, sampling, attempt_seed)
+                answer, copies = await self._create(prompt, sampling, attempt_seed)
             except AllEndpointsDown as exc:
                 self._count_failure()
                 raise RequestFailed(str(exc), attempt) from None
-            except openai.APIStatusError as exc:
+            except StatusFailure as exc:
                 self._count_failure()
-                raise RequestFailed(f"http {exc.status_code}: {_short(exc.message)}", attempt) from None
-            except openai.APITimeoutError:
+                raise RequestFailed(f"http {exc.status}: {_short(exc.message)}", attempt) from None
+            except TimeoutFailure:
                 self._count_failure()
                 raise RequestFailed("timeout after retries", attempt) from None
-            except openai.APIConnectionError as exc:
+            except ConnectFailure as exc:
                 self._count_failure()
-                raise RequestFailed(
-                    f"connection error after retries: {_short(str(exc.__cause__ or exc))}", attempt
-                ) from None
-            except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (the openai client does not retry it)
-                response, copies = f"{type(exc).__name__}: {exc}", 1
-            if not getattr(response, "choices", None):  # not JSON, or JSON without choices: ask again
+                raise RequestFailed(f"connection error after retries: {_short(exc.detail)}", attempt) from None
+            except BadBody as exc:  # a 2xx whose body is no chat completion (not retried by the wire): ask again
                 self.stats.invalid_bodies += 1
-                last_reason = f"invalid response body: {_short(str(response))}"
+                last_reason = f"invalid response body: {_short(str(exc))}"
                 last_text = last_finish = None
                 continue
             self.stats.http_ok += 1
-            choice = response.choices[0]
-            last_text = choice.message.content or ""
-            last_finish = choice.finish_reason
-            if response.usage:  # a hedged request: the cancelled copy is counted as costly as the answer
-                usage_prompt += copies * response.usage.prompt_tokens
-                usage_completion += copies * response.usage.completion_tokens
-                self.stats.prompt_tokens += copies * response.usage.prompt_tokens
-                self.stats.completion_tokens += copies * response.usage.completion_tokens
-                self.stats.hedge_tokens += (copies - 1) * response.usage.total_tokens
+            last_text, last_finish = answer.content, answer.finish_reason
+            if answer.usage:  # a hedged request: the cancelled copy is counted as costly as the answer
+                prompt_tokens, completion_tokens, total_tokens = answer.usage
+                usage_prompt += copies * prompt_tokens
+                usage_completion += copies * completion_tokens
+                self.stats.prompt_tokens += copies * prompt_tokens
+                self.stats.completion_tokens += copies * completion_tokens
+                self.stats.hedge_tokens += (copies - 1) * total_tokens
             try:
-                parsed = parse_output(last_text, prompt.schema)
+                parsed = self._parse(last_text, prompt.schema)
             except OutputInvalid as exc:
                 last_reason = f"invalid output ({last_finish}): {_short(str(exc))}"
                 if last_finish == "length":  # cut short: ask again only with more room
@@ -239,29 +217,20 @@ class LLMClient:
         self._count_failure()
         raise RequestFailed(last_reason, attempt, last_text, last_finish)
 
-    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> tuple[Any, int]:
-        """The response and how many copies of the request were sent for it (2 when hedged)."""
-        extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}
-        request = dict(
-            model=self.model,
-            messages=prompt.messages,
-            response_format=prompt.response_format,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            **extra,
-        )
+    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> tuple[Answer, int]:
+        """The answer and how many copies of the request were sent for it (2 when hedged)."""
+        request = self._wire.prepare(prompt, sampling, seed)
         async with self._slots:
             self.stats.requests += 1
             self.stats.in_flight += 1
             try:
-                if self._endpoint_clients:
+                if self._routing:
                     return await self._hedged(request)
-                return await _post_chat(self._client, request), 1
+                return await self._wire.send(request), 1
             finally:
                 self.stats.in_flight -= 1
 
-    async def _hedged(self, request: dict[str, Any]) -> tuple[Any, int]:
+    async def _hedged(self, request: Any) -> tuple[Answer, int]:
         """The request on one endpoint; still in flight after the fleet's hedge quantile (and within the cap),
         a copy on another endpoint too: the first answer wins, the other copy is cancelled."""
         self.watch.start()
@@ -297,7 +266,7 @@ class LLMClient:
             return None
         return self.router.quantile(self._hedge_quantile, HEDGE_MIN_ANSWERS)
 
-    async def _routed(self, request: dict[str, Any], where: list[str], lease: Lease | None = None):
+    async def _routed(self, request: Any, where: list[str], lease: Lease | None = None) -> Answer:
         """Try the least-loaded endpoint in rotation; an endpoint failure sends the next try elsewhere.
         ``where`` is kept to the endpoint it waits on (a hedge avoids it); ``lease``: the first try's."""
         task = asyncio.current_task()
@@ -309,37 +278,42 @@ class LLMClient:
             waiting = self.watch.waiting[lease.url]
             waiting.add(task)
             try:
-                response = await _post_chat(self._endpoint_clients[lease.url], request)
+                answer = await self._wire.send(request, lease.url)
             except asyncio.CancelledError:  # by the watch (the endpoint is silent: go elsewhere), or by its owner
                 if not self.watch.was_moved(task) or task.uncancel() > 0:
                     self.router.release(lease)
                     raise
                 self.stats.moved_off_silent += 1
-                timeout = openai.APITimeoutError(request=httpx.Request("POST", lease.url))
-                self._endpoint_failed(lease, "silent", timeout, last)
-            except openai.APIStatusError as exc:
-                if exc.status_code < 500:  # it answered: alive; busy (429 …) is asked again, anything else is final
+                self._endpoint_failed(lease, "silent", TimeoutFailure("silent", "silent"), last)
+            except StatusFailure as exc:
+                if exc.status < 500:  # it answered: alive; busy (429 …) is asked again, anything else is final
                     self.router.answered(lease, latency=False)
-                    if last or exc.status_code not in _THROTTLED:
+                    if last or exc.status not in THROTTLED:
                         raise
-                    await asyncio.sleep(_retry_delay(exc.response, attempt))
+                    await asyncio.sleep(_retry_delay(exc.headers, attempt))
                     continue
-                self._endpoint_failed(lease, f"http {exc.status_code}", exc, last)
-            except openai.APIConnectionError as exc:  # refused, reset, timed out
-                cause = exc.__cause__ or exc  # some connection errors have no message: then their type
-                reason = _short(str(cause), 80) or type(cause).__name__
-                reason = "timeout" if isinstance(exc, openai.APITimeoutError) else reason
-                self._endpoint_failed(lease, reason, exc, last)
+                self._endpoint_failed(lease, f"http {exc.status}", exc, last)
+            except TimeoutFailure as exc:
+                self._endpoint_failed(lease, "timeout", exc, last)
+            except ConnectFailure as exc:  # refused, reset, cut short (some have no message: then their type)
+                self._endpoint_failed(lease, _short(exc.detail, 80) or exc.kind, exc, last)
+            except BadBody as exc:  # JSON without choices: the endpoint answered; not JSON: says nothing
+                if exc.answered:
+                    self.router.answered(lease)
+                else:
+                    self.router.release(lease)
+                raise
             except BaseException:
                 self.router.release(lease)
                 raise
             else:
                 self.router.answered(lease)
-                return response
+                return answer
             finally:
                 waiting.discard(task)
             lease = None
             self.stats.failovers += 1
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _endpoint_failed(self, lease: Lease, reason: str, exc: Exception, last: bool) -> None:
         """Take the endpoint out; on the last try re-raise, naming every endpoint when none is left."""
@@ -363,20 +337,13 @@ class LLMClient:
         self.stats.failed += 1
 
 
-async def _post_chat(client: AsyncOpenAI, request: dict[str, Any]) -> ChatCompletion:
-    """``chat.completions.create`` without its request transform: the SDK walks every parameter against its
-    TypedDicts (the JSON schema of ``response_format`` included), ~9 ms of CPU per request in bench/fleet.py's
-    profile, for a body that is already plain JSON. Same endpoint, body, retries, timeout and response type."""
-    return await client.post("/chat/completions", cast_to=ChatCompletion, body=request)
-
-
-def _retry_delay(response: httpx.Response, attempt: int) -> float:
+def _retry_delay(headers: Any, attempt: int) -> float:
     """The server's ``retry-after(-ms)`` if sane, else exponential backoff with jitter (0.5 s … 8 s)."""
     try:
-        if "retry-after-ms" in response.headers:
-            delay = float(response.headers["retry-after-ms"]) / 1000
+        if "retry-after-ms" in headers:
+            delay = float(headers["retry-after-ms"]) / 1000
         else:
-            delay = float(response.headers["retry-after"])
+            delay = float(headers["retry-after"])
         if 0 <= delay <= 60:
             return delay
     except (KeyError, ValueError):

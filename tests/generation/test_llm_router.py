@@ -195,6 +195,12 @@ OK = {
 }
 
 
+@pytest.fixture(params=("lean", "openai"))
+def path(request) -> str:
+    """The client tests run on both request paths (``llm.client``)."""
+    return request.param
+
+
 def mock_client(behaviour: dict[str, str], **kwargs) -> tuple[LLMClient, dict[str, int]]:
     """Hosts answer per ``behaviour``: "ok", "refuse" (connection refused) or "503"."""
     hits = {host: 0 for host in behaviour}
@@ -215,9 +221,10 @@ def mock_client(behaviour: dict[str, str], **kwargs) -> tuple[LLMClient, dict[st
     return LLMClient(urls, "m", http_client=http, **kwargs), hits
 
 
-def test_failed_endpoint_requests_go_elsewhere_and_none_is_lost():
+def test_failed_endpoint_requests_go_elsewhere_and_none_is_lost(path):
     async def main():
-        client, hits = mock_client({"a.test": "refuse", "b.test": "ok", "c.test": "503"}, max_in_flight=4)
+        behaviour = {"a.test": "refuse", "b.test": "ok", "c.test": "503"}
+        client, hits = mock_client(behaviour, max_in_flight=4, client=path)
         results = await asyncio.gather(*(client.complete_json(PROMPT, SAMPLING, seed=i) for i in range(30)))
         await client.close()
         return client, hits, results
@@ -231,8 +238,8 @@ def test_failed_endpoint_requests_go_elsewhere_and_none_is_lost():
     assert client.stats.succeeded == 30 and client.stats.failed == 0
 
 
-def test_all_endpoints_down_fails_the_request_with_one_clear_line():
-    client, hits = mock_client({"a.test": "refuse", "b.test": "503"}, max_retries=2)
+def test_all_endpoints_down_fails_the_request_with_one_clear_line(path):
+    client, hits = mock_client({"a.test": "refuse", "b.test": "503"}, max_retries=2, client=path)
     started = time.monotonic()
     with pytest.raises(RequestFailed) as failure:
         asyncio.run(client.complete_json(PROMPT, SAMPLING, seed=1))

@@ -178,7 +178,8 @@ class Step:
 
 
 def streamed(stage: Stage | None, table: str, batches: Iterable[pa.Table]) -> Iterator[Part]:
-    """A streamed stage (``tasks/cleaning/stage.py``) fed batch by batch; None: every row passes."""
+    """A streamed stage (``tasks/cleaning/stage.py``) fed batch by batch (read them in its ``batch_rows``);
+    None: every row passes."""
     for batch in batches:
         yield {table: stage.run_batch(batch) if stage is not None else StageResult.keep_all(batch)}
 
@@ -240,7 +241,7 @@ class DecontaminateStep(Step):
             eval_texts = gather_eval_texts(ctx.settings)
             stage = Decontaminate(eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache))
             get_run_logger().info("decontaminate: %d eval texts", len(eval_texts))
-        yield from streamed(stage, "decontaminated", ctx.batches(reads))
+        yield from streamed(stage, "decontaminated", ctx.batches(reads, stage.batch_rows if stage else None))
 
 
 class RankFilterAndMine(Step):

@@ -16,6 +16,7 @@ stage and the file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
-from storage.atomic import StorageError, _os_reason, temp_path
+from storage.atomic import StorageError, temp_path
 from storage.location import StorePath, is_remote, parquet_source, put_bytes
 from storage.schemas import DROPPED_SCHEMA
 
@@ -100,6 +101,14 @@ def empty_table(path: StorePath, schema: pa.Schema | None = None) -> pa.Table:
     return (schema or open_parquet(path).schema_arrow).empty_table()
 
 
+def os_reason(exc: OSError) -> str:
+    """``No space left on device``, from an OSError or from pyarrow's ("Error writing ... Detail: [errno 28] ...")."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    detail = str(exc).rpartition("Detail:")[2].strip()
+    return re.sub(r"^\[errno \d+\]\s*", "", detail) or exc.strerror or type(exc).__name__
+
+
 class ParquetSink:
     """One Parquet file written by appending tables, made visible only by :meth:`commit`."""
 
@@ -111,7 +120,7 @@ class ParquetSink:
         self._tmp = None
 
     def _fail(self, exc: OSError) -> StorageError:
-        return StorageError(f"{self.what}: cannot write {self.path}: {_os_reason(exc)}")
+        return StorageError(f"{self.what}: cannot write {self.path}: {os_reason(exc)}")
 
     @property
     def schema(self) -> pa.Schema | None:

@@ -46,7 +46,7 @@ from tasks.cleaning.decontaminate import Decontaminate
 from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
 from tasks.cleaning.embed import EmbeddingCache, embed_for_ranking, encode_cached, make_embedder
 from tasks.cleaning.export import BATCH_ROWS as EXPORT_BATCH_ROWS
-from tasks.cleaning.export import EXPORT_COLUMNS, KEY_COLUMNS, export_batches, write_dataset_card
+from tasks.cleaning.export import EXPORT_COLUMNS, KEY_COLUMNS, ExportRows, export_corpus, write_dataset_card
 from tasks.cleaning.judge import judge_corpus
 from tasks.cleaning.negatives import BLOCK_ROWS, filter_and_mine_block, filter_and_mine_blocks
 from tasks.cleaning.publish import publish_dataset
@@ -279,7 +279,7 @@ class Export(Step):
         schema = open_parquet(store.stage_path(final)).schema_arrow
         keys = store.iter_stage(final, [n for n in KEY_COLUMNS if n in schema.names])
         batches = store.iter_stage(final, [n for n in EXPORT_COLUMNS if n in schema.names], EXPORT_BATCH_ROWS)
-        result = export_batches(schema, keys, batches, store.export_dir, cfg)
+        result = export_corpus(ExportRows(schema, keys, batches), store.export_dir, cfg)
         card = {
             "clean_id": store.clean_id,
             "runs": ctx.runs,

@@ -3,7 +3,8 @@
 Input: the ``mined`` stage table, i.e. the ``EXAMPLE_SCHEMA`` columns plus ``positive_rank``,
 ``positive_score``, ``hard_negatives`` (list<string>) and ``hard_negative_scores``.
 
-``export_corpus(table, out_dir, cfg)`` writes, for the ``train`` and the ``heldout`` split:
+``export_corpus(table, out_dir, cfg)`` writes, for the ``train`` and the ``heldout`` split (the table
+whole, or streamed as :class:`ExportRows`):
 
 ``<split>.jsonl`` / ``<split>.parquet``
     KaLM-Embedding / FlagEmbedding records, one per example::
@@ -155,24 +156,24 @@ def _column(batch: pa.RecordBatch | pa.Table, name: str) -> list[Any]:
     return batch.column(index).to_pylist() if index >= 0 else [None] * batch.num_rows
 
 
-def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportResult:
+@dataclass
+class ExportRows:
+    """Rows to export that come in batches (memory: one batch, plus the ids for the held-out split).
+
+    ``schema``: their columns; ``keys``: the rows (at least their ``KEY_COLUMNS``) in batches, read first
+    for the checks and the split; ``batches``: the rows again, in the same order, as the files get them
+    (batches of :data:`BATCH_ROWS` rows make the same files as the whole table)."""
+
+    schema: pa.Schema
+    keys: Iterable[pa.Table]
+    batches: Iterable[pa.RecordBatch | pa.Table]
+
+
+def export_corpus(rows: pa.Table | ExportRows, out_dir: Path, cfg: CleanSettings) -> ExportResult:
     """Write train/held-out KaLM JSONL + Parquet and sentence-transformers Parquet under ``out_dir``."""
-    return export_batches(table.schema, [table], table.to_batches(max_chunksize=BATCH_ROWS), out_dir, cfg)
-
-
-def export_batches(
-    schema: pa.Schema,
-    keys: Iterable[pa.Table],
-    batches: Iterable[pa.RecordBatch | pa.Table],
-    out_dir: Path,
-    cfg: CleanSettings,
-) -> ExportResult:
-    """:func:`export_corpus` of rows that come in batches (memory: one batch, plus the ids for the split).
-
-    ``schema``: the rows' columns; ``keys``: the rows (at least their ``KEY_COLUMNS``) in batches, read
-    first for the checks and the held-out split; ``batches``: the rows again, in the same order, as the
-    files get them (batches of :data:`BATCH_ROWS` make the same files as :func:`export_corpus` of the table).
-    """
+    if isinstance(rows, pa.Table):
+        rows = ExportRows(rows.schema, [rows], rows.to_batches(max_chunksize=BATCH_ROWS))
+    schema, keys, batches = rows.schema, rows.keys, rows.batches
     missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
         raise ExportError(f"the table to export lacks column(s) {', '.join(missing)}")

@@ -91,8 +91,6 @@ def iter_table(
                 table = table.select(want).cast(pa.schema([schema.field(n) for n in want]))
             yield table
     except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, StorageError):
-            raise
         raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
 
 
@@ -138,7 +136,7 @@ class ParquetSink:
                 self._writer = pq.ParquetWriter(sink, table.schema, compression=self.compression)
             elif table.schema != self._writer.schema:
                 table = table.cast(self._writer.schema)
-            if table.num_rows or self.rows == 0:
+            if table.num_rows:  # the first call fixes the schema; a file of no rows has no row group
                 self._writer.write_table(table)
             self.rows += table.num_rows
         except OSError as exc:

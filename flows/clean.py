@@ -1,20 +1,26 @@
 """Flow ``clean``: raw shards → valid → deduped → rank-filtered → mined → export + catalog + report.
 
 Orchestration only. The clean run is the plain list of steps :data:`STEPS`; each step names the stage
-tables it writes (``storage/stages.py``), is a few calls of ``tasks/cleaning`` stages (as Prefect tasks)
-and returns their results, which the loop commits through ``storage.corpus.CleanStore``. A step whose
-tables exist is skipped, so a crashed clean run
-resumes at its first missing table; embeddings are cached by text hash across runs. Validation
-(per shard) and near-dedup (per task type) map onto the task runner of ``flows/runners.py``.
+tables it writes (``storage/stages.py``), reads the table before it from its committed Parquet file in
+record batches, and yields its output in parts (rows in order), which :func:`run_stages` appends to the
+tables' writers and commits atomically when the step is done (``storage/stage_io.py``): no table is held
+for the whole flow. A streamed stage (``tasks/cleaning/stage.py``) is fed batch by batch; a global one
+(dedup, the ranking search) decides from the columns it needs and then emits rows streaming. A step whose
+tables exist is skipped, so a crashed clean run resumes at its first missing table; embeddings are cached
+by text hash across runs. Validation (per shard) and near-dedup (per task type) map onto the task runner
+of ``flows/runners.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
@@ -32,17 +38,20 @@ from storage.corpus import CleanStore, StageResult
 from storage.fingerprint import check_resume, clean_fingerprint
 from storage.ledger import read_ledger, write_ledger
 from storage.location import StorePath
-from storage.schemas import EXAMPLE_SCHEMA, count_by_type
+from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, list_runs, read_parquet_checked
+from storage.stage_io import BATCH_ROWS, empty_table, open_parquet
 from storage.stages import CLEAN_STAGES, STAGE_TABLES, enabled_stages, final_table, table_before
-from tasks.cleaning.decontaminate import decontaminate as decontaminate_rows
+from tasks.cleaning.decontaminate import Decontaminate
 from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
 from tasks.cleaning.embed import EmbeddingCache, embed_for_ranking, encode_cached, make_embedder
-from tasks.cleaning.export import export_corpus, write_dataset_card
+from tasks.cleaning.export import BATCH_ROWS as EXPORT_BATCH_ROWS
+from tasks.cleaning.export import EXPORT_COLUMNS, KEY_COLUMNS, ExportRows, export_corpus, write_dataset_card
 from tasks.cleaning.judge import judge_corpus
-from tasks.cleaning.negatives import filter_and_mine
+from tasks.cleaning.negatives import BLOCK_ROWS, filter_and_mine_block, filter_and_mine_blocks
 from tasks.cleaning.publish import publish_dataset
 from tasks.cleaning.report import write_report
+from tasks.cleaning.stage import Stage
 from tasks.cleaning.validate import validate_examples
 
 
@@ -70,15 +79,29 @@ def dedup_near(task_type: str, part: pa.Table, cfg: CleanSettings) -> StageResul
 
 dedup_exact = task(exact_dedup, name="dedup-exact", cache_policy=NO_CACHE)
 embed = task(embed_for_ranking, name="embed", cache_policy=NO_CACHE)
-rank_filter_and_mine = task(filter_and_mine, name="rank-filter-and-mine", cache_policy=NO_CACHE)
-decontaminate_task = task(decontaminate_rows, name="decontaminate", cache_policy=NO_CACHE)
+rank_filter_and_mine = task(
+    filter_and_mine_block,
+    name="rank-filter-and-mine",
+    cache_policy=NO_CACHE,
+    task_run_name="rank-filter-and-mine-{start}",
+)
 llm_judge = task(judge_corpus, name="llm-judge", cache_policy=NO_CACHE)
+
+#: shards validated at once (their results are held until written: memory is this many shards)
+VALIDATE_WINDOW = 16
+#: the columns dedup decides from (+ the run id its dropped rows carry)
+DEDUP_COLUMNS = ("example_id", "run_id", "task_type", "query", "positive")
+#: the columns the ranking embed reads
+EMBED_COLUMNS = ("instruction", "query", "positive", "negative")
+_INPUT_ROW = "__input_row"
 
 
 # --- the steps -----------------------------------------------------------------------------------
 @dataclass
 class CleanContext:
-    """What the steps share: the clean run's settings, store and inputs, the runner, one embedder."""
+    """What the steps share: the clean run's settings, store and inputs, the runner, one embedder.
+
+    Nothing else: each step reads its input table from its committed file, batch by batch."""
 
     settings: Settings
     store: CleanStore
@@ -87,8 +110,9 @@ class CleanContext:
     runner: TaskRunner
     publish_to: str | None = None
     fingerprint: dict[str, Any] | None = None  # storage/fingerprint.py: written with the first table
+    batch_rows: int = BATCH_ROWS  # rows per batch a streamed stage is fed
+    block_rows: int = BLOCK_ROWS  # queries per block of the rank filter + mining
     _embedder: Any = None  # made once: decontamination and the ranking embed share its model
-    _tables: dict[str, pa.Table] = field(default_factory=dict)
 
     @property
     def embedder(self) -> Any:
@@ -100,12 +124,20 @@ class CleanContext:
     def cfg(self) -> CleanSettings:
         return self.settings.clean
 
-    def table(self, stage: str) -> pa.Table:
-        """A committed stage table, read (and checked) once."""
-        if stage not in self._tables:
+    def batches(self, stage: str, rows: int | None = None) -> Iterator[pa.Table]:
+        """A committed stage table in batches of ``rows`` (default :attr:`batch_rows`); one empty table when
+        it has no rows, so that a stage still says what it writes."""
+        empty = True
+        for batch in self.store.iter_stage(stage, batch_rows=rows or self.batch_rows):
+            empty = False
+            yield batch
+        if empty:
             entry = STAGE_TABLES[stage]
-            self._tables[stage] = self.store.read_stage(stage, entry.schema if entry.checked else None)
-        return self._tables[stage]
+            yield empty_table(self.store.stage_path(stage), entry.schema if entry.checked else None)
+
+
+#: one part of a step's output: rows (kept and dropped) for some of the tables it writes, in row order
+Part = dict[str, StageResult]
 
 
 class Laps:
@@ -126,9 +158,10 @@ class Laps:
 
 class Step:
     """One step of the clean run: ``name`` (its key in ``stage_seconds``), the stage tables it ``writes``
-    (``storage/stages.py``) and ``run(ctx, rows, laps) -> {table: StageResult}`` over the table before its
-    first (``rows``; None for the first step). Done when every table it writes exists; a step that writes
-    none always runs; a switchable table's step runs while its setting is on."""
+    (``storage/stages.py``) and ``run(ctx, reads, laps)``: the parts of its output, in row order, each
+    appended to the tables' writers as it comes (``reads``: the table before its first; None for the
+    first step). Done when every table it writes exists; a step that writes none always runs; a
+    switchable table's step runs while its setting is on."""
 
     name = ""
     writes: tuple[str, ...] = ()
@@ -140,27 +173,40 @@ class Step:
         first = self.writes[0] if self.writes else None
         return table_before(first) if first and first != CLEAN_STAGES[0].table else None
 
-    def run(self, ctx: CleanContext, rows: pa.Table | None, laps: Laps) -> dict[str, StageResult]:
+    def run(self, ctx: CleanContext, reads: str | None, laps: Laps) -> Iterator[Part]:
         raise NotImplementedError
+
+
+def streamed(stage: Stage | None, table: str, batches: Iterable[pa.Table]) -> Iterator[Part]:
+    """A streamed stage (``tasks/cleaning/stage.py``) fed batch by batch (read them in its ``batch_rows``);
+    None: every row passes."""
+    for batch in batches:
+        yield {table: stage.run_batch(batch) if stage is not None else StageResult.keep_all(batch)}
 
 
 class ValidateShards(Step):
     name, writes = "validate", ("valid",)
 
-    def run(self, ctx, rows, laps):
+    def run(self, ctx, reads, laps):
         files = ctx.shard_files
-        futures = ctx.runner.map(validate_shard, {"path": files, "cfg": unmapped(ctx.cfg)}) if files else []
-        results = [future.result() for future in futures]
+        for start in range(0, len(files), VALIDATE_WINDOW):
+            window = files[start : start + VALIDATE_WINDOW]
+            for future in ctx.runner.map(validate_shard, {"path": window, "cfg": unmapped(ctx.cfg)}):
+                yield {"valid": future.result()}
         ctx.store.write_inputs(ctx.runs, ctx.fingerprint)
-        if not results:
-            return {"valid": StageResult.keep_all(EXAMPLE_SCHEMA.empty_table())}
-        return {"valid": concat_results(results)}
+        if not files:
+            yield {"valid": StageResult.keep_all(EXAMPLE_SCHEMA.empty_table())}
 
 
 class Dedup(Step):
+    """Global: decides from the columns it compares, then the kept rows stream through."""
+
     name, writes = "dedup", ("deduped",)
 
-    def run(self, ctx, rows, laps):
+    def run(self, ctx, reads, laps):
+        rows = ctx.store.read_columns(reads, DEDUP_COLUMNS)
+        keep = np.zeros(rows.num_rows, dtype=bool)
+        rows = rows.append_column(_INPUT_ROW, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
         exact = dedup_exact(rows)
         parts = split_by_task_type(exact.kept)
         futures = (
@@ -171,38 +217,46 @@ class Dedup(Step):
             else []
         )
         near = merge_near_parts(exact.kept, [future.result() for future in futures])
+        keep[near.kept.column(_INPUT_ROW).to_numpy()] = True
+        dropped = pa.concat_tables([exact.dropped, near.dropped])
+        del rows, exact, parts, futures, near
         checkpoint("dedup.done")
-        return {"deduped": StageResult(near.kept, pa.concat_tables([exact.dropped, near.dropped]))}
+        yield {"deduped": StageResult(EXAMPLE_SCHEMA.empty_table(), dropped)}
+        offset = 0
+        for batch in ctx.batches(reads):
+            yield {"deduped": StageResult.keep_all(batch.filter(pa.array(keep[offset : offset + batch.num_rows])))}
+            offset += batch.num_rows
 
 
 class DecontaminateStep(Step):
-    """Drop rows near an eval text (clean.decontaminate); off, the rows pass through unchanged."""
+    """Drop rows near an eval text (clean.decontaminate), batch by batch; off, the rows pass through unchanged."""
 
     name, writes = "decontaminate", ("decontaminated",)
 
-    def run(self, ctx, rows, laps):
-        if not ctx.cfg.decontaminate:
-            return {"decontaminated": StageResult.keep_all(rows)}
-        embedder = ctx.embedder  # the ranking's embedder and cache: the positives are embedded once
-        cache = EmbeddingCache(ctx.store.embeddings_dir(embedder.model_key))
-        eval_texts = gather_eval_texts(ctx.settings)
-        result = decontaminate_task(rows, eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache))
-        get_run_logger().info("decontaminate: %d eval texts, %d rows dropped", len(eval_texts), result.dropped.num_rows)
-        return {"decontaminated": result}
+    def run(self, ctx, reads, laps):
+        stage = None
+        if ctx.cfg.decontaminate:
+            embedder = ctx.embedder  # the ranking's embedder and cache: the positives are embedded once
+            cache = EmbeddingCache(ctx.store.embeddings_dir(embedder.model_key))
+            eval_texts = gather_eval_texts(ctx.settings)
+            stage = Decontaminate(eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache))
+            get_run_logger().info("decontaminate: %d eval texts", len(eval_texts))
+        yield from streamed(stage, "decontaminated", ctx.batches(reads, stage.batch_rows if stage else None))
 
 
 class RankFilterAndMine(Step):
-    """Embed (lap ``embed``), then one search for the rank filter and mining (restricted to the rows it kept)."""
+    """Embed (lap ``embed``), then the rank filter and mining per block of queries (one search each)."""
 
     name, writes = "filter_and_mine", ("filtered", "mined")
 
-    def run(self, ctx, rows, laps):
-        if rows.num_rows == 0:
+    def run(self, ctx, reads, laps):
+        if ctx.store.count(ctx.store.stage_path(reads)) == 0:
             raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
-        vectors = embed(rows, ctx.cfg, ctx.store, ctx.embedder)
+        vectors = embed(ctx.store.read_columns(reads, EMBED_COLUMNS), ctx.cfg, ctx.store, ctx.embedder)
         laps.lap("embed")
-        filtered, mined = rank_filter_and_mine(rows, vectors, ctx.cfg)
-        return {"filtered": filtered, "mined": mined}
+        blocks = ctx.batches(reads, ctx.block_rows)
+        for filtered, mined in filter_and_mine_blocks(blocks, vectors, ctx.cfg, rank_filter_and_mine):
+            yield {"filtered": filtered, "mined": mined}
 
 
 class Judge(Step):
@@ -210,18 +264,22 @@ class Judge(Step):
 
     name, writes = "judge", ("verified",)
 
-    def run(self, ctx, rows, laps):
-        return {"verified": llm_judge(rows, ctx.settings, ctx.store, get_run_logger())}
+    def run(self, ctx, reads, laps):
+        yield {"verified": llm_judge(ctx.store.read_stage(reads), ctx.settings, ctx.store, get_run_logger())}
 
 
 class Export(Step):
-    """The export, rewritten from the last enabled stage table on every run."""
+    """The export, rewritten from the last enabled stage table on every run, batch by batch."""
 
     name = "export"
 
-    def run(self, ctx, rows, laps):
+    def run(self, ctx, reads, laps):
         store, cfg = ctx.store, ctx.cfg
-        result = export_corpus(ctx.table(final_table(cfg)), store.export_dir, cfg)
+        final = final_table(cfg)
+        schema = open_parquet(store.stage_path(final)).schema_arrow
+        keys = store.iter_stage(final, [n for n in KEY_COLUMNS if n in schema.names])
+        batches = store.iter_stage(final, [n for n in EXPORT_COLUMNS if n in schema.names], EXPORT_BATCH_ROWS)
+        result = export_corpus(ExportRows(schema, keys, batches), store.export_dir, cfg)
         card = {
             "clean_id": store.clean_id,
             "runs": ctx.runs,
@@ -233,15 +291,11 @@ class Export(Step):
         if ctx.publish_to:
             publish_dataset(store.export_dir, ctx.publish_to, token=os.environ.get("HF_TOKEN"))
         store.upload_export()  # on S3: the staged export goes up, card last
-        return {}
+        yield from ()
 
 
 #: the clean run, in order: each step's tables are a run of storage/stages.py's CLEAN_STAGES
 STEPS: tuple[Step, ...] = (ValidateShards(), Dedup(), DecontaminateStep(), RankFilterAndMine(), Judge(), Export())
-
-
-def concat_results(results: list[StageResult]) -> StageResult:
-    return StageResult(pa.concat_tables([r.kept for r in results]), pa.concat_tables([r.dropped for r in results]))
 
 
 # --- the flow ------------------------------------------------------------------------------------
@@ -271,7 +325,10 @@ def example_shards(settings: Settings, runs: list[str]) -> list[StorePath]:
 
 
 def run_stages(ctx: CleanContext, steps: tuple[Step, ...]) -> dict[str, float]:
-    """Run each enabled step whose tables are not all committed; returns the seconds each step that ran took."""
+    """Run each enabled step whose tables are not all committed; returns the seconds each step that ran took.
+
+    A step's parts are appended to its tables' writers as they come (``stage.batch`` fault point after
+    each); its tables are committed together once it is done, so a crash leaves them committed or not."""
     logger, laps = get_run_logger(), Laps()
     for step in steps:
         if step.writes and all(ctx.store.has(t) for t in step.writes):
@@ -279,9 +336,14 @@ def run_stages(ctx: CleanContext, steps: tuple[Step, ...]) -> dict[str, float]:
         if not step.enabled(ctx.cfg):
             continue
         laps.start()
-        reads = step.reads()
-        for table, result in step.run(ctx, ctx.table(reads) if reads else None, laps).items():
-            ctx.store.write_stage(table, result)
+        with contextlib.ExitStack() as stack:
+            writers = {t: stack.enter_context(ctx.store.stage_writer(t)) for t in step.writes}
+            for part in step.run(ctx, step.reads(), laps):
+                for table, result in part.items():
+                    writers[table].append(result.kept, result.dropped)
+                checkpoint("stage.batch")
+            for writer in writers.values():
+                writer.commit()
         laps.lap(step.name)
         logger.info("stage %s done in %.1fs", step.name, laps.seconds[step.name])
     return laps.seconds
@@ -295,8 +357,8 @@ def write_clean_ledger(ctx: CleanContext, seconds: dict[str, float]) -> None:
     rows = clean_rows(
         store.clean_id,
         generation,
-        count_by_type(ctx.table("deduped")),
-        count_by_type(ctx.table(final_table(ctx.cfg))),  # what export_corpus wrote, row for row
+        store.count_by_type("deduped"),
+        store.count_by_type(final_table(ctx.cfg)),  # what the export wrote, row for row
         seconds.get("embed", sum(r["embed_s"] or 0.0 for r in earlier)),
         seconds.get("filter_and_mine", sum(r["search_s"] or 0.0 for r in earlier)),
         ctx.settings.cost,

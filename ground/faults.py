@@ -10,7 +10,8 @@ checkpoint is one comparison against ``None``.
 
 Points: ``parquet.tmp`` / ``bytes.tmp`` (a temp file written and fsynced, not yet renamed),
 ``shard.rejects`` / ``shard.data`` / ``shard.manifest`` (the three steps of a shard commit),
-``stage.dropped`` / ``stage.table`` (the two steps of a clean stage), ``dedup.done``,
+``stage.dropped`` / ``stage.table`` (the two steps of a clean stage's commit), ``stage.batch`` (a part of a
+clean stage appended to its writers, not committed: inside a streamed stage), ``dedup.done``,
 ``export.part`` (between the renames of the export files), ``export.card``, ``catalog.refreshed``.
 """
 

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from storage.atomic import (
 from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
 from storage.schemas import DROPPED_SCHEMA, JUDGED_SCHEMA, KALM_SCHEMA, st_schema
 from storage.shards import folder_lock, read_parquet_checked
+from storage.stage_io import BATCH_ROWS, StageWriter, iter_table, open_parquet
 from storage.stages import STAGE_TABLES
 
 #: fault point between the renames of the export's training files
@@ -191,19 +192,43 @@ class CleanStore:
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
 
+    def stage_writer(self, stage: str) -> StageWriter:
+        """Appends to a stage table (``storage/stages.py``) and its drop files, committed together
+        (``storage/stage_io.py``: drop files first, then the table, the commit point)."""
+        drops = {name: self.dropped_path(name) for name in STAGE_TABLES[stage].drops}
+        return StageWriter(stage, self.stage_path(stage), drops, self.compression)
+
     def write_stage(self, stage: str, result: StageResult) -> None:
-        """Commit a stage table (``storage/stages.py``): its drop files first, each with the dropped rows of
-        its name (empty ones too), then the table itself, the commit point."""
-        drops = STAGE_TABLES[stage].drops
-        names = pc.unique(result.dropped.column("stage")).to_pylist()
-        if unknown := sorted(set(names) - set(drops)):
-            raise ValueError(f"{stage}: dropped rows of stage(s) {', '.join(map(str, unknown))}; expected {drops}")
-        for name in drops:
-            rows = result.dropped.filter(pc.equal(result.dropped.column("stage"), name)) if names else result.dropped
-            atomic_write_parquet(rows.cast(DROPPED_SCHEMA), self.dropped_path(name), self.compression)
-        checkpoint("stage.dropped")
-        atomic_write_parquet(result.kept, self.stage_path(stage), self.compression)
-        checkpoint("stage.table")
+        """Commit a whole stage table: its drop files, each with the dropped rows of its name (empty ones
+        too), then the table itself."""
+        with self.stage_writer(stage) as writer:
+            writer.append(result.kept, result.dropped)
+            writer.commit()
+
+    def iter_stage(
+        self, stage: str, columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS
+    ) -> Iterator[pa.Table]:
+        """A stage table ``batch_rows`` rows at a time (checked as :meth:`read_stage` checks it)."""
+        entry = STAGE_TABLES[stage]
+        return iter_table(self.stage_path(stage), entry.schema if entry.checked else None, columns, batch_rows)
+
+    def read_columns(self, stage: str, columns: Sequence[str]) -> pa.Table:
+        """Only ``columns`` of a stage table, whole (what a global stage decides from)."""
+        parts = list(self.iter_stage(stage, columns))
+        if not parts:
+            entry = STAGE_TABLES[stage]
+            schema = entry.schema if entry.checked else open_parquet(self.stage_path(stage)).schema_arrow
+            return pa.schema([schema.field(name) for name in columns]).empty_table()
+        return pa.concat_tables(parts)
+
+    def count_by_type(self, stage: str) -> dict[str, int]:
+        """Rows of a stage table per task type, in order of first appearance (``storage.schemas.count_by_type``
+        of the table, its ``task_type`` column read batch by batch)."""
+        counts: dict[str, int] = {}
+        for batch in self.iter_stage(stage, ["task_type"]):
+            for row in pc.value_counts(batch.column("task_type")).to_pylist():
+                counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
+        return counts
 
     def write_table(self, stage: str, table: pa.Table) -> None:
         atomic_write_parquet(table, self.stage_path(stage), self.compression)

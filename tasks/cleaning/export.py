@@ -3,7 +3,8 @@
 Input: the ``mined`` stage table, i.e. the ``EXAMPLE_SCHEMA`` columns plus ``positive_rank``,
 ``positive_score``, ``hard_negatives`` (list<string>) and ``hard_negative_scores``.
 
-``export_corpus(table, out_dir, cfg)`` writes, for the ``train`` and the ``heldout`` split:
+``export_corpus(table, out_dir, cfg)`` writes, for the ``train`` and the ``heldout`` split (the table
+whole, or streamed as :class:`ExportRows`):
 
 ``<split>.jsonl`` / ``<split>.parquet``
     KaLM-Embedding / FlagEmbedding records, one per example::
@@ -56,6 +57,10 @@ SPLITS = ("train", "heldout")
 LICENSE = "cc-by-nc-sa-4.0"  # Persona Hub (proj-persona/PersonaHub) is CC-BY-NC-SA-4.0; the data inherits it
 REQUIRED_COLUMNS = ("example_id", "task_type", "instruction", "query", "positive")
 BATCH_ROWS = 8192
+#: the columns every exported row must have a value in: read first, for the checks and the split
+KEY_COLUMNS = ("example_id", "task_type", "query", "positive")
+#: the columns the files are made of
+EXPORT_COLUMNS = ("example_id", "task_type", "instruction", "query", "positive", "negative", "hard_negatives")
 
 
 class ExportError(RuntimeError):
@@ -146,45 +151,58 @@ def split_mask(example_ids: list[str], task_types: list[str], fraction: float, s
     return mask
 
 
-def _column(batch: pa.RecordBatch, name: str) -> list[Any]:
+def _column(batch: pa.RecordBatch | pa.Table, name: str) -> list[Any]:
     index = batch.schema.get_field_index(name)
     return batch.column(index).to_pylist() if index >= 0 else [None] * batch.num_rows
 
 
-def export_corpus(table: pa.Table, out_dir: Path, cfg: CleanSettings) -> ExportResult:
+@dataclass
+class ExportRows:
+    """Rows to export that come in batches (memory: one batch, plus the ids for the held-out split).
+
+    ``schema``: their columns; ``keys``: the rows (at least their ``KEY_COLUMNS``) in batches, read first
+    for the checks and the split; ``batches``: the rows again, in the same order, as the files get them
+    (batches of :data:`BATCH_ROWS` rows make the same files as the whole table)."""
+
+    schema: pa.Schema
+    keys: Iterable[pa.Table]
+    batches: Iterable[pa.RecordBatch | pa.Table]
+
+
+def export_corpus(rows: pa.Table | ExportRows, out_dir: Path, cfg: CleanSettings) -> ExportResult:
     """Write train/held-out KaLM JSONL + Parquet and sentence-transformers Parquet under ``out_dir``."""
-    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if isinstance(rows, pa.Table):
+        rows = ExportRows(rows.schema, [rows], rows.to_batches(max_chunksize=BATCH_ROWS))
+    schema, keys, batches = rows.schema, rows.keys, rows.batches
+    missing = [name for name in REQUIRED_COLUMNS if name not in schema.names]
     if missing:
         raise ExportError(f"the table to export lacks column(s) {', '.join(missing)}")
-    for name in ("example_id", "task_type", "query", "positive"):
-        if table.column(name).null_count:
-            raise ExportError(f"{table.column(name).null_count} row(s) have no {name}; export the mined table")
+    nulls: Counter = Counter()
+    example_ids: list[str] = []
+    task_types: list[str] = []
+    for part in keys:
+        for name in KEY_COLUMNS:
+            nulls[name] += part.column(name).null_count
+        example_ids += part.column("example_id").to_pylist()
+        task_types += part.column("task_type").to_pylist()
+    for name in KEY_COLUMNS:
+        if nulls[name]:
+            raise ExportError(f"{nulls[name]} row(s) have no {name}; export the mined table")
     out_dir = Path(out_dir)
     cap = cfg.negatives_per_query
-    example_ids = table.column("example_id").to_pylist()
     duplicates = [eid for eid, n in Counter(example_ids).items() if n > 1]
     if duplicates:
         raise ExportError(f"{len(duplicates)} example_id(s) occur more than once, e.g. {duplicates[0]!r}")
-    heldout = split_mask(example_ids, table.column("task_type").to_pylist(), cfg.heldout_fraction, cfg.seed)
+    heldout = split_mask(example_ids, task_types, cfg.heldout_fraction, cfg.seed)
+    del example_ids, task_types
 
     counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
     neg_hist: dict[str, Counter] = {split: Counter() for split in SPLITS}
     neg_names = [f"negative_{i}" for i in range(1, cap + 1)]
     offset = 0
     with ExportWriter(out_dir, SPLITS, cap) as export:
-        for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-            cols = {
-                name: _column(batch, name)
-                for name in (
-                    "example_id",
-                    "task_type",
-                    "instruction",
-                    "query",
-                    "positive",
-                    "negative",
-                    "hard_negatives",
-                )
-            }
+        for batch in batches:
+            cols = {name: _column(batch, name) for name in EXPORT_COLUMNS}
             kalm_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
             st_rows: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
             for i in range(batch.num_rows):

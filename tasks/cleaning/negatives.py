@@ -36,10 +36,12 @@ Everything but the text normalisation is vectorised over rows in chunks (550k qu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ground.seeding import stable_seed
 from ground.settings import CleanSettings
@@ -48,7 +50,7 @@ from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.embed import RankingVectors
 from tasks.cleaning.rank_filter import rank_filter
-from tasks.cleaning.search import build_index
+from tasks.cleaning.search import Index, build_index
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it
 STAGE = "negatives"
@@ -56,6 +58,8 @@ REASON = "no_hard_negatives"
 NEAR_DUP_COSINE = 0.95
 #: rows per vectorised chunk (bounds the gathered candidate vectors: chunk × window × dim floats)
 CHUNK_ROWS = 1024
+#: queries per block of the filter + mining (bounds the search results: block × N int64 ids + float32 scores)
+BLOCK_ROWS = 8192
 
 _U64_MAX = np.iinfo(np.uint64).max
 
@@ -69,23 +73,46 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+#: corpus texts normalised per call of ``dedup_keys`` (bounds its Python strings)
+KEY_CHUNK = 65_536
+
+
+def as_texts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Corpus texts as an Arrow string array (a Python list is converted once; Arrow arrays pass as they are)."""
+    if isinstance(texts, pa.Array | pa.ChunkedArray):
+        return texts
+    return pa.array(list(texts), type=pa.large_string())
+
+
+def text_at(texts: pa.Array | pa.ChunkedArray, ids: np.ndarray) -> pa.Array:
+    """``texts[ids]`` as a ``string`` array (the mined columns' type)."""
+    taken = texts.take(pa.array(np.asarray(ids, dtype=np.int64).reshape(-1), type=pa.int64()))
+    if isinstance(taken, pa.ChunkedArray):
+        taken = taken.combine_chunks()
+    return taken.cast(pa.string())
+
+
+def corpus_groups(corpus_texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Integer ids of the corpus texts' normalised keys (dedup's :func:`~tasks.cleaning.dedup.dedup_keys`, the key
+    exact dedup compares) and the distinct keys they index (for :func:`query_groups`)."""
+    n = len(corpus_texts)
+    keys = [dedup_keys(corpus_texts.slice(s, KEY_CHUNK)) for s in range(0, n, KEY_CHUNK)]
+    encoded = pc.dictionary_encode(pa.chunked_array(keys, type=pa.string()).combine_chunks(), null_encoding="encode")
+    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64), encoded.dictionary
+
+
+def query_groups(query_texts: pa.Array | pa.ChunkedArray | Sequence[str | None], distinct: pa.Array) -> np.ndarray:
+    """Per query, the group of the corpus text with its key (:func:`corpus_groups`); -3 when none has it."""
+    found = pc.index_in(dedup_keys(query_texts), value_set=distinct, skip_nulls=False)
+    return np.asarray(pc.fill_null(found, -3).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
 def _text_groups(
-    corpus_texts: Sequence[str], query_texts: Sequence[str | None] | None
+    corpus_texts: pa.Array | pa.ChunkedArray, query_texts: Sequence[str | None] | pa.Array | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Integer ids of normalized texts (dedup's :func:`~tasks.cleaning.dedup.dedup_keys`, the key exact dedup
-    compares): one per corpus item, and per query (-3 when not in the corpus)."""
-    groups: dict[str | None, int] = {}
-    corpus_group = np.fromiter(
-        (groups.setdefault(key, len(groups)) for key in dedup_keys(corpus_texts).to_pylist()),
-        dtype=np.int64,
-        count=len(corpus_texts),
-    )
-    if query_texts is None:
-        return corpus_group, None
-    query_group = np.fromiter(
-        (groups.get(key, -3) for key in dedup_keys(query_texts).to_pylist()), dtype=np.int64, count=len(query_texts)
-    )
-    return corpus_group, query_group
+    """Group ids of normalized texts: one per corpus item, and per query (-3 when not in the corpus)."""
+    corpus_group, distinct = corpus_groups(corpus_texts)
+    return corpus_group, None if query_texts is None else query_groups(query_texts, distinct)
 
 
 def _positive_scores(
@@ -125,23 +152,27 @@ def mine_hard_negatives(
     table: pa.Table,
     search_ids: np.ndarray,
     search_scores: np.ndarray,
-    corpus_texts: Sequence[str],
+    corpus_texts: Sequence[str] | pa.Array | pa.ChunkedArray,
     corpus_vecs: np.ndarray,
     positive_idx: np.ndarray,
     cfg: CleanSettings,
-    query_texts: Sequence[str | None] | None = None,
+    query_texts: Sequence[str | None] | pa.ChunkedArray | None = None,
     positive_scores: np.ndarray | None = None,
     near_dup_cosine: float = NEAR_DUP_COSINE,
     chunk_rows: int = CHUNK_ROWS,
+    groups: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> StageResult:
     """Add ``hard_negatives`` / ``hard_negative_scores`` to each row of ``table`` (see module doc).
 
     ``search_ids`` / ``search_scores`` (rows × N, best first) and ``positive_idx`` are aligned with
     ``table``; ``corpus_texts`` and ``corpus_vecs`` are indexed by corpus id. ``query_texts``
     defaults to the table's ``query`` column (the raw query, not the instructed form);
-    ``positive_scores`` (for the margin) to its ``positive_score`` column.
+    ``positive_scores`` (for the margin) to its ``positive_score`` column. ``groups``: the text groups of
+    the corpus and of these rows' queries when the caller computed them once (:func:`corpus_groups`,
+    :func:`query_groups`); ``query_texts`` is then not read.
     """
     n = table.num_rows
+    corpus_texts = as_texts(corpus_texts)
     search_ids = np.asarray(search_ids)
     search_scores = np.asarray(search_scores, dtype=np.float32)
     positive_idx = np.asarray(positive_idx, dtype=np.int64)
@@ -159,7 +190,7 @@ def mine_hard_negatives(
     if len(corpus_texts) != len(corpus_vecs):
         raise ValueError(f"{len(corpus_texts)} corpus texts but {len(corpus_vecs)} corpus vectors")
     if query_texts is None and "query" in table.column_names:
-        query_texts = table.column("query").to_pylist()
+        query_texts = table.column("query")
     if query_texts is not None and len(query_texts) != n:
         raise ValueError(f"{n} rows but {len(query_texts)} query texts")
 
@@ -172,7 +203,7 @@ def mine_hard_negatives(
     if want > 0 and width > 0 and n > 0:
         cand_all = search_ids[:, lo:hi].astype(np.int64)
         cscore_all = search_scores[:, lo:hi]
-        corpus_group, query_group = _text_groups(corpus_texts, query_texts)
+        corpus_group, query_group = groups if groups is not None else _text_groups(corpus_texts, query_texts)
         pos_group = corpus_group[positive_idx]
         margin = cfg.negative_margin
         if margin is not None:
@@ -230,10 +261,7 @@ def mine_hard_negatives(
     offsets = np.zeros(len(kept_rows) + 1, dtype=np.int32)
     np.cumsum(counts[kept_rows], out=offsets[1:])
 
-    uniq, inverse = np.unique(flat_ids, return_inverse=True)
-    texts = pa.array([corpus_texts[i] for i in uniq.tolist()], type=pa.string()).take(
-        pa.array(inverse.reshape(-1), type=pa.int64())
-    )
+    texts = text_at(corpus_texts, flat_ids)
     (neg_name, neg_type), (score_name, score_type) = MINED_COLUMNS
     negatives = pa.ListArray.from_arrays(pa.array(offsets), texts, type=neg_type)
     neg_scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_scores, type=pa.float32()), type=score_type)
@@ -287,7 +315,7 @@ def _candidate_columns(
     search_ids: np.ndarray,
     search_scores: np.ndarray,
     lo: int,
-    corpus_texts: Sequence[str],
+    corpus_texts: pa.Array | pa.ChunkedArray,
 ) -> dict[str, pa.Array]:
     """The ``CANDIDATE_COLUMNS`` of the kept rows (see the module doc)."""
     types = dict(CANDIDATE_COLUMNS)
@@ -304,9 +332,8 @@ def _candidate_columns(
         pa.array(offsets), pa.array(cols + 1, type=pa.int32()), type=types["hard_negative_ranks"]
     )
     offsets, rows, cols = listed(spares)
-    texts = [corpus_texts[i] for i in search_ids[rows, cols].tolist()]
     out["spare_negatives"] = pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(texts, type=pa.string()), type=types["spare_negatives"]
+        pa.array(offsets), text_at(corpus_texts, search_ids[rows, cols]), type=types["spare_negatives"]
     )
     out["spare_negative_scores"] = pa.ListArray.from_arrays(
         pa.array(offsets), pa.array(search_scores[rows, cols], type=pa.float32()), type=types["spare_negative_scores"]
@@ -319,25 +346,87 @@ def _candidate_columns(
     safe = np.where(has, first, 0)
     top_ids = search_ids[kept_rows, safe] if len(kept_rows) else np.zeros(0, np.int64)
     top_scores = search_scores[kept_rows, safe] if len(kept_rows) else np.zeros(0, np.float32)
-    out["top_retrieved"] = pa.array(
-        [corpus_texts[i] if h else None for i, h in zip(top_ids.tolist(), has.tolist(), strict=True)], pa.string()
-    )
+    top_texts = text_at(corpus_texts, np.where(has, top_ids, 0))
+    out["top_retrieved"] = pc.if_else(pa.array(has, pa.bool_()), top_texts, pa.scalar(None, pa.string()))
     out["top_retrieved_rank"] = pa.array(np.where(has, safe + 1, 0), pa.int32(), mask=~has)
     out["top_retrieved_score"] = pa.array(top_scores, pa.float32(), mask=~has)
     return out
 
 
-def filter_and_mine(table: pa.Table, vectors: RankingVectors, cfg: CleanSettings) -> tuple[StageResult, StageResult]:
-    """The rank filter, then mining on its one search restricted to the rows it kept: (filtered, mined)."""
-    index = build_index(vectors.corpus_vecs, cfg)
-    filtered, search = rank_filter(table, vectors.query_vecs, vectors.corpus_vecs, vectors.positive_idx, cfg, index)
+@dataclass(frozen=True)
+class Ranking:
+    """What every block of the filter + mining shares: the vectors, one index over the corpus, and the
+    corpus texts (an Arrow array) with their normalised-text groups (None when nothing is mined)."""
+
+    vectors: RankingVectors
+    corpus_texts: pa.Array | pa.ChunkedArray
+    index: Index
+    corpus_group: np.ndarray | None
+    distinct_keys: pa.Array | None
+
+    @classmethod
+    def build(cls, vectors: RankingVectors, cfg: CleanSettings) -> Ranking:
+        texts = as_texts(vectors.corpus_texts)
+        group, distinct = corpus_groups(texts) if cfg.negatives_per_query > 0 else (None, None)
+        return cls(vectors, texts, build_index(vectors.corpus_vecs, cfg), group, distinct)
+
+
+def filter_and_mine_block(
+    start: int, rows: pa.Table, ranking: Ranking, cfg: CleanSettings
+) -> tuple[StageResult, StageResult]:
+    """The rank filter and mining of input rows ``start .. start + len(rows)``: one search of their queries,
+    the filter, then mining on the rows it kept. Rows are decided alone (mining is seeded per row), so
+    the blocks of a table, concatenated, are the table's result whatever their size."""
+    vectors, end = ranking.vectors, start + rows.num_rows
+    positive_idx = np.asarray(vectors.positive_idx[start:end], dtype=np.int64)
+    filtered, search = rank_filter(
+        rows, vectors.query_vecs[start:end], vectors.corpus_vecs, positive_idx, cfg, ranking.index
+    )
+    groups = None
+    if ranking.corpus_group is not None:
+        kept = filtered.kept
+        queries = query_groups(kept.column("query"), ranking.distinct_keys) if "query" in kept.column_names else None
+        groups = (ranking.corpus_group, queries)
     mined = mine_hard_negatives(
         filtered.kept,
         search.ids,
         search.scores,
-        vectors.corpus_texts,
+        ranking.corpus_texts,
         vectors.corpus_vecs,
-        vectors.positive_idx[search.rows],
+        positive_idx[search.rows],
         cfg,
+        groups=groups,
     )
     return filtered, mined
+
+
+#: what maps a block: :func:`filter_and_mine_block` itself, or a wrapper of it (a Prefect task)
+BlockRunner = Callable[[int, pa.Table, Ranking, CleanSettings], tuple[StageResult, StageResult]]
+
+
+def filter_and_mine_blocks(
+    blocks: Iterable[pa.Table], vectors: RankingVectors, cfg: CleanSettings, run_block: BlockRunner | None = None
+) -> Iterator[tuple[StageResult, StageResult]]:
+    """(filtered, mined) of each block of the input rows, in row order (``blocks``: consecutive, covering the
+    rows ``vectors`` were embedded from; at least one, empty for no rows)."""
+    ranking = Ranking.build(vectors, cfg)
+    run_block = run_block or filter_and_mine_block
+    start = 0
+    for rows in blocks:
+        yield run_block(start, rows, ranking, cfg)
+        start += rows.num_rows
+    if start != len(vectors.query_vecs):
+        raise ValueError(f"{start} rows but {len(vectors.query_vecs)} query vectors")
+
+
+def filter_and_mine(
+    table: pa.Table, vectors: RankingVectors, cfg: CleanSettings, block_rows: int = BLOCK_ROWS
+) -> tuple[StageResult, StageResult]:
+    """The rank filter, then mining on its one search restricted to the rows it kept: (filtered, mined),
+    computed block by block (:func:`filter_and_mine_blocks`) and concatenated."""
+    blocks = [table.slice(s, block_rows) for s in range(0, table.num_rows, block_rows)] or [table]
+    parts = list(filter_and_mine_blocks(blocks, vectors, cfg))
+    return tuple(  # type: ignore[return-value]
+        StageResult(pa.concat_tables([p[i].kept for p in parts]), pa.concat_tables([p[i].dropped for p in parts]))
+        for i in (0, 1)
+    )

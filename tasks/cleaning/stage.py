@@ -5,14 +5,15 @@ StageResult``: the rows it kept and the rows it dropped (``storage.corpus.StageR
 it reads and writes is the registry's (``storage/stages.py``), not the stage's: the flow
 (``flows/clean.py``) reads a stage's input table, calls it and commits what it returns.
 
-Two kinds, for the bounded-memory executor to come:
+Two kinds, which the clean flow's executor (``flows/clean.py``, ``run_stages``) runs in bounded memory:
 
 * a **global** stage needs every row at once (exact and near dedup compare all rows, the ranking search
   ranks each query against the whole corpus): it implements :meth:`Stage.run` over a whole table;
 * a **streamed** stage decides each row alone (``streamed = True``): it implements
   :meth:`Stage.run_batch` over one Arrow record batch, and :meth:`Stage.run` is only the concatenation
-  of its batches. An executor may feed it batch by batch from a Parquet reader and append each
-  result's kept and dropped rows to writers, so memory stays bounded by the batch size.
+  of its batches. The executor feeds it batches of its ``batch_rows`` read from its input's Parquet file
+  (``storage/stage_io.py``) and appends each result's kept and dropped rows to the stage's writers,
+  committed when the stage is done, so memory stays bounded by the batch size.
 
 A :class:`Filter` is a streamed stage that only says which rows go and why (:meth:`Filter.drops`);
 the base builds the kept and the dropped tables, once, for every filter (``StageResult.split``).

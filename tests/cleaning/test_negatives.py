@@ -268,3 +268,24 @@ def test_repeated_texts_in_window_are_taken_once():
     assert ids[0].tolist() == [0, 1, 2, 3, 4]
     mined = mine_hard_negatives(table, ids, scores, texts, corpus, np.array([0]), cfg).kept
     assert mined.column("hard_negatives").to_pylist() == [["b", "c", "d"]]
+
+
+@pytest.mark.parametrize("mode", ["sample", "top"])
+def test_filter_and_mine_per_block_equals_one_block(mode):
+    """Blocks of any size, concatenated, are the one-block result: same rows, order, columns and values
+    (mining is seeded per row, the text groups are the corpus's); the corpus texts may be a list or Arrow."""
+    from tasks.cleaning.embed import RankingVectors
+    from tasks.cleaning.negatives import filter_and_mine
+
+    p = Problem(seed=3, nq=90, nc=500, traps=True, noise=2.0)
+    cfg = CleanSettings(negative_mode=mode, rank_top_k=8, negative_rank_min=3, negative_rank_max=40)
+    table = p.table.append_column("negative", pa.array([None] * p.table.num_rows, pa.string()))
+    listed = RankingVectors(p.queries, p.texts, p.corpus, np.asarray(p.positive_idx, dtype=np.int64))
+    whole = filter_and_mine(table, listed, cfg, block_rows=table.num_rows)
+    assert 0 < whole[1].kept.num_rows < table.num_rows and whole[0].dropped.num_rows, "the filter must drop some"
+    arrow = RankingVectors(p.queries, pa.array(p.texts, pa.large_string()), p.corpus, listed.positive_idx)
+    for block_rows, vectors in ((1, listed), (7, arrow), (32, listed), (89, arrow)):
+        parts = filter_and_mine(table, vectors, cfg, block_rows=block_rows)
+        for got, want in zip(parts, whole, strict=True):
+            assert got.kept.equals(want.kept), f"blocks of {block_rows}: kept rows differ"
+            assert got.dropped.equals(want.dropped), f"blocks of {block_rows}: dropped rows differ"

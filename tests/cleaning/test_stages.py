@@ -76,3 +76,57 @@ def test_a_stage_table_commits_its_drops_into_its_declared_files(tmp_path):
     stray = dropped_table(rows, "someone_else", Drops([0], "why"))
     with pytest.raises(ValueError, match="someone_else"):
         store.write_stage(CLEAN_STAGES[0].table, StageResult(rows, stray))
+
+
+def _writer(tmp_path, name: str = "odd"):
+    from storage.stage_io import StageWriter
+
+    return StageWriter(name, tmp_path / "out.parquet", {name: tmp_path / "dropped.parquet"})
+
+
+def test_a_streamed_stage_reads_parquet_in_its_batches_and_commits_what_run_returns(tmp_path):
+    """Fed from a Parquet file whose row groups (2 rows) do not match its batches (3), a Filter sees no batch
+    over its ``batch_rows``; the committed files equal ``run`` over the whole table, and appear only at commit."""
+    from flows.clean import streamed
+    from storage.stage_io import iter_table
+
+    queries = ["ab", "abc", "abcd", "a", "xy", "xyz", "pq"]
+    source = tmp_path / "in.parquet"
+    pq.write_table(table_in_chunks(queries, chunk=7), source, row_group_size=2)
+    seen: list[int] = []
+
+    class Recording(OddLengths):
+        def run_batch(self, batch):
+            seen.append(batch.num_rows)
+            return super().run_batch(batch)
+
+    stage = Recording()
+    with _writer(tmp_path) as writer:
+        for part in streamed(stage, "out", iter_table(source, batch_rows=stage.batch_rows)):
+            writer.append(part["out"].kept, part["out"].dropped)
+        assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "dropped.parquet").exists()
+        writer.commit()
+    assert seen == [3, 3, 1]
+    whole = OddLengths().run(pq.read_table(source))
+    assert pq.read_table(tmp_path / "out.parquet").equals(whole.kept)
+    assert pq.read_table(tmp_path / "dropped.parquet").equals(whole.dropped)
+    assert not list(tmp_path.glob(".*.tmp-*")), "no temp file left"
+
+
+def test_a_full_disk_mid_stream_is_one_line_naming_the_stage_and_the_file(tmp_path):
+    """/dev/full answers every write with ENOSPC: the writer fails with one line, and commits nothing."""
+    from storage.atomic import StorageError, temp_path
+
+    if not __import__("os").path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    writer = _writer(tmp_path)
+    temp_path(tmp_path / "out.parquet").symlink_to("/dev/full")
+    batch = table_in_chunks(["ab"] * 50_000, chunk=50_000)
+    with pytest.raises(StorageError) as failure:
+        with writer:
+            for _ in range(20):  # enough rows that the writer flushes before its commit
+                writer.append(batch, DROPPED_SCHEMA.empty_table())
+            writer.commit()
+    message = str(failure.value)
+    assert message == f"odd: cannot write {tmp_path / 'out.parquet'}: No space left on device", message
+    assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "dropped.parquet").exists()

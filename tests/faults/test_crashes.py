@@ -217,6 +217,36 @@ def test_clean_survives_kill_9_anywhere(forks, fault_env, gen_reference, clean_r
     print(f"clean: {dict(kills)} kills in {chains} chains")
 
 
+#: kills inside streamed stages: the n-th part appended to a stage's writers (validate: a shard; dedup: its
+#: drops, then a batch of kept rows; ...), the writers open, nothing of the step committed
+STREAM_POINTS = ["stage.batch:1", "stage.batch:2", "stage.batch:3"]
+
+
+def test_clean_killed_inside_a_streamed_stage_resumes_equal(forks, fault_env, gen_reference, clean_reference, tmp_path):
+    """A chain of kill -9s mid-stream (each resume killed again at its n-th appended part), then a clean
+    run: equal to the uninterrupted one, no temp file left."""
+    _, reference = clean_reference
+    data = tmp_path / "data"
+    shutil.copytree(gen_reference[0] / "runs", data / "runs")
+    root, history = data / "clean" / "stream", []
+    for step, spec in enumerate(STREAM_POINTS):
+        env = fault_env(data, kill_at=spec)
+        child = forks.spawn(clean_args("stream"), env, tmp_path, tmp_path / "logs", f"s{step}")
+        rc = child.wait()
+        history.append(f"{_clean_state(root)}@{spec}→{rc}")
+        assert rc == -signal.SIGKILL, f"{history}: the kill point was not reached:\n{child.output[-3000:]}"
+        open_files = temp_files(root)
+        assert open_files, f"{history}: killed with no stage writer open"
+        check_clean_invariants(data, "stream")
+        for tmp in open_files:  # the killed step's files: none committed (a resume removes stale temps first)
+            assert not tmp.with_name(tmp.name[1:].rpartition(".tmp-")[0]).exists(), f"{history}: {tmp.name}"
+    child = forks.spawn(clean_args("stream"), fault_env(data), tmp_path, tmp_path / "logs", "s-final")
+    assert child.wait() == 0, f"{history}:\n{child.output[-4000:]}"
+    got = clean_snapshot(data, "stream")
+    assert got == reference, f"(kills {history}): {diff(got, reference)}"
+    assert not temp_files(root), f"temp files left: {temp_files(root)}"
+
+
 # --- wall clock ----------------------------------------------------------------------------------
 def _stage_of(data: Path) -> str:
     """Where a kill landed, read off the files: generation, or the clean stage in progress."""

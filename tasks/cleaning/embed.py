@@ -11,11 +11,17 @@ The embedders (:class:`SentenceTransformerEmbedder`: all-MiniLM-L6-v2 from the P
 uses them too; they are re-exported here. The cache lives in
 ``CleanStore.embeddings_dir(embedder.model_key)``; the model key includes the precision, so fp32 and
 bf16 vectors of the same model are never mixed.
+
+Memory: :func:`embed_for_ranking` reads the rows block by block (a table or its record batches) and
+writes the query and corpus vectors and the corpus texts to files of the clean run's ``ranking`` folder
+(``storage/vector_files.py``), returned memory-mapped; the corpus is de-duplicated by 16-byte digest
+(a sorted NumPy index), never by a dict of strings. Consumers read ``corpus_texts`` with
+``take(pa.array(ids))`` and treat the vector matrices as read-only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,7 @@ __all__ = [
     "embed_for_ranking",
     "encode_cached",
     "encode_to_file",
+    "file_encoder",
     "make_embedder",
     "query_text",
 ]
@@ -55,6 +62,14 @@ def query_text(instruction: str | None, query: str) -> str:
     if not instruction:
         return query
     return f"Instruct: {instruction}\nQuery: {query}"
+
+
+def file_encoder(embedder: Embedder, store: CleanStore, name: str) -> Callable[[list[str]], np.ndarray]:
+    """An ``encode(texts)`` (e.g. for decontamination) whose vectors go through the cache into
+    ``<clean run>/ranking/<name>.npy`` and come back memory-mapped instead of in memory."""
+    cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))
+    path = work_dir(store.root, "ranking") / f"{name}.npy"
+    return lambda texts: encode_to_file(texts, embedder, cache, path)
 
 
 # --- the vectors of a clean run's ranking stages -----------------------------------------------

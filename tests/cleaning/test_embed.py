@@ -34,6 +34,7 @@ from tasks.cleaning.embed import (
     embed_for_ranking,
     encode_cached,
     encode_to_file,
+    file_encoder,
     make_embedder,
     query_text,
 )
@@ -324,3 +325,14 @@ def test_openai_embedder_against_a_local_server():
 def test_make_embedder_openai_needs_url_and_model():
     with pytest.raises(ValueError, match="embedding_base_url"):
         make_embedder(CleanSettings(embedder="openai"))
+
+
+def test_file_encoder_returns_memory_mapped_vectors_of_the_clean_run(tmp_path):
+    store = CleanStore(tmp_path, "c1")
+    emb = CountingEmbedder()
+    encode = file_encoder(emb, store, "decontaminate")
+    vectors = encode(["x", "y", "x"])
+    assert isinstance(vectors, np.memmap) and (store.root / "ranking" / "decontaminate.npy").exists()
+    np.testing.assert_array_equal(vectors, np.stack([fake_vector(t) for t in "xyx"]))
+    np.testing.assert_array_equal(encode(["y"]), vectors[1:2])  # from the cache
+    assert emb.embedded == ["x", "y"]

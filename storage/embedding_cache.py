@@ -281,11 +281,16 @@ def _migrate_shard(shard: StorePath, target: Path) -> int | None:
 
 # --- encoding through the cache ------------------------------------------------------------------
 def encode_block(
-    texts: Sequence[str], embedder: TextEncoder, cache: EmbeddingCache, chunk_size: int = ENCODE_CHUNK
+    texts: Sequence[str],
+    embedder: TextEncoder,
+    cache: EmbeddingCache,
+    chunk_size: int = ENCODE_CHUNK,
+    digests: np.ndarray | None = None,
 ) -> np.ndarray:
     """Vectors of ``texts`` in order; each distinct text the cache lacks is embedded once (in calls of
-    ``chunk_size``, reported to the ``embed`` progress stage) and appended to the cache as one segment."""
-    digests = text_digests(texts)
+    ``chunk_size``, reported to the ``embed`` progress stage) and appended to the cache as one segment.
+    ``digests``: the texts' :func:`text_digests`, where the caller has them already."""
+    digests = text_digests(texts) if digests is None else digests
     uniq, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
     rows = cache.lookup(uniq)
     todo = np.flatnonzero(rows < 0)

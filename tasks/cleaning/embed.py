@@ -122,10 +122,12 @@ class _CorpusWriter:
     def add(self, texts: pa.Array) -> np.ndarray:
         """Corpus ids of ``texts`` (no nulls), new ones appended."""
         values = texts.to_pylist()
-        ids, new = self.ids.assign(text_digests(values))
+        digests = text_digests(values)
+        ids, new = self.ids.assign(digests)
         if len(new):
             self.texts.append(texts.take(pa.array(new)))
-            self.vectors.append(encode_block([values[i] for i in new.tolist()], self.embedder, self.cache))
+            fresh = [values[i] for i in new.tolist()]
+            self.vectors.append(encode_block(fresh, self.embedder, self.cache, digests=digests[new]))
         return ids
 
     def discard(self) -> None:

@@ -18,7 +18,7 @@ results are compared (decisions; corpus, positive ids and vector bytes) and must
 
     python bench/vector_memory.py --sizes 50000 200000
 
-Printed at d65ddf5 on the shared 2-core machine (load ~16-20, so seconds are noise; peaks above baseline,
+Printed by runs at dd4e189..d65ddf5 on the shared 2-core machine (load ~16-20: seconds are noise; peaks over baseline,
 GiB, anon / RSS): ranking 50k 0.79 / 0.80 before, 0.14 / 0.30 after; ranking 200k 3.10 / 3.11 before,
 0.21 / 0.75 after; decontaminate 50k 1.58 before, 0.21 / 0.31 after (0.37 anon with encode_cached);
 100k 3.05 before, 0.28 / 0.49 after; 200k before stopped over 6 GiB, 0.37 / 0.82 after.

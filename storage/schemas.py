@@ -155,7 +155,8 @@ JUDGED_SCHEMA = pa.schema(
     metadata={"embed_factory.table": "judged", "embed_factory.schema_version": str(SCHEMA_VERSION)},
 )
 
-#: the embedding cache, ``<data_dir>/embeddings/<model_key>/*.parquet``: vectors by text hash
+#: the embedding cache of earlier versions, ``<data_dir>/embeddings/<model_key>/*.parquet``: vectors by text
+#: hash; read once to migrate it to segments (``storage/embedding_cache.py``)
 EMBEDDING_CACHE_SCHEMA = pa.schema([("text_hash", pa.string()), ("vector", pa.list_(pa.float32()))])
 
 # --- the export (training files) -----------------------------------------------------------------

@@ -19,7 +19,8 @@ files and Hub datasets listed in ``clean.decontaminate_*``). A match needs evide
      of the large-model reports (GPT-3, PaLM), where one shared n-gram is already rare by chance.
 3. **embedding similarity**: otherwise, the cosine of the two texts (``encode``: the clean run's
    embedder with its cache) at or above ``clean.decontaminate_similarity``; only the texts of
-   candidate pairs are embedded, and the cosines are one row-wise product.
+   candidate pairs are embedded (each distinct text once; ``encode`` may return a memory-mapped
+   matrix), and the pairs, int32 index arrays, are scored in blocks of :data:`PAIR_BLOCK`.
 
 A paraphrase that shares no bigram with the eval text is not caught (the price of not embedding every
 eval text). Dropped rows get stage ``decontaminate``, reason ``contaminated`` and the matched source
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -58,6 +60,8 @@ WINDOW_FACTOR = 2
 #: eval texts of at least this many words compare LONG_NGRAM-grams
 LONG_EVAL_WORDS = 40
 LONG_NGRAM = 13
+#: candidate pairs scored at a time (two gathered blocks of PAIR_BLOCK x dim floats)
+PAIR_BLOCK = 8192
 
 Encode = Callable[[list[str]], np.ndarray]
 _WORD = re.compile(r"\w+")
@@ -198,11 +202,38 @@ class Match:
     how: str  # "ngram overlap 0.83" or "cosine 0.93"
 
 
+class Pending:
+    """Candidate pairs for the embedding check: int32 columns of row, field and eval id, and the row text."""
+
+    def __init__(self):
+        self.rows, self.fields, self.evals = array("i"), array("i"), array("i")
+        self.texts: list[str] = []  # references to the table's strings
+
+    def add(self, row: int, field: int, text: str, eval_id: int) -> None:
+        self.rows.append(row)
+        self.fields.append(field)
+        self.evals.append(eval_id)
+        self.texts.append(text)
+
+    def pairs(self, index: EvalIndex, done: set[int]) -> tuple[list[str], *tuple[np.ndarray, ...]]:
+        """(distinct texts to embed, rows, fields, eval ids, left and right text ids) of the pairs whose row
+        is not in ``done``; the texts: the row texts, then the eval texts, each once."""
+        rows = np.frombuffer(self.rows, dtype=np.int32)
+        keep = np.flatnonzero(~np.isin(rows, np.fromiter(done, np.int64, len(done))))
+        evals = np.frombuffer(self.evals, dtype=np.int32)[keep]
+        text_id: dict[str, int] = {}
+        left = [text_id.setdefault(self.texts[i], len(text_id)) for i in keep.tolist()]
+        right = [text_id.setdefault(index.texts[e].text, len(text_id)) for e in evals.tolist()]
+        fields = np.frombuffer(self.fields, dtype=np.int32)[keep]
+        ids = np.array(left, np.int32), np.array(right, np.int32)
+        return list(text_id), rows[keep], fields, evals, *ids
+
+
 def find_matches(table: pa.Table, index: EvalIndex, cfg: CleanSettings, encode: Encode | None) -> dict[int, Match]:
     """Row position → its first match (query before positive; n-gram overlap before embedding)."""
     found: dict[int, Match] = {}
-    pending: list[tuple[int, str, str, int]] = []  # (row, field, text, eval id) for the embedding check
-    for field in FIELDS:
+    pending = Pending()
+    for field_id, field in enumerate(FIELDS):
         for row, text in enumerate(table[field].to_pylist()):
             if row in found or not text:
                 continue
@@ -217,23 +248,29 @@ def find_matches(table: pa.Table, index: EvalIndex, cfg: CleanSettings, encode: 
                 how = f"ngram overlap {scored[0][1]:.2f}, {scored[0][2]} {ev.n}-grams"
                 found[row] = Match(field, -scored[0][3], how if ev.rule == "ngrams" else f"{ev.rule}, {how}")
                 continue
-            by_shared = sorted(scored, key=lambda s: (-s[2], -s[3]))[:EMBED_CANDIDATES]
-            pending += [(row, field, text, -neg_id) for _match, _overlap, _shared, neg_id in by_shared]
+            for _match, _overlap, _shared, neg_id in sorted(scored, key=lambda s: (-s[2], -s[3]))[:EMBED_CANDIDATES]:
+                pending.add(row, field_id, text, -neg_id)
     if encode is None or cfg.decontaminate_similarity is None:
         return found
-    pending = [p for p in pending if p[0] not in found]
-    if not pending:
+    texts, rows, fields, eval_ids, left, right = pending.pairs(index, set(found))
+    if not texts:
         return found
-    texts = list(dict.fromkeys([p[2] for p in pending] + [index.texts[p[3]].text for p in pending]))
-    position = {text: i for i, text in enumerate(texts)}
-    vectors = np.asarray(encode(texts), dtype=np.float32)
-    left = vectors[[position[p[2]] for p in pending]]
-    right = vectors[[position[index.texts[p[3]].text] for p in pending]]
-    cosines = np.einsum("ij,ij->i", left, right)
-    for (row, field, _text, eval_id), cosine in zip(pending, cosines.tolist(), strict=True):
-        if row not in found and cosine >= cfg.decontaminate_similarity:
-            found[row] = Match(field, eval_id, f"cosine {cosine:.2f}")
+    vectors = np.asarray(encode(texts), dtype=np.float32)  # may be memory-mapped
+    cosines = pair_cosines(vectors, left, right)
+    for i in np.flatnonzero(cosines.astype(np.float64) >= cfg.decontaminate_similarity).tolist():
+        row = int(rows[i])
+        if row not in found:
+            found[row] = Match(FIELDS[fields[i]], int(eval_ids[i]), f"cosine {float(cosines[i]):.2f}")
     return found
+
+
+def pair_cosines(vectors: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``vectors[left[i]] · vectors[right[i]]`` for each pair, gathered and multiplied in blocks of pairs."""
+    out, block = np.empty(len(left), dtype=np.float32), PAIR_BLOCK
+    for start in range(0, len(left), block):
+        end = start + block
+        out[start:end] = np.einsum("ij,ij->i", vectors[left[start:end]], vectors[right[start:end]])
+    return out
 
 
 class Decontaminate(Filter):

@@ -11,23 +11,34 @@ The embedders (:class:`SentenceTransformerEmbedder`: all-MiniLM-L6-v2 from the P
 uses them too; they are re-exported here. The cache lives in
 ``CleanStore.embeddings_dir(embedder.model_key)``; the model key includes the precision, so fp32 and
 bf16 vectors of the same model are never mixed.
+
+Memory: :func:`embed_for_ranking` reads the rows block by block (a table or its record batches) and
+writes the query and corpus vectors and the corpus texts to files of the clean run's ``ranking`` folder
+(``storage/vector_files.py``), returned memory-mapped; the corpus is de-duplicated by 16-byte digest
+(a sorted NumPy index), never by a dict of strings. Consumers read ``corpus_texts`` with
+``take(pa.array(ids))`` and treat the vector matrices as read-only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ground.settings import CleanSettings
 from llm.embedder import DEFAULT_MODEL_NAME, Embedder, OpenAIEmbedder, SentenceTransformerEmbedder, make_embedder
 from storage.corpus import CleanStore
-from storage.embedding_cache import ENCODE_CHUNK, EmbeddingCache, encode_cached
+from storage.embedding_cache import BLOCK, ENCODE_CHUNK, EmbeddingCache, encode_block, encode_cached, encode_to_file
+from storage.vector_files import DigestIndex, MatrixWriter, TextSpool, TextWriter, text_digests, work_dir
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "ENCODE_CHUNK",
+    "CorpusTexts",
     "Embedder",
     "EmbeddingCache",
     "OpenAIEmbedder",
@@ -35,6 +46,8 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "embed_for_ranking",
     "encode_cached",
+    "encode_to_file",
+    "file_encoder",
     "make_embedder",
     "query_text",
 ]
@@ -51,33 +64,130 @@ def query_text(instruction: str | None, query: str) -> str:
     return f"Instruct: {instruction}\nQuery: {query}"
 
 
+def file_encoder(embedder: Embedder, store: CleanStore, name: str) -> Callable[[list[str]], np.ndarray]:
+    """An ``encode(texts)`` (e.g. for decontamination) whose vectors go through the cache into
+    ``<clean run>/ranking/<name>.npy`` and come back memory-mapped instead of in memory."""
+    cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))
+    path = work_dir(store.root, "ranking") / f"{name}.npy"
+    return lambda texts: encode_to_file(texts, embedder, cache, path)
+
+
 # --- the vectors of a clean run's ranking stages -----------------------------------------------
+class CorpusTexts:
+    """The corpus texts of a clean run: a large_string Arrow array, memory-mapped from the run's folder.
+
+    Read them with ``take(pa.array(ids))``; ``texts[i]`` (a str) and iteration serve older callers.
+    """
+
+    def __init__(self, array: pa.Array):
+        self.array = array
+
+    def take(self, ids: pa.Array | np.ndarray) -> pa.Array:
+        return self.array.take(ids)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> str:
+        return self.array[i].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.array), BLOCK):
+            yield from self.array.slice(start, BLOCK).to_pylist()
+
+
 @dataclass(frozen=True)
 class RankingVectors:
-    """What the rank filter and negative mining share, embedded once per clean run."""
+    """What the rank filter and negative mining share, embedded once per clean run.
+
+    The vectors are read-only float32 matrices, memory-mapped from the clean run's ``ranking`` folder.
+    """
 
     query_vecs: np.ndarray  # (rows, dim): each row's instructed query (:func:`query_text`)
-    corpus_texts: list[str]  # the corpus: unique positives, then unique negatives, first occurrence first
+    corpus_texts: CorpusTexts  # the corpus: unique positives, then unique negatives, first occurrence first
     corpus_vecs: np.ndarray  # (corpus, dim)
     positive_idx: np.ndarray  # (rows,) int64: each row's positive in the corpus
 
 
+class _CorpusWriter:
+    """The corpus, built as texts arrive: each new distinct text (by digest) gets the next id, its text
+    and its vector appended to the run's files."""
+
+    def __init__(self, folder: Path, embedder: Embedder, cache: EmbeddingCache):
+        self.embedder, self.cache = embedder, cache
+        self.ids = DigestIndex()
+        self.texts = TextWriter(folder / "corpus")
+        self.vectors = MatrixWriter(folder / "corpus.npy")
+
+    def add(self, texts: pa.Array) -> np.ndarray:
+        """Corpus ids of ``texts`` (no nulls), new ones appended."""
+        values = texts.to_pylist()
+        digests = text_digests(values)
+        ids, new = self.ids.assign(digests)
+        if len(new):
+            self.texts.append(texts.take(pa.array(new)))
+            fresh = [values[i] for i in new.tolist()]
+            self.vectors.append(encode_block(fresh, self.embedder, self.cache, digests=digests[new]))
+        return ids
+
+    def discard(self) -> None:
+        self.texts.discard()
+        self.vectors.discard()
+
+
+def _blocks(rows: pa.Table | Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    batches = rows.to_batches(max_chunksize=BLOCK) if isinstance(rows, pa.Table) else rows
+    for batch in batches:
+        for start in range(0, batch.num_rows, BLOCK):
+            yield batch.slice(start, BLOCK)
+
+
+def _documents(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The non-empty texts of a column (nulls and "" dropped)."""
+    return column.filter(pc.not_equal(column, ""))
+
+
 def embed_for_ranking(
-    table: pa.Table, cfg: CleanSettings, store: CleanStore, embedder: Embedder | None = None
+    rows: pa.Table | Iterable[pa.RecordBatch], cfg: CleanSettings, store: CleanStore, embedder: Embedder | None = None
 ) -> RankingVectors:
-    """Embed instructed queries and the corpus (unique positives ∪ negatives) once, with the cache;
-    ``embedder``: one already made for this clean run (its model loads once), else one from ``cfg``."""
+    """Embed instructed queries and the corpus (unique positives, then unique negatives) once, with the
+    cache, block by block into the clean run's ``ranking`` folder (``storage/vector_files.py``).
+
+    ``rows``: the table, or its record batches in order (read once: the negatives are spooled to a file
+    until every positive is in the corpus). ``embedder``: one already made for this clean run (its model
+    loads once), else one from ``cfg``. Memory: one block of rows and the digest index of the corpus.
+    """
     embedder = embedder or make_embedder(cfg)
     cache = EmbeddingCache(store.embeddings_dir(embedder.model_key))  # fp32 and bf16 vectors kept apart
-    instructions, questions = table["instruction"].to_pylist(), table["query"].to_pylist()
-    queries = [query_text(i, q) for i, q in zip(instructions, questions, strict=True)]
-    positives = table["positive"].to_pylist()
-    negatives = [n for n in table["negative"].to_pylist() if n]
-    corpus = list(dict.fromkeys(positives + negatives))
-    position = {text: i for i, text in enumerate(corpus)}
-    return RankingVectors(
-        query_vecs=encode_cached(queries, embedder, cache),
-        corpus_texts=corpus,
-        corpus_vecs=encode_cached(corpus, embedder, cache),
-        positive_idx=np.array([position[p] for p in positives], dtype=np.int64),
-    )
+    folder = work_dir(store.root, "ranking")
+    queries = MatrixWriter(folder / "queries.npy")
+    corpus = _CorpusWriter(folder, embedder, cache)
+    spool = None if isinstance(rows, pa.Table) else TextSpool(folder / "negatives.arrows")
+    positive_idx = []
+    try:
+        for batch in _blocks(rows):
+            instructions, questions = batch.column("instruction").to_pylist(), batch.column("query").to_pylist()
+            texts = [query_text(i, q) for i, q in zip(instructions, questions, strict=True)]
+            queries.append(encode_block(texts, embedder, cache))
+            positive_idx.append(corpus.add(batch.column("positive")))
+            if spool is not None:
+                spool.append(_documents(batch.column("negative")))
+        negatives = spool.batches() if spool is not None else _documents(rows.column("negative")).chunks
+        for chunk in negatives:
+            for start in range(0, len(chunk), BLOCK):
+                corpus.add(chunk.slice(start, BLOCK))
+        dimension = cache.dimension or 0
+        return RankingVectors(
+            query_vecs=queries.close(dimension),
+            corpus_texts=CorpusTexts(corpus.texts.close()),
+            corpus_vecs=corpus.vectors.close(dimension),
+            positive_idx=np.concatenate(positive_idx) if positive_idx else np.zeros(0, np.int64),
+        )
+    except BaseException:
+        queries.discard()
+        corpus.discard()
+        raise
+    finally:
+        if spool is not None:
+            spool.close()
+            spool.path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ pytest.importorskip("moto.server")
 
 from ground.settings import load_settings  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
-from storage.corpus import CleanStore, StageResult  # noqa: E402
+from storage.corpus import CleanStore, StageResult, text_hash  # noqa: E402
 from storage.location import data_root, is_remote  # noqa: E402
 from storage.schemas import BRAINSTORM_SCHEMA, EXAMPLE_SCHEMA, INSTRUCTION_SCHEMA, REJECT_SCHEMA  # noqa: E402
 from storage.shards import RemoteLock, RunLocked, RunStore, StorageError, list_runs  # noqa: E402
@@ -194,9 +195,12 @@ def test_clean_store_on_s3(s3_root, tmp_path):
     assert [p.stem for p in (store.root / "dropped").glob("*.parquet")] == ["validate"]
 
     cache = EmbeddingCache(store.embeddings_dir("model/x"))
-    cache.add(["h1", "h2"], np.eye(2, dtype=np.float32))
+    cache.add([text_hash("1"), text_hash("2")], np.eye(2, dtype=np.float32))
+    assert [p.suffix for p in store.embeddings_dir("model/x").iterdir()] == [".vec"]  # one object on S3
+    shutil.rmtree(cache.local)  # a fresh machine: the segments are mirrored again and memory-mapped
     again = EmbeddingCache(store.embeddings_dir("model/x"))
-    assert len(again) == 2 and "h2" in again
+    assert len(again) == 2 and text_hash("2") in again
+    np.testing.assert_array_equal(again.get([text_hash("2"), text_hash("1")]), np.eye(2, dtype=np.float32)[::-1])
 
     # the export is staged locally (the exporters stream into files), then uploaded card last
     staged = store.export_dir

@@ -174,3 +174,39 @@ def test_false_positive_rate_on_clean_production_length_prose(sts_eval):
     assert result.dropped.num_rows <= 0.005 * rows.num_rows, result.dropped["detail"].to_pylist()[:5]
     # the same rows under the rule before: the test can fail on prose that shares common phrases
     assert legacy_dropped(rows, evals) > 0.05 * rows.num_rows
+
+
+def test_blocked_pair_scoring_decides_as_the_per_pair_copies_did(sts_eval, tmp_path, monkeypatch):
+    """Candidate pairs as int32 ids scored in blocks (here 7 pairs), over a memory-mapped matrix: the same
+    matches, in the same words, as the code that copied two vectors per pair (bench/vectors_before.py)."""
+    from clean_growth import HashBagEmbedder, synthetic_rows
+    from vectors_before import old_find_matches
+
+    from storage.embedding_cache import EmbeddingCache, encode_to_file
+    from tasks.cleaning import decontaminate as decon
+
+    s1, _, _ = load_sts(bundled_sts_dir(), "en")
+    rows = synthetic_rows(400, "r", seed=3)
+    for k, i in enumerate(range(0, 400, 20)):  # edited eval sentences: matched by n-grams or by cosine
+        rows[i]["query"] = edit(s1[k * 7], k)
+    table = pa.Table.from_pylist(rows)
+    cfg = CleanSettings(decontaminate_similarity=0.6)
+    index = decon.EvalIndex.build(sts_eval, cfg.decontaminate_ngram)
+    embedder, asked = HashBagEmbedder(), []
+
+    def encode_old(texts):
+        asked.append(list(texts))
+        return embedder.encode(texts)
+
+    def encode_new(texts):
+        asked.append(list(texts))
+        return encode_to_file(texts, embedder, EmbeddingCache(tmp_path / "emb"), tmp_path / "decon.npy")
+
+    before = old_find_matches(table, index, cfg, encode_old)
+    monkeypatch.setattr(decon, "PAIR_BLOCK", 7)
+    after = decon.find_matches(table, index, cfg, encode_new)
+    assert after == before
+    assert asked[0] == asked[1]  # the same texts embedded, in the same order
+    hows = [m.how.split()[0] for m in after.values()]
+    assert hows.count("cosine") >= 5 and len(hows) - hows.count("cosine") >= 5, hows
+    assert len(asked[0]) > 7 * 3  # several blocks

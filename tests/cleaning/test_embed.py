@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ground import progress
 from ground.compute import bf16_supported
+from ground.faults import ENV
 from ground.settings import CleanSettings
-from storage.corpus import CleanStore
+from storage import embedding_cache
+from storage.atomic import remove_stale_temps
+from storage.corpus import CleanStore, text_hash
 from storage.schemas import EMBEDDING_CACHE_SCHEMA
+from storage.vector_files import SEGMENT_POINT
+from tasks.cleaning import embed as embed_module
 from tasks.cleaning.embed import (
     EmbeddingCache,
     OpenAIEmbedder,
     SentenceTransformerEmbedder,
+    embed_for_ranking,
     encode_cached,
+    encode_to_file,
+    file_encoder,
     make_embedder,
     query_text,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_vector(text: str, dim: int = 8) -> np.ndarray:
@@ -78,40 +94,145 @@ def test_cache_embeds_each_text_once_and_keeps_order(tmp_path):
         first = encode_cached(texts, emb, EmbeddingCache(directory))
     finally:
         remove()
-    assert sorted(emb.embedded) == ["a", "b", "c"]  # duplicates embedded once
+    assert emb.embedded == ["b", "a", "c"]  # duplicates embedded once, in order of first occurrence
     assert recorder.total == {"embed": 3} and recorder.done == {"embed": 3}
     assert first.dtype == np.float32 and first.shape == (6, 8)
     np.testing.assert_array_equal(first, np.stack([fake_vector(t) for t in texts]))
-    shards = sorted(directory.glob("*.parquet"))
-    assert len(shards) == 1
-    table = pq.read_table(shards[0])
-    assert table.schema.equals(EMBEDDING_CACHE_SCHEMA, check_metadata=False)
-    assert table.num_rows == 3
+    assert len(list(directory.glob("*.vec"))) == 1
 
-    # a re-run, in a fresh cache object reading the shards back, embeds nothing and writes nothing
+    # a re-run, in a fresh cache object mapping the segments, embeds nothing and writes nothing
     emb2 = CountingEmbedder()
     again = encode_cached(list(reversed(texts)), emb2, EmbeddingCache(directory))
     assert emb2.calls == []
     np.testing.assert_array_equal(again, first[::-1])
-    assert len(sorted(directory.glob("*.parquet"))) == 1
+    assert len(list(directory.glob("*.vec"))) == 1
 
-    # partly new texts: only those are embedded, in one new shard, in small encode chunks
+    # partly new texts: only those are embedded, in one new segment, in small encode chunks
     emb3 = CountingEmbedder()
     cache = EmbeddingCache(directory)
     mixed = encode_cached(["d", "a", "e", "f", "d", "g", "h"], emb3, cache, chunk_size=2)
-    assert sorted(emb3.embedded) == ["d", "e", "f", "g", "h"]
+    assert emb3.embedded == ["d", "e", "f", "g", "h"]
     assert max(len(c) for c in emb3.calls) == 2
-    assert len(sorted(directory.glob("*.parquet"))) == 2
+    assert len(list(directory.glob("*.vec"))) == 2
     np.testing.assert_array_equal(mixed[1], first[1])
     np.testing.assert_array_equal(mixed[0], mixed[4])
     assert len(cache) == 8 and len(EmbeddingCache(directory)) == 8
+    assert text_hash("h") in cache and text_hash("z") not in cache
+
+
+def test_cache_blocks_and_file_output_equal_the_in_memory_vectors(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding_cache, "BLOCK", 4)  # several blocks, each its own segment
+    texts = [f"t{i % 7}" for i in range(19)]
+    emb = CountingEmbedder()
+    matrix = encode_to_file(texts, emb, EmbeddingCache(tmp_path / "emb"), tmp_path / "out.npy")
+    assert isinstance(matrix, np.memmap) and not matrix.flags.writeable
+    np.testing.assert_array_equal(matrix, np.stack([fake_vector(t) for t in texts]))
+    assert sorted(emb.embedded) == [f"t{i}" for i in range(7)]  # a text of an earlier block is not embedded again
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), matrix)  # a plain .npy file
+    emb2 = CountingEmbedder()
+    np.testing.assert_array_equal(encode_cached(texts, emb2, EmbeddingCache(tmp_path / "emb")), matrix)
+    assert emb2.calls == []
+    assert encode_to_file([], emb2, EmbeddingCache(tmp_path / "emb"), tmp_path / "none.npy").shape == (0, 8)
+
+
+def test_a_torn_segment_is_skipped_and_its_texts_embedded_again(tmp_path, caplog):
+    directory = tmp_path / "emb"
+    encode_cached(["a", "b"], CountingEmbedder(), EmbeddingCache(directory))
+    encode_cached(["c", "d"], CountingEmbedder(), EmbeddingCache(directory))
+    segments = sorted(directory.glob("*.vec"))
+    data = segments[1].read_bytes()
+    segments[1].write_bytes(data[: len(data) - 20])  # a partial file under the final name
+    (directory / "garbage.vec").write_bytes(b"EFVEC0")
+    emb = CountingEmbedder()
+    with caplog.at_level("WARNING"):
+        vectors = encode_cached(["a", "b", "c", "d"], emb, EmbeddingCache(directory))
+    assert sorted(emb.embedded) == ["c", "d"]
+    np.testing.assert_array_equal(vectors, np.stack([fake_vector(t) for t in "abcd"]))
+    assert sum("torn embedding segment" in r.message for r in caplog.records) == 2
+
+
+def test_a_writer_killed_before_the_rename_leaves_no_segment(tmp_path):
+    """kill -9 (ground/faults.py) after the second segment's temp file is written, before its rename."""
+    script = (
+        "import sys; sys.path.insert(0, 'tests/cleaning'); sys.path.insert(0, '.');"
+        "from test_embed import CountingEmbedder; from storage import embedding_cache as c;"
+        "c.BLOCK = 2; c.encode_cached(['a', 'b', 'c', 'd'], CountingEmbedder(), c.EmbeddingCache(sys.argv[1]))"
+    )
+    env = {**os.environ, ENV: f"{SEGMENT_POINT}:2"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "emb")], env=env, cwd=ROOT, check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert len(list((tmp_path / "emb").glob("*.vec"))) == 1 and len(list((tmp_path / "emb").glob(".*"))) == 1
+    emb = CountingEmbedder()
+    vectors = encode_cached(["a", "b", "c", "d"], emb, EmbeddingCache(tmp_path / "emb"))
+    assert emb.embedded == ["c", "d"]
+    np.testing.assert_array_equal(vectors, np.stack([fake_vector(t) for t in "abcd"]))
+    assert remove_stale_temps(tmp_path / "emb") == 1
+
+
+def test_an_old_parquet_cache_is_migrated_once(tmp_path, caplog):
+    directory = tmp_path / "emb"
+    directory.mkdir()
+    hashes = [text_hash(t) for t in "xyz"]
+    vectors = np.stack([fake_vector(t) for t in "xyz"])
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8).cast(pa.list_(pa.float32()))
+    pq.write_table(
+        pa.Table.from_arrays([pa.array(hashes), column], schema=EMBEDDING_CACHE_SCHEMA), directory / "old.parquet"
+    )
+    emb = CountingEmbedder()
+    with caplog.at_level("INFO"):
+        got = encode_cached(["z", "w", "x"], emb, EmbeddingCache(directory))
+    assert emb.embedded == ["w"]
+    np.testing.assert_array_equal(got, np.stack([fake_vector(t) for t in "zwx"]))
+    assert (directory / "legacy-old.vec").exists() and any("migrated" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert len(EmbeddingCache(directory)) == 4
+    assert not any("migrated" in r.message for r in caplog.records)
+
+
+def test_ranking_vectors_are_memory_mapped_and_keep_the_corpus_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(embed_module, "BLOCK", 2)  # blocks of two rows: ids and files built across blocks
+    rows = pa.table(
+        {
+            "instruction": ["Find it.", None, "Find it.", "", "Match."],
+            "query": ["q1", "q2", "q3", "q1", "q5"],
+            "positive": ["p1", "p2", "p1", "n1", "p5"],  # n1: a negative of row 0, positive of row 3
+            "negative": ["n1", None, "", "n2", "p2"],
+        }
+    )
+    positives, negatives = rows["positive"].to_pylist(), [n for n in rows["negative"].to_pylist() if n]
+    corpus = list(dict.fromkeys(positives + negatives))  # the order before streaming: positives, then negatives
+    assert corpus == ["p1", "p2", "n1", "p5", "n2"]
+    store = CleanStore(tmp_path, "c1")
+    emb = CountingEmbedder()
+    vectors = embed_for_ranking(rows, CleanSettings(), store, emb)
+    texts = vectors.corpus_texts
+    assert texts.take(pa.array(np.arange(len(texts)))).to_pylist() == corpus
+    assert texts.array.type == pa.large_string() and list(texts) == corpus and texts[2] == "n1"
+    assert vectors.positive_idx.dtype == np.int64 and vectors.positive_idx.tolist() == [0, 1, 0, 2, 3]
+    queries = [
+        query_text(i, q) for i, q in zip(rows["instruction"].to_pylist(), rows["query"].to_pylist(), strict=True)
+    ]
+    for matrix, expected in ((vectors.query_vecs, queries), (vectors.corpus_vecs, corpus)):
+        assert isinstance(matrix, np.memmap) and matrix.dtype == np.float32 and not matrix.flags.writeable
+        np.testing.assert_array_equal(matrix, np.stack([fake_vector(t) for t in expected]))
+    assert sorted(emb.embedded) == sorted(set(queries) | set(corpus))  # each text once
+    assert (store.root / "ranking" / "corpus.npy").exists()
+
+    streamed = embed_for_ranking(iter(rows.to_batches(max_chunksize=3)), CleanSettings(), store, CountingEmbedder())
+    assert list(streamed.corpus_texts) == corpus
+    np.testing.assert_array_equal(streamed.positive_idx, vectors.positive_idx)
+    np.testing.assert_array_equal(streamed.corpus_vecs, vectors.corpus_vecs)
+    assert not list((store.root / "ranking").glob("negatives*"))  # the spool is gone
 
 
 def test_cache_rejects_vectors_of_another_dimension(tmp_path):
     cache = EmbeddingCache(tmp_path / "emb")
-    cache.add(["h1"], np.ones((1, 4), np.float32))
+    cache.add([text_hash("1")], np.ones((1, 4), np.float32))
     with pytest.raises(Exception, match="dimension"):
-        cache.add(["h2"], np.ones((1, 5), np.float32))
+        cache.add([text_hash("2")], np.ones((1, 5), np.float32))
+    with pytest.raises(ValueError, match="text_hash"):
+        cache.add(["h2"], np.ones((1, 4), np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +325,14 @@ def test_openai_embedder_against_a_local_server():
 def test_make_embedder_openai_needs_url_and_model():
     with pytest.raises(ValueError, match="embedding_base_url"):
         make_embedder(CleanSettings(embedder="openai"))
+
+
+def test_file_encoder_returns_memory_mapped_vectors_of_the_clean_run(tmp_path):
+    store = CleanStore(tmp_path, "c1")
+    emb = CountingEmbedder()
+    encode = file_encoder(emb, store, "decontaminate")
+    vectors = encode(["x", "y", "x"])
+    assert isinstance(vectors, np.memmap) and (store.root / "ranking" / "decontaminate.npy").exists()
+    np.testing.assert_array_equal(vectors, np.stack([fake_vector(t) for t in "xyx"]))
+    np.testing.assert_array_equal(encode(["y"]), vectors[1:2])  # from the cache
+    assert emb.embedded == ["x", "y"]

@@ -344,6 +344,8 @@ def clean_snapshot(data_dir: Path, clean_id: str) -> dict[str, str]:
         rel = path.relative_to(root).as_posix()
         if not path.is_file() or path.name.startswith(".") or path.name == "report.html":
             continue
+        if rel.startswith("ranking/"):  # the ranking step's memory-mapped scratch files, not a result
+            continue
         if path.suffix == ".parquet":
             out[rel] = table_digest(path)
         elif path.name == "README.md":

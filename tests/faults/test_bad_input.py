@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import RUN_ID, clean_args, run_args, temp_files
+from conftest import RUN_ID, clean_args, clean_snapshot, run_args, temp_files
 
 
 def _files(root: Path) -> dict[str, str]:
@@ -252,19 +252,14 @@ def test_damaged_run_file(name, store_copy, forks, fault_env, tmp_path, fault_su
     fault_summary["bad inputs"]["damaged run files"] += 1
 
 
-@pytest.mark.parametrize("target", ["mined.parquet", "embedding cache"])
-def test_damaged_clean_file(target, clean_reference, forks, fault_env, tmp_path, fault_summary):
+def test_damaged_clean_file(clean_reference, forks, fault_env, tmp_path, fault_summary):
     data = tmp_path / "data"
     shutil.copytree(clean_reference[0], data, ignore=shutil.ignore_patterns("prefect", "catalog.duckdb*"))
-    if target == "mined.parquet":
-        path, clean_id, needle = data / "clean" / RUN_ID / "mined.parquet", RUN_ID, "unreadable Parquet"
-    else:  # a new clean id must embed, and reads the cache
-        path = sorted((data / "embeddings").rglob("*.parquet"))[0]
-        clean_id, needle = "again", "unreadable embedding cache shard"
+    path, clean_id = data / "clean" / RUN_ID / "mined.parquet", RUN_ID
     _truncate(path)
     before = _files(data)
     child = forks.spawn(clean_args(clean_id), fault_env(data), tmp_path, tmp_path / "logs", "clean")
-    assert_one_clear_error(child, 1, str(path), needle)
+    assert_one_clear_error(child, 1, str(path), "unreadable Parquet")
     after = _files(data)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     # a resumed clean may have rewritten its export (same content) before reading mined; a new clean id
@@ -272,6 +267,23 @@ def test_damaged_clean_file(target, clean_reference, forks, fault_env, tmp_path,
     assert all(k.startswith(f"clean/{clean_id}/") for k in changed), changed
     assert not temp_files(data)
     fault_summary["bad inputs"]["damaged clean files"] += 1
+
+
+def test_a_torn_embedding_segment_is_skipped_and_embedded_again(clean_reference, forks, fault_env, tmp_path):
+    """A cache segment cut short (a disk that lost its tail) is never read as vectors: a new clean id logs
+    it, embeds its texts again into a new segment, and exports what the reference run exported."""
+    data = tmp_path / "data"
+    shutil.copytree(clean_reference[0], data, ignore=shutil.ignore_patterns("prefect", "catalog.duckdb*"))
+    segments = sorted((data / "embeddings").rglob("*.vec"))
+    path = max(segments, key=lambda p: p.stat().st_size)
+    _truncate(path)
+    child = forks.spawn(clean_args("again"), fault_env(data), tmp_path, tmp_path / "logs", "clean")
+    assert child.wait() == 0, child.output[-4000:]
+    assert "torn embedding segment" in child.output and str(path) in child.output, child.output[-4000:]
+    assert len(sorted((data / "embeddings").rglob("*.vec"))) == len(segments) + 1
+    want = {k: v for k, v in clean_reference[1].items() if k.startswith("export/")}
+    assert {k: v for k, v in clean_snapshot(data, "again").items() if k.startswith("export/")} == want
+    assert not temp_files(data)
 
 
 # --- the LLM endpoint ------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def child(part: str, side: str, rows_path: Path, work: Path, limit: int) -> dict
         result = json.dumps(sorted((row, m.field, m.eval_id, m.how) for row, m in found.items())).encode()
         check, detail = digest([result]), f"{len(found)} rows matched"
     else:
-        texts = vectors.corpus_texts.array if side != "before" else pa.array(corpus, pa.large_string())
+        texts = vectors.corpus_texts if side != "before" else pa.array(corpus, pa.large_string())
         blocks = (texts.slice(i, 65536).to_pylist() for i in range(0, len(texts), 65536))
         parts = [json.dumps(block).encode() for block in blocks]
         detail = f"corpus {len(corpus_vecs)}"

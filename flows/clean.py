@@ -44,13 +44,14 @@ from storage.stage_io import BATCH_ROWS, empty_table, open_parquet
 from storage.stages import CLEAN_STAGES, STAGE_TABLES, enabled_stages, final_table, table_before
 from tasks.cleaning.decontaminate import Decontaminate
 from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
-from tasks.cleaning.embed import EmbeddingCache, embed_for_ranking, encode_cached, make_embedder
+from tasks.cleaning.embed import embed_for_ranking, file_encoder, make_embedder
 from tasks.cleaning.export import BATCH_ROWS as EXPORT_BATCH_ROWS
 from tasks.cleaning.export import EXPORT_COLUMNS, KEY_COLUMNS, ExportRows, export_corpus, write_dataset_card
 from tasks.cleaning.judge import judge_corpus
 from tasks.cleaning.negatives import BLOCK_ROWS, filter_and_mine_block, filter_and_mine_blocks
 from tasks.cleaning.publish import publish_dataset
 from tasks.cleaning.report import write_report
+from tasks.cleaning.search import SplitCursor, iter_split, result_width
 from tasks.cleaning.stage import Stage
 from tasks.cleaning.validate import validate_examples
 
@@ -236,10 +237,9 @@ class DecontaminateStep(Step):
     def run(self, ctx, reads, laps):
         stage = None
         if ctx.cfg.decontaminate:
-            embedder = ctx.embedder  # the ranking's embedder and cache: the positives are embedded once
-            cache = EmbeddingCache(ctx.store.embeddings_dir(embedder.model_key))
+            # the ranking's embedder and cache (the positives are embedded once), vectors memory-mapped
             eval_texts = gather_eval_texts(ctx.settings)
-            stage = Decontaminate(eval_texts, ctx.cfg, lambda texts: encode_cached(texts, embedder, cache))
+            stage = Decontaminate(eval_texts, ctx.cfg, file_encoder(ctx.embedder, ctx.store, "decontaminate"))
             get_run_logger().info("decontaminate: %d eval texts", len(eval_texts))
         yield from streamed(stage, "decontaminated", ctx.batches(reads, stage.batch_rows if stage else None))
 
@@ -255,8 +255,15 @@ class RankFilterAndMine(Step):
         vectors = embed(ctx.store.read_columns(reads, EMBED_COLUMNS), ctx.cfg, ctx.store, ctx.embedder)
         laps.lap("embed")
         blocks = ctx.batches(reads, ctx.block_rows)
-        for filtered, mined in filter_and_mine_blocks(blocks, vectors, ctx.cfg, rank_filter_and_mine):
+        searched = None
+        if ctx.cfg.search_blocks > 1:  # the search's query blocks on the runner's workers (from the flow body)
+            split = iter_split(
+                vectors.corpus_vecs, vectors.query_vecs, result_width(ctx.cfg), ctx.cfg, runner=ctx.runner
+            )
+            searched = SplitCursor(split)
+        for filtered, mined in filter_and_mine_blocks(blocks, vectors, ctx.cfg, rank_filter_and_mine, searched):
             yield {"filtered": filtered, "mined": mined}
+        ctx.store.remove_ranking_files()  # the vectors are in the embedding cache; a resume rebuilds them
 
 
 class Judge(Step):

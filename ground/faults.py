@@ -12,7 +12,8 @@ Points: ``parquet.tmp`` / ``bytes.tmp`` (a temp file written and fsynced, not ye
 ``shard.rejects`` / ``shard.data`` / ``shard.manifest`` (the three steps of a shard commit),
 ``stage.dropped`` / ``stage.table`` (the two steps of a clean stage's commit), ``stage.batch`` (a part of a
 clean stage appended to its writers, not committed: inside a streamed stage), ``dedup.done``,
-``export.part`` (between the renames of the export files), ``export.card``, ``catalog.refreshed``.
+``export.part`` (between the renames of the export files), ``export.card``, ``catalog.refreshed``,
+``embedding.segment`` (an embedding-cache segment written, not yet renamed).
 """
 
 from __future__ import annotations

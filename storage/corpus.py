@@ -15,7 +15,8 @@ Layout of ``<data_dir>/clean/<clean_id>/``::
     report.html
     ledger.parquet           cost ledger per task type (clean writes it, the fine-tune completes it)
 
-and ``<data_dir>/embeddings/<model_key>/*.parquet`` caches vectors by text hash across runs.
+and ``<data_dir>/embeddings/<model_key>/*.vec`` caches vectors by text hash across runs
+(``storage/embedding_cache.py``); ``ranking/`` holds the ranking's memory-mapped working files until mined.
 Every stage table is written atomically; a stage whose table exists is not recomputed.
 ``data_dir`` may be an ``s3://`` path (``storage/location.py``); the export is then written to a
 local staging folder (the exporters stream into local files) and uploaded by :meth:`CleanStore.upload_export`.
@@ -27,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from storage.schemas import DROPPED_SCHEMA, JUDGED_SCHEMA, KALM_SCHEMA, st_schem
 from storage.shards import folder_lock, read_parquet_checked
 from storage.stage_io import BATCH_ROWS, StageWriter, iter_table, open_parquet
 from storage.stages import STAGE_TABLES
+from storage.vector_files import work_dir
 
 #: fault point between the renames of the export's training files
 EXPORT_POINT = "export.part"
@@ -290,6 +293,10 @@ class CleanStore:
     def embeddings_dir(self, model_key: str) -> StorePath:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
         return self.data_dir / "embeddings" / safe
+
+    def remove_ranking_files(self) -> None:
+        """The ranking's memory-mapped working files (vectors, corpus texts: GBs at 550k rows) go once mined."""
+        shutil.rmtree(work_dir(self.root, "ranking"), ignore_errors=True)
 
 
 def mirror_exports(data_dir: StorePath | str, local_dir: Path) -> list[str]:

@@ -38,7 +38,6 @@ from storage.vector_files import DigestIndex, MatrixWriter, TextSpool, TextWrite
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "ENCODE_CHUNK",
-    "CorpusTexts",
     "Embedder",
     "EmbeddingCache",
     "OpenAIEmbedder",
@@ -73,29 +72,6 @@ def file_encoder(embedder: Embedder, store: CleanStore, name: str) -> Callable[[
 
 
 # --- the vectors of a clean run's ranking stages -----------------------------------------------
-class CorpusTexts:
-    """The corpus texts of a clean run: a large_string Arrow array, memory-mapped from the run's folder.
-
-    Read them with ``take(pa.array(ids))``; ``texts[i]`` (a str) and iteration serve older callers.
-    """
-
-    def __init__(self, array: pa.Array):
-        self.array = array
-
-    def take(self, ids: pa.Array | np.ndarray) -> pa.Array:
-        return self.array.take(ids)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, i: int) -> str:
-        return self.array[i].as_py()
-
-    def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self.array), BLOCK):
-            yield from self.array.slice(start, BLOCK).to_pylist()
-
-
 @dataclass(frozen=True)
 class RankingVectors:
     """What the rank filter and negative mining share, embedded once per clean run.
@@ -104,7 +80,8 @@ class RankingVectors:
     """
 
     query_vecs: np.ndarray  # (rows, dim): each row's instructed query (:func:`query_text`)
-    corpus_texts: CorpusTexts  # the corpus: unique positives, then unique negatives, first occurrence first
+    #: the corpus (large_string, memory-mapped): unique positives, then unique negatives, first occurrence first
+    corpus_texts: pa.Array
     corpus_vecs: np.ndarray  # (corpus, dim)
     positive_idx: np.ndarray  # (rows,) int64: each row's positive in the corpus
 
@@ -179,7 +156,7 @@ def embed_for_ranking(
         dimension = cache.dimension or 0
         return RankingVectors(
             query_vecs=queries.close(dimension),
-            corpus_texts=CorpusTexts(corpus.texts.close()),
+            corpus_texts=corpus.texts.close(),
             corpus_vecs=corpus.vectors.close(dimension),
             positive_idx=np.concatenate(positive_idx) if positive_idx else np.zeros(0, np.int64),
         )

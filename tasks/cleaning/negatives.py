@@ -50,7 +50,7 @@ from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.embed import RankingVectors
 from tasks.cleaning.rank_filter import rank_filter
-from tasks.cleaning.search import Index, build_index
+from tasks.cleaning.search import Index, SplitCursor, build_index
 
 #: cosine with the positive at or above which a candidate counts as a near-duplicate of it
 STAGE = "negatives"
@@ -360,27 +360,32 @@ class Ranking:
 
     vectors: RankingVectors
     corpus_texts: pa.Array | pa.ChunkedArray
-    index: Index
+    index: Index | None  # None: the blocks' searches come from the split search (``found``)
     corpus_group: np.ndarray | None
     distinct_keys: pa.Array | None
 
     @classmethod
-    def build(cls, vectors: RankingVectors, cfg: CleanSettings) -> Ranking:
+    def build(cls, vectors: RankingVectors, cfg: CleanSettings, index: bool = True) -> Ranking:
         texts = as_texts(vectors.corpus_texts)
         group, distinct = corpus_groups(texts) if cfg.negatives_per_query > 0 else (None, None)
-        return cls(vectors, texts, build_index(vectors.corpus_vecs, cfg), group, distinct)
+        return cls(vectors, texts, build_index(vectors.corpus_vecs, cfg) if index else None, group, distinct)
 
 
 def filter_and_mine_block(
-    start: int, rows: pa.Table, ranking: Ranking, cfg: CleanSettings
+    start: int,
+    rows: pa.Table,
+    ranking: Ranking,
+    cfg: CleanSettings,
+    found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[StageResult, StageResult]:
-    """The rank filter and mining of input rows ``start .. start + len(rows)``: one search of their queries,
-    the filter, then mining on the rows it kept. Rows are decided alone (mining is seeded per row), so
-    the blocks of a table, concatenated, are the table's result whatever their size."""
+    """The rank filter and mining of input rows ``start .. start + len(rows)``: one search of their queries
+    (or its results, ``found``, from the split search), the filter, then mining on the rows it kept. Rows
+    are decided alone (mining is seeded per row), so the blocks of a table, concatenated, are the table's
+    result whatever their size."""
     vectors, end = ranking.vectors, start + rows.num_rows
     positive_idx = np.asarray(vectors.positive_idx[start:end], dtype=np.int64)
     filtered, search = rank_filter(
-        rows, vectors.query_vecs[start:end], vectors.corpus_vecs, positive_idx, cfg, ranking.index
+        rows, vectors.query_vecs[start:end], vectors.corpus_vecs, positive_idx, cfg, ranking.index, found
     )
     groups = None
     if ranking.corpus_group is not None:
@@ -401,20 +406,27 @@ def filter_and_mine_block(
 
 
 #: what maps a block: :func:`filter_and_mine_block` itself, or a wrapper of it (a Prefect task)
-BlockRunner = Callable[[int, pa.Table, Ranking, CleanSettings], tuple[StageResult, StageResult]]
+BlockRunner = Callable[..., tuple[StageResult, StageResult]]
 
 
 def filter_and_mine_blocks(
-    blocks: Iterable[pa.Table], vectors: RankingVectors, cfg: CleanSettings, run_block: BlockRunner | None = None
+    blocks: Iterable[pa.Table],
+    vectors: RankingVectors,
+    cfg: CleanSettings,
+    run_block: BlockRunner | None = None,
+    searched: SplitCursor | None = None,
 ) -> Iterator[tuple[StageResult, StageResult]]:
     """(filtered, mined) of each block of the input rows, in row order (``blocks``: consecutive, covering the
-    rows ``vectors`` were embedded from; at least one, empty for no rows)."""
-    ranking = Ranking.build(vectors, cfg)
+    rows ``vectors`` were embedded from; at least one, empty for no rows). ``searched``: the split search's
+    results (``tasks.cleaning.search.SplitCursor``), so no block searches an index of its own."""
+    ranking = Ranking.build(vectors, cfg, index=searched is None)
     run_block = run_block or filter_and_mine_block
     start = 0
     for rows in blocks:
-        yield run_block(start, rows, ranking, cfg)
-        start += rows.num_rows
+        end = start + rows.num_rows
+        found = searched.take(start, end) if searched is not None and end > start else None
+        yield run_block(start, rows, ranking, cfg, found)
+        start = end
     if start != len(vectors.query_vecs):
         raise ValueError(f"{start} rows but {len(vectors.query_vecs)} query vectors")
 

@@ -128,8 +128,12 @@ def rank_filter(
     positive_idx: np.ndarray,
     cfg: CleanSettings,
     index: Index | None = None,
+    found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[StageResult, SearchResults]:
     """Keep rows whose positive ranks within ``cfg.rank_top_k``; return the stage result and the search.
+
+    ``found``: the ``(scores, ids)`` of these queries' search when it already ran elsewhere (the split
+    search on the task runner's workers, ``tasks.cleaning.search.split``); else ``index`` is searched.
 
     ``query_vecs[i]`` is row i's instructed query vector, ``positive_idx[i]`` the corpus id of its
     positive, ``corpus_vecs`` the corpus (the index's vectors; one is built when ``index`` is None).
@@ -144,10 +148,14 @@ def rank_filter(
         raise ValueError(f"{n} rows but {len(query_vecs)} query vectors and {len(positive_idx)} positive ids")
     if n and (positive_idx.min() < 0 or positive_idx.max() >= len(corpus_vecs)):
         raise ValueError("positive_idx holds ids outside the corpus")
-    if index is None:
-        index = build_index(corpus_vecs, cfg)
     k = cfg.rank_top_k
-    ids, scores = search(index, query_vecs, result_width(cfg))
+    if found is not None:
+        scores, ids = found
+        if ids.shape != (n, result_width(cfg)) or scores.shape != ids.shape:
+            raise ValueError(f"search results of shape {ids.shape} for {n} rows, top {result_width(cfg)}")
+    else:
+        index = index if index is not None else build_index(corpus_vecs, cfg)
+        ids, scores = search(index, query_vecs, result_width(cfg))
     exact = exact_positive_scores(query_vecs, corpus_vecs, positive_idx)
     ranks, pos_scores = ranks_from_results(ids, scores, positive_idx, exact)
     width = ids.shape[1]

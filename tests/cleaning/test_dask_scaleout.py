@@ -137,12 +137,15 @@ def test_clean_flow_on_dask_equals_threads(prefect_api_url, data_dir, monkeypatc
     ):
         monkeypatch.setenv("EMBED_FACTORY_CLEAN__TASK_RUNNER", "dask")
         monkeypatch.setenv("EMBED_FACTORY_CLEAN__DASK_ADDRESS", cluster.scheduler_address)
+        monkeypatch.setenv("EMBED_FACTORY_CLEAN__SEARCH_BLOCKS", "2")  # the search on the workers too
         with distributed.get_task_stream(client=client) as stream:  # every task the scheduler ran meanwhile
             on_dask = clean(clean_id="c-dask")
 
-    # the cluster ran every mapped task: 4 shard validations and near-dedup of 2 task types, on both workers
+    # the cluster ran every mapped task: 4 shard validations, near-dedup of 2 task types and the search's one
+    # query block (30 queries are one block: blocks are whole search batches), on both workers
     ran = [(key_split(t["key"]), t["worker"]) for t in stream.data if t["status"] == "OK"]
-    assert sorted(name for name, _ in ran) == ["dedup_near"] * 2 + ["validate_shard"] * 4, ran
+    expected = ["dedup_near"] * 2 + ["search_query_block"] + ["validate_shard"] * 4
+    assert sorted(name for name, _ in ran) == expected, ran
     assert len({worker for _, worker in ran}) == 2, ran
 
     assert on_dask["counts"] == threads["counts"] and on_dask["dropped"] == threads["dropped"]

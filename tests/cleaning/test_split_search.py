@@ -17,7 +17,7 @@ import pytest
 
 from ground.settings import CleanSettings
 from tasks.cleaning.rank_filter import exact_positive_scores, ranks_from_results
-from tasks.cleaning.search import BlockResult, build_index, iter_split, merge_blocks, search, search_split
+from tasks.cleaning.search import BlockResult, SplitCursor, build_index, iter_split, merge_blocks, search, search_split
 from tasks.cleaning.search.constants import MISSING_SCORE, SEARCH_BATCH
 from tasks.cleaning.search.split import block_device, query_blocks
 
@@ -70,6 +70,22 @@ def test_merge_places_uneven_blocks_in_query_order_and_refuses_gaps_and_overlaps
         merge_blocks([BlockResult(10, scores[:2], ids[:2])], 11, 3)
     with pytest.raises(ValueError, match="expected"):
         merge_blocks([BlockResult(0, scores[:, :2], ids[:, :2])], 11, 3)
+
+
+def test_cursor_reads_split_blocks_back_as_the_filters_row_ranges():
+    rng = np.random.default_rng(1)
+    scores, ids = rng.standard_normal((23, 4)).astype(np.float32), rng.integers(0, 99, (23, 4))
+    parts = [BlockResult(a, scores[a:b], ids[a:b]) for a, b in [(0, 5), (5, 6), (6, 17), (17, 23)]]
+    cursor = SplitCursor(parts)
+    for a, b in [(0, 3), (3, 9), (9, 10), (10, 23)]:  # ranges that straddle, sit inside and end on blocks
+        got_scores, got_ids = cursor.take(a, b)
+        np.testing.assert_array_equal(got_scores, scores[a:b])
+        np.testing.assert_array_equal(got_ids, ids[a:b])
+    assert [p.start for p in cursor._held] == [6, 17], "only the blocks the last range spans are held"
+    with pytest.raises(ValueError, match="out of order"):
+        cursor.take(0, 2)
+    with pytest.raises(ValueError, match="ended before query row 30"):
+        SplitCursor(parts).take(20, 30)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "bf16", "torch"])

@@ -14,13 +14,14 @@ on a task runner's workers (same results); ``constants`` holds every constant.
 
 from tasks.cleaning.search.build import Backend, Index, as_matrix, build_index, result_width, search
 from tasks.cleaning.search.constants import MISSING_SCORE
-from tasks.cleaning.search.split import BlockResult, iter_split, merge_blocks, search_split
+from tasks.cleaning.search.split import BlockResult, SplitCursor, iter_split, merge_blocks, search_split
 
 __all__ = [
     "MISSING_SCORE",
     "Backend",
     "BlockResult",
     "Index",
+    "SplitCursor",
     "as_matrix",
     "build_index",
     "iter_split",

@@ -208,3 +208,30 @@ def search_split(
     width = max(0, min(int(k), _rows(corpus_vecs)))
     parts = iter_split(corpus_vecs, query_vecs, width, cfg, blocks, runner, backend, scratch)
     return merge_blocks(parts, _rows(query_vecs), width)
+
+
+class SplitCursor:
+    """The split search's blocks, read back as consecutive row ranges of any size (the rank filter's blocks):
+    ``take(start, stop)`` returns ``(scores, ids)`` of those queries; ranges must come in row order. Holds at
+    most the split blocks that the range spans."""
+
+    def __init__(self, parts: Iterable[BlockResult]):
+        self._parts = iter(parts)
+        self._held: list[BlockResult] = []
+
+    def take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if stop <= start:
+            raise ValueError(f"empty query range {start}..{stop}")
+        self._held = [p for p in self._held if p.start + len(p.ids) > start]  # blocks before the range go
+        while not self._held or self._held[-1].start + len(self._held[-1].ids) < stop:
+            part = next(self._parts, None)
+            if part is None:
+                raise ValueError(f"the split search ended before query row {stop}")
+            self._held.append(part)
+        if self._held[0].start > start:
+            raise ValueError(f"query rows {start}..{stop} asked for out of order")
+        pieces = [(p, max(start - p.start, 0), min(stop - p.start, len(p.ids))) for p in self._held]
+        pieces = [(p, a, z) for p, a, z in pieces if a < z]
+        scores = np.concatenate([p.scores[a:z] for p, a, z in pieces]) if pieces else np.zeros((0, 0), np.float32)
+        ids = np.concatenate([p.ids[a:z] for p, a, z in pieces]) if pieces else np.zeros((0, 0), np.int64)
+        return scores, ids

@@ -1,14 +1,20 @@
 """Flow ``generate``: personas → brainstormed unique instructions → example shards (orchestration only).
 
 The steps are in ``tasks/generation/rounds.py``; this module checks the run's settings against
-the ones it started with, runs the steps in order under the run's lock, and sums the run up.
+the ones it started with, runs the steps in order under the run's coordinator lock, and sums the run up.
 Re-running a run id resumes it: completed shards are skipped, the rest are (re)done.
+
+The personas and the brainstorm run here, once per run; the example shards run here too
+(``generation.task_runner = "inline"``) or on the workers of a Dask cluster (``"dask"``,
+``flows/runners.py``), each shard under its claim, with its own client over a share of ``llm.base_urls``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +24,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
 from flows.endpoints import degraded_warnings, publish_endpoints
+from flows.runners import run_windowed, shard_runner
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
@@ -31,9 +38,12 @@ from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
 from storage.location import data_root
 from storage.schemas import count_by_type
 from storage.shards import RunStore
+from tasks.generation.generate import ExampleShard
 from tasks.generation.intents import intent_summary
 from tasks.generation.rounds import (
     Brainstormed,
+    Execute,
+    OnShard,
     ShardTally,
     brainstorm_to_targets,
     example_targets,
@@ -41,6 +51,14 @@ from tasks.generation.rounds import (
     persona_pool,
 )
 from tasks.generation.usage import usage_by_type
+from tasks.generation.workers import (
+    ShardDone,
+    add_stats,
+    endpoint_share,
+    example_shard_worker_task,
+    merge_endpoints,
+    stats_counts,
+)
 
 
 class RunConfigMismatch(ValueError):
@@ -135,9 +153,13 @@ def rejects_by_reason(rejects: pa.Table, top: int = 3) -> str:
     return ", ".join(f"{reason!r} ×{n}" for reason, n in ranked) or "none"
 
 
+#: generation settings that say how a run is executed, not what it makes: a run may resume with others
+RUNTIME_ONLY = {"shards_in_flight", "task_runner", "workers", "dask_address"}
+
+
 def run_fingerprint(settings: Settings) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    generation = settings.generation.model_dump(exclude={"shards_in_flight"})
+    generation = settings.generation.model_dump(exclude=RUNTIME_ONLY)
     return {
         "generation": generation,
         "personas": settings.personas.model_dump(),
@@ -301,6 +323,39 @@ def write_run_ledger(settings: Settings, store: RunStore, elapsed_s: float) -> N
     )
 
 
+def on_workers(
+    runner: Any, settings: Settings, run_id: str, sampling: Sampling, stats: ClientStats, endpoints: list
+) -> Execute:
+    """Run a round's example shards as task runs on ``runner``'s workers; their client counters and endpoint rows
+    are added to ``stats`` and ``endpoints``."""
+    gen = settings.generation
+
+    async def execute(shards: Sequence[ExampleShard], on_shard: OnShard | None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_result(done: ShardDone) -> None:  # in run_windowed's thread
+            add_stats(stats, done.stats)
+            endpoints.extend(done.endpoints)
+            if done.record is not None and on_shard is not None:
+                loop.call_soon_threadsafe(on_shard, done.record)
+
+        urls = settings.llm_base_urls
+        parameters = (
+            {
+                "settings": settings,
+                "run_id": run_id,
+                "shard": shard,
+                "sampling": sampling,
+                "base_urls": endpoint_share(urls, i, gen.workers),
+            }
+            for i, shard in enumerate(shards)
+        )
+        window = gen.workers * gen.shards_in_flight
+        await asyncio.to_thread(run_windowed, runner, example_shard_worker_task, parameters, window, on_result)
+
+    return execute
+
+
 async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | None = None) -> GenerateSummary:
     """The body of the flow; callable directly (tests, CLI) inside a flow context.
 
@@ -335,15 +390,17 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
                 tracker.shard_committed,
                 instruction_encoder(settings),
             )
-            by_type = await examples_with_topups(
-                store,
-                gen,
-                brainstormed.instructions,
-                client,
-                Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings)),
-                tally,
-                tracker.shard_committed,
-            )
+            sampling = Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings))
+            worker_stats, worker_endpoints = ClientStats(), []
+            with shard_runner(gen) as runner:
+                execute = None
+                if runner is not None:
+                    get_run_logger().info("example shards on %s workers (%s)", gen.workers, gen.dask_address or "local")
+                    execute = on_workers(runner, settings, run_id, sampling, worker_stats, worker_endpoints)
+                by_type = await examples_with_topups(
+                    store, gen, brainstormed.instructions, client, sampling, tally, tracker.shard_committed, execute
+                )
+        add_stats(client.stats, stats_counts(worker_stats))
         summary = summarize(
             settings,
             store,
@@ -353,7 +410,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
             by_type=by_type,
             tally=tally,
             elapsed=time.monotonic() - started,
-            endpoints=client.router.report_rows(),
+            endpoints=merge_endpoints(client.router.report_rows() + worker_endpoints),
         )
         write_run_ledger(settings, store, summary.elapsed_s)
         publish_generate(store)  # the per-task-type table in the UI

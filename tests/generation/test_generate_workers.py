@@ -49,13 +49,14 @@ def snapshot(data: Path) -> dict[str, str]:
 
 @pytest.fixture
 def tiny_run(stub_llm_env, prefect_api_url, monkeypatch):
-    """Settings of a tiny run on the stub: 18 examples of 2 types, 2 per shard (5 example shards)."""
+    """Settings of a tiny run on the stub: 12 examples of 2 types, 2 per shard (6 example shards), text dedup."""
     for key, value in {
-        "GENERATION__EXAMPLES": "18",
+        "GENERATION__EXAMPLES": "12",
         "GENERATION__TASK_TYPES": '["retrieval", "sts"]',
         "GENERATION__SHARD_SIZE": "2",
         "GENERATION__SEED": "5",
-        "GENERATION__MAX_TOPUP_ROUNDS": "1",
+        "GENERATION__MAX_TOPUP_ROUNDS": "0",
+        "GENERATION__INTENT_THRESHOLD": "null",  # no embedding model to load: the subject is the shards
         "PERSONAS__LIMIT": "30",
         "LLM__MAX_RETRIES": "1",
         "CLEAN__CHECK_LANGUAGE": "false",
@@ -96,6 +97,7 @@ def cluster():
         distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster,
         distributed.Client(cluster) as client,
     ):
+        client.run(__import__, "tasks.generation.workers")  # the workers' imports, once per module, not per test
         yield cluster, client
 
 
@@ -109,7 +111,7 @@ def test_a_run_on_two_worker_processes_equals_the_single_process_run(tiny_run, c
         spread = _generate(tiny_run, tmp_path / "spread", local.scheduler_address)
     ran = [(key_split(t["key"]), t["worker"]) for t in stream.data if t["status"] == "OK"]
     shards = [k for k in snapshot(tmp_path / "single") if k.startswith("examples/")]
-    assert len(shards) >= 5 and sorted(n for n, _ in ran) == ["run_example_shard_on_worker"] * len(shards), ran
+    assert len(shards) == 6 and sorted(n for n, _ in ran) == ["run_example_shard_on_worker"] * len(shards), ran
     assert len({worker for _, worker in ran}) == 2, "both workers ran example shards"
 
     assert spread["examples_by_type"] == single["examples_by_type"] and spread["rejects"] == single["rejects"]

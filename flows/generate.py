@@ -11,10 +11,8 @@ The personas and the brainstorm run here, once per run; the example shards run h
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +22,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
 from flows.endpoints import degraded_warnings, publish_endpoints
-from flows.runners import run_windowed, shard_runner
+from flows.runners import on_workers, shard_runner
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
@@ -38,12 +36,9 @@ from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
 from storage.location import data_root
 from storage.schemas import count_by_type
 from storage.shards import RunStore
-from tasks.generation.generate import ExampleShard
 from tasks.generation.intents import intent_summary
 from tasks.generation.rounds import (
     Brainstormed,
-    Execute,
-    OnShard,
     ShardTally,
     brainstorm_to_targets,
     example_targets,
@@ -51,14 +46,7 @@ from tasks.generation.rounds import (
     persona_pool,
 )
 from tasks.generation.usage import usage_by_type
-from tasks.generation.workers import (
-    ShardDone,
-    add_stats,
-    endpoint_share,
-    example_shard_worker_task,
-    merge_endpoints,
-    stats_counts,
-)
+from tasks.generation.workers import add_stats, merge_endpoints, stats_counts
 
 
 class RunConfigMismatch(ValueError):
@@ -321,39 +309,6 @@ def write_run_ledger(settings: Settings, store: RunStore, elapsed_s: float) -> N
         len(rows),
         store.ledger_path,
     )
-
-
-def on_workers(
-    runner: Any, settings: Settings, run_id: str, sampling: Sampling, stats: ClientStats, endpoints: list
-) -> Execute:
-    """Run a round's example shards as task runs on ``runner``'s workers; their client counters and endpoint rows
-    are added to ``stats`` and ``endpoints``."""
-    gen = settings.generation
-
-    async def execute(shards: Sequence[ExampleShard], on_shard: OnShard | None) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_result(done: ShardDone) -> None:  # in run_windowed's thread
-            add_stats(stats, done.stats)
-            endpoints.extend(done.endpoints)
-            if done.record is not None and on_shard is not None:
-                loop.call_soon_threadsafe(on_shard, done.record)
-
-        urls = settings.llm_base_urls
-        parameters = (
-            {
-                "settings": settings,
-                "run_id": run_id,
-                "shard": shard,
-                "sampling": sampling,
-                "base_urls": endpoint_share(urls, i, gen.workers),
-            }
-            for i, shard in enumerate(shards)
-        )
-        window = gen.workers * gen.shards_in_flight
-        await asyncio.to_thread(run_windowed, runner, example_shard_worker_task, parameters, window, on_result)
-
-    return execute
 
 
 async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | None = None) -> GenerateSummary:

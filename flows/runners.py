@@ -19,14 +19,19 @@ else a ``LocalCluster`` of ``generation.workers`` processes), a window of them a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 
-from ground.settings import CleanSettings, GenerationSettings
+from ground.settings import CleanSettings, GenerationSettings, Settings
+from llm.client import ClientStats, Sampling
+from tasks.generation.generate import ExampleShard
+from tasks.generation.rounds import Execute, OnShard
+from tasks.generation.workers import ShardDone, add_stats, endpoint_share, example_shard_worker_task
 
 
 @contextlib.contextmanager
@@ -100,3 +105,36 @@ def run_windowed(
             done.add(nxt)
     if errors:
         raise errors[0]
+
+
+def on_workers(
+    runner: Any, settings: Settings, run_id: str, sampling: Sampling, stats: ClientStats, endpoints: list
+) -> Execute:
+    """Run a round's example shards as task runs on ``runner``'s workers; their client counters and endpoint rows
+    are added to ``stats`` and ``endpoints``."""
+    gen = settings.generation
+
+    async def execute(shards: Sequence[ExampleShard], on_shard: OnShard | None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_result(done: ShardDone) -> None:  # in run_windowed's thread
+            add_stats(stats, done.stats)
+            endpoints.extend(done.endpoints)
+            if done.record is not None and on_shard is not None:
+                loop.call_soon_threadsafe(on_shard, done.record)
+
+        urls = settings.llm_base_urls
+        parameters = (
+            {
+                "settings": settings,
+                "run_id": run_id,
+                "shard": shard,
+                "sampling": sampling,
+                "base_urls": endpoint_share(urls, i, gen.workers),
+            }
+            for i, shard in enumerate(shards)
+        )
+        window = gen.workers * gen.shards_in_flight
+        await asyncio.to_thread(run_windowed, runner, example_shard_worker_task, parameters, window, on_result)
+
+    return execute

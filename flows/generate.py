@@ -1,8 +1,12 @@
 """Flow ``generate``: personas → brainstormed unique instructions → example shards (orchestration only).
 
 The steps are in ``tasks/generation/rounds.py``; this module checks the run's settings against
-the ones it started with, runs the steps in order under the run's lock, and sums the run up.
+the ones it started with, runs the steps in order under the run's coordinator lock, and sums the run up.
 Re-running a run id resumes it: completed shards are skipped, the rest are (re)done.
+
+The personas and the brainstorm run here, once per run; the example shards run here too
+(``generation.task_runner = "inline"``) or on the workers of a Dask cluster (``"dask"``,
+``flows/runners.py``), each shard under its claim, with its own client over a share of ``llm.base_urls``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
 from flows.endpoints import degraded_warnings, publish_endpoints
+from flows.runners import on_workers, shard_runner
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
 from ground.settings import Settings, TaskTypeName, load_settings
@@ -41,6 +46,7 @@ from tasks.generation.rounds import (
     persona_pool,
 )
 from tasks.generation.usage import usage_by_type
+from tasks.generation.workers import add_stats, merge_endpoints, stats_counts
 
 
 class RunConfigMismatch(ValueError):
@@ -135,9 +141,13 @@ def rejects_by_reason(rejects: pa.Table, top: int = 3) -> str:
     return ", ".join(f"{reason!r} ×{n}" for reason, n in ranked) or "none"
 
 
+#: generation settings that say how a run is executed, not what it makes: a run may resume with others
+RUNTIME_ONLY = {"shards_in_flight", "task_runner", "workers", "dask_address"}
+
+
 def run_fingerprint(settings: Settings) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
-    generation = settings.generation.model_dump(exclude={"shards_in_flight"})
+    generation = settings.generation.model_dump(exclude=RUNTIME_ONLY)
     return {
         "generation": generation,
         "personas": settings.personas.model_dump(),
@@ -335,15 +345,17 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
                 tracker.shard_committed,
                 instruction_encoder(settings),
             )
-            by_type = await examples_with_topups(
-                store,
-                gen,
-                brainstormed.instructions,
-                client,
-                Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings)),
-                tally,
-                tracker.shard_committed,
-            )
+            sampling = Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings))
+            worker_stats, worker_endpoints = ClientStats(), []
+            with shard_runner(gen) as runner:
+                execute = None
+                if runner is not None:
+                    get_run_logger().info("example shards on %s workers (%s)", gen.workers, gen.dask_address or "local")
+                    execute = on_workers(runner, settings, run_id, sampling, worker_stats, worker_endpoints)
+                by_type = await examples_with_topups(
+                    store, gen, brainstormed.instructions, client, sampling, tally, tracker.shard_committed, execute
+                )
+        add_stats(client.stats, stats_counts(worker_stats))
         summary = summarize(
             settings,
             store,
@@ -353,7 +365,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
             by_type=by_type,
             tally=tally,
             elapsed=time.monotonic() - started,
-            endpoints=client.router.report_rows(),
+            endpoints=merge_endpoints(client.router.report_rows() + worker_endpoints),
         )
         write_run_ledger(settings, store, summary.elapsed_s)
         publish_generate(store)  # the per-task-type table in the UI

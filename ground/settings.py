@@ -129,6 +129,12 @@ class GenerationSettings(Section):
     max_topup_rounds: int = Field(3, ge=0)
     shard_size: int = Field(200, ge=1)
     shards_in_flight: int = Field(2, ge=1)
+    #: where the example shards run: "inline" in the flow's process; "dask" spread over Dask worker processes
+    #: (prefect-dask), each shard with its own LLM client and a share of llm.base_urls (the brainstorm stays in
+    #: the flow: once per run). Not part of a run's fingerprint: a run may resume with other workers.
+    task_runner: Literal["inline", "dask"] = "inline"
+    workers: int = Field(2, ge=1)  # shares of llm.base_urls; the LocalCluster's processes when no dask_address
+    dask_address: str | None = None  # an existing scheduler, e.g. tcp://dask-scheduler:8786; None: a LocalCluster
     seed: int = 42
     #: brainstormed instructions of one type whose embeddings (clean.embedder) have cosine >= this count as one
     #: intent, and targets count intents; None: text-normalized dedup only. 0.85: the lowest threshold with

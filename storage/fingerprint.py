@@ -60,7 +60,7 @@ def manifest_digest(store: RunStore) -> str | None:
     """A digest of what a generation run holds: its shards and their row and reject counts; None when it has
     no manifest. Not of the manifest's bytes: those carry commit times, so a run resumed after a crash (the
     same shards and rows) would read as other inputs."""
-    if not store.manifest_path.exists():
+    if not store.has_manifest():
         return None
     content = {key: [entry.get("rows"), entry.get("rejects")] for key, entry in sorted(store.manifest().items())}
     return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()

@@ -3,7 +3,9 @@
 Layout of ``<data_dir>/runs/<run_id>/``::
 
     run.json                       settings snapshot of the run (secrets redacted)
-    manifest.json                  completed shards: kind, rows, rejects, bytes, sha256
+    manifest.d/<kind>/<shard>.json completed shards: kind, rows, rejects, bytes, sha256 (storage/manifest.py;
+                                   older runs: one manifest.json, still read)
+    claims/<kind>/<shard>.json     which worker is writing a shard, until when (storage/claims.py)
     brainstorm/<shard>.parquet     brainstormed instructions (before dedup)
     instructions.parquet           unique instructions
     examples/<shard>.parquet       parsed examples
@@ -12,27 +14,24 @@ Layout of ``<data_dir>/runs/<run_id>/``::
     ledger.parquet                 the run's cost ledger per task type (written when generate finishes)
 
 The data file of a shard is its commit point: its rejects file is written first, then the data
-file (atomically, ``storage/atomic.py``), then the manifest. A crash at any point leaves either no
-data file (the shard is redone from scratch, overwriting its rejects) or a complete one (the manifest
-entry is recovered from it on the next run). So a re-run neither loses nor duplicates a row.
+file (atomically, ``storage/atomic.py``), then the shard's manifest entry. A crash at any point leaves
+either no data file (the shard is redone from scratch, overwriting its rejects) or a complete one (the
+manifest entry is recovered from it on the next run). So a re-run neither loses nor duplicates a row.
+
+Several workers write one run: each holds a claim on the shard it works on (:meth:`RunStore.claim`),
+and the commit checks the claim is still its own; a dead worker's claim expires and another worker
+redoes its shard. The run lock (``storage/locks.py``) is only the coordinator's: one ``generate`` per run.
 
 ``data_dir`` may also be an ``s3://bucket/prefix`` path (``storage/location.py``): each file is then
-one PUT to its final key (atomic on S3), in the same order, manifest last; the run lock is a lock
-object created with a conditional PUT and kept alive by a heartbeat.
+one PUT to its final key (atomic on S3), in the same order, manifest entry last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import socket
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,8 +42,11 @@ import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
 from ground.settings import Settings
-from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet, read_json_file, remove_stale_temps
-from storage.location import StorePath, as_store_path, data_root, is_remote, parquet_source
+from storage.atomic import StorageError, atomic_write_bytes, atomic_write_parquet, read_json_file
+from storage.claims import Claim, ShardClaims
+from storage.location import StorePath, as_store_path, data_root, parquet_source
+from storage.locks import RemoteLock, RunLocked, folder_lock
+from storage.manifest import Manifest
 from storage.schemas import (
     BRAINSTORM_SCHEMA,
     EXAMPLE_SCHEMA,
@@ -53,14 +55,12 @@ from storage.schemas import (
     SCHEMA_VERSION,
 )
 
+__all__ = ["RemoteLock", "RunLocked", "RunStore", "ShardRecord", "StorageError", "folder_lock", "list_runs"]
+
 log = logging.getLogger(__name__)
 
 ShardKind = Literal["brainstorm", "examples"]
 _DATA_SCHEMAS = {"brainstorm": BRAINSTORM_SCHEMA, "examples": EXAMPLE_SCHEMA}
-
-
-class RunLocked(StorageError):
-    """Another process is writing the same run."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,9 @@ class RunStore:
         self.root = as_store_path(data_dir) / "runs" / run_id
         self.compression = compression
         self.lock_ttl_s = lock_ttl_s
-        self._manifest_lock = threading.Lock()
+        self.entries = Manifest(self.root)
+        self.claims = ShardClaims(self.root, lock_ttl_s)
+        self._held: dict[str, Claim] = {}  # the claims this process holds on shards of this run, by key
 
     @classmethod
     def from_settings(cls, settings: Settings, run_id: str) -> RunStore:
@@ -178,8 +180,9 @@ class RunStore:
         return self.root / "rejects" / f"{shard_id}.parquet"
 
     @property
-    def manifest_path(self) -> StorePath:
-        return self.root / "manifest.json"
+    def legacy_manifest_path(self) -> StorePath:
+        """The one-file manifest of runs made before per-shard entries (read, never written)."""
+        return self.entries.legacy_path
 
     @property
     def instructions_path(self) -> StorePath:
@@ -205,7 +208,8 @@ class RunStore:
 
     # --- run-level ---------------------------------------------------------------------------
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the run's lock; a second writer of the same run id fails at once with a clear error."""
+        """Hold the run's coordinator lock: a second ``generate`` of the same run id fails at once with a clear
+        error. Shard writers (workers) do not take it; they claim shards (:meth:`claim`)."""
         return folder_lock(self.root, self.run_id, ttl_s=self.lock_ttl_s)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
@@ -217,25 +221,21 @@ class RunStore:
 
     # --- manifest ----------------------------------------------------------------------------
     def manifest(self) -> dict[str, dict[str, Any]]:
-        if not self.manifest_path.exists():
-            return {}
-        try:
-            return json.loads(self.manifest_path.read_text())["shards"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise StorageError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
+        """Every committed shard's entry, by ``<kind>/<shard_id>`` (``storage/manifest.py``)."""
+        return self.entries.read()
+
+    def has_manifest(self) -> bool:
+        """True once the run committed a shard."""
+        return self.entries.exists()
 
     def _record(self, record: ShardRecord) -> None:
-        with self._manifest_lock:
-            shards = self.manifest()
-            shards[f"{record.kind}/{record.shard_id}"] = record.to_json()
-            body = {"run_id": self.run_id, "updated_at": now_utc().isoformat(), "shards": dict(sorted(shards.items()))}
-            atomic_write_bytes(self.manifest_path, json.dumps(body, indent=1).encode())
+        self.entries.write(record.to_json())
 
     def is_complete(self, kind: ShardKind, shard_id: str) -> bool:
         """True if the shard's data file is committed; recovers a manifest entry lost to a crash."""
-        if f"{kind}/{shard_id}" in self.manifest():
-            return self.shard_path(kind, shard_id).exists()
         path = self.shard_path(kind, shard_id)
+        if self.entries.has(f"{kind}/{shard_id}"):
+            return path.exists()
         if not path.exists():
             return False
         rows = read_parquet_checked(path, _DATA_SCHEMAS[kind]).num_rows
@@ -244,12 +244,36 @@ class RunStore:
         self._record(ShardRecord(kind, shard_id, rows, rejects, path.stat().st_size, file_sha256(path)))
         return True
 
+    # --- claims ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def claim(self, kind: ShardKind, shard_id: str) -> Iterator[Claim | None]:
+        """Claim a shard for this process (heartbeat-renewed, released at the end); yields None while another
+        live worker holds it. :meth:`write_shard` of a claimed shard commits only if the claim is still held."""
+        key = f"{kind}/{shard_id}"
+        taken = self.claims.try_take(key)
+        if taken is None:
+            yield None
+            return
+        with taken:
+            self._held[key] = taken
+            try:
+                yield taken
+            finally:
+                self._held.pop(key, None)
+
     def write_shard(
         self, kind: ShardKind, shard_id: str, rows: list[dict[str, Any]], rejects: list[dict[str, Any]]
     ) -> ShardRecord:
-        """Commit one shard: rejects first, then the data file (commit point), then the manifest."""
+        """Commit one shard: rejects first, then the data file (commit point), then its manifest entry.
+
+        A shard this process claimed is committed only while the claim is still its own (ClaimLost otherwise)."""
+        claim = self._held.get(f"{kind}/{shard_id}")
+        if claim is not None:
+            claim.check()
         atomic_write_parquet(rows_to_table(rejects, REJECT_SCHEMA), self.rejects_path(shard_id), self.compression)
         checkpoint("shard.rejects")
+        if claim is not None:
+            claim.check()
         path = self.shard_path(kind, shard_id)
         written = atomic_write_parquet(rows_to_table(rows, _DATA_SCHEMAS[kind]), path, self.compression)
         checkpoint("shard.data")
@@ -289,156 +313,3 @@ def list_runs(data_dir: StorePath | str) -> list[str]:
     """The run ids under ``<data_dir>/runs``, sorted (the catalog and the clean flow both ask this)."""
     runs = as_store_path(data_dir) / "runs"
     return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
-
-
-@contextlib.contextmanager
-def folder_lock(
-    root: StorePath,
-    owner_id: str,
-    *,
-    what: str = "run",
-    option: str = "--run-id",
-    error: type[StorageError] = RunLocked,
-    ttl_s: float = 120.0,
-    remove_if_empty: bool = False,
-) -> Iterator[None]:
-    """Hold the lock of a run folder: a second writer fails at once with ``error`` ("run 'x' … --run-id").
-
-    Locally an ``flock`` on ``root/.lock``, on S3 a :class:`RemoteLock`. Holding it, temp files left by
-    killed writers are removed. ``remove_if_empty``: a folder holding nothing but its lock afterwards (its
-    run failed before writing anything) is removed, lock file included.
-    """
-    if is_remote(root):
-        with RemoteLock(root / ".lock", owner_id, ttl_s, what=what, option=option, error=error):
-            yield
-        return
-    lock_path = root / ".lock"
-    while True:
-        root.mkdir(parents=True, exist_ok=True)
-        fh = lock_path.open("w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise error(
-                f"{what} {owner_id!r} is being written by another process ({root}); "
-                f"wait for it or choose another {option}"
-            ) from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fh.fileno()), os.stat(lock_path)):
-                break  # the lock file we hold is still the one in place (not removed by a finished writer)
-        fh.close()
-    with fh:
-        remove_stale_temps(root)
-        try:
-            yield
-        finally:
-            if remove_if_empty and [p.name for p in root.iterdir()] == [".lock"]:
-                lock_path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    root.rmdir()
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-class RemoteLock:
-    """The run lock on S3: a lock object made with a conditional PUT (``If-None-Match: *``).
-
-    It names its holder and an expiry; a heartbeat thread renews it every ``ttl_s / 3`` with a PUT
-    conditioned on the holder's own ETag (``If-Match``). A lock that expired (its writer crashed or
-    lost the network), or whose holder is a dead process on this host, is taken over with a PUT
-    conditioned on the stale lock's ETag, so of two processes racing for it exactly one wins.
-    """
-
-    def __init__(
-        self,
-        path: StorePath,
-        run_id: str,
-        ttl_s: float = 120.0,
-        *,
-        what: str = "run",
-        option: str = "--run-id",
-        error: type[StorageError] = RunLocked,
-    ):
-        self.path, self.run_id, self.ttl_s = path, run_id, ttl_s
-        self.what, self.option, self.error = what, option, error  # for the message: "run 'x' … --run-id"
-        self.fs, self.key = path.fs, path.path
-        self.owner = uuid.uuid4().hex
-        self._etag: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        return json.dumps(
-            {
-                "owner": self.owner,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "expires_at": time.time() + self.ttl_s,
-            }
-        ).encode()
-
-    def _put(self, **condition: str) -> str:
-        response = self.fs.pipe_file(self.key, self._body(), **condition)
-        return response["ETag"]
-
-    def _locked(self, holder: dict[str, Any] | None) -> StorageError:
-        who = f"{holder.get('host')} pid {holder.get('pid')}" if holder else "another process"
-        return self.error(
-            f"{self.what} {self.run_id!r} is being written by {who} ({self.path}); "
-            f"wait for it or choose another {self.option}"
-        )
-
-    def _is_stale(self, holder: dict[str, Any]) -> bool:
-        if float(holder.get("expires_at", 0)) < time.time():
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", 0)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
-
-    def acquire(self) -> None:
-        try:
-            self._etag = self._put(mode="create")
-        except FileExistsError:
-            try:
-                etag = self.fs.info(self.key)["ETag"]
-                holder = json.loads(self.fs.cat_file(self.key))
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                holder = {}
-                etag = None
-            if etag is None or (holder and not self._is_stale(holder)):
-                raise self._locked(holder) from None
-            try:
-                self._etag = self._put(IfMatch=etag)
-            except OSError:  # someone else renewed or took it over in between
-                raise self._locked(holder) from None
-            log.warning("took over the stale lock of run %s (%s)", self.run_id, holder)
-        self._thread = threading.Thread(target=self._heartbeat, name=f"lock-{self.run_id}", daemon=True)
-        self._thread.start()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                self._etag = self._put(IfMatch=self._etag)
-            except OSError as exc:
-                log.error("lost the lock of run %s (%s): another writer may take the run over", self.run_id, exc)
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with contextlib.suppress(OSError):
-            if self.fs.info(self.key).get("ETag") == self._etag:
-                self.fs.rm_file(self.key)
-
-    def __enter__(self) -> RemoteLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -1,9 +1,10 @@
 """The steps of a generation run: persona pool → brainstorm rounds → example and top-up rounds.
 
 Each step plans its rounds from the settings and the shards already committed, skips the shards
-that are complete, and runs the rest (``run_shards``); so a run killed anywhere re-plans the same
-shards when resumed and redoes only what was not committed. ``flows/generate.py`` calls the steps
-in order inside the run's lock.
+that are complete, and runs the rest (``run_shards``, each shard under its claim); so a run killed
+anywhere re-plans the same shards when resumed and redoes only what was not committed.
+``flows/generate.py`` calls the steps in order inside the run's coordinator lock; the example rounds
+may hand their shards to other worker processes (``execute``, ``tasks/generation/workers.py``).
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ from tasks.generation.brainstorm import (
 )
 from tasks.generation.expand_personas import expand_personas
 from tasks.generation.generate import (
+    ExampleShard,
     example_shard_task,
     plan_examples,
     split_targets,
 )
 from tasks.generation.intents import Encode
+from tasks.generation.workers import run_claimed
 
 ShardTask = Callable[[RunStore, object, LLMClient, Sampling], Awaitable[object]]
 #: called with each shard's record as it commits (the flow shows progress from it); never told of skipped shards
 OnShard = Callable[[ShardRecord], None]
+#: runs a round's example shards somewhere else (other worker processes) and returns when all are committed
+Execute = Callable[[Sequence[ExampleShard], OnShard | None], Awaitable[None]]
 
 
 @dataclass
@@ -85,11 +90,14 @@ async def run_shards(
     errors: list[BaseException] = []
 
     async def run(shard):
+        kind = "examples" if isinstance(shard, ExampleShard) else "brainstorm"
         async with gate:
             if errors:
                 return None  # a shard failed: start no more
             try:
-                record = await shard_task(store, shard, client, sampling)
+                record = await run_claimed(
+                    store, kind, shard.shard_id, lambda: shard_task(store, shard, client, sampling)
+                )
             except BaseException as exc:
                 errors.append(exc)
                 raise
@@ -223,8 +231,11 @@ async def examples_with_topups(
     sampling: Sampling,
     tally: ShardTally,
     on_shard: OnShard | None = None,
+    execute: Execute | None = None,
 ) -> dict[str, int]:
     """The example round, then top-up rounds for what failed; returns the examples per task type.
+
+    ``execute``: where the shards run (None: here, ``shards_in_flight`` at once on ``client``).
 
     Each round's plan depends only on the counts of the rounds before it, added up from each
     round's own shards once it is done (no shard is read twice).
@@ -249,7 +260,10 @@ async def examples_with_topups(
         todo = _todo(store, "examples", shards, tally)
         progress.add_total("generate", sum(len(s.requests) for s in todo))
         logger.info("generation round %d: %d shard(s) to run, %d done", round_idx, len(todo), len(shards) - len(todo))
-        await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight, on_shard)
+        if execute is None:
+            await run_shards(example_shard_task, store, todo, client, sampling, gen.shards_in_flight, on_shard)
+        else:
+            await execute(todo, on_shard)
         tally.written += len(todo)
         for task_type, n in _examples_by_type(store, shards).items():
             have[task_type] = have.get(task_type, 0) + n

@@ -36,7 +36,10 @@ SECRETS = {
     "FACTORY_S3_ACCESS_KEY": "factory-access-key-5",
     "FACTORY_S3_SECRET_KEY": "factory-secret-value-6",
 }
-SERVICES = {"postgres", "prefect-server", "vllm", "embeddings", "minio", "minio-init", "worker-cpu", "worker-gpu"}
+SERVICES = {
+    *("postgres", "prefect-server", "vllm", "embeddings", "minio", "minio-init", "worker-cpu", "worker-gpu"),
+    *("dask-scheduler", "generation-worker"),
+}
 GPU_SERVICES = {"vllm", "embeddings", "worker-gpu"}
 
 
@@ -220,6 +223,14 @@ def test_workers_use_the_pools_and_storage_the_factory_expects(resolved):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert settings.storage.is_remote and settings.clean.embedder == "openai"
     assert settings.llm.base_url == "http://vllm:8000/v1"
+    # one run's example shards spread over the generation workers, which share the storage and the LLM
+    assert settings.generation.task_runner == "dask"
+    assert settings.generation.dask_address == "tcp://dask-scheduler:8786"
+    workers = services["generation-worker"]
+    assert workers["command"].startswith("dask worker tcp://dask-scheduler:8786")
+    assert workers["deploy"]["replicas"] == settings.generation.workers
+    for key in ("EMBED_FACTORY_STORAGE__DATA_DIR", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_URL"):
+        assert workers["environment"][key] == services["worker-cpu"]["environment"][key], key
 
 
 def test_no_secret_outside_environment_variables(resolved):

@@ -87,7 +87,9 @@ def test_run_store_round_trip_on_s3(s3_root):
             "runs/r/examples/g00.parquet",
             "runs/r/examples/g01.parquet",
             "runs/r/instructions.parquet",
-            "runs/r/manifest.json",
+            "runs/r/manifest.d/brainstorm/b00.json",
+            "runs/r/manifest.d/examples/g00.json",
+            "runs/r/manifest.d/examples/g01.json",
             "runs/r/personas.jsonl",
             "runs/r/rejects/b00.parquet",
             "runs/r/rejects/g00.parquet",
@@ -110,7 +112,7 @@ def test_a_failed_shard_write_commits_nothing_on_s3(s3_root):
 def test_manifest_lost_after_the_data_object_is_recovered_on_s3(s3_root):
     store = RunStore(s3_root, "r")
     store.write_shard("examples", "g00", example_rows("g00", 4), [])
-    store.manifest_path.unlink()  # as if the process died between the data PUT and the manifest PUT
+    store.entries.entry_path("examples/g00").unlink()  # as if the process died between the data and entry PUTs
     fresh = RunStore(s3_root, "r")
     assert fresh.is_complete("examples", "g00")
     assert fresh.manifest()["examples/g00"]["rows"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -151,7 +152,7 @@ def test_manifest_lost_after_data_write_is_recovered(tmp_path):
     store.write_shard("examples", "g00-00000", example_rows(7), reject_rows(3))
     store.write_shard("examples", "g00-00001", example_rows(4, "g00-00001"), [])
     expected = store.manifest()
-    store.manifest_path.unlink()  # crash after the data file, before the manifest
+    shutil.rmtree(store.entries.entries_dir)  # crash after the data files, before their manifest entries
 
     fresh = RunStore(tmp_path, RUN)
     assert fresh.manifest() == {}
@@ -163,13 +164,13 @@ def test_manifest_lost_after_data_write_is_recovered(tmp_path):
     assert recovered["examples/g00-00001"]["rows"] == 4
     assert recovered["examples/g00-00001"]["rejects"] == 0
     assert recovered == expected
-    assert json.loads(fresh.manifest_path.read_text())["run_id"] == RUN
+    assert json.loads(fresh.entries.entry_path("examples/g00-00001").read_text())["rows"] == 4
 
 
 def test_rejects_written_but_no_data_file_is_not_complete(store):
     store.write_shard("examples", "g00-00000", example_rows(2), reject_rows(2))
     store.shard_path("examples", "g00-00000").unlink()  # crash between rejects and data file
-    store.manifest_path.unlink()
+    store.entries.entry_path("examples/g00-00000").unlink()
     assert not store.is_complete("examples", "g00-00000")
     assert "examples/g00-00000" not in store.manifest()
 
@@ -288,7 +289,7 @@ def test_corrupt_data_file_without_manifest_entry_raises_storage_error(store):
 
 def test_corrupt_rejects_file_during_recovery_raises_storage_error(store):
     store.write_shard("examples", "g00-00000", example_rows(2), reject_rows(1))
-    store.manifest_path.unlink()
+    store.entries.entry_path("examples/g00-00000").unlink()
     rejects = store.rejects_path("g00-00000")
     rejects.write_bytes(b"\x00garbage" * 50)
     with pytest.raises(StorageError, match=rejects.name):
@@ -325,8 +326,15 @@ def test_read_checked_puts_columns_in_schema_order_and_types(tmp_path):
 
 def test_corrupt_manifest_raises_storage_error(store):
     store.root.mkdir(parents=True)
-    store.manifest_path.write_text("{not json")
+    store.legacy_manifest_path.write_text("{not json")
     with pytest.raises(StorageError, match="manifest.json"):
+        store.manifest()
+
+
+def test_corrupt_manifest_entry_raises_storage_error_naming_it(store):
+    store.write_shard("examples", "g00-00000", example_rows(2), [])
+    store.entries.entry_path("examples/g00-00000").write_text("{not json")
+    with pytest.raises(StorageError, match="g00-00000.json"):
         store.manifest()
 
 

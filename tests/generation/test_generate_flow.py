@@ -101,7 +101,7 @@ def test_kill_9_mid_run_then_run_again_loses_duplicates_nothing_and_cleans(llm_b
     first = _run_cli(args, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # wait until at least one example shard is committed
-        if any(k.startswith("examples/") for k in (store.manifest() if store.manifest_path.exists() else {})):
+        if any(k.startswith("examples/") for k in store.manifest()):
             break
         if first.poll() is not None:
             pytest.fail(f"run ended before it could be killed:\n{first.stdout.read()}")

@@ -316,7 +316,7 @@ def guarded(command: list[str], env: dict, cwd: Path, max_rss: float, time_limit
         over_time = time.monotonic() - started > time_limit
         if peak > max_rss or over_time:
             stage = status.read_text().strip() if status and status.exists() else "start"
-            stopped = f"> {time_limit:.0f} s at {stage}" if over_time else f"> {max_rss / GIB:.0f} GiB at {stage}"
+            stopped = f"> {time_limit:g} s at {stage}" if over_time else f"> {max_rss / GIB:.3g} GiB at {stage}"
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             break

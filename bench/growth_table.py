@@ -39,7 +39,7 @@ def table(title: str, sides: list, sizes: list[int], rows: list[tuple[str, objec
                 if r is None:
                     cells.append("")
                 elif "stopped" in r:
-                    cells.append(r["stopped"].replace(" GiB at ", "GiB@").replace(" s at ", "s@"))
+                    cells.append(r["stopped"].replace("> ", ">").replace(" GiB at ", "GiB@").replace(" s at ", "s@"))
                 else:
                     v = value(r)
                     cells.append(fmt(v) if v is not None else "-")

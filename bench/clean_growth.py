@@ -417,6 +417,8 @@ def main() -> None:
             for k, n in enumerate(sizes):
                 for side in sides if k % 2 == 0 else sides[::-1]:  # alternate which side goes first
                     run_side(side, n, work, args, api_url)
+                if n != sizes[-1]:  # the tables so far: a long run's early sizes are not lost to a stop
+                    print(f"--- after {n:,} rows ---\n" + report(sides, sizes[: k + 1], ("setup", *STAGES, "finish")))
     print(report(sides, sizes, ("setup", *STAGES, "finish")))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

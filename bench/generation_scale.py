@@ -6,7 +6,9 @@ real all-MiniLM-L6-v2) and ``--examples`` examples over all six task types, in t
 shards (500 rows, 8 in flight) and request budgets; then ``embed-factory query`` over the result (the
 catalog refreshes its views from every shard). Only the LLM is a double: ``bench/fleet_stub.py``'s endpoints
 (slots per endpoint, TTFT + tokens / decode rate, times ``--time-scale``), answering with
-``tests/support/prod_stub_llm.py``'s production-length, schema-valid JSON (1 % not JSON, 4 % duplicates).
+``tests/support/prod_stub_llm.py``'s production-length, schema-valid JSON (1 % not JSON, 4 % duplicates),
+its brainstorms about topics of random English words (:func:`diverse_brainstorm`: the stub's own run out of
+distinct intents after a few thousand).
 Personas are the bundled seed set (the production profile's Hub set needs the network).
 
 Printed at the end: wall time of the run (brainstorm and examples phases from the shards' commit times),
@@ -51,12 +53,36 @@ def serve_fleet(argv: list[str]) -> None:
 
     import fleet_stub
 
-    from support.prod_stub_llm import ProdStubLLM
+    from support import prod_stub_llm
 
-    prod = ProdStubLLM(seed=0)
+    prod_stub_llm.brainstorm = diverse_brainstorm
+    prod = prod_stub_llm.ProdStubLLM(seed=0)
     fleet_stub.answer = lambda request, **_: prod.reply(request)[0]
     fleet_stub.raise_open_files_limit()
     asyncio.run(fleet_stub.serve(fleet_stub.parser().parse_args(argv)))
+
+
+def diverse_brainstorm(prompt: str, rng, schema: dict) -> dict[str, list[str]]:
+    """Brainstormed tasks about topics of three random English words (as many as the schema's maxItems).
+
+    The production-length stub's tasks draw their topic from a few hundred phrases, so at the intent threshold
+    (cosine 0.85, MiniLM) they run out of distinct intents after a few thousand; a 72B model's do not."""
+    from growth_rows import english_vocabulary
+
+    global VOCABULARY
+    VOCABULARY = VOCABULARY or english_vocabulary()
+    n = schema["properties"]["tasks"].get("maxItems", 6)
+    kind = prompt.split("useful ")[-1].split(" tasks")[0] if "useful " in prompt else "matching"
+    tasks: list[str] = []
+    while len(tasks) < n:
+        a, b, c = (rng.choice(VOCABULARY) for _ in range(3))
+        task = f"Given a question about {a} and {b} in {c}, find {kind} texts that answer it."
+        if task not in tasks:
+            tasks.append(task)
+    return {"tasks": tasks}
+
+
+VOCABULARY: list[str] = []
 
 
 @contextmanager

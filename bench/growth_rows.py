@@ -66,6 +66,7 @@ PRODUCT_SENTENCES = (
     "Owners of the {brand} {code} usually check the {noun2} first.",
     "On the {brand} {code} the {noun} should be cleaned every few weeks.",
 )
+PRODUCT_EVERY = 4  # a document names its product every this many sentences
 SYLLABLES = "kor van tel mi ra zen dor lu ska bri nox pel ta vo quin gar sol fe".split()
 #: (query key, positive key, negative key) of each type's JSON answer, as in prompts/task_types.py
 ANSWER_KEYS = {
@@ -126,9 +127,9 @@ class RowMaker:
         pos_words = np.where(long_long, long_q + rng.integers(0, 61, n), pos_words)
         neg_words = np.where(retrieval, (self.num_words * rng.uniform(1.0, 1.2, n)).astype(int), 0)
         q_words = np.where(long_long, long_q, 0)
-        # pool sentences per document (the product sentence comes on top), and where they start in self.ids
+        # pool sentences per document (plus a product sentence per PRODUCT_EVERY), where they start in self.ids
         self.doc_sentences = [
-            np.where(w > 0, np.maximum(1, np.rint(w / MEAN_SENTENCE_WORDS).astype(int) - 1), 0)
+            np.where(w > 0, np.maximum(1, np.rint(w / MEAN_SENTENCE_WORDS / (1 + 1 / PRODUCT_EVERY)).astype(int)), 0)
             for w in (pos_words, neg_words, q_words)
         ]
         counts = np.stack(self.doc_sentences, axis=1).ravel()
@@ -192,9 +193,10 @@ class RowMaker:
         k, start = int(self.doc_sentences[which][i]), int(self.starts[i, which])
         base = self.domain[i] * POOL_SENTENCES
         body = self.pool[base + self.ids[start : start + k]].tolist()
-        product = PRODUCT_SENTENCES[(self.seed_row[i] + which) % len(PRODUCT_SENTENCES)].format(**slots)
-        body.insert(len(body) // 3, product)  # the product is named in the text, not only its first line
-        return product + " " + " ".join(body)
+        first = self.seed_row[i] + which
+        for k in range(len(body) // PRODUCT_EVERY, -1, -1):  # the product is named all through, as a text about it
+            body.insert(k * PRODUCT_EVERY, PRODUCT_SENTENCES[(first + k) % len(PRODUCT_SENTENCES)].format(**slots))
+        return " ".join(body)
 
     def example(self, i: int) -> tuple[str, dict[str, str], dict[str, Any]]:
         """(task type, the model's answer object, placeholders) of row ``i``."""

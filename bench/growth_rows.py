@@ -7,14 +7,14 @@ JSON, ``completion_tokens`` the answer's UTF-8 bytes / 4. Lengths follow the pro
 as ``tests/support/prod_stub_llm.py`` answers them:
 
 * retrieval (60 %): a question of 3 to 25 words; positive "at least N words" (N in 50..400) answered with
-  N to 1.3 N words, hard negative N to 1.2 N words, about the same product family;
-* long_long (20 %): query and positive documents of 300 to 450 words about the same product;
+  about N to 1.3 N words, hard negative N to 1.2 N words (whole sentences: give or take one), another brand;
+* long_long (20 %): query and positive documents of about 300 to 450 words about the same product;
 * short_short (20 %): a 3-word input and a 6 to 12 word positive.
 
 Text is English (every document passes the language check): sentences drawn from a per-domain pool built
 from the ~21k English words of all-MiniLM-L6-v2's vocabulary (a package the project depends on), mixed
 with function words, so two unrelated documents share few character shingles, as LLM text does. A query
-names its product (brand and model code), which its positive repeats. The mix every stage has work
+names its product (brand and model code), which its positive repeats every few sentences. The mix every stage has work
 with: 1 % invalid (empty query), 1 % exact duplicates (case and spacing differ), 1 % near duplicates (one
 word of the positive changed), 15 % of retrieval queries vague (no product named: their positive ranks low).
 

@@ -1,200 +1,90 @@
 """Benchmark how the real ``clean`` flow grows with its input: time and peak RSS per stage, and the exponent.
 
-For each size, synthetic generation shards (``storage.shards.RunStore``, ``EXAMPLE_SCHEMA``) are written
-to a fresh data folder, then the ``clean`` flow (``flows.clean``) runs on them in a fresh subprocess, so
-peak RSS is per size. The rows read like generated data: English sentences about a few domains, a
-product name shared by a query and its positive, 1 % invalid rows, 2 % exact and 2 % near duplicates,
-and 15 % vague queries whose positive ranks low, so every stage has real work.
+For each size, generation shards of production-shaped rows (``bench/growth_rows.py``: ``raw_text`` and
+``parsed`` as generation writes them, documents of hundreds of words) are written to a fresh data folder
+by one subprocess, then the ``clean`` flow (``flows.clean``) runs on them in another, so peak RSS is per
+size. ``--before REV`` runs the same sizes, on the same rows, on the code at git revision ``REV`` too
+(``git archive`` into a temp folder, no network): before and after alternate per size (before first on
+even sizes, after first on odd ones) so machine noise hits both, and the tables show them side by side.
+The rows and the bench's instruments are this file's on both sides; only the product code differs.
 
-Stages are timed from outside the flow: the stage functions it calls (``validate_examples``,
-``exact_dedup``, ``encode_cached``, ``rank_filter``, ``mine_hard_negatives``, ``export_corpus``,
-``Catalog.refresh``, ``write_report``, ...) are wrapped wherever ``flows``/``tasks`` modules bind them,
-and each stage runs from its first function's start to the next stage's, so a stage includes its
-table writes (the ``filtered`` table is written after mining and counts there); ``setup`` is the flow's
-start before validation, ``finish`` its summary after the report. A thread samples RSS every 20 ms and
-keeps the maximum per stage. The flow's own ``stage_seconds`` is printed alongside as a cross-check.
-A stage whose functions were never called is reported as missing (its time then sits in the stage
-before it).
+Stages are timed from outside the flow: the functions named in :data:`HOOKS` are wrapped wherever a
+project module binds them, and each stage runs from its first function's start to the next stage's, so
+a stage includes its table writes; ``setup`` is the flow's start before validation, ``finish`` its
+summary after the report. A hook whose module or function is gone (code being renamed) is skipped: its
+stage is then reported as not seen, its time inside the stage before it. A thread samples RSS every
+20 ms and keeps the maximum per stage. The flow's own ``stage_seconds`` is printed as a cross-check.
+
+Guards: a side whose process tree's RSS passes ``--max-rss-gib`` or which runs past ``--time-limit`` is
+killed and reported as ``> X GiB at <stage>`` / ``> T s at <stage>``; the other side and sizes go on.
 
 Model time is excluded: the embedder is replaced (``make_embedder``, the injection point) by a
 deterministic bag-of-words hashing embedder (384 dims), and loading the real model is made to fail.
 all-MiniLM-L6-v2's throughput is measured by ``bench/cleaning.py``.
 
-    python bench/clean_growth.py --quick                     # 5k, 10k, 20k, 40k rows
-    python bench/clean_growth.py                             # 25k, 50k, 100k, 200k rows (exact search: ~n^2)
+    python bench/clean_growth.py --quick                                 # 5k, 10k, 20k, 40k rows
+    python bench/clean_growth.py --sizes 50000 200000 550000 1100000     # exact search: ~n^2
+    python bench/clean_growth.py --sizes 50000 100000 --before 271e9b7   # today's code vs REV, same rows
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
-import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+#: the product code this process runs: this checkout, or the ``--before`` revision's (set by the parent)
+CODE = Path(os.environ.get("CLEAN_GROWTH_CODE") or ROOT)
+sys.path[:0] = [str(CODE), str(Path(__file__).resolve().parent)]
 
-STAGES = ("validate", "dedup", "embed", "filter", "mine", "export", "report")
-#: (module, function) -> stage: the functions whose first call starts a stage
+from growth_rows import FUNCTION_WORDS, RowMaker  # noqa: E402
+from growth_table import report  # noqa: E402
+
+STAGES = ("validate", "dedup", "decontaminate", "embed", "filter", "mine", "export", "report")
+#: "module:function" (or "module:Class.method") -> the stage its first call starts. Adjust freely when code
+#: moves: a name that is not there is skipped (its stage then shows as not seen).
 HOOKS = {
-    ("tasks.cleaning.validate", "validate_examples"): "validate",
-    ("tasks.cleaning.dedup", "exact_dedup"): "dedup",
-    ("tasks.cleaning.dedup", "near_dedup_part"): "dedup",
-    ("tasks.cleaning.dedup", "near_dedup"): "dedup",
-    ("tasks.cleaning.embed", "encode_cached"): "embed",
-    ("tasks.cleaning.search", "build_index"): "filter",
-    ("tasks.cleaning.rank_filter", "rank_filter"): "filter",
-    ("tasks.cleaning.negatives", "mine_hard_negatives"): "mine",
-    ("tasks.cleaning.export", "export_corpus"): "export",
-    ("tasks.cleaning.report", "write_report"): "report",
+    "tasks.cleaning.validate:validate_examples": "validate",
+    "tasks.cleaning.dedup:exact_dedup": "dedup",
+    "tasks.cleaning.dedup:near_dedup_part": "dedup",
+    "tasks.cleaning.dedup:near_dedup": "dedup",
+    "flows.clean:decontaminate_task.fn": "decontaminate",  # a Prefect task object: its function is swapped
+    "tasks.cleaning.decontaminate:decontaminate": "decontaminate",
+    "tasks.cleaning.embed:encode_cached": "embed",
+    "storage.embedding_cache:encode_cached": "embed",
+    "tasks.cleaning.search:build_index": "filter",
+    "tasks.cleaning.rank_filter:rank_filter": "filter",
+    "tasks.cleaning.negatives:mine_hard_negatives": "mine",
+    "tasks.cleaning.export:export_corpus": "export",
+    "storage.catalog:Catalog.refresh": "report",  # the report reads the refreshed catalog
+    "tasks.cleaning.report:write_report": "report",
 }
+#: stages that own everything called inside them (decontamination embeds eval texts and rows: not "embed")
+HELD = {"decontaminate"}
+#: after these, the flow only sums up
+LAST_HOOKS = ("tasks.cleaning.report:write_report",)
+#: where the embedder is built and the real model class (the bench swaps the one and forbids the other)
+EMBEDDER_FACTORY = "llm.embedder:make_embedder"
+MODEL_CLASS = "llm.embedder:SentenceTransformerEmbedder"
+PROJECT_PACKAGES = ("flows", "tasks", "storage", "llm", "ground", "personas", "prompts")
 EMBED_DIM = 384
-
-# --- synthetic generation shards --------------------------------------------------------------
-DOMAINS = {
-    "garden": "fern compost soil pot root seedling hedge lawn mulch trowel greenhouse tomato aphid pruning",
-    "bike": "brake chain derailleur tyre saddle rotor spoke crank pedal cassette frame fork caliper gear",
-    "kitchen": "oven blender kettle dough starter knife skillet pantry yeast flour sauce grill freezer",
-    "laptop": "fan battery keyboard screen charger driver firmware trackpad hinge speaker webcam port",
-    "travel": "passport visa ticket luggage hostel ferry airport border consulate itinerary railway",
-    "music": "piano scale chord metronome violin string tuning pedal rhythm melody lesson practice",
-    "money": "budget invoice pension mortgage savings account transfer receipt loan interest payment",
-    "health": "sleep posture stretch knee ankle vitamin hydration fever headache muscle routine",
-}
-ADJECTIVES = (
-    "new old small heavy cheap noisy loose bent worn quiet bright cold wet dusty stiff cracked "
-    "second-hand reliable sticky slow"
-).split()
-VERBS = (
-    "stops working|makes a grinding noise|keeps slipping|gets too hot|will not start|leaks|drains quickly|"
-    "feels loose|smells burnt|breaks after a week|shows an error|rattles"
-).split("|")
-SENTENCES = (
-    "The {brand} {code} {noun} {verb} when the {noun2} is {adj}.",
-    "Most owners fix this by checking the {noun2} first and replacing the {adj} {noun} if needed.",
-    "According to the manual of the {brand} {code}, the {noun} should be cleaned every few weeks.",
-    "If the {noun} still {verb}, remove the {noun2} and try again with a {adj} one.",
-    "Many people report that a {adj} {noun2} is the usual cause, not the {noun} itself.",
-    "A cheap spare {noun2} costs little and takes about ten minutes to fit.",
-    "Keep the {noun} away from damp places, because a {adj} {noun2} wears out much faster.",
-    "The {brand} support page also suggests resetting the {noun} before calling a technician.",
-)
-QUESTIONS = (
-    "Why does my {brand} {code} {noun} {verb}?",
-    "How do I repair the {noun} on a {brand} {code} when it {verb}?",
-    "What should I check when the {noun2} of my {brand} {code} is {adj}?",
-)
-VAGUE_QUESTIONS = ("Why does my {noun} {verb}?", "Any tips for a {adj} {noun2}?")
-INSTRUCTION = "Given a question about a product, retrieve a passage that answers it."
-SYLLABLES = "kor van tel mi ra zen dor lu ska bri nox pel ta vo quin gar sol fe".split()
-
-
-def brand_name(i: int) -> str:
-    a, b = divmod(i, len(SYLLABLES))
-    return (SYLLABLES[a % len(SYLLABLES)] + SYLLABLES[b] + "ex").capitalize()
-
-
-def synthetic_rows(n: int, run_id: str, seed: int) -> list[dict]:
-    """Example rows (EXAMPLE_SCHEMA fields) that look generated; see the module docstring for the mix."""
-    from storage.shards import now_utc
-
-    rng = random.Random(seed)
-    domains = [d.split() for d in DOMAINS.values()]
-    pick = rng.choice
-
-    def document(slots: dict) -> str:
-        nouns = domains[slots["domain"]]
-        chosen = rng.sample(SENTENCES, rng.randint(3, 6))
-        return " ".join(line.format(**{**slots, "noun2": pick(nouns), "adj": pick(ADJECTIVES)}) for line in chosen)
-
-    def slots() -> dict:
-        domain = rng.randrange(len(domains))
-        code = f"{pick('KXRTMV')}-{rng.randrange(100, 10000)}"
-        return {
-            "domain": domain,
-            "brand": brand_name(rng.randrange(300)),
-            "code": code,
-            "noun": pick(domains[domain]),
-            "noun2": pick(domains[domain]),
-            "verb": pick(VERBS),
-            "adj": pick(ADJECTIVES),
-        }
-
-    created = now_utc()
-    rows = []
-    for i in range(n):
-        s = slots()
-        task_type = "retrieval" if rng.random() < 0.7 else "long_long"
-        positive = document(s)
-        query = (pick(VAGUE_QUESTIONS) if rng.random() < 0.15 else pick(QUESTIONS)).format(**s)
-        if task_type == "long_long":  # queries of this type are documents about the same product
-            query = document(s)
-        negative = document({**slots(), "domain": s["domain"]}) if task_type == "retrieval" else None
-        rows.append(
-            {
-                "example_id": f"{run_id}:r00-{task_type}-{i:07d}",
-                "run_id": run_id,
-                "shard_id": f"g00-{i // 5000:05d}",
-                "task_type": task_type,
-                "instruction": INSTRUCTION,
-                "instruction_id": f"{task_type}-000001",
-                "persona_id": "p_bench",
-                "persona": "A hands-on owner.",
-                "placeholders": json.dumps({"language": "English"}),
-                "prompt_version": "v1",
-                "model": "bench",
-                "sampling": "{}",
-                "attempts": 1,
-                "prompt_tokens": 120,
-                "completion_tokens": 200,
-                "latency_s": 1.0,
-                "finish_reason": "stop",
-                "query": query,
-                "positive": positive,
-                "negative": negative,
-                "parsed": "{}",
-                "raw_text": "{}",
-                "created_at": created,
-            }
-        )
-    for i in rng.sample(range(n), n // 100):  # invalid: empty query
-        rows[i]["query"] = ""
-    dup = rng.sample(range(n), n // 25)
-    for d in dup[: len(dup) // 2]:  # exact duplicates of another row (case and spacing differ)
-        src = rows[rng.randrange(n)]
-        rows[d].update(
-            query=src["query"].upper(),
-            positive=src["positive"] + "  ",
-            negative=src["negative"],
-            task_type=src["task_type"],
-        )
-    for d in dup[len(dup) // 2 :]:  # near duplicates: one word of the positive changed
-        src = rows[rng.randrange(n)]
-        words = src["positive"].split()
-        words[len(words) // 2] = "however"
-        rows[d].update(
-            query=src["query"], positive=" ".join(words), negative=src["negative"], task_type=src["task_type"]
-        )
-    return rows
-
-
-def write_shards(data_dir: Path, n: int, seed: int, shard_rows: int) -> None:
-    from storage.shards import RunStore
-
-    store = RunStore(data_dir, "bench-run")
-    rows = synthetic_rows(n, "bench-run", seed)
-    for k, start in enumerate(range(0, n, shard_rows)):
-        store.write_shard("examples", f"g00-{k:05d}", rows[start : start + shard_rows], [])
+GIB = 2**30
 
 
 # --- the child: one clean run, instrumented ---------------------------------------------------
@@ -202,7 +92,9 @@ class HashBagEmbedder:
     """Deterministic stand-in for a model: sum of seeded per-word vectors (stop words down-weighted), unit length."""
 
     model_key = f"bench-hash-bow-{EMBED_DIM}"
-    STOP = set("a an the of to is and or on in if it its be by for with when not my do i how why what".split())
+    STOP = set("a an the of to is and or on in if it its be by for with when not my do i how why what".split()) | set(
+        FUNCTION_WORDS
+    )
 
     def __init__(self):
         self.vocab: dict[str, int] = {}
@@ -231,11 +123,13 @@ class HashBagEmbedder:
 class StageClock:
     """Sticky stage labels (a stage lasts until the next one starts) with time and peak RSS per label."""
 
-    def __init__(self):
+    def __init__(self, status: Path | None = None):
         import psutil
 
+        self.status = status  # the current label, for the parent's guard to name
         self.process = psutil.Process()
         self.label = "setup"
+        self.held = 0  # > 0 inside a HELD stage: later stages' functions do not change the label
         self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self.peak: dict[str, int] = {}
@@ -251,12 +145,14 @@ class StageClock:
 
     def enter(self, label: str) -> None:
         with self.lock:
-            if label == self.label:
+            if label == self.label or (self.held and label != "stopped"):
                 return
             now = time.perf_counter()
             self.seconds[self.label] = self.seconds.get(self.label, 0.0) + now - self.started
             self.peak[self.label] = max(self.peak.get(self.label, 0), self.process.memory_info().rss)
             self.label, self.started = label, now
+            if self.status:
+                self.status.write_text(label)
 
     def reset(self) -> None:
         with self.lock:
@@ -268,16 +164,28 @@ class StageClock:
         self.done.set()
 
 
-def instrument(clock: StageClock) -> None:
-    """Wrap the stage functions wherever flows/tasks modules bind them; swap in the hashing embedder."""
-    import importlib
+def resolve(hook: str):
+    """(owner, attribute name, function) of ``module:qualname``; None when the module or name is gone."""
+    module_name, _, qualname = hook.partition(":")
+    try:
+        owner = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    *path, attr = qualname.split(".")
+    for name in path:
+        owner = getattr(owner, name, None)
+    fn = getattr(owner, attr, None) if owner is not None else None
+    return (owner, attr, fn) if fn is not None else None
 
+
+def instrument(clock: StageClock) -> list[str]:
+    """Wrap the hooked functions wherever project modules bind them; swap in the hashing embedder.
+    Returns the hooks that were not found."""
     import flows.clean  # noqa: F401 - loads every module the flow uses
-    from tasks.cleaning import embed as embed_module
 
     def rebind(original, replacement) -> None:
         for name, module in list(sys.modules.items()):
-            if name.split(".")[0] in ("flows", "tasks") and module is not None:
+            if name.split(".")[0] in PROJECT_PACKAGES and module is not None:
                 for attr, value in list(vars(module).items()):
                     if value is original:
                         setattr(module, attr, replacement)
@@ -285,40 +193,59 @@ def instrument(clock: StageClock) -> None:
     def wrapped(fn, stage: str, then: str | None = None):
         def call(*args, **kwargs):
             clock.enter(stage)
+            clock.held += stage in HELD
             try:
                 return fn(*args, **kwargs)
             finally:
+                clock.held -= stage in HELD
                 if then:
                     clock.enter(then)
 
         call.__wrapped__ = fn
         return call
 
-    for (module_name, attr), stage in HOOKS.items():
-        fn = getattr(importlib.import_module(module_name), attr, None)
-        if fn is not None:
-            rebind(fn, wrapped(fn, stage, "finish" if attr == "write_report" else None))
-    from storage.catalog import Catalog
-
-    Catalog.refresh = wrapped(Catalog.refresh, "report")  # the report reads the refreshed catalog
+    missing = []
+    for hook, stage in HOOKS.items():
+        found = resolve(hook)
+        if found is None:
+            missing.append(hook)
+            continue
+        owner, attr, fn = found
+        replacement = wrapped(fn, stage, "finish" if hook in LAST_HOOKS else None)
+        if isinstance(owner, ModuleType):
+            rebind(fn, replacement)
+        else:  # a class or an object (a Prefect task): swap the attribute itself
+            setattr(owner, attr, replacement)
     embedder = HashBagEmbedder()
-    original_make = embed_module.make_embedder
 
-    def make_embedder(cfg):
+    def make_embedder(*_args, **_kwargs):
         clock.enter("embed")
         return embedder
 
-    rebind(original_make, make_embedder)
+    factory, model_class = resolve(EMBEDDER_FACTORY), resolve(MODEL_CLASS)
+    if factory is None or model_class is None:
+        raise SystemExit(f"bench: {EMBEDDER_FACTORY} or {MODEL_CLASS} is gone; update the bench's names")
+    rebind(factory[2], make_embedder)
 
     def no_model(*_args, **_kwargs):
         raise RuntimeError("bench: the real embedding model was about to load; the make_embedder hook missed")
 
-    embed_module.SentenceTransformerEmbedder.__init__ = no_model
+    model_class[2].__init__ = no_model
+    return missing
 
 
-def child(rows: int, out: Path) -> None:
-    clock = StageClock()
-    instrument(clock)
+def write_child(rows: int, data_dir: Path, seed: int, shard_rows: int) -> None:
+    """Write the synthetic shards with this side's storage code (its manifest format)."""
+    from storage.shards import RunStore
+
+    store = RunStore(data_dir, "bench-run")
+    for shard_id, shard in RowMaker(rows, seed, "bench-run").shards(shard_rows):
+        store.write_shard("examples", shard_id, shard, [])
+
+
+def child(rows: int, out: Path, status: Path) -> None:
+    clock = StageClock(status)
+    missing = instrument(clock)
     from flows.clean import clean
 
     baseline = clock.process.memory_info().rss
@@ -327,115 +254,196 @@ def child(rows: int, out: Path) -> None:
     summary = clean(clean_id=f"growth-{rows}")
     total = time.perf_counter() - started
     clock.stop()
-    out.write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "total_s": total,
-                "baseline_rss": baseline,
-                "seconds": clock.seconds,
-                "peak_rss": clock.peak,
-                "flow_stage_seconds": summary.get("stage_seconds", {}),
-                "counts": summary.get("counts", {}),
-            }
-        )
-    )
+    result = {
+        "rows": rows,
+        "total_s": total,
+        "baseline_rss": baseline,
+        "seconds": clock.seconds,
+        "peak_rss": clock.peak,
+        "missing_hooks": missing,
+        "flow_stage_seconds": summary.get("stage_seconds", {}) if isinstance(summary, dict) else {},
+        "counts": summary.get("counts", {}) if isinstance(summary, dict) else {},
+    }
+    out.write_text(json.dumps(result))
 
 
-# --- the parent: sizes, subprocesses, growth exponents --------------------------------------------
-def run_size(rows: int, work: Path, seed: int, shard_rows: int, api_url: str) -> dict:
-    data_dir = work / f"n{rows}"
-    started = time.perf_counter()
-    write_shards(data_dir, rows, seed, shard_rows)
-    print(f"  {rows} rows: shards written in {time.perf_counter() - started:.0f} s; cleaning ...", flush=True)
-    out = work / f"n{rows}.json"
+# --- the parent: sides, sizes, guards -----------------------------------------------------------
+@dataclass
+class Side:
+    """One code base the bench runs: this checkout ("after") or a ``--before`` revision."""
+
+    name: str
+    code: Path
+    results: dict[int, dict] = field(default_factory=dict)  # rows -> the child's result, or {"stopped": ...}
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of ``rev`` of this repository, unpacked into ``into`` (``git archive``: no network, no worktree)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"error: git archive {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def tree_rss(process) -> int:
+    """RSS of a process and its descendants, bytes."""
+    import psutil
+
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def guarded(command: list[str], env: dict, cwd: Path, max_rss: float, time_limit: float, status: Path | None):
+    """Run ``command``; kill its process group past ``max_rss`` bytes or ``time_limit`` s. (returncode, output,
+    why it was stopped or None, peak RSS seen)."""
+    import psutil
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    handle, started, peak, stopped = psutil.Process(proc.pid), time.monotonic(), 0, None
+    while proc.poll() is None:
+        try:
+            peak = max(peak, tree_rss(handle))
+        except psutil.Error:
+            pass
+        over_time = time.monotonic() - started > time_limit
+        if peak > max_rss or over_time:
+            stage = status.read_text().strip() if status and status.exists() else "start"
+            stopped = f"> {time_limit:g} s at {stage}" if over_time else f"> {max_rss / GIB:.3g} GiB at {stage}"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(0.1)
+    log.seek(0)
+    return proc.returncode, log.read()[-4000:], stopped, peak
+
+
+def run_side(side: Side, rows: int, work: Path, args, api_url: str) -> None:
+    data_dir, out, status = work / f"{side.name}-n{rows}", work / f"{side.name}-n{rows}.json", work / "status"
+    status.unlink(missing_ok=True)
     env = {
         **os.environ,
+        "CLEAN_GROWTH_CODE": str(side.code),
+        "PYTHONPATH": os.pathsep.join([str(side.code), os.environ.get("PYTHONPATH", "")]),
         "EMBED_FACTORY_STORAGE__DATA_DIR": str(data_dir),
         "PREFECT_API_URL": api_url,
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "TQDM_DISABLE": "1",
     }
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", str(rows), "--out", str(out)], env=env, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        sys.exit(f"clean of {rows} rows failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def growth_exponent(rows, seconds) -> float:
-    """Least-squares slope of log(seconds) against log(rows): 1 is linear, 2 quadratic."""
-    return float(np.polyfit(np.log(rows), np.log(seconds), 1)[0])
-
-
-def report(results: list[dict]) -> None:
-    gib = 2**30
-    sizes = [r["rows"] for r in results]
-    print("\ntime (s) per stage; model time excluded (hashing embedder; see bench/cleaning.py for the model)")
-    print(f"  {'stage':<10}" + "".join(f"{n:>11,}" for n in sizes) + "   growth exponent")
-    for stage in ("setup", *STAGES, "finish"):
-        times = [r["seconds"].get(stage) for r in results]
-        if all(t is None for t in times):
-            print(f"  {stage:<10} not seen: its functions were never called (its time is in the stage before)")
-            continue
-        cells = "".join(f"{t:11.2f}" if t is not None else f"{'-':>11}" for t in times)
-        known = [(n, t) for n, t in zip(sizes, times, strict=True) if t and t > 0]
-        slope = growth_exponent(*zip(*known, strict=True)) if len(known) > 1 else None
-        print(f"  {stage:<10}{cells}   {slope:5.2f}" if slope is not None else f"  {stage:<10}{cells}")
-    totals = [r["total_s"] for r in results]
-    slope = growth_exponent(sizes, totals) if len(sizes) > 1 else float("nan")
-    print(f"  {'total':<10}" + "".join(f"{t:11.2f}" for t in totals) + f"   {slope:5.2f}")
-    print("peak RSS (GiB) during each stage (whole process; baseline after imports first)")
-    print(f"  {'baseline':<10}" + "".join(f"{r['baseline_rss'] / gib:11.2f}" for r in results))
-    for stage in (*STAGES,):
-        print(
-            f"  {stage:<10}"
-            + "".join(
-                f"{r['peak_rss'][stage] / gib:11.2f}" if stage in r["peak_rss"] else f"{'-':>11}" for r in results
-            )
+    limit = args.max_rss_gib * GIB
+    me = [sys.executable, str(Path(__file__).resolve())]
+    try:
+        started = time.perf_counter()
+        write = [*me, "--write", str(rows), "--data-dir", str(data_dir), "--seed", str(args.seed)]
+        code, output, stopped, _ = guarded(
+            [*write, "--shard-rows", str(args.shard_rows)], env, side.code, limit, args.time_limit, None
         )
-    print("the flow's own stage_seconds (includes table writes; filter and mine may be one entry):")
-    for r in results:
-        print(f"  {r['rows']:>9,}: {r['flow_stage_seconds']}  counts {r['counts']}")
+        if code != 0 or stopped:
+            sys.exit(f"error: writing {rows} rows for {side.name} failed ({stopped or code}):\n{output}")
+        written = time.perf_counter() - started
+        print(f"  {side.name:>6} {rows:>9,} rows: shards written in {written:.0f} s; cleaning ...", flush=True)
+        command = [*me, "--child", str(rows), "--out", str(out), "--status", str(status)]
+        code, output, stopped, peak = guarded(command, env, side.code, limit, args.time_limit, status)
+        if stopped:
+            side.results[rows] = {"stopped": stopped}
+        elif code != 0:
+            sys.exit(f"error: clean of {rows} rows on {side.name} failed (exit {code}):\n{output}")
+        else:
+            side.results[rows] = {**json.loads(out.read_text()), "write_s": written, "tree_peak_rss": peak}
+        print(f"  {side.name:>6} {rows:>9,} rows: {describe(side.results[rows])}", flush=True)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def describe(result: dict) -> str:
+    if "stopped" in result:
+        return f"stopped {result['stopped']}"
+    return f"clean {result['total_s']:.0f} s, peak RSS {max(result['peak_rss'].values()) / GIB:.2f} GiB"
+
+
+def parse_sizes(values: list[str]) -> list[int]:
+    sizes = [int(v) for item in values for v in item.replace(",", " ").split()]
+    if not sizes or min(sizes) < 100:
+        raise ValueError("sizes must be whole numbers >= 100")
+    return sorted(set(sizes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="25000,50000,100000,200000", help="comma-separated row counts")
-    parser.add_argument("--quick", action="store_true", help="sizes 5000,10000,20000,40000")
+    parser.add_argument("--sizes", nargs="+", default=["25000", "50000", "100000", "200000"], help="row counts")
+    parser.add_argument("--quick", action="store_true", help="sizes 5000 10000 20000 40000")
+    parser.add_argument("--before", metavar="REV", help="also run the code at git revision REV, side by side")
+    parser.add_argument("--max-rss-gib", type=float, default=12.0, help="stop a side whose RSS passes this")
+    parser.add_argument("--time-limit", type=float, default=7200.0, help="stop a side's clean after this many s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-rows", type=int, default=5000)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the data (default: a temp folder)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--write", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--status", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child, args.out)
+    if args.write:
+        write_child(args.write, args.data_dir, args.seed, args.shard_rows)
         return
-    sizes = [5000, 10000, 20000, 40000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    if args.child:
+        child(args.child, args.out, args.status)
+        return
+    try:
+        sizes = [5000, 10000, 20000, 40000] if args.quick else parse_sizes(args.sizes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    with tempfile.TemporaryDirectory(dir=args.work, prefix="clean-growth-") as tmp:
+        work = Path(tmp)
+        sides = [Side("after", ROOT)]
+        if args.before:
+            sides.insert(0, Side("before", checkout(args.before, work / "before-code")))
+        print(
+            f"clean flow growth over {sizes} rows, sides {[s.name for s in sides]}"
+            + (f" (before = {args.before})" if args.before else "")
+            + f", {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; each side and size in a fresh "
+            f"process; guard {args.max_rss_gib:g} GiB / {args.time_limit:.0f} s; model time excluded",
+            flush=True,
+        )
+        with prefect_api() as api_url:
+            for k, n in enumerate(sizes):
+                for side in sides if k % 2 == 0 else sides[::-1]:  # alternate which side goes first
+                    run_side(side, n, work, args, api_url)
+                if n != sizes[-1]:  # the tables so far: a long run's early sizes are not lost to a stop
+                    print(f"--- after {n:,} rows ---\n" + report(sides, sizes[: k + 1], ("setup", *STAGES, "finish")))
+    print(report(sides, sizes, ("setup", *STAGES, "finish")))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+
+def prefect_api():
+    """The configured Prefect API, else a throw-away one for the bench's lifetime."""
+    from contextlib import contextmanager
 
     from ground.settings import load_settings
 
-    print(
-        f"clean flow growth over {sizes} rows, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-        "each size in a fresh process; model time excluded (hashing embedder)",
-        flush=True,
-    )
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the bench's API
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the bench's API
     configured = load_settings().prefect.api_url or os.environ.get("PREFECT_API_URL")
-    results = []
-    with tempfile.TemporaryDirectory() as work:
+
+    @contextmanager
+    def api():
         if configured:
-            results = [run_size(n, Path(work), args.seed, args.shard_rows, configured) for n in sizes]
-        else:
-            with prefect_test_harness(600):  # a throw-away Prefect API for the bench's lifetime (slow when busy)
-                api_url = PREFECT_API_URL.value()
-                results = [run_size(n, Path(work), args.seed, args.shard_rows, api_url) for n in sizes]
-    report(results)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+            yield configured
+            return
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(600):  # slow to start when the machine is busy
+            yield PREFECT_API_URL.value()
+
+    return api()
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ HOOKS = {
     "tasks.cleaning.dedup:near_dedup_part": "dedup",
     "tasks.cleaning.dedup:near_dedup": "dedup",
     "flows.clean:decontaminate_task.fn": "decontaminate",  # a Prefect task object: its function is swapped
+    "tasks.cleaning.decontaminate:Decontaminate.drops": "decontaminate",  # the streamed stage, per batch
     "tasks.cleaning.decontaminate:decontaminate": "decontaminate",
     "tasks.cleaning.embed:encode_cached": "embed",
+    "flows.clean:embed.fn": "embed",  # embed_for_ranking as the flow's task
     "storage.embedding_cache:encode_cached": "embed",
     "tasks.cleaning.search:build_index": "filter",
     "tasks.cleaning.rank_filter:rank_filter": "filter",
@@ -261,8 +263,8 @@ def child(rows: int, out: Path, status: Path) -> None:
         "seconds": clock.seconds,
         "peak_rss": clock.peak,
         "missing_hooks": missing,
-        "flow_stage_seconds": summary.get("stage_seconds", {}) if isinstance(summary, dict) else {},
-        "counts": summary.get("counts", {}) if isinstance(summary, dict) else {},
+        "flow_stage_seconds": summary.stage_seconds,
+        "counts": summary.counts,
     }
     out.write_text(json.dumps(result))
 

@@ -84,7 +84,7 @@ def measure_funnel(
             try:
                 summary, failed = state.result(), None
             except Exception as exc:  # the run ended Failed (a type far below its target): its shards stay
-                summary, failed = {}, f"{state.type.value}: {exc}"
+                summary, failed = None, f"{state.type.value}: {exc}"
             generate_s = time.monotonic() - started
             truncated = stub.truncated
         funnel = clean_funnel(load_settings(), data_dir)
@@ -177,7 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = measure_funnel(args.examples, args.seed, Path(tmp) / "data", env)
     summary = result.pop("summary")
-    print(f"{args.examples} examples, seed {args.seed}: {summary.get('llm_calls')} LLM calls")
+    print(f"{args.examples} examples, seed {args.seed}: {getattr(summary, 'llm_calls', None)} LLM calls")
     if result["failed"]:
         print(f"the generate flow run ended {result['failed']}")
     print_funnel(result)

@@ -300,7 +300,7 @@ def ablate(
     languages: list[str] | None = None,
     base_model: str | None = None,
     profile: str | None = None,
-) -> dict[str, Any]:
+) -> AblationSummary:
     """Train the same base model on variants of one clean run (unfiltered, filtered, filtered + judge, without
     hard negatives, homogeneous ratio 0 and 1) with the same steps and seeds; write the comparison table.
 
@@ -317,4 +317,4 @@ def ablate(
     settings = load_settings(profile=profile)
     cfg = ablation_settings(settings, max_steps, languages, base_model)
     settings = settings.model_copy(update={"finetune": cfg})
-    return asdict(ablate_run(settings, clean_id, seeds, variants))
+    return ablate_run(settings, clean_id, seeds, variants)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,10 @@ from storage.funnel import funnel_counts
 from storage.shards import RunStore, ShardRecord
 from storage.summaries import EvalDelta, Evaluation, FinetuneSummary
 from tasks.training.heldout_loss import describe_heldout_loss
+
+if TYPE_CHECKING:  # the flows that publish these import this module
+    from flows.clean import CleanSummary
+    from flows.generate import GenerateSummary
 
 #: one stable key per artifact (lowercase letters, digits, dashes: Prefect's rule)
 KEYS = {
@@ -199,25 +203,24 @@ def training_markdown(summary: FinetuneSummary) -> str:
 
 
 def pipeline_markdown(
-    generated: Mapping[str, Any],
-    cleaned: Mapping[str, Any],
+    generated: GenerateSummary,
+    cleaned: CleanSummary,
     tuned: FinetuneSummary | None,
     ledger_markdown: str | None = None,
 ) -> str:
     """One page over the three stages' summaries; ``ledger_markdown`` (the cost ledger) is appended as given."""
-    by_type = generated.get("examples_by_type") or {}
-    counts, dropped = cleaned.get("counts") or {}, cleaned.get("dropped") or {}
+    by_type, counts, dropped = generated.examples_by_type, cleaned.counts, cleaned.dropped
     out = [
-        f"# Pipeline {generated.get('run_id')} → {cleaned.get('clean_id')}\n",
+        f"# Pipeline {generated.run_id} → {cleaned.clean_id}\n",
         "## Generate\n",
-        f"{sum(by_type.values())} examples from {generated.get('requests')} requests "
-        f"({generated.get('rejects')} rejects), {generated.get('completion_tokens')} completion tokens, "
-        f"{generated.get('tokens_per_s', 0):.1f} tokens/s over {generated.get('elapsed_s', 0):.0f} s.\n",
+        f"{sum(by_type.values())} examples from {generated.requests} requests "
+        f"({generated.rejects} rejects), {generated.completion_tokens} completion tokens, "
+        f"{generated.tokens_per_s:.1f} tokens/s over {generated.elapsed_s:.0f} s.\n",
         markdown_table([{"task type": t, "examples": n} for t, n in by_type.items()]),
         "## Clean\n",
         markdown_table([{"stage": s, "rows": n} for s, n in counts.items()]),
         "Dropped: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none") + ".\n",
-        f"Export: {cleaned.get('export_dir')}; report: {cleaned.get('report')}.\n",
+        f"Export: {cleaned.export_dir}; report: {cleaned.report}.\n",
         "## Fine-tune\n",
     ]
     if tuned:
@@ -388,21 +391,21 @@ def publish_generate(store: RunStore) -> Any:
     return publish_table("generate_task_types", rows, f"generation run {store.run_id}: per task type")
 
 
-def publish_clean(catalog: Catalog, summary: Mapping[str, Any]) -> None:
+def publish_clean(catalog: Catalog, summary: CleanSummary) -> None:
     """The clean run's funnel, drop reasons, triplet sample, and links to its report and export."""
-    clean_id = summary["clean_id"]
+    clean_id = summary.clean_id
     if not in_run():
         return
     try:
-        facts = clean_facts(catalog, clean_id, list(summary["runs"]))
+        facts = clean_facts(catalog, clean_id, list(summary.runs))
     except Exception as exc:  # as in _publish: the report of a run never fails it
         _warn(f"could not read the clean artifacts' figures from the catalog: {exc}")
         return
     publish_table("clean_funnel", funnel_rows(facts["per_stage"]), f"clean run {clean_id}: rows per stage")
     publish_table("clean_drop_reasons", drop_rows(facts["drops"]), f"clean run {clean_id}: why rows were dropped")
     publish_table("clean_samples", sample_rows(facts["samples"]), f"clean run {clean_id}: sample triplets")
-    publish_link("clean_report", summary["report"], "report.html", f"clean run {clean_id}: the HTML report")
-    publish_link("clean_export", summary["export_dir"], "export", f"clean run {clean_id}: the training export")
+    publish_link("clean_report", summary.report, "report.html", f"clean run {clean_id}: the HTML report")
+    publish_link("clean_export", summary.export_dir, "export", f"clean run {clean_id}: the training export")
 
 
 def publish_finetune(summary: FinetuneSummary) -> None:
@@ -416,10 +419,10 @@ def publish_finetune(summary: FinetuneSummary) -> None:
 
 
 def publish_pipeline(
-    generated: Mapping[str, Any],
-    cleaned: Mapping[str, Any],
+    generated: GenerateSummary,
+    cleaned: CleanSummary,
     tuned: FinetuneSummary | None,
     ledger_markdown: str | None = None,
 ) -> Any:
     markdown = pipeline_markdown(generated, cleaned, tuned, ledger_markdown)
-    return publish_markdown("pipeline_summary", markdown, f"pipeline {generated.get('run_id')}")
+    return publish_markdown("pipeline_summary", markdown, f"pipeline {generated.run_id}")

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -387,14 +387,14 @@ def summarize(ctx: CleanContext, seconds: dict[str, float]) -> CleanSummary:
     dropped = {path.stem: store.count(path) for path in sorted((store.root / "dropped").glob("*.parquet"))}
     get_run_logger().info("clean %s: %s; dropped %s", store.clean_id, counts, dropped)
     summary = CleanSummary(store.clean_id, ctx.runs, counts, dropped, str(store.export_location), str(report), seconds)
-    publish_clean(catalog, asdict(summary))  # the funnel, drop reasons, samples and links in the UI
+    publish_clean(catalog, summary)  # the funnel, drop reasons, samples and links in the UI
     return summary
 
 
 @flow(name="clean", flow_run_name="clean-{clean_id}")
 def clean(
     clean_id: str, runs: list[str] | None = None, publish_to: str | None = None, profile: str | None = None
-) -> dict[str, Any]:
+) -> CleanSummary:
     """Validate, deduplicate, rank-filter and mine hard negatives over generation runs; export the corpus.
 
     Args:
@@ -403,4 +403,4 @@ def clean(
         publish_to: Also publish the export: a local folder or a Hugging Face dataset repo id (token from HF_TOKEN).
         profile: Settings profile: local or production (default: the environment's).
     """
-    return asdict(clean_run(load_settings(profile=profile), clean_id, runs, publish_to))
+    return clean_run(load_settings(profile=profile), clean_id, runs, publish_to)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -387,7 +387,7 @@ async def generate(
     unique_instructions: int | None = None,
     profile: str | None = None,
     plan: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> GenerateSummary:
     """Generate persona-driven embedding training examples into Parquet shards of ``run_id``.
 
     Args:
@@ -410,4 +410,4 @@ async def generate(
         if v is not None
     }
     settings = load_settings(profile=profile, generation=overrides)
-    return asdict(await generate_run(settings, run_id, plan))
+    return await generate_run(settings, run_id, plan)

@@ -149,7 +149,7 @@ def import_data(
     skip_invalid: bool = False,
     shard_rows: int = SHARD_ROWS,
     profile: str | None = None,
-) -> dict[str, Any]:
+) -> ImportSummary:
     """Import existing training data (KaLM JSONL, sentence-transformers columns, Parquet, datasets folders) as a run.
 
     Args:
@@ -163,4 +163,4 @@ def import_data(
     """
     options = ImportOptions(task_type, instruction, skip_invalid, shard_rows)
     settings = load_settings(profile=profile)
-    return asdict(import_run(settings, import_id or default_import_id(paths), paths, options, get_run_logger()))
+    return import_run(settings, import_id or default_import_id(paths), paths, options, get_run_logger())

@@ -13,19 +13,21 @@ skips clean runs whose name ends in :data:`SUBFLOW_SUFFIX`, because the pipeline
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_pipeline
-from flows.clean import clean
+from flows.clean import CleanSummary, clean
 from flows.finetune import finetune as finetune_flow
-from flows.generate import generate
+from flows.generate import GenerateSummary, generate
 from ground.costs import ledger_markdown
 from ground.settings import TaskTypeName, load_settings
 from storage.corpus import CleanStore
 from storage.ledger import read_ledger
 from storage.shards import RunStore
+from storage.summaries import FinetuneSummary
 
 #: the end of every subflow run name of a ``pipeline`` run; the finetune trigger
 #: (embed_factory/deployments/finetune_trigger.py) skips clean runs whose name ends so: the pipeline fine-tunes itself
@@ -54,6 +56,17 @@ def _run_name() -> str:
     return f"pipeline-{(flow_run.parameters or {}).get('run_id') or default_run_id()}"
 
 
+@dataclass
+class PipelineSummary:
+    """What the pipeline flow returns: its ids and each stage's own summary."""
+
+    run_id: str
+    clean_id: str
+    generate: GenerateSummary
+    clean: CleanSummary
+    finetune: FinetuneSummary | None
+
+
 @flow(name="pipeline", flow_run_name=_run_name)
 async def pipeline(
     run_id: str | None = None,
@@ -67,7 +80,7 @@ async def pipeline(
     base_model: str | None = None,
     max_steps: int | None = None,
     profile: Literal["local", "production"] | None = None,
-) -> dict[str, Any]:
+) -> PipelineSummary:
     """Generate examples, clean them into a training corpus, fine-tune an embedding model on it.
 
     Args:
@@ -106,9 +119,9 @@ async def pipeline(
     logger.info(
         "pipeline %s: %d examples, %d rows after cleaning, model %s",
         run_id,
-        sum(generated["examples_by_type"].values()),
-        cleaned["counts"].get("mined", 0),
+        generated.examples,
+        cleaned.counts.get("mined", 0),
         tuned.model_dir if tuned else "(not fine-tuned)",
     )
     publish_pipeline(generated, cleaned, tuned, ledger_markdown=pipeline_ledger(run_id, clean_id, profile))
-    return {"run_id": run_id, "clean_id": clean_id, "generate": generated, "clean": cleaned, "finetune": tuned}
+    return PipelineSummary(run_id, clean_id, generated, cleaned, tuned)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -19,6 +20,9 @@ from embed_factory.cli.frame import (
     stage_bars,
 )
 from embed_factory.prefect_server import prefect_ui_url, resolve_api_url
+
+if TYPE_CHECKING:
+    from flows.ablate import AblationSummary
 
 
 def ablate(
@@ -82,7 +86,7 @@ def _check_languages(settings, languages: list[str] | None) -> None:
             raise ValueError(f"--languages: no STS Benchmark test split for {lang!r} ({path})")
 
 
-def print_ablation(summary: dict) -> None:
+def print_ablation(summary: AblationSummary) -> None:
     """The table (mean ± sample std over seeds), the skipped variants and where the files are."""
     import pyarrow as pa
 
@@ -90,14 +94,14 @@ def print_ablation(summary: dict) -> None:
     from tasks.training.ablation import display_rows
 
     out = Console()
-    text = display_rows(pa.Table.from_pylist(summary["table"], schema=ABLATION_SCHEMA))
-    table = Table(title=f"ablation of {summary['clean_id']} ({summary['base_model']}), mean ± std over seeds")
+    text = display_rows(pa.Table.from_pylist(summary.table, schema=ABLATION_SCHEMA))
+    table = Table(title=f"ablation of {summary.clean_id} ({summary.base_model}), mean ± std over seeds")
     for name in text.header:
         table.add_column(name, justify="left" if name == "variant" else "right")
     for row in text.rows:
         table.add_row(*row)
     out.print(table)
-    for note in summary.get("notes") or []:
+    for note in summary.notes:
         out.print(f"- {note}")
-    out.print(f"table: {summary['results_path']}")
-    out.print(f"page:  {summary['html_path']}")
+    out.print(f"table: {summary.results_path}")
+    out.print(f"page:  {summary.html_path}")

@@ -20,7 +20,6 @@ from embed_factory.cli.frame import (
     prefect_at,
     say,
     stage_bars,
-    typed,
 )
 from embed_factory.prefect_server import resolve_api_url
 from storage.stages import CLEAN_STAGES
@@ -58,12 +57,11 @@ def clean(
 
 def clean_flow(api_url: str, clean_id: str, runs, publish_to, profile) -> CleanSummary:
     """Run the clean flow here, its stages as bars; its summary."""
-    from flows.clean import CleanSummary
     from flows.clean import clean as clean_runs
 
     with prefect_at(api_url, stage_bars()):
         summary = clean_runs(clean_id=clean_id, runs=runs, publish_to=publish_to, profile=profile)
-    return typed(CleanSummary, summary)
+    return summary
 
 
 def print_clean_summary(summary: CleanSummary) -> None:

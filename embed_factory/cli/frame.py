@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar, get_origin
+from typing import get_origin
 
 import httpx
 import typer
@@ -54,8 +54,6 @@ ConfigOption = typer.Option(
 )
 ProfileOption = typer.Option(None, "--profile", help="Settings profile: local (default) or production.")
 
-Summary = TypeVar("Summary")
-
 
 def fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {message}")
@@ -84,11 +82,6 @@ def command_frame(*, interrupted: str | None = None, stopped: str | None = None)
             fail(interrupted, 130)
         else:
             raise
-
-
-def typed(kind: type[Summary], summary: Summary | dict[str, Any]) -> Summary:
-    """A flow's summary as its dataclass (a flow returns it as a dict, plain data for Prefect's results)."""
-    return summary if isinstance(summary, kind) else kind(**summary)
 
 
 # --- settings ------------------------------------------------------------------------------------------

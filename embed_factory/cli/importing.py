@@ -19,7 +19,6 @@ from embed_factory.cli.frame import (
     prefect_at,
     say,
     stage_bars,
-    typed,
 )
 from embed_factory.prefect_server import resolve_api_url
 from ground.task_types import ALL_TASK_TYPES
@@ -69,7 +68,6 @@ def import_data(
 
 def import_flow(api_url, paths, import_id, task_type, instruction, skip_invalid, shard_rows, settings) -> ImportSummary:
     """Run the import flow here, its rows as a bar; its summary."""
-    from flows.importing import ImportSummary
     from flows.importing import import_data as import_flow_fn
 
     with prefect_at(api_url, stage_bars()):
@@ -82,7 +80,7 @@ def import_flow(api_url, paths, import_id, task_type, instruction, skip_invalid,
             shard_rows=shard_rows,
             profile=settings.profile,
         )
-    return typed(ImportSummary, summary)
+    return summary
 
 
 def print_import_summary(summary: ImportSummary) -> None:

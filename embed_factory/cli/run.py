@@ -24,7 +24,6 @@ from embed_factory.cli.frame import (
     prefect_at,
     say,
     stage_bars,
-    typed,
 )
 from embed_factory.cli.plan import history_plan, make_plan, print_plan
 from embed_factory.llm_server import EmbeddedLLMServer
@@ -128,7 +127,7 @@ def generate_flow(
     api_url: str, run_id: str, examples, task_types, seed, instructions, profile, plan: Plan | None = None
 ) -> GenerateSummary:
     """Run the generate flow here, its stages as bars; its summary."""
-    from flows.generate import GenerateSummary, generate
+    from flows.generate import generate
 
     bar = stage_bars(failed=True)
     say(f"run {run_id}: flow run in the Prefect UI at {prefect_ui_url(api_url)}")
@@ -144,7 +143,7 @@ def generate_flow(
                 plan=plan.to_json() if plan else None,
             )
         )
-    return typed(GenerateSummary, summary)
+    return summary
 
 
 def print_generate_summary(summary: GenerateSummary, api_url: str) -> None:

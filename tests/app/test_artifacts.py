@@ -93,10 +93,10 @@ def test_clean_funnel_matches_the_stage_tables(clean_run):
         for stage, counts in expected.items():
             assert rows[task_type][stage] == counts.get(task_type, 0), (task_type, stage)
     total = rows["total"]
-    assert total["generated"] == summary["counts"]["raw"] == raw.num_rows
+    assert total["generated"] == summary.counts["raw"] == raw.num_rows
     assert list(rows["total"])[1:-1] == list(expected)  # every stage table, in flow order
     for stage in list(expected)[1:]:
-        assert total[stage] == summary["counts"][stage]
+        assert total[stage] == summary.counts[stage]
     assert total["kept %"] == pytest.approx(100 * total["mined"] / total["generated"], abs=0.05)
 
 
@@ -135,9 +135,9 @@ def test_clean_links_point_at_the_report_and_the_export(clean_run):
     summary, artifacts = clean_run["summary"], clean_run["artifacts"]
     report, export = artifacts[KEYS["clean_report"]], artifacts[KEYS["clean_export"]]
     assert report.type == export.type == "markdown"  # a link artifact is stored as markdown: [text](url)
-    assert f"({Path(summary['report']).resolve().as_uri()})" in report.data
-    assert f"({Path(summary['export_dir']).resolve().as_uri()})" in export.data
-    assert Path(summary["report"]).exists() and (Path(summary["export_dir"]) / "train.jsonl").exists()
+    assert f"({Path(summary.report).resolve().as_uri()})" in report.data
+    assert f"({Path(summary.export_dir).resolve().as_uri()})" in export.data
+    assert Path(summary.report).exists() and (Path(summary.export_dir) / "train.jsonl").exists()
 
 
 def test_outside_a_flow_run_the_helpers_do_nothing(clean_run):
@@ -203,7 +203,7 @@ def test_generate_artifacts_match_the_run_tables(prefect_api_url, data_dir, monk
         reasons = Counter(r["reason"] for r in rj)
         for reason, n in reasons.items():
             assert f"{reason} ×{n}" in row["rejects by reason"]
-    assert rows["total"]["examples"] == summary["examples_by_type"]["retrieval"] + summary["examples_by_type"]["sts"]
+    assert rows["total"]["examples"] == summary.examples_by_type["retrieval"] + summary.examples_by_type["sts"]
 
     progress = artifacts[KEYS["generate_progress"]]
     assert progress.type == "progress"
@@ -249,17 +249,27 @@ def test_finetune_artifacts_match_eval_json(prefect_api_url, tiny_finetune, monk
 
 # --- pipeline: the markdown summary ------------------------------------------------------------------
 def test_pipeline_markdown_sums_up_the_three_stages_and_appends_the_ledger():
-    generated = {
-        "run_id": "run-1",
-        "examples_by_type": {"retrieval": 7, "sts": 5},
-        "requests": 14,
-        "rejects": 2,
-        "completion_tokens": 900,
-        "tokens_per_s": 30.0,
-        "elapsed_s": 30.0,
-    }
-    cleaned = {"clean_id": "clean-1", "counts": {"raw": 12, "mined": 9}, "dropped": {"validate": 3}}
-    cleaned |= {"export_dir": "/d/export", "report": "/d/report.html"}
+    from flows.clean import CleanSummary
+    from flows.generate import GenerateSummary
+
+    generated = GenerateSummary(
+        run_id="run-1",
+        run_dir="/d/runs/run-1",
+        examples_by_type={"retrieval": 7, "sts": 5},
+        rejects=2,
+        requests=14,
+        failure_rate=2 / 14,
+        completion_tokens=900,
+        tokens_per_s=30.0,
+        elapsed_s=30.0,
+        unique_instructions={"retrieval": 3},
+        personas=4,
+        shards_written=2,
+        shards_skipped=0,
+    )
+    cleaned = CleanSummary(
+        "clean-1", ["run-1"], {"raw": 12, "mined": 9}, {"validate": 3}, "/d/export", "/d/report.html"
+    )
     evaluation = {"model": "mini", "precision": "fp32"}
     tuned = FinetuneSummary.of(
         {

@@ -41,15 +41,15 @@ def test_clean_flow_on_s3(prefect_api_url, s3_endpoint, monkeypatch, tmp_path):
     RunStore(root, "run-a").write_shard("examples", "g00-00000", rows, [])
 
     summary = clean(clean_id="c-s3")
-    assert summary["counts"]["raw"] == 7 and summary["counts"]["mined"] > 0
-    assert summary["export_dir"] == f"{url}/clean/c-s3/export"
+    assert summary.counts["raw"] == 7 and summary.counts["mined"] > 0
+    assert summary.export_dir == f"{url}/clean/c-s3/export"
     store = CleanStore(root, "c-s3")
     names = set(keys(root))
     for stage in ("valid", "deduped", "filtered", "mined"):
         assert f"clean/c-s3/{stage}.parquet" in names
     assert {"clean/c-s3/export/train.parquet", "clean/c-s3/export/README.md", "clean/c-s3/report.html"} <= names
     assert any(name.startswith("embeddings/") for name in names)  # the vector cache is on S3 too
-    assert store.count(store.stage_path("mined")) == summary["counts"]["mined"]
+    assert store.count(store.stage_path("mined")) == summary.counts["mined"]
     catalog = Catalog(root)
     assert catalog.query("SELECT reason FROM dropped WHERE clean_id = 'c-s3' AND stage = 'validate'").column(
         0
@@ -57,7 +57,7 @@ def test_clean_flow_on_s3(prefect_api_url, s3_endpoint, monkeypatch, tmp_path):
     assert not (tmp_path / "data").exists()  # nothing went to a local data folder
     # a second run resumes: every stage table is already in the bucket
     modified = store.stage_path("valid").stat().st_mtime
-    assert clean(clean_id="c-s3")["counts"] == summary["counts"]
+    assert clean(clean_id="c-s3").counts == summary.counts
     assert store.stage_path("valid").stat().st_mtime == modified
 
 
@@ -81,7 +81,7 @@ def test_generate_flow_writes_its_run_to_s3(stub_llm_env, prefect_api_url, s3_en
     root = data_root(load_settings().storage)
     store = RunStore(root, "s3-run")
     examples = store.read_kind("examples")
-    assert examples.num_rows == sum(summary["examples_by_type"].values()) > 0
+    assert examples.num_rows == sum(summary.examples_by_type.values()) > 0
     manifest = store.manifest()
     names = set(keys(root))
     for entry in manifest.values():  # every manifest entry is an object of that size in the bucket

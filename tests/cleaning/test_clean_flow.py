@@ -39,7 +39,7 @@ def test_clean_flow_funnel_and_export(prefect_api_url, fixture_runs, monkeypatch
     monkeypatch.setenv("EMBED_FACTORY_CLEAN__NEGATIVE_RANK_MAX", "10")
     monkeypatch.setenv("EMBED_FACTORY_CLEAN__RANK_TOP_K", "3")
     summary = run_clean("c-test")
-    counts = summary["counts"]
+    counts = summary.counts
     assert counts["raw"] == 9
     assert counts["raw"] >= counts["valid"] >= counts["deduped"] >= counts["filtered"] >= counts["mined"] > 0
 
@@ -70,7 +70,7 @@ def test_clean_flow_funnel_and_export(prefect_api_url, fixture_runs, monkeypatch
 
 def test_clean_resumes_without_redoing_finished_stages(prefect_api_url, fixture_runs):
     first = run_clean("c-resume")
-    assert list(first["stage_seconds"]) == ["validate", "dedup", "decontaminate", "embed", "filter_and_mine", "export"]
+    assert list(first.stage_seconds) == ["validate", "dedup", "decontaminate", "embed", "filter_and_mine", "export"]
     store = CleanStore(fixture_runs, "c-resume")
     committed = ("valid", "deduped", "decontaminated")
     mtimes = {stage: store.stage_path(stage).stat().st_mtime_ns for stage in committed}
@@ -79,13 +79,13 @@ def test_clean_resumes_without_redoing_finished_stages(prefect_api_url, fixture_
     store.stage_path("filtered").unlink()
     summary = run_clean("c-resume")
     # only the steps whose table was missing ran again (and the export, which every run rewrites)
-    assert list(summary["stage_seconds"]) == ["embed", "filter_and_mine", "export"]
+    assert list(summary.stage_seconds) == ["embed", "filter_and_mine", "export"]
     assert {stage: store.stage_path(stage).stat().st_mtime_ns for stage in committed} == mtimes
     assert store.read_stage("mined").equals(mined)
-    assert summary["counts"]["mined"] == pq.read_metadata(store.stage_path("mined")).num_rows
+    assert summary.counts["mined"] == pq.read_metadata(store.stage_path("mined")).num_rows
 
     again = run_clean("c-resume")  # everything committed: only the export is rewritten
-    assert list(again["stage_seconds"]) == ["export"] and again["counts"] == summary["counts"]
+    assert list(again.stage_seconds) == ["export"] and again.counts == summary.counts
 
 
 def test_corrupt_shard_stops_with_its_name(prefect_api_url, fixture_runs):
@@ -118,4 +118,4 @@ def test_resume_with_changed_settings_or_inputs_is_one_error_line(prefect_api_ur
     with pytest.raises(CleanConfigMismatch, match="runs.run-c: added"):
         run_clean("c-fp")
     assert {p: p.stat().st_mtime_ns for p in store.root.glob("*.parquet")} == mtimes, "no table rewritten"
-    assert run_clean("c-fp", runs=["run-a", "run-b"])["stage_seconds"].keys() == {"export"}  # same inputs resume
+    assert run_clean("c-fp", runs=["run-a", "run-b"]).stage_seconds.keys() == {"export"}  # same inputs resume

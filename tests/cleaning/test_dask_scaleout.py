@@ -148,9 +148,9 @@ def test_clean_flow_on_dask_equals_threads(prefect_api_url, data_dir, monkeypatc
     assert sorted(name for name, _ in ran) == expected, ran
     assert len({worker for _, worker in ran}) == 2, ran
 
-    assert on_dask["counts"] == threads["counts"] and on_dask["dropped"] == threads["dropped"]
-    assert threads["counts"]["raw"] == 30
-    assert all(threads["dropped"].get(stage) for stage in ("validate", "dedup_exact", "dedup_near")), threads["dropped"]
+    assert on_dask.counts == threads.counts and on_dask.dropped == threads.dropped
+    assert threads.counts["raw"] == 30
+    assert all(threads.dropped.get(stage) for stage in ("validate", "dedup_exact", "dedup_near")), threads.dropped
     a, b = fingerprint(CleanStore(data_dir, "c-thread")), fingerprint(CleanStore(data_dir, "c-dask"))
     assert a == b
     assert {"valid.parquet", "deduped.parquet", "mined.parquet", "export/train.jsonl"} <= set(a)

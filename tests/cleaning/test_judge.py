@@ -306,7 +306,7 @@ def test_the_clean_flow_runs_the_judge_and_exports_its_corpus(prefect_api_url, d
         summary = clean(clean_id="c-judge")
     finally:
         llm.close()
-    assert "judge" in summary["stage_seconds"] and summary["counts"]["verified"] > 0
+    assert "judge" in summary.stage_seconds and summary.counts["verified"] > 0
     store = CleanStore(data_dir, "c-judge")
     verified = store.read_stage("verified").to_pylist()
     records = [

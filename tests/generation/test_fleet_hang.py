@@ -168,11 +168,11 @@ def test_generate_summary_and_artifact_name_the_hung_endpoint(prefect_api_url, d
         state = asyncio.run(run())
         elapsed = time.monotonic() - started
     summary = state.result()
-    assert sum(summary["examples_by_type"].values()) == 60
+    assert sum(summary.examples_by_type.values()) == 60
     assert elapsed < 60, "requests on the hung endpoint waited for their timeout"
-    row = next(r for r in summary["endpoints"] if r["endpoint"] == hung.url)
+    row = next(r for r in summary.endpoints if r["endpoint"] == hung.url)
     assert row["taken_out"] >= 1 and row["last_reason"].startswith("silent for") and row["out_of_rotation_s"] > 0
-    assert any(hung.url in w and "out of rotation" in w for w in summary["warnings"])
+    assert any(hung.url in w and "out of rotation" in w for w in summary.warnings)
     table = table_of(artifacts_of(state.state_details.flow_run_id)[KEYS["generate_llm_endpoints"]])
     assert {r["endpoint"] for r in table} == {llm.base_url, hung.url}
     shown = next(r for r in table if r["endpoint"] == hung.url)

@@ -29,7 +29,7 @@ def test_flow_generates_every_task_type(llm_base_url, prefect_api_url, data_dir,
     store = RunStore(data_dir, "it-all-types")
     examples = store.read_kind("examples").to_pylist()
     rejects = store.read_kind("rejects").to_pylist()
-    assert summary["examples_by_type"] == {
+    assert summary.examples_by_type == {
         t: sum(r["task_type"] == t for r in examples) for t in ALL_TYPES if any(r["task_type"] == t for r in examples)
     }
     assert {r["task_type"] for r in examples} == set(ALL_TYPES), "every task type yields parsed examples"

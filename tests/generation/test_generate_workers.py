@@ -114,9 +114,9 @@ def test_a_run_on_two_worker_processes_equals_the_single_process_run(tiny_run, c
     assert len(shards) == 6 and sorted(n for n, _ in ran) == ["run_example_shard_on_worker"] * len(shards), ran
     assert len({worker for _, worker in ran}) == 2, "both workers ran example shards"
 
-    assert spread["examples_by_type"] == single["examples_by_type"] and spread["rejects"] == single["rejects"]
-    assert single["rejects"] > 0, "the stub's invalid answers end in the rejects"
-    assert spread["llm_calls"] == single["llm_calls"], "the workers' client counters are added up"
+    assert spread.examples_by_type == single.examples_by_type and spread.rejects == single.rejects
+    assert single.rejects > 0, "the stub's invalid answers end in the rejects"
+    assert spread.llm_calls == single.llm_calls, "the workers' client counters are added up"
     assert snapshot(tmp_path / "spread") == snapshot(tmp_path / "single")
     assert _export(tiny_run, tmp_path / "spread") == _export(tiny_run, tmp_path / "single")
 

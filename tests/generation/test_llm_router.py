@@ -325,4 +325,4 @@ def test_endpoint_killed_mid_run_loses_no_request(llm_base_url, prefect_api_url,
     done = store.read_kind("examples")["example_id"].to_pylist() + store.read_kind("rejects")["example_id"].to_pylist()
     assert len(planned) == examples
     assert sorted(done) == sorted(planned), "a request was lost or written twice"
-    assert sum(summary["examples_by_type"].values()) > 0
+    assert sum(summary.examples_by_type.values()) > 0

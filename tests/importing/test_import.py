@@ -304,7 +304,7 @@ def test_clean_over_an_imported_and_a_synthetic_run_exports_both(prefect_api_url
     assert imported.rows == 28
 
     summary = clean(clean_id="c-mix")
-    assert summary["runs"] == ["imp-sample", "synth"] and summary["counts"]["raw"] == 28 + len(TOPICS)
+    assert summary.runs == ["imp-sample", "synth"] and summary.counts["raw"] == 28 + len(TOPICS)
     catalog = Catalog(data_dir)
     dropped = catalog.query(
         "SELECT d.stage, d.reason FROM dropped d JOIN lineage USING (example_id) WHERE d.stage = 'validate'"

@@ -215,11 +215,11 @@ def test_ablate_flow_table_seeds_and_artifact(prefect_api_url, ablation_env, tmp
     # (2 trainings each): homogeneous-1 reuses the filtered runs (the configured ratio is 1), the judge is skipped
     asked = ["filtered", "filtered+judge", "no-hard-negatives", "homogeneous-1"]
     summary = ablate(clean_id=CLEAN_ID, max_steps=1, seeds=2, variants=asked, languages=["en"])
-    print(f"ablation: {len(summary['variants'])} variants x 2 seeds in {summary['seconds']}s")
+    print(f"ablation: {len(summary.variants)} variants x 2 seeds in {summary.seconds}s")
     trained = ["filtered", "no-hard-negatives", "homogeneous-1"]
-    assert summary["variants"] == trained and summary["skipped"] == {"filtered+judge": "skipped: no judge results"}
+    assert summary.variants == trained and summary.skipped == {"filtered+judge": "skipped: no judge results"}
     dims = [384, 256, 64]
-    table = summary["table"]
+    table = summary.table
     assert [(r["variant"], r["dim"]) for r in table] == [(v, d) for v in ["base", *trained] for d in dims]
     for row in table:
         assert row["sts_spearman_mean"] is not None and row["heldout_ndcg10_mean"] is not None

@@ -111,7 +111,7 @@ def test_clean_completion_triggers_finetune(prefect_api_url, tiny_finetune, tmp_
         assert asyncio.run(_finetune_runs(deployment_id)) == [], "no fine-tune before a clean run completes"
 
         summary = clean(clean_id="c-trig")  # the real clean flow, in this process; Completed fires the trigger
-        assert summary["counts"]["mined"] > 0
+        assert summary.counts["mined"] > 0
         t_clean = time.monotonic()
 
         runs = []

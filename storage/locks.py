@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from storage.atomic import StorageError, remove_stale_temps
+from storage.claims import is_stale
 from storage.location import StorePath, is_remote
 
 log = logging.getLogger(__name__)
@@ -128,16 +129,7 @@ class RemoteLock:
         )
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
-        if float(holder.get("expires_at", 0)) < time.time():
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", 0)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                return False
-        return False
+        return is_stale(holder)  # the shard claims' rule: expired, or a dead process on this host
 
     def acquire(self) -> None:
         try:

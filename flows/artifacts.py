@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.catalog import Catalog
-from storage.funnel import funnel_counts
+from storage.funnel import drop_reasons, funnel_counts
 from storage.shards import RunStore, ShardRecord
 from storage.summaries import EvalDelta, Evaluation, FinetuneSummary
 from tasks.training.heldout_loss import describe_heldout_loss
@@ -243,12 +243,7 @@ def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, A
     """Funnel counts, drop reasons with one detail each, and a repeatable triplet sample per task type."""
     with catalog.session():
         per_stage = funnel_counts(catalog, clean_id, runs)
-        drops = catalog.query(
-            "SELECT stage, reason, count(*) AS n, "
-            "arg_min(detail, example_id) FILTER (WHERE detail IS NOT NULL) AS detail "
-            "FROM dropped WHERE clean_id = $c GROUP BY stage, reason ORDER BY n DESC, stage, reason",
-            {"c": clean_id},
-        ).to_pylist()
+        drops = drop_reasons(catalog, clean_id)
         samples = catalog.query(
             "SELECT task_type, query, positive, hard_negatives[1] AS hard_negative, positive_rank FROM mined "
             "WHERE clean_id = $c QUALIFY row_number() OVER (PARTITION BY task_type ORDER BY md5(example_id)) <= $k "

@@ -1,8 +1,8 @@
-"""The cleaning funnel, counted once: rows per stage table and task type, from the catalog.
+"""The cleaning funnel and its drop reasons, counted once from the catalog.
 
 Both funnels (the HTML report, ``tasks/cleaning/report_sections.py``, and the Prefect artifact,
 ``flows/artifacts.py``) render :func:`funnel_counts`; its columns are ``generated`` and then every
-stage table of ``storage/stages.py`` in flow order.
+stage table of ``storage/stages.py`` in flow order. Both drop-reason tables render :func:`drop_reasons`.
 """
 
 from __future__ import annotations
@@ -31,3 +31,14 @@ def funnel_counts(catalog: Catalog, clean_id: str | None, runs: list[str]) -> di
 def _per_type(catalog: Catalog, source: str, param: object) -> dict[str, int]:
     sql = f"SELECT task_type, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
     return {r["task_type"]: r["n"] for r in catalog.query(sql, {"p": param}).to_pylist()}
+
+
+def drop_reasons(catalog: Catalog, clean_id: str) -> list[dict[str, object]]:
+    """Per stage and reason of a clean run's dropped rows: ``n`` and one ``detail`` (the smallest example
+    id's, so the same on every call), most rows first."""
+    return catalog.query(
+        "SELECT stage, reason, count(*) AS n, "
+        "arg_min(detail, example_id) FILTER (WHERE detail IS NOT NULL) AS detail "
+        "FROM dropped WHERE clean_id = $c GROUP BY stage, reason ORDER BY n DESC, stage, reason",
+        {"c": clean_id},
+    ).to_pylist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from matplotlib.ticker import MaxNLocator
 
-from storage.funnel import GENERATED
+from storage.funnel import GENERATED, drop_reasons
 from tasks.cleaning.report_data import SAMPLE_CLAUSE, SAMPLE_ROWS, ReportData
 from tasks.cleaning.report_html import (
     HBOX,
@@ -108,10 +108,7 @@ def funnel_section(d: ReportData) -> str:
 def drops_section(d: ReportData) -> str:
     if d.clean_id is None:
         return empty("No cleaning run yet, so nothing was dropped.")
-    rows = d.clean_rows(
-        "SELECT stage, reason, count(*) AS n, any_value(detail) AS detail FROM dropped "
-        "WHERE {clean} GROUP BY stage, reason ORDER BY n DESC"
-    )
+    rows = drop_reasons(d.catalog, d.clean_id)  # the UI artifact's table too
     if not rows:
         return empty("No dropped rows recorded for this clean run.")
     by_type = d.clean_rows("SELECT stage, task_type, count(*) AS n FROM dropped WHERE {clean} GROUP BY ALL")

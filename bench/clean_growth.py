@@ -254,6 +254,7 @@ def child(rows: int, out: Path, status: Path) -> None:
     clock.reset()  # imports and instrumenting are not part of the flow
     started = time.perf_counter()
     summary = clean(clean_id=f"growth-{rows}")
+    summary = summary if isinstance(summary, dict) else vars(summary)  # before 2026-12-07 the flow gave a dict
     total = time.perf_counter() - started
     clock.stop()
     result = {
@@ -263,8 +264,8 @@ def child(rows: int, out: Path, status: Path) -> None:
         "seconds": clock.seconds,
         "peak_rss": clock.peak,
         "missing_hooks": missing,
-        "flow_stage_seconds": summary.stage_seconds,
-        "counts": summary.counts,
+        "flow_stage_seconds": summary.get("stage_seconds", {}),
+        "counts": summary.get("counts", {}),
     }
     out.write_text(json.dumps(result))
 

@@ -17,9 +17,8 @@ stage is then reported as not seen, its time inside the stage before it. A threa
 
 Guards: a side whose process tree's RSS passes ``--max-rss-gib`` or which runs past ``--time-limit`` is
 killed and reported as ``> X GiB at <stage>`` / ``> T s at <stage>``; the other side and sizes go on.
-
 Model time is excluded: the embedder is replaced (``make_embedder``, the injection point) by a
-deterministic bag-of-words hashing embedder (384 dims), and loading the real model is made to fail.
+deterministic bag-of-words hashing embedder (384 dims), and loading the real model is made to fail;
 all-MiniLM-L6-v2's throughput is measured by ``bench/cleaning.py``.
 
     python bench/clean_growth.py --quick                                 # 5k, 10k, 20k, 40k rows

@@ -241,13 +241,7 @@ class CleanStore:
         path = self.stage_path(stage)
         if schema is not None:
             return read_parquet_checked(path, schema)
-        source, filesystem = parquet_source(path)
-        try:
-            return pq.read_table(source, filesystem=filesystem)
-        except FileNotFoundError:
-            raise StorageError(f"{path}: file not found") from None
-        except (pa.ArrowException, OSError) as exc:
-            raise StorageError(f"{path}: unreadable Parquet ({exc})") from None
+        return open_parquet(path).read()  # a missing or unreadable file: one StorageError line
 
     def count(self, path: StorePath) -> int:
         """Rows of a Parquet file, from its footer (nothing else is read)."""

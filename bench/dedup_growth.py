@@ -184,7 +184,7 @@ def child(impl: str, rows_file: Path, drops_file: Path) -> None:
 
 
 def make_rows(n: int, seed: int, rows_file: Path) -> None:
-    from clean_growth import synthetic_rows  # bench/ is on the path (this script's folder, or pytest's pythonpath)
+    from growth_rows import synthetic_rows  # bench/ is on the path (this script's folder, or pytest's pythonpath)
 
     from storage.schemas import EXAMPLE_SCHEMA
 

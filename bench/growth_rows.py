@@ -278,3 +278,8 @@ class RowMaker:
         for k, start in enumerate(range(0, self.n, shard_rows)):
             shard_id = f"g00-{k:05d}"
             yield shard_id, [self.row(i, shard_id) for i in range(start, min(start + shard_rows, self.n))]
+
+
+def synthetic_rows(n: int, run_id: str = "bench-run", seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows of one run as a list (the benches and tests that want rows, not shards)."""
+    return [row for _, shard in RowMaker(n, seed, run_id).shards(max(n, 1)) for row in shard]

@@ -161,7 +161,7 @@ def main() -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from clean_growth import synthetic_rows
+    from growth_rows import synthetic_rows
 
     print(f"{'rows':>8} {'part':<14} {'side':<10} {'seconds':>8} {'peak RSS':>9} {'peak anon':>10}  result")
     with tempfile.TemporaryDirectory(prefix="vector-memory-rows-") as folder:

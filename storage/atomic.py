@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -125,9 +126,21 @@ def atomic_dir(path: Path, point: str | None = None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _os_reason(exc: OSError) -> str:
-    """``No space left on device`` from an OSError, also from pyarrow's ("Error writing bytes ... Detail: ...")."""
-    return exc.strerror or str(exc).rpartition("Detail:")[2].strip() or type(exc).__name__
+def os_reason(exc: OSError) -> str:
+    """``No space left on device``, from an OSError or from pyarrow's ("Error writing ... Detail: [errno 28] ...")."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    detail = str(exc).rpartition("Detail:")[2].strip()
+    return re.sub(r"^\[errno \d+\]\s*", "", detail) or exc.strerror or type(exc).__name__
+
+
+@contextlib.contextmanager
+def write_errors(path: StorePath | str) -> Iterator[None]:
+    """An OS error while writing ``path`` (disk full, file too large, read-only) as one StorageError line."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write: {os_reason(exc)}") from None
 
 
 def atomic_write_bytes(path: StorePath, data: bytes) -> None:
@@ -139,7 +152,7 @@ def atomic_write_bytes(path: StorePath, data: bytes) -> None:
         with atomic_path(path, BYTES_POINT) as tmp:
             tmp.write_bytes(data)
     except OSError as exc:  # disk full, read-only, permissions: one clear line naming the file
-        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
+        raise StorageError(f"{path}: cannot write: {os_reason(exc)}") from None
 
 
 def read_json_file(path: StorePath, what: str) -> Any:
@@ -167,7 +180,7 @@ def atomic_write_parquet(table: pa.Table, path: StorePath, compression: str = "z
         with atomic_path(path, PARQUET_POINT) as tmp:
             pq.write_table(table, tmp, compression=compression)
     except OSError as exc:  # pyarrow's IO errors are OSErrors too
-        raise StorageError(f"{path}: cannot write: {_os_reason(exc)}") from None
+        raise StorageError(f"{path}: cannot write: {os_reason(exc)}") from None
     return None
 
 

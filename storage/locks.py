@@ -73,11 +73,18 @@ def folder_lock(
         try:
             yield
         finally:
-            if remove_if_empty and [p.name for p in root.iterdir()] == [".lock"]:
+            if remove_if_empty and _holds_nothing_but_its_lock(root):
+                for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+                    folder.rmdir()  # empty folders a writer made (dropped/) before it failed
                 lock_path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     root.rmdir()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _holds_nothing_but_its_lock(root: StorePath) -> bool:
+    """The folder holds its ``.lock`` file and, at most, empty folders."""
+    return all(p.is_dir() or p.name == ".lock" and p.parent == root for p in root.rglob("*"))
 
 
 class RemoteLock:

@@ -16,7 +16,6 @@ stage and the file.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
-from storage.atomic import StorageError, temp_path
+from storage.atomic import StorageError, os_reason, temp_path
 from storage.location import StorePath, is_remote, parquet_source, put_bytes
 from storage.schemas import DROPPED_SCHEMA
 
@@ -97,14 +96,6 @@ def iter_table(
 def empty_table(path: StorePath, schema: pa.Schema | None = None) -> pa.Table:
     """No rows, with the columns :func:`iter_table` would give."""
     return (schema or open_parquet(path).schema_arrow).empty_table()
-
-
-def os_reason(exc: OSError) -> str:
-    """``No space left on device``, from an OSError or from pyarrow's ("Error writing ... Detail: [errno 28] ...")."""
-    if exc.errno:
-        return os.strerror(exc.errno)
-    detail = str(exc).rpartition("Detail:")[2].strip()
-    return re.sub(r"^\[errno \d+\]\s*", "", detail) or exc.strerror or type(exc).__name__
 
 
 class ParquetSink:

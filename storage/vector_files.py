@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.atomic import AtomicFiles, StorageError
+from storage.atomic import AtomicFiles, StorageError, write_errors
 from storage.location import StorePath, is_remote
 
 DIGEST = np.dtype("S16")
@@ -123,14 +123,15 @@ class SegmentWriter:
 
 
 def write_segment(path: Path, keys: np.ndarray, vectors: np.ndarray) -> Path:
-    """One complete segment at ``path``, atomically."""
-    writer = SegmentWriter(path, int(vectors.shape[1]), len(keys))
-    try:
-        writer.append(keys, vectors)
-        return writer.close()
-    except BaseException:
-        writer.discard()
-        raise
+    """One complete segment at ``path``, atomically; a full disk is one StorageError line naming it."""
+    with write_errors(path):
+        writer = SegmentWriter(path, int(vectors.shape[1]), len(keys))
+        try:
+            writer.append(keys, vectors)
+            return writer.close()
+        except BaseException:
+            writer.discard()
+            raise
 
 
 def segment_size(rows: int, dimension: int) -> int:
@@ -182,19 +183,18 @@ class MatrixWriter:
             self.dimension = int(block.shape[1])
         elif block.shape[1] != self.dimension:
             raise ValueError(f"{self.path}: rows of dimension {block.shape[1]} after {self.dimension}")
-        try:
+        with write_errors(self.path):
             self._fh.write(block.tobytes())
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         self.rows += len(block)
 
     def close(self, dimension: int = 0) -> np.ndarray:
         """The matrix, memory-mapped; with no rows, an empty in-memory (0, dimension) array."""
         dimension = self.dimension if self.dimension is not None else dimension
-        self._fh.seek(0)
-        self._fh.write(_npy_header(self.rows, dimension))
-        self._fh.close()
-        self._files.commit()
+        with write_errors(self.path):
+            self._fh.seek(0)
+            self._fh.write(_npy_header(self.rows, dimension))
+            self._fh.close()
+            self._files.commit()
         if self.rows == 0:
             return np.zeros((0, dimension), np.float32)
         return np.load(self.path, mmap_mode="r")
@@ -225,15 +225,17 @@ class TextWriter:
         _, offsets_buf, data_buf = array.buffers()
         offsets = np.frombuffer(offsets_buf, np.int64, len(array) + 1, array.offset * 8)
         start, end = int(offsets[0]), int(offsets[-1])
-        self._data.write(memoryview(data_buf)[start:end])
-        self._offsets.write((offsets[1:] - start + self._bytes).tobytes())
+        with write_errors(self.stem):
+            self._data.write(memoryview(data_buf)[start:end])
+            self._offsets.write((offsets[1:] - start + self._bytes).tobytes())
         self._bytes += end - start
         self.count += len(array)
 
     def close(self) -> pa.Array:
-        self._offsets.close()
-        self._data.close()
-        self._files.commit()
+        with write_errors(self.stem):
+            self._offsets.close()
+            self._data.close()
+            self._files.commit()
         return open_texts(self.stem)
 
     def discard(self) -> None:

@@ -179,7 +179,8 @@ def test_false_positive_rate_on_clean_production_length_prose(sts_eval):
 def test_blocked_pair_scoring_decides_as_the_per_pair_copies_did(sts_eval, tmp_path, monkeypatch):
     """Candidate pairs as int32 ids scored in blocks (here 7 pairs), over a memory-mapped matrix: the same
     matches, in the same words, as the code that copied two vectors per pair (bench/vectors_before.py)."""
-    from clean_growth import HashBagEmbedder, synthetic_rows
+    from clean_growth import HashBagEmbedder
+    from growth_rows import synthetic_rows
     from vectors_before import old_find_matches
 
     from storage.embedding_cache import EmbeddingCache, encode_to_file

@@ -367,8 +367,8 @@ def test_near_dedup_equals_exact_jaccard_where_the_answer_is_clear(cfg):
 def test_same_drops_as_the_replaced_implementation(cfg):
     """bench/dedup_growth.py keeps the near dedup this engine replaced; on the growth bench's synthetic
     rows (exact and near duplicates, vague queries, shared templates) both drop the same rows, same details."""
-    from clean_growth import synthetic_rows
     from dedup_growth import old_near_dedup
+    from growth_rows import synthetic_rows
 
     from storage.schemas import EXAMPLE_SCHEMA
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ground.faults import checkpoint
-from storage.atomic import StorageError, os_reason, temp_path
+from storage.atomic import PARQUET_POINT, StorageError, os_reason, temp_path
 from storage.location import StorePath, is_remote, parquet_source, put_bytes
 from storage.schemas import DROPPED_SCHEMA
 
@@ -190,11 +190,12 @@ class StageWriter:
             sink.write(rows.cast(DROPPED_SCHEMA))
 
     def commit(self) -> None:
-        """Drop files first, then the table: the commit point."""
+        """Drop files first, then the table: the commit point. Each file passes ``parquet.tmp`` (written and
+        fsynced, not yet renamed), as every Parquet file that storage commits does."""
         for sink in self.drops.values():
-            sink.commit()
+            sink.commit(PARQUET_POINT)
         checkpoint("stage.dropped")
-        self.table.commit()
+        self.table.commit(PARQUET_POINT)
         checkpoint("stage.table")
 
     def discard(self) -> None:

@@ -103,6 +103,22 @@ def task_run_names(flow_run_id) -> list[str]:
     return sorted(r.name for r in runs)
 
 
+def open_tab(page, name: str):
+    """Click the run page's ``name`` tab until its panel shows, and return the panel. A click that lands
+    before the page has hydrated is lost (the Logs tab stays open), so one click is not enough."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    panel = page.get_by_role("tabpanel", name=name)
+    for _ in range(10):
+        page.locator("[role=tablist]").get_by_text(name, exact=True).click()
+        try:
+            panel.wait_for(state="visible", timeout=3_000)
+            return panel
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"the {name!r} tab never opened")
+
+
 def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, stub_llm_env, ui_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -213,10 +229,9 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, stub_llm_en
 
         # 3. the pipeline's run page: Completed, its graph, and its three subflow runs with their task runs
         page.goto(f"{ui}/runs/flow-run/{pipeline_id}")
-        page.locator("[role=tablist]").get_by_text("Subflow Runs", exact=True).click()
+        panel = open_tab(page, "Subflow Runs")
         expect(page.get_by_text("pipeline-run-ui", exact=True).first).to_be_visible()
         expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
-        panel = page.get_by_role("tabpanel", name="Subflow Runs")
         expect(panel.get_by_text("3 Flow runs", exact=True)).to_be_visible()
         for name, run in children.items():
             row = panel.locator("div", has=page.get_by_text(name, exact=True)).filter(has_text="Task runs").last
@@ -228,8 +243,7 @@ def test_ui_shows_deployments_and_a_completed_pipeline_run(chromium, stub_llm_en
 
         # 4. the clean subflow's run page: its task runs
         page.goto(f"{ui}/runs/flow-run/{clean_run.id}")
-        page.locator("[role=tablist]").get_by_text("Task Runs", exact=True).click()
-        panel = page.get_by_role("tabpanel", name="Task Runs")
+        panel = open_tab(page, "Task Runs")
         expect(panel.get_by_text(f"{len(clean_tasks)} Task runs", exact=True)).to_be_visible()
         for name in clean_tasks:  # the UI lists exactly the task runs the API has
             expect(panel.get_by_text(name, exact=True).first).to_be_visible()
@@ -288,8 +302,7 @@ def test_ui_shows_a_clean_runs_funnel_artifact(chromium, ui_server, tmp_path, mo
         page.set_default_timeout(60_000)
         # the flow run's Artifacts tab lists the clean run's artifacts by key
         page.goto(f"{ui_server.ui_url}/runs/flow-run/{flow_run_id}")
-        page.locator("[role=tablist]").get_by_text("Artifacts", exact=True).click()
-        panel = page.get_by_role("tabpanel", name="Artifacts")
+        panel = open_tab(page, "Artifacts")
         for key in ("clean_funnel", "clean_drop_reasons", "clean_samples", "clean_report", "clean_export"):
             expect(panel.get_by_text(KEYS[key], exact=True).first).to_be_visible()
         # the funnel artifact's page: one table row per task type with its count per stage

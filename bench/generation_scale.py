@@ -14,8 +14,8 @@ Personas are the bundled seed set (the production profile's Hub set needs the ne
 Printed at the end: wall time of the run (brainstorm and examples phases from the shards' commit times),
 peak RSS of the CLI's process tree, requests and rows, the manifest's size, ``query``'s wall time and RSS,
 and the per-shard commit cost at the start vs the end: ``RunStore.write_shard`` of a 500-row and a 1-row
-shard timed into an empty run and into the finished run (today the manifest is read and rewritten on every
-commit: what grows with the shards shows as the 1-row shard's cost at the end over the start).
+shard timed into an empty run and into the finished run (a commit writes one manifest.d entry; a cost that
+grew with the shards would show as the 1-row shard's cost at the end over the start).
 
     python bench/generation_scale.py --instructions 2000 --examples 20000      # minutes
     python bench/generation_scale.py                                            # 40k / 550k: hours
@@ -156,8 +156,8 @@ def commit_cost(data: Path, run_id: str, rows: list[dict], label: str) -> dict[s
 
 
 def manifest_bytes(run: Path) -> tuple[int, int]:
-    """(bytes, files) of the run's manifest: manifest.json and anything else named manifest* under the run."""
-    files = [p for p in run.rglob("manifest*") if p.is_file()]
+    """(bytes, files) of the run's manifest: its manifest.d entries (and a legacy manifest.json)."""
+    files = [p for p in run.rglob("*") if p.is_file() and (p.name == "manifest.json" or "manifest.d" in p.parts)]
     return sum(p.stat().st_size for p in files), len(files)
 
 
@@ -184,6 +184,8 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work, prefix="generation-scale-") as tmp, prefect_api() as api_url:
         data, run = Path(tmp) / "data", Path(tmp) / "data" / "runs" / RUN_ID
         with stub_fleet(args) as fleet:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def diverse_brainstorm(prompt: str, rng, schema: dict) -> dict[str, list[str]]:
 
     global VOCABULARY
     VOCABULARY = VOCABULARY or english_vocabulary()
+    rng = DRAWS  # not the stub's per-prompt rng: a prompt asked again (same persona, same type) must get new tasks,
+    # as a sampled 72B answer does, or the run asks the same few thousand prompts round after round
     n = schema["properties"]["tasks"].get("maxItems", 6)
     kind = prompt.split("useful ")[-1].split(" tasks")[0] if "useful " in prompt else "matching"
     tasks: list[str] = []
@@ -83,6 +86,7 @@ def diverse_brainstorm(prompt: str, rng, schema: dict) -> dict[str, list[str]]:
 
 
 VOCABULARY: list[str] = []
+DRAWS = random.Random(0)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
@@ -195,7 +196,8 @@ def unique_instructions(
     """
     seen: set[tuple[str, str]] = set()
     candidates: list[dict] = []
-    order = sorted(range(brainstorm.num_rows), key=lambda i: (brainstorm["shard_id"][i].as_py(), i))
+    # shard order; the sort is stable, so rows of one shard keep their order
+    order = pc.sort_indices(brainstorm, sort_keys=[("shard_id", "ascending")]).to_pylist()
     columns = brainstorm.select(["task_type", "instruction", "persona_id", "persona"]).to_pylist()
     for i in order:
         row = columns[i]

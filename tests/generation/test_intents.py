@@ -68,6 +68,36 @@ def test_paraphrase_sets_share_an_intent_and_distinct_instructions_do_not():
     assert 0 < summary["retrieval"]["mean_nn_similarity"] < 1
 
 
+def test_blockwise_clustering_equals_the_all_pairs_greedy_across_block_boundaries():
+    """The blockwise greedy gives every instruction the intent the plain all-pairs greedy gives it: planted
+    near-duplicate groups whose members fall in different blocks, in two task types, blocks of 7 rows."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 16))
+    members = rng.integers(0, 40, size=300)
+    vectors = centres[members] + rng.normal(scale=0.35, size=(300, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    types = ["retrieval" if i % 3 else "sts" for i in range(300)]
+    threshold = 0.9
+
+    expected_intent, expected_nearest = [0] * 300, [0.0] * 300
+    for t in set(types):  # the definition, written out: all pairs, then the first head at or above threshold
+        rows = [i for i, x in enumerate(types) if x == t]
+        sims = vectors[rows] @ vectors[rows].T
+        np.fill_diagonal(sims, -np.inf)
+        heads: list[int] = []
+        for k, row in enumerate(rows):
+            joined = next((j for j, h in enumerate(heads) if sims[k, h] >= threshold), None)
+            if joined is None:
+                heads.append(k)
+                joined = len(heads) - 1
+            expected_intent[row], expected_nearest[row] = joined, float(sims[k].max())
+
+    got = cluster_intents(types, vectors, threshold, block=7)
+    assert got.intent == expected_intent
+    assert np.allclose(got.nearest, expected_nearest, atol=1e-5)
+    assert 5 < len(set(zip(types, got.intent, strict=True))) < 300  # some groups merged, not all
+
+
 def fake_encode(texts: list[str]) -> np.ndarray:
     """Unit vectors where texts with the same first word are identical and others orthogonal."""
     words = sorted({t.split()[0] for t in texts})

@@ -39,8 +39,8 @@ def generator_rows(d: ReportData) -> list[dict[str, Any]]:
         row |= {stage: funnel[stage].get(model, 0) for stage in stages}
         accepted = row[stages[-1]] if stages else None
         row["kept_pct"] = round(100.0 * accepted / generated, 1) if stages and generated else None
-        row["cost_usd"] = costs.get(model)
-        row["cost_per_1k_accepted"] = row["cost_usd"] / accepted * 1000 if accepted and row["cost_usd"] else None
+        usd = row["cost_usd"] = costs.get(model)
+        row["cost_per_1k_accepted"] = usd / accepted * 1000 if accepted and usd is not None else None
         rows.append(row)
     return rows
 

@@ -171,3 +171,16 @@ def test_the_reports_generator_table_matches_the_stage_tables(prefect_api_url, t
     assert dict(ledger) == expected["verified"]
     html = render_report(catalog, "c-mix")
     assert 'id="generators"' in html and f'<td class="text">{A}</td>' in html
+
+
+def test_doctor_checks_that_each_endpoint_serves_its_own_model():
+    from embed_factory import doctor
+    from ground.settings import Settings
+
+    with StubLLM(model=A) as a, StubLLM(model=B) as b:
+        right = Settings(llm={"endpoints": [{"url": a.base_url, "model": A}, {"url": b.base_url, "model": B}]})
+        assert doctor.check_llm(right, timeout_s=2).status == doctor.OK
+        swapped = Settings(llm={"endpoints": [{"url": a.base_url, "model": B}, {"url": b.base_url, "model": A}]})
+        check = doctor.check_llm(swapped, timeout_s=2)
+    assert check.status == doctor.FAIL and f"{a.base_url} serves {A}, not {B}" in check.detail
+    assert f"set the model of {a.base_url} in llm.endpoints to one of: {A}" in check.fix

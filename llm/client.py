@@ -88,6 +88,8 @@ class LLMClient:
             client=llm.client,
             logger=logger,
         )
+        if "base_url" in overrides:  # URLs given without their models: all serve the settings' model
+            options.pop("models")
         return cls(**{**options, **overrides})
 
     def __init__(
@@ -332,6 +334,8 @@ class LLMClient:
                 return answer
             finally:
                 waiting.discard(task)
+            if self.router.alone(lease.endpoint):  # never taken out, nowhere else to go: back off, as one URL does
+                await asyncio.sleep(_retry_delay({}, attempt))
             lease = None
             self.stats.failovers += 1
         raise AssertionError("unreachable")  # pragma: no cover

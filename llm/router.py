@@ -119,7 +119,7 @@ class EndpointRouter:
         """The endpoints serving ``model`` (None: all)."""
         return [e for e in self.endpoints if model is None or e.model == model]
 
-    def _alone(self, e: Endpoint) -> bool:
+    def alone(self, e: Endpoint) -> bool:
         """Whether ``e`` is the only endpoint of its model: taking it out would leave its requests nowhere."""
         return sum(x.model == e.model for x in self.endpoints) == 1
 
@@ -174,7 +174,7 @@ class EndpointRouter:
         return [
             e
             for e in self.endpoints
-            if e.in_rotation and e.in_flight and now - max(e.busy_since, e.last_heard) > after_s and not self._alone(e)
+            if e.in_rotation and e.in_flight and now - max(e.busy_since, e.last_heard) > after_s and not self.alone(e)
         ]
 
     def take_out(self, e: Endpoint, reason: str) -> None:
@@ -236,7 +236,7 @@ class EndpointRouter:
         e = self._release(lease)
         e.failed += 1
         e.last_heard = self.clock()
-        if lease.generation != e.generation or self._alone(e):
+        if lease.generation != e.generation or self.alone(e):
             return  # already out for this outage, or nowhere else to go
         self._take_out(e, reason)
 

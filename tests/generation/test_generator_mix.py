@@ -184,3 +184,46 @@ def test_doctor_checks_that_each_endpoint_serves_its_own_model():
         check = doctor.check_llm(swapped, timeout_s=2)
     assert check.status == doctor.FAIL and f"{a.base_url} serves {A}, not {B}" in check.detail
     assert f"set the model of {a.base_url} in llm.endpoints to one of: {A}" in check.fix
+
+
+def test_a_models_lone_endpoint_that_fails_is_retried_with_backoff_and_never_swapped_for_another_model():
+    import time
+
+    import httpx
+
+    from llm.client import LLMClient, Sampling
+    from prompts.render import RenderedPrompt
+    from prompts.schemas import object_schema, string_field
+
+    asked: dict[str, list[str]] = {"a.test": [], "b.test": []}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        host, model = request.url.host, json.loads(request.content)["model"]
+        asked[host].append(model)
+        if host == "b.test" and len(asked[host]) <= 2:
+            return httpx.Response(503, json={"error": "overloaded"})
+        content = json.dumps({"answer": model})
+        message = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": model,
+                                         "choices": [message], "usage": usage})  # fmt: skip
+
+    schema = object_schema({"answer": string_field(1, 20)})
+    prompt = RenderedPrompt([{"role": "user", "content": "hi"}], schema, "t", "v1")
+    client = LLMClient(
+        ["http://a.test/v1", "http://b.test/v1"],
+        A,
+        models=[A, B],
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        max_retries=3,
+    )
+
+    async def main():
+        async with client:
+            return await client.complete_json(prompt, Sampling(0.9, 0.95, 64), seed=1, model=B)
+
+    started = time.monotonic()
+    answer = asyncio.run(main())
+    assert answer.parsed == {"answer": B}
+    assert asked == {"a.test": [], "b.test": [B, B, B]}, "B's requests stay on B's endpoint"
+    assert time.monotonic() - started >= 0.375 + 0.75, "two backoffs (0.5 s, 1 s, less up to 25 % jitter)"

@@ -49,7 +49,7 @@ class LLMSettings(Section):
     # the share of examples each served model writes (weights, any scale); empty: by the endpoints serving it
     mix: dict[str, float] = {}
     # per task type, weights that replace ``mix`` for that type, e.g. {"sts": {"model-a": 1}}
-    mix_by_task_type: dict[TaskTypeName, dict[str, float]] = {}
+    mix_by_task_type: dict[str, dict[str, float]] = {}
     endpoint_cooldown_s: float = Field(2.0, gt=0)  # a failed endpoint's first time out of rotation; doubles
     endpoint_max_cooldown_s: float = Field(60.0, gt=0)  # ... up to this; also the longest wait when all are out
     # several endpoints: one out of rotation returns only after GET <url>/models answers within probe_timeout_s
@@ -106,6 +106,12 @@ class LLMSettings(Section):
             raise ValueError("llm.mix and llm.mix_by_task_type need llm.endpoints (each naming its model)")
         models = served_models(self.endpoints)
         check_weights("llm.mix", self.mix, models)
+        unknown = sorted(set(self.mix_by_task_type) - set(ALL_TASK_TYPES))
+        if unknown:
+            raise ValueError(
+                f"llm.mix_by_task_type names unknown task type(s) {', '.join(unknown)} "
+                f"(task types: {', '.join(ALL_TASK_TYPES)})"
+            )
         for task_type, weights in self.mix_by_task_type.items():
             check_weights(f"llm.mix_by_task_type.{task_type}", weights, models)
         return self

@@ -42,7 +42,7 @@ TWO = f'[[llm.endpoints]]\nurl = "http://a:8000/v1"\nmodel = "{A}"\n[[llm.endpoi
     [
         (TWO + f'model = "{B}"\n[llm.mix]\n"{A}" = -0.5\n"{B}" = 1\n', "weights must be 0 or more, not gen-a = -0.5"),
         (TWO, "llm.endpoints.1.model: Field required"),
-        (TWO + f'model = "{B}"\n[llm.mix_by_task_type.retreival]\n"{A}" = 1\n', "llm.mix_by_task_type.retreival"),
+        (TWO + f'model = "{B}"\n[llm.mix_by_task_type.retreival]\n"{A}" = 1\n', "unknown task type(s) retreival"),
         (TWO + f'model = "{B}"\n[llm.mix]\n"gen-c" = 1\n', "llm.mix names gen-c, which no endpoint serves"),
         (TWO + f'model = "{B}"\n[llm.mix]\n"{A}" = 0\n', "the weights add up to 0"),
         (f'[llm.mix]\n"{A}" = 1\n', "llm.mix and llm.mix_by_task_type need llm.endpoints"),

@@ -34,6 +34,7 @@ KEYS = {
     "generate_task_types": "generate-task-types",
     "generate_llm_endpoints": "generate-llm-endpoints",
     "clean_funnel": "clean-funnel",
+    "clean_generators": "clean-generators",
     "clean_drop_reasons": "clean-drop-reasons",
     "clean_samples": "clean-samples",
     "clean_report": "clean-report",

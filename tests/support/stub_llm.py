@@ -87,7 +87,9 @@ def _text(rng: random.Random, min_len: int, max_len: int) -> str:
 
 
 def fill_schema(schema: dict[str, Any], rng: random.Random) -> Any:
-    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses)."""
+    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses; an ``enum``, as the judge's verdict)."""
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
     kind = schema.get("type")
     if kind == "object":
         return {key: fill_schema(sub, rng) for key, sub in schema.get("properties", {}).items()}

@@ -179,9 +179,9 @@ def test_doctor_checks_that_each_endpoint_serves_its_own_model():
 
     with StubLLM(model=A) as a, StubLLM(model=B) as b:
         right = Settings(llm={"endpoints": [{"url": a.base_url, "model": A}, {"url": b.base_url, "model": B}]})
-        assert doctor.check_llm(right, timeout_s=2).status == doctor.OK
+        assert doctor.check_llm(right, timeout_s=10).status == doctor.OK
         swapped = Settings(llm={"endpoints": [{"url": a.base_url, "model": B}, {"url": b.base_url, "model": A}]})
-        check = doctor.check_llm(swapped, timeout_s=2)
+        check = doctor.check_llm(swapped, timeout_s=10)
     assert check.status == doctor.FAIL and f"{a.base_url} serves {A}, not {B}" in check.detail
     assert f"set the model of {a.base_url} in llm.endpoints to one of: {A}" in check.fix
 

@@ -87,15 +87,14 @@ def check_config(settings: Settings) -> Check:
 
 
 def check_llm(settings: Settings, timeout_s: float = 3.0) -> Check:
-    """Every endpoint must list the model; with several, one down is a warning (requests fail over)."""
+    """Every endpoint must list its model; with several, one down is a warning (requests fail over)."""
     from ground.secrets import SecretBlockError, reveal
 
     try:
         key = reveal(settings.llm.api_key) or ""
     except SecretBlockError as exc:
         return Check("llm", FAIL, str(exc), "create that Secret block or set EMBED_FACTORY_LLM__API_KEY")
-    urls = getattr(settings, "llm_base_urls", None) or [settings.llm_base_url]
-    results = [_check_endpoint(url, settings, key, timeout_s) for url in urls]
+    results = [_check_endpoint(e.url, e.model, settings, key, timeout_s) for e in settings.llm_endpoints]
     if len(results) == 1:
         return results[0]
     bad = [r for r in results if r.status != OK]
@@ -106,8 +105,7 @@ def check_llm(settings: Settings, timeout_s: float = 3.0) -> Check:
     return Check("llm", status, detail, bad[0].fix)
 
 
-def _check_endpoint(url: str, settings: Settings, key: str, timeout_s: float) -> Check:
-    model = settings.llm_model
+def _check_endpoint(url: str, model: str, settings: Settings, key: str, timeout_s: float) -> Check:
     if settings.uses_embedded_llm:
         down_fix = "run `embed-factory llm up` (`embed-factory run` also starts it)"
     else:
@@ -132,11 +130,12 @@ def _check_endpoint(url: str, settings: Settings, key: str, timeout_s: float) ->
     except (ValueError, KeyError, TypeError, AttributeError):
         return Check("llm", FAIL, f"{url}/models did not answer an OpenAI model list", down_fix)
     if model not in served:
+        setting = f"the model of {url} in llm.endpoints" if settings.llm.endpoints else "llm.model"
         return Check(
             "llm",
             FAIL,
             f"{url} serves {', '.join(served) or 'no model'}, not {model}",
-            f"set llm.model to one of: {', '.join(served)}" if served else down_fix,
+            f"set {setting} to one of: {', '.join(served)}" if served else down_fix,
         )
     return Check("llm", OK, f"{url} serves {model}")
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.catalog import Catalog
-from storage.funnel import drop_reasons, funnel_counts
+from storage.funnel import GENERATED, drop_reasons, funnel_counts, generator_funnel
 from storage.shards import RunStore, ShardRecord
 from storage.summaries import EvalDelta, Evaluation, FinetuneSummary
 from tasks.training.heldout_loss import describe_heldout_loss
@@ -34,6 +34,7 @@ KEYS = {
     "generate_task_types": "generate-task-types",
     "generate_llm_endpoints": "generate-llm-endpoints",
     "clean_funnel": "clean-funnel",
+    "clean_generators": "clean-generators",
     "clean_drop_reasons": "clean-drop-reasons",
     "clean_samples": "clean-samples",
     "clean_report": "clean-report",
@@ -109,9 +110,10 @@ def generation_rows(examples: pa.Table, rejects: pa.Table) -> list[dict[str, Any
     return rows
 
 
-def funnel_rows(per_stage: Mapping[str, Mapping[str, int]]) -> list[dict[str, Any]]:
+def funnel_rows(per_stage: Mapping[str, Mapping[str, int]], label: str = "task type") -> list[dict[str, Any]]:
     """``{stage: {task_type: rows}}`` (``storage.funnel.funnel_counts``, columns in its order) → one row per
-    task type with a column per stage, then a total row; kept % is the last column over the first."""
+    task type (or generator: ``label``) with a column per stage, then a total row; kept % is the last column
+    over the first."""
     stages = list(per_stage)
     types = sorted({t for counts in per_stage.values() for t in counts})
     rows = []
@@ -119,7 +121,7 @@ def funnel_rows(per_stage: Mapping[str, Mapping[str, int]]) -> list[dict[str, An
         counts = {s: (sum(per_stage[s].values()) if name == "total" else per_stage[s].get(name, 0)) for s in stages}
         first, last = counts[stages[0]], counts[stages[-1]]
         kept = round(100.0 * last / first, 1) if first else None
-        rows.append({"task type": name, **counts, "kept %": kept})
+        rows.append({label: name, **counts, "kept %": kept})
     return rows
 
 
@@ -243,6 +245,7 @@ def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, A
     """Funnel counts, drop reasons with one detail each, and a repeatable triplet sample per task type."""
     with catalog.session():
         per_stage = funnel_counts(catalog, clean_id, runs)
+        per_generator = generator_funnel(catalog, clean_id, runs)
         drops = drop_reasons(catalog, clean_id)
         samples = catalog.query(
             "SELECT task_type, query, positive, hard_negatives[1] AS hard_negative, positive_rank FROM mined "
@@ -250,7 +253,7 @@ def clean_facts(catalog: Catalog, clean_id: str, runs: list[str]) -> dict[str, A
             "ORDER BY task_type, md5(example_id)",
             {"c": clean_id, "k": SAMPLES_PER_TYPE},
         ).to_pylist()
-    return {"per_stage": per_stage, "drops": drops, "samples": samples}
+    return {"per_stage": per_stage, "per_generator": per_generator, "drops": drops, "samples": samples}
 
 
 def drop_rows(drops: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -397,6 +400,9 @@ def publish_clean(catalog: Catalog, summary: CleanSummary) -> None:
         _warn(f"could not read the clean artifacts' figures from the catalog: {exc}")
         return
     publish_table("clean_funnel", funnel_rows(facts["per_stage"]), f"clean run {clean_id}: rows per stage")
+    if len(facts["per_generator"].get(GENERATED, {})) > 1:  # a mix of generator models: each one's funnel
+        rows = funnel_rows(facts["per_generator"], "generator")
+        publish_table("clean_generators", rows, f"clean run {clean_id}: rows per stage and generator model")
     publish_table("clean_drop_reasons", drop_rows(facts["drops"]), f"clean run {clean_id}: why rows were dropped")
     publish_table("clean_samples", sample_rows(facts["samples"]), f"clean run {clean_id}: sample triplets")
     publish_link("clean_report", summary.report, "report.html", f"clean run {clean_id}: the HTML report")

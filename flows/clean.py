@@ -364,8 +364,8 @@ def write_clean_ledger(ctx: CleanContext, seconds: dict[str, float]) -> None:
     rows = clean_rows(
         store.clean_id,
         generation,
-        store.count_by_type("deduped"),
-        store.count_by_type(final_table(ctx.cfg)),  # what the export wrote, row for row
+        store.count_by_type_and_model("deduped"),
+        store.count_by_type_and_model(final_table(ctx.cfg)),  # what the export wrote, row for row
         seconds.get("embed", sum(r["embed_s"] or 0.0 for r in earlier)),
         seconds.get("filter_and_mine", sum(r["search_s"] or 0.0 for r in earlier)),
         ctx.settings.cost,

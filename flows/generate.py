@@ -145,10 +145,18 @@ def rejects_by_reason(rejects: pa.Table, top: int = 3) -> str:
 RUNTIME_ONLY = {"shards_in_flight", "task_runner", "workers", "dask_address"}
 
 
+def generator_mix(settings: Settings) -> dict[str, dict[str, float]] | None:
+    """Per task type, each generator model's weight; None with one model (every request asks it)."""
+    if len(settings.llm_models) < 2:
+        return None
+    return {t: settings.generator_weights(t) for t in settings.generation.task_types}
+
+
 def run_fingerprint(settings: Settings) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
+    """What must not change between a run and its resumption (a mix of models: which write what share)."""
     generation = settings.generation.model_dump(exclude=RUNTIME_ONLY)
-    return {
+    mix = generator_mix(settings)
+    return ({"generators": mix} if mix else {}) | {
         "generation": generation,
         "personas": settings.personas.model_dump(),
         "model": settings.llm_model,
@@ -297,7 +305,7 @@ def write_run_ledger(settings: Settings, store: RunStore, elapsed_s: float) -> N
         settings.llm_model,
         usage,
         earlier + elapsed_s,
-        len(settings.llm_base_urls),
+        Counter(e.model for e in settings.llm_endpoints),
         settings.cost,
         predicted,
     )
@@ -353,7 +361,15 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
                     get_run_logger().info("example shards on %s workers (%s)", gen.workers, gen.dask_address or "local")
                     execute = on_workers(runner, settings, run_id, sampling, worker_stats, worker_endpoints)
                 by_type = await examples_with_topups(
-                    store, gen, brainstormed.instructions, client, sampling, tally, tracker.shard_committed, execute
+                    store,
+                    gen,
+                    brainstormed.instructions,
+                    client,
+                    sampling,
+                    tally,
+                    tracker.shard_committed,
+                    execute,
+                    generator_mix(settings),
                 )
         add_stats(client.stats, stats_counts(worker_stats))
         summary = summarize(

@@ -31,7 +31,7 @@ from ground.settings import CleanSettings, GenerationSettings, Settings
 from llm.client import ClientStats, Sampling
 from tasks.generation.generate import ExampleShard
 from tasks.generation.rounds import Execute, OnShard
-from tasks.generation.workers import ShardDone, add_stats, endpoint_share, example_shard_worker_task
+from tasks.generation.workers import ShardDone, add_stats, example_shard_worker_task, model_share
 
 
 @contextlib.contextmanager
@@ -123,14 +123,14 @@ def on_workers(
             if done.record is not None and on_shard is not None:
                 loop.call_soon_threadsafe(on_shard, done.record)
 
-        urls = settings.llm_base_urls
+        fleet = settings.llm_endpoints
         parameters = (
             {
                 "settings": settings,
                 "run_id": run_id,
                 "shard": shard,
                 "sampling": sampling,
-                "base_urls": endpoint_share(urls, i, gen.workers),
+                "endpoints": model_share(fleet, i, gen.workers),
             }
             for i, shard in enumerate(shards)
         )

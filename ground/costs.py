@@ -3,11 +3,13 @@
 Pure functions over plain numbers and rows (dicts with the columns of ``storage.schemas.LEDGER_SCHEMA``);
 the flows gather the inputs and ``storage`` writes the rows. How each figure is made:
 
-- generation: the run's wall seconds are shared across task types in proportion to their tokens
-  (prompt + completion); GPU-seconds = ``cost.llm_gpus_per_endpoint`` x endpoints x that share. With 0 GPUs
-  the LLM ran on the CPU: endpoints x the share are CPU seconds instead.
-- clean: the embed stage's seconds and the search stage's seconds (ranking filter + mining) are shared in
-  proportion to the rows embedded per task type; GPU-seconds = ``cost.embedding_gpus`` x seconds.
+- generation: one row per task type and generator model. Each model's endpoints ran for the run's wall
+  seconds, shared across its task types in proportion to their tokens (prompt + completion); GPU-seconds =
+  ``cost.llm_gpus_per_endpoint`` x the model's endpoints x that share. With 0 GPUs the LLM ran on the CPU:
+  endpoints x the share are CPU seconds instead.
+- clean: one row per task type and generator model (the rows' ``model``); the embed stage's seconds and the
+  search stage's seconds (ranking filter + mining) are shared in proportion to the rows embedded per task type
+  and model; GPU-seconds = ``cost.embedding_gpus`` x seconds.
 - training: the fine-tune's train seconds are shared in proportion to the accepted (training) rows;
   GPU-seconds = ``cost.training_gpus`` x seconds.
 - cost = GPU-hours x ``cost.gpu_hour_usd`` + CPU-hours x ``cost.cpu_hour_usd``; per 1,000 accepted samples =
@@ -39,6 +41,7 @@ class TypeUsage:
     prompt_tokens: int
     completion_tokens: int
     examples: int  # parsed examples
+    model: str | None = None  # the generator model that answered; None: the run's one model
 
     @property
     def tokens(self) -> int:
@@ -74,25 +77,34 @@ def generation_rows(
     model: str,
     usage: Iterable[TypeUsage],
     wall_s: float,
-    endpoints: int,
+    endpoints: int | Mapping[str, int],
     cost: CostSettings,
     predicted: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The generate-scope ledger rows of a run; ``predicted[task_type]`` holds its plan's figures, if any."""
+    """The generate-scope ledger rows of a run, one per task type and model (``model``: the one of usage rows
+    that name none); ``endpoints``: per model (or one count for all); ``predicted[task_type]``: its plan's
+    figures, if any (a plan covers one model: with several, no row carries them)."""
     usage = list(usage)
-    walls = share({u.task_type: u.tokens for u in usage}, wall_s)
+    models = {u.model or model for u in usage}
+    walls: dict[tuple[str, str], float] = {}
+    for m in models:  # each model's endpoints ran the whole run: its wall shared by its task types' tokens
+        tokens = {u.task_type: u.tokens for u in usage if (u.model or model) == m}
+        walls |= {(t, m): w for t, w in share(tokens, wall_s).items()}
+    plan = (predicted or {}) if len(models) == 1 else {}
     gpus = cost.llm_gpus_per_endpoint
     created = now_utc()
     rows = []
     for u in usage:
-        wall = walls[u.task_type]
+        m = u.model or model
+        wall = walls[(u.task_type, m)]
+        serving = endpoints if isinstance(endpoints, int) else endpoints.get(m, 1)
         row = {
             "scope": "generate",
             "run_id": run_id,
             "task_type": u.task_type,
-            "model": model,
+            "model": m,
             "prompt_version": u.prompt_version,
-            "endpoints": endpoints,
+            "endpoints": serving,
             "llm_gpus_per_endpoint": gpus,
             "requests": u.requests,
             "llm_calls": u.llm_calls,
@@ -100,10 +112,10 @@ def generation_rows(
             "completion_tokens": u.completion_tokens,
             "examples": u.examples,
             "generation_wall_s": wall,
-            "generation_gpu_s": gpus * endpoints * wall,
-            "cpu_s": endpoints * wall if gpus == 0 else 0.0,
+            "generation_gpu_s": gpus * serving * wall,
+            "cpu_s": serving * wall if gpus == 0 else 0.0,
             "created_at": created,
-            **dict((predicted or {}).get(u.task_type, {})),
+            **dict(plan.get(u.task_type, {})),
         }
         rows.append(price(row, cost))
     return rows
@@ -112,43 +124,44 @@ def generation_rows(
 def clean_rows(
     clean_id: str,
     generation: Iterable[Mapping[str, Any]],
-    embedded: Mapping[str, int],
-    accepted: Mapping[str, int],
+    embedded: Mapping[tuple[str, str], int],
+    accepted: Mapping[tuple[str, str], int],
     embed_s: float,
     search_s: float,
     cost: CostSettings,
 ) -> list[dict[str, Any]]:
-    """The clean-scope rows: per task type, the input runs' generation rows summed, plus this clean's
+    """The clean-scope rows: per (task type, model), the input runs' generation rows summed, plus this clean's
     embedding and search (shared by ``embedded`` rows) and its ``accepted`` rows; training comes later
     (:func:`with_training`)."""
-    by_type: dict[str, dict[str, Any]] = {}
+    by_key: dict[tuple[str, str], dict[str, Any]] = {}
     for gen in generation:
-        row = by_type.setdefault(
-            gen["task_type"],
+        row = by_key.setdefault(
+            (gen["task_type"], gen.get("model")),
             {name: 0 for name in GENERATION_SUMS} | {name: 0.0 for name in (*GENERATION_SECONDS, "cpu_s")},
         )
         for name in (*GENERATION_SUMS, *GENERATION_SECONDS, "cpu_s"):
             row[name] += gen.get(name) or 0
-        for name in ("model", "prompt_version", "endpoints", "llm_gpus_per_endpoint"):
+        for name in ("prompt_version", "endpoints", "llm_gpus_per_endpoint"):
             row.setdefault(name, gen.get(name))
-    types = sorted(set(by_type) | set(accepted) | set(embedded))
-    weights = {t: embedded.get(t, 0) for t in types}
+    keys = sorted(set(by_key) | set(accepted) | set(embedded), key=lambda k: (k[0], k[1] or ""))
+    weights = {k: embedded.get(k, 0) for k in keys}
     embeds, searches = share(weights, embed_s), share(weights, search_s)
     gpus = cost.embedding_gpus
     created = now_utc()
     rows = []
-    for task_type in types:
-        row = by_type.get(task_type, {name: 0 for name in GENERATION_SUMS})
-        seconds = embeds[task_type] + searches[task_type]
+    for key in keys:
+        row = by_key.get(key, {name: 0 for name in GENERATION_SUMS})
+        seconds = embeds[key] + searches[key]
         row |= {
             "scope": "clean",
             "clean_id": clean_id,
-            "task_type": task_type,
-            "embed_s": embeds[task_type],
-            "search_s": searches[task_type],
+            "task_type": key[0],
+            "model": key[1],
+            "embed_s": embeds[key],
+            "search_s": searches[key],
             "clean_gpu_s": gpus * seconds,
             "cpu_s": (row.get("cpu_s") or 0.0) + (seconds if gpus == 0 else 0.0),
-            "accepted": accepted.get(task_type, 0),
+            "accepted": accepted.get(key, 0),
             "created_at": created,
         }
         rows.append(price(row, cost))
@@ -158,11 +171,11 @@ def clean_rows(
 def with_training(rows: Iterable[Mapping[str, Any]], train_s: float, cost: CostSettings) -> list[dict[str, Any]]:
     """Clean-scope rows with a fine-tune's train seconds shared by accepted rows (replacing an earlier one)."""
     rows = [dict(row) for row in rows]
-    trains = share({row["task_type"]: row.get("accepted") or 0 for row in rows}, train_s)
+    trains = share({(row["task_type"], row.get("model")): row.get("accepted") or 0 for row in rows}, train_s)
     gpus = cost.training_gpus
     for row in rows:
         earlier_cpu = (row.get("train_s") or 0.0) if not row.get("train_gpu_s") else 0.0
-        seconds = trains[row["task_type"]]
+        seconds = trains[(row["task_type"], row.get("model"))]
         row["train_s"] = seconds
         row["train_gpu_s"] = gpus * seconds
         row["cpu_s"] = (row.get("cpu_s") or 0.0) - earlier_cpu + (seconds if gpus == 0 else 0.0)
@@ -233,7 +246,9 @@ def ledger_markdown(rows: Iterable[Mapping[str, Any]], title: str = "Cost ledger
     for row in rows:
         groups.setdefault((row["scope"], row.get("run_id") or row.get("clean_id") or ""), []).append(row)
     for (scope, ident), group in groups.items():
-        lines += [line(scope, ident, r["task_type"], r) for r in sorted(group, key=lambda r: r["task_type"])]
+        mixed = len({r.get("model") for r in group}) > 1  # a mix of generators: a line per type and model
+        ordered = sorted(group, key=lambda r: (r["task_type"], r.get("model") or ""))
+        lines += [line(scope, ident, r["task_type"] + (f" ({r.get('model')})" if mixed else ""), r) for r in ordered]
         lines.append(line(f"**{scope}**", f"**{ident}**", "**total**", totals(group)))
     lines += [
         "",

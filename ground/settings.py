@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from ground.generators import LLMEndpoint, check_weights, mix_weights, served_models
 from ground.settings_infra import (  # noqa: F401 - re-exported: the sections are imported from here
     REMOTE_SCHEMES,
     CostSettings,
@@ -42,6 +43,13 @@ class LLMSettings(Section):
     base_url: str | None = None  # None: the embedded server
     # several endpoints (vLLM replicas): requests go to the least loaded; used instead of base_url when set
     base_urls: list[str] = []
+    # a mix of generator models: each endpoint names the model it serves ({url, model}); used instead of
+    # base_url(s) and model when set (ground/generators.py). Every example row records its model.
+    endpoints: list[LLMEndpoint] = []
+    # the share of examples each served model writes (weights, any scale); empty: by the endpoints serving it
+    mix: dict[str, float] = {}
+    # per task type, weights that replace ``mix`` for that type, e.g. {"sts": {"model-a": 1}}
+    mix_by_task_type: dict[str, dict[str, float]] = {}
     endpoint_cooldown_s: float = Field(2.0, gt=0)  # a failed endpoint's first time out of rotation; doubles
     endpoint_max_cooldown_s: float = Field(60.0, gt=0)  # ... up to this; also the longest wait when all are out
     # several endpoints: one out of rotation returns only after GET <url>/models answers within probe_timeout_s
@@ -87,6 +95,26 @@ class LLMSettings(Section):
         if twice:
             raise ValueError(f"llm.base_urls lists {', '.join(twice)} more than once")
         return urls
+
+    @model_validator(mode="after")
+    def _mix_names_served_models(self) -> LLMSettings:
+        urls = [e.url for e in self.endpoints]
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        if twice:
+            raise ValueError(f"llm.endpoints lists {', '.join(twice)} more than once")
+        if (self.mix or self.mix_by_task_type) and not self.endpoints:
+            raise ValueError("llm.mix and llm.mix_by_task_type need llm.endpoints (each naming its model)")
+        models = served_models(self.endpoints)
+        check_weights("llm.mix", self.mix, models)
+        unknown = sorted(set(self.mix_by_task_type) - set(ALL_TASK_TYPES))
+        if unknown:
+            raise ValueError(
+                f"llm.mix_by_task_type names unknown task type(s) {', '.join(unknown)} "
+                f"(task types: {', '.join(ALL_TASK_TYPES)})"
+            )
+        for task_type, weights in self.mix_by_task_type.items():
+            check_weights(f"llm.mix_by_task_type.{task_type}", weights, models)
+        return self
 
     @field_validator("endpoint_max_cooldown_s")
     @classmethod
@@ -342,21 +370,40 @@ class Settings(BaseSettings):
 
     # --- derived values, so no caller re-computes them ---
     @property
+    def llm_endpoints(self) -> list[LLMEndpoint]:
+        """Every endpoint generation spreads its requests over, with its model: ``llm.endpoints``, else
+        ``llm.base_urls`` (or ``llm.base_url``, or the embedded server's) all serving ``llm.model``."""
+        if self.llm.endpoints:
+            return list(self.llm.endpoints)
+        model = self.llm.model or self.embedded_llm.served_model_name
+        urls = list(self.llm.base_urls) or [self.llm.base_url or self.embedded_llm.base_url]
+        return [LLMEndpoint(url=url, model=model) for url in urls]
+
+    @property
     def llm_base_url(self) -> str:
         return self.llm_base_urls[0]
 
     @property
     def llm_base_urls(self) -> list[str]:
-        """Every endpoint generation spreads its requests over (one unless ``llm.base_urls`` is set)."""
-        return list(self.llm.base_urls) or [self.llm.base_url or self.embedded_llm.base_url]
+        return [e.url for e in self.llm_endpoints]
 
     @property
     def llm_model(self) -> str:
-        return self.llm.model or self.embedded_llm.served_model_name
+        """The model of single requests (brainstorm, judge, canaries): the first endpoint's."""
+        return self.llm_endpoints[0].model
+
+    @property
+    def llm_models(self) -> list[str]:
+        """The generator models, in the order their endpoints are listed."""
+        return served_models(self.llm_endpoints)
+
+    def generator_weights(self, task_type: str) -> dict[str, float]:
+        """Each generator model's weight for ``task_type`` (``llm.mix_by_task_type``, ``llm.mix``, endpoints)."""
+        return mix_weights(self.llm_endpoints, self.llm.mix, self.llm.mix_by_task_type, task_type)
 
     @property
     def uses_embedded_llm(self) -> bool:
-        return self.llm.base_url is None and not self.llm.base_urls
+        return self.llm.base_url is None and not self.llm.base_urls and not self.llm.endpoints
 
 
 def load_settings(**overrides: Any) -> Settings:

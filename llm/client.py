@@ -16,6 +16,9 @@ out of rotation for a cool-down and the request goes to another endpoint, at mos
 tries in all (the request path's own retries are off then). When every endpoint is out, a try
 waits at most one longest cool-down, then the request fails with a line naming every endpoint.
 
+A mix of models (``models``: the one each endpoint serves, ``llm.endpoints``): ``complete_json(..., model=)``
+asks that model, on its endpoints only; without it, the client's ``model`` (the first endpoint's).
+
 A hung endpoint costs seconds, not a request timeout (``llm/fleet_watch.py``: silent endpoints out, their
 requests elsewhere; re-admission only by health probe and canary). A request in flight longer than the
 fleet's ``hedge_quantile`` latency is also sent to a second endpoint (for at most ``hedge_max_share`` of the
@@ -62,10 +65,12 @@ class LLMClient:
     def from_settings(
         cls, settings: Settings, logger: logging.Logger | logging.LoggerAdapter | None = None, **overrides: Any
     ) -> LLMClient:
-        """The client for the configured endpoint(s): several ``base_urls`` get least-in-flight routing."""
+        """The client for the configured endpoint(s): several get least-in-flight routing (per model)."""
         llm = settings.llm
+        endpoints = overrides.pop("endpoints", None) or settings.llm_endpoints
         options: dict[str, Any] = dict(
-            base_url=settings.llm_base_urls,
+            base_url=[e.url for e in endpoints],
+            models=[e.model for e in endpoints],
             model=settings.llm_model,
             api_key=reveal(llm.api_key),
             max_in_flight=llm.max_in_flight,
@@ -83,6 +88,8 @@ class LLMClient:
             client=llm.client,
             logger=logger,
         )
+        if "base_url" in overrides:  # URLs given without their models: all serve the settings' model
+            options.pop("models")
         return cls(**{**options, **overrides})
 
     def __init__(
@@ -105,12 +112,21 @@ class LLMClient:
         hedge_max_share: float = 0.03,
         client: Literal["lean", "openai"] = "lean",  # the request path (``llm.client``)
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        models: Sequence[str] = (),  # the model each of ``base_url`` serves; empty: all serve ``model``
     ):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if client not in CLIENTS:
             raise ValueError(f"llm.client must be one of {', '.join(CLIENTS)}, not {client!r}")
+        models = list(models) or [model] * len(urls)
+        if model not in models:  # the default model must be served somewhere
+            model = models[0]
         self.router = EndpointRouter(
-            urls, endpoint_cooldown_s, endpoint_max_cooldown_s, logger=logger or router_log, readmit_by_probe=True
+            urls,
+            endpoint_cooldown_s,
+            endpoint_max_cooldown_s,
+            logger=logger or router_log,
+            readmit_by_probe=True,
+            models=models,
         )
         self.watch = FleetWatch(
             self.router,
@@ -123,6 +139,7 @@ class LLMClient:
         )
         self._hedge_quantile, self._hedge_max_share = hedge_quantile, hedge_max_share
         self.model = model
+        self.models = list(dict.fromkeys(models))  # the served models, in endpoint order
         self.base_url = urls[0]
         self.schema_retries = schema_retries
         self.send_seed = send_seed
@@ -150,8 +167,14 @@ class LLMClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def complete_json(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> Completion:
-        """Ask until the output validates against ``prompt.schema``; raise ``RequestFailed`` otherwise."""
+    async def complete_json(
+        self, prompt: RenderedPrompt, sampling: Sampling, seed: int, model: str | None = None
+    ) -> Completion:
+        """Ask ``model`` (default: the client's) until the output validates against ``prompt.schema``; raise
+        ``RequestFailed`` otherwise."""
+        model = model or self.model
+        if model not in self.models:
+            raise ValueError(f"no LLM endpoint serves {model!r} (served: {', '.join(self.models)})")
         usage_prompt = usage_completion = 0
         last_text: str | None = None
         last_finish: str | None = None
@@ -161,7 +184,7 @@ class LLMClient:
             # a new seed per attempt, so a retry is not the same bad sample again
             attempt_seed = seed + 1_000_003 * (attempt - 1)
             try:
-                answer, copies = await self._create(prompt, sampling, attempt_seed)
+                answer, copies = await self._create(prompt, sampling, attempt_seed, model)
             except AllEndpointsDown as exc:
                 self._count_failure()
                 raise RequestFailed(str(exc), attempt) from None
@@ -217,36 +240,36 @@ class LLMClient:
         self._count_failure()
         raise RequestFailed(last_reason, attempt, last_text, last_finish)
 
-    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> tuple[Answer, int]:
+    async def _create(self, prompt: RenderedPrompt, sampling: Sampling, seed: int, model: str) -> tuple[Answer, int]:
         """The answer and how many copies of the request were sent for it (2 when hedged)."""
-        request = self._wire.prepare(prompt, sampling, seed)
+        request = self._wire.prepare(prompt, sampling, seed, model)
         async with self._slots:
             self.stats.requests += 1
             self.stats.in_flight += 1
             try:
                 if self._routing:
-                    return await self._hedged(request)
+                    return await self._hedged(request, model)
                 return await self._wire.send(request), 1
             finally:
                 self.stats.in_flight -= 1
 
-    async def _hedged(self, request: Any) -> tuple[Answer, int]:
+    async def _hedged(self, request: Any, model: str) -> tuple[Answer, int]:
         """The request on one endpoint; still in flight after the fleet's hedge quantile (and within the cap),
         a copy on another endpoint too: the first answer wins, the other copy is cancelled."""
         self.watch.start()
         where: list[str] = []
         after = self._hedge_after()
         if after is None:
-            return await self._routed(request, where), 1
-        first = asyncio.ensure_future(self._routed(request, where))
+            return await self._routed(request, where, model), 1
+        first = asyncio.ensure_future(self._routed(request, where, model))
         second = None
         try:
             done, _ = await asyncio.wait((first,), timeout=after)
-            lease = None if done or self._hedge_after() is None else self.router.acquire(avoid=where)
+            lease = None if done or self._hedge_after() is None else self.router.acquire(avoid=where, model=model)
             if lease is None:
                 return await first, 1
             self.stats.hedges += 1
-            second = asyncio.ensure_future(self._routed(request, [], lease))
+            second = asyncio.ensure_future(self._routed(request, [], model, lease))
             pending: set[asyncio.Future] = {first, second}
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -266,14 +289,14 @@ class LLMClient:
             return None
         return self.router.quantile(self._hedge_quantile, HEDGE_MIN_ANSWERS)
 
-    async def _routed(self, request: Any, where: list[str], lease: Lease | None = None) -> Answer:
+    async def _routed(self, request: Any, where: list[str], model: str, lease: Lease | None = None) -> Answer:
         """Try the least-loaded endpoint in rotation; an endpoint failure sends the next try elsewhere.
         ``where`` is kept to the endpoint it waits on (a hedge avoids it); ``lease``: the first try's."""
         task = asyncio.current_task()
         for attempt in range(self._tries):
             last = attempt == self._tries - 1
             if lease is None:
-                lease = await self._lease()
+                lease = await self._lease(model)
             where[:] = [lease.url]
             waiting = self.watch.waiting[lease.url]
             waiting.add(task)
@@ -284,7 +307,7 @@ class LLMClient:
                     self.router.release(lease)
                     raise
                 self.stats.moved_off_silent += 1
-                self._endpoint_failed(lease, "silent", TimeoutFailure("silent", "silent"), last)
+                self._endpoint_failed(lease, "silent", TimeoutFailure("silent", "silent"), last, model)
             except StatusFailure as exc:
                 if exc.status < 500:  # it answered: alive; busy (429 …) is asked again, anything else is final
                     self.router.answered(lease, latency=False)
@@ -292,11 +315,11 @@ class LLMClient:
                         raise
                     await asyncio.sleep(_retry_delay(exc.headers, attempt))
                     continue
-                self._endpoint_failed(lease, f"http {exc.status}", exc, last)
+                self._endpoint_failed(lease, f"http {exc.status}", exc, last, model)
             except TimeoutFailure as exc:
-                self._endpoint_failed(lease, "timeout", exc, last)
+                self._endpoint_failed(lease, "timeout", exc, last, model)
             except ConnectFailure as exc:  # refused, reset, cut short (some have no message: then their type)
-                self._endpoint_failed(lease, _short(exc.detail, 80) or exc.kind, exc, last)
+                self._endpoint_failed(lease, _short(exc.detail, 80) or exc.kind, exc, last, model)
             except BadBody as exc:  # JSON without choices: the endpoint answered; not JSON: says nothing
                 if exc.answered:
                     self.router.answered(lease)
@@ -311,25 +334,27 @@ class LLMClient:
                 return answer
             finally:
                 waiting.discard(task)
+            if self.router.alone(lease.endpoint):  # never taken out, nowhere else to go: back off, as one URL does
+                await asyncio.sleep(_retry_delay({}, attempt))
             lease = None
             self.stats.failovers += 1
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _endpoint_failed(self, lease: Lease, reason: str, exc: Exception, last: bool) -> None:
-        """Take the endpoint out; on the last try re-raise, naming every endpoint when none is left."""
+    def _endpoint_failed(self, lease: Lease, reason: str, exc: Exception, last: bool, model: str) -> None:
+        """Take the endpoint out; on the last try re-raise, naming every endpoint of the model when none is left."""
         self.router.failed(lease, reason)
         if last:
-            if not any(e.in_rotation for e in self.router.endpoints):
-                raise AllEndpointsDown(self.router.down_message()) from exc
+            if not any(e.in_rotation for e in self.router.serving(model)):
+                raise AllEndpointsDown(self.router.down_message(model)) from exc
             raise exc
 
-    async def _lease(self) -> Lease:
-        """A lease on an endpoint; while all are out, wait at most one longest cool-down for one to return."""
+    async def _lease(self, model: str) -> Lease:
+        """A lease on an endpoint of ``model``; while all are out, wait at most one longest cool-down for one."""
         deadline = time.monotonic() + self.router.max_cooldown_s
-        while (lease := self.router.acquire()) is None:
+        while (lease := self.router.acquire(model=model)) is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AllEndpointsDown(self.router.down_message())
+                raise AllEndpointsDown(self.router.down_message(model))
             await asyncio.sleep(min(max(self.router.retry_in(), 0.01), 0.5, remaining))
         return lease
 

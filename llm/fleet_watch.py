@@ -107,7 +107,7 @@ class FleetWatch:
             health = await self._http.get(f"{e.url}/models", timeout=self.probe_timeout_s)
             health.raise_for_status()
             canary = await self._http.post(
-                f"{e.url}/chat/completions", json=self._canary(), timeout=self.canary_timeout_s
+                f"{e.url}/chat/completions", json=self._canary(e.model or self.model), timeout=self.canary_timeout_s
             )
             canary.raise_for_status()
             if not canary.json().get("choices"):
@@ -117,5 +117,5 @@ class FleetWatch:
         else:
             self.router.readmit(e)
 
-    def _canary(self) -> dict[str, Any]:
-        return {"model": self.model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1}
+    def _canary(self, model: str) -> dict[str, Any]:
+        return {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1}

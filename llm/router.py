@@ -19,6 +19,8 @@ for a :class:`Lease` on an endpoint, sends the request there, and reports how it
   as if a request had failed, while the other endpoints keep answering.
 * **A lone endpoint is never taken out**: there is nowhere else to send its requests; the ``openai``
   client's own retries apply instead.
+* **A mix of models** (``models``: the model each URL serves): a request for a model goes only to the
+  endpoints serving it (``acquire(model=...)``), and "lone" means the only endpoint of its model.
 
 Taking out and returning are logged (warning / info), with the reason; ``report_rows`` sums each
 endpoint up (requests, failures, median and p99 latency, seconds out of rotation) for the run summary.
@@ -46,6 +48,7 @@ class Endpoint:
     """One endpoint's state and counters (``requests``: leases given; ``answered`` + ``failed`` + released)."""
 
     url: str
+    model: str = ""  # the model it serves ("" when the router was given none)
     in_flight: int = 0
     requests: int = 0
     answered: int = 0
@@ -89,6 +92,7 @@ class EndpointRouter:
     clock: Callable[[], float] = time.monotonic
     logger: logging.Logger | logging.LoggerAdapter = field(default=log)
     readmit_by_probe: bool = False  # True: out-of-rotation endpoints get no live request (see the docstring)
+    models: Sequence[str] = ()  # the model each of ``urls`` serves; empty: one model for all
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -97,7 +101,10 @@ class EndpointRouter:
             raise ValueError(f"LLM endpoints listed twice: {list(self.urls)}")
         if not 0 < self.cooldown_s <= self.max_cooldown_s:
             raise ValueError(f"need 0 < cooldown_s ({self.cooldown_s}) <= max_cooldown_s ({self.max_cooldown_s})")
-        self.endpoints = [Endpoint(url) for url in self.urls]
+        if self.models and len(self.models) != len(self.urls):
+            raise ValueError(f"{len(self.models)} models for {len(self.urls)} LLM endpoints")
+        served = self.models or [""] * len(self.urls)
+        self.endpoints = [Endpoint(url, model) for url, model in zip(self.urls, served, strict=True)]
         self._turn = 0  # round-robin start for ties
         self._recent: deque[float] = deque(maxlen=FLEET_LATENCIES)  # latencies of the fleet's last answers
         self._sorted: list[float] = []  # ``_recent`` sorted, refreshed every few answers
@@ -108,14 +115,23 @@ class EndpointRouter:
         return len(self.endpoints)
 
     # --- choosing -------------------------------------------------------------------------------
-    def acquire(self, avoid: Sequence[str] = ()) -> Lease | None:
-        """A lease on the least-loaded usable endpoint not in ``avoid``, or None while none is usable."""
+    def serving(self, model: str | None) -> list[Endpoint]:
+        """The endpoints serving ``model`` (None: all)."""
+        return [e for e in self.endpoints if model is None or e.model == model]
+
+    def alone(self, e: Endpoint) -> bool:
+        """Whether ``e`` is the only endpoint of its model: taking it out would leave its requests nowhere."""
+        return sum(x.model == e.model for x in self.endpoints) == 1
+
+    def acquire(self, avoid: Sequence[str] = (), model: str | None = None) -> Lease | None:
+        """A lease on the least-loaded usable endpoint not in ``avoid`` (serving ``model`` when given), or None
+        while none is usable."""
         now = self.clock()
         n = len(self.endpoints)
         best: Endpoint | None = None
         for k in range(n):
             e = self.endpoints[(self._turn + k) % n]
-            if e.url in avoid:
+            if e.url in avoid or (model is not None and e.model != model):
                 continue
             if not (e.in_rotation or (not self.readmit_by_probe and now >= e.down_until and not e.probing)):
                 continue
@@ -158,7 +174,7 @@ class EndpointRouter:
         return [
             e
             for e in self.endpoints
-            if e.in_rotation and e.in_flight and now - max(e.busy_since, e.last_heard) > after_s
+            if e.in_rotation and e.in_flight and now - max(e.busy_since, e.last_heard) > after_s and not self.alone(e)
         ]
 
     def take_out(self, e: Endpoint, reason: str) -> None:
@@ -220,7 +236,7 @@ class EndpointRouter:
         e = self._release(lease)
         e.failed += 1
         e.last_heard = self.clock()
-        if lease.generation != e.generation or len(self.endpoints) == 1:
+        if lease.generation != e.generation or self.alone(e):
             return  # already out for this outage, or nowhere else to go
         self._take_out(e, reason)
 
@@ -260,11 +276,12 @@ class EndpointRouter:
         return e
 
     # --- reporting to people --------------------------------------------------------------------
-    def down_message(self) -> str:
-        """One line for the case where no endpoint can take a request."""
+    def down_message(self, model: str | None = None) -> str:
+        """One line for the case where no endpoint (of ``model``, when given) can take a request."""
         now = self.clock()
         parts = []
-        for e in self.endpoints:
+        endpoints = self.serving(model)
+        for e in endpoints:
             if e.in_rotation:
                 state = "in rotation"
             elif e.probing:
@@ -272,7 +289,8 @@ class EndpointRouter:
             else:
                 state = f"{e.reason}; next try in {max(0.0, e.down_until - now):.0f}s"
             parts.append(f"{e.url} ({state})")
-        return f"all {len(self.endpoints)} LLM endpoints are out of rotation: " + ", ".join(parts)
+        of = f" of {model}" if model is not None and len(endpoints) < len(self.endpoints) else ""
+        return f"all {len(endpoints)} LLM endpoints{of} are out of rotation: " + ", ".join(parts)
 
     def snapshot(self) -> dict[str, dict[str, int | bool]]:
         """Per-endpoint counters, e.g. for a run summary or a test."""
@@ -298,6 +316,7 @@ class EndpointRouter:
             rows.append(
                 {
                     "endpoint": e.url,
+                    "model": e.model,
                     "requests": e.requests,
                     "failures": e.failed,
                     "median_latency_s": round(statistics.median(ordered), 3) if ordered else None,

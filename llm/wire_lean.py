@@ -74,10 +74,10 @@ class LeanWire:
             await self._http.aclose()
 
     # --- the body --------------------------------------------------------------------------------
-    def prepare(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> bytes:
+    def prepare(self, prompt: RenderedPrompt, sampling: Sampling, seed: int, model: str | None = None) -> bytes:
         """The request body: the same JSON as the SDK path sends (``tests/generation/test_llm_client.py``)."""
         head: dict[str, Any] = {
-            "model": self.model,
+            "model": model or self.model,
             "messages": prompt.messages,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,

@@ -73,10 +73,12 @@ class OpenAIWire:
         for client in (self._client, *self._endpoint_clients.values()):
             await client.close()
 
-    def prepare(self, prompt: RenderedPrompt, sampling: Sampling, seed: int) -> dict[str, Any]:
+    def prepare(
+        self, prompt: RenderedPrompt, sampling: Sampling, seed: int, model: str | None = None
+    ) -> dict[str, Any]:
         extra: dict[str, Any] = {"seed": seed} if self.send_seed else {}
         return dict(
-            model=self.model,
+            model=model or self.model,
             messages=prompt.messages,
             response_format=prompt.response_format,
             temperature=sampling.temperature,

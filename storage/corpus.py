@@ -233,6 +233,15 @@ class CleanStore:
                 counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
         return counts
 
+    def count_by_type_and_model(self, stage: str) -> dict[tuple[str, str], int]:
+        """Rows of a stage table per (task type, model): the ledger's split by generator."""
+        counts: dict[tuple[str, str], int] = {}
+        for batch in self.iter_stage(stage, ["task_type", "model"]):
+            for row in batch.group_by(["task_type", "model"]).aggregate([([], "count_all")]).to_pylist():
+                key = (row["task_type"], row["model"])
+                counts[key] = counts.get(key, 0) + row["count_all"]
+        return counts
+
     def write_table(self, stage: str, table: pa.Table) -> None:
         atomic_write_parquet(table, self.stage_path(stage), self.compression)
 

@@ -3,6 +3,8 @@
 Both funnels (the HTML report, ``tasks/cleaning/report_sections.py``, and the Prefect artifact,
 ``flows/artifacts.py``) render :func:`funnel_counts`; its columns are ``generated`` and then every
 stage table of ``storage/stages.py`` in flow order. Both drop-reason tables render :func:`drop_reasons`.
+:func:`generator_funnel` is the same funnel per generator model (the rows' ``model`` column) instead of per
+task type: the report's per-model scorecard.
 """
 
 from __future__ import annotations
@@ -13,24 +15,31 @@ from storage.stages import CLEAN_STAGES
 GENERATED = "generated"  # the funnel's first column: the generation runs' raw rows
 
 
-def funnel_counts(catalog: Catalog, clean_id: str | None, runs: list[str]) -> dict[str, dict[str, int]]:
+def funnel_counts(
+    catalog: Catalog, clean_id: str | None, runs: list[str], by: str = "task_type"
+) -> dict[str, dict[str, int]]:
     """``{column: {task_type: rows}}``: ``generated`` (raw rows of ``runs``), then each stage table of
     ``clean_id`` (none without one). A switchable stage (the judge) that wrote no table is left out;
-    every other stage is a column, 0 rows included."""
+    every other stage is a column, 0 rows included. ``by``: the row column counted by (``model``: per generator)."""
     with catalog.session():
-        counts = {GENERATED: _per_type(catalog, "raw WHERE list_contains($p, run_id)", runs)}
+        counts = {GENERATED: _per(catalog, "raw WHERE list_contains($p, run_id)", runs, by)}
         if clean_id is None:
             return counts
         for stage in CLEAN_STAGES:
-            per_type = _per_type(catalog, f"{stage.table} WHERE clean_id = $p", clean_id)
-            if per_type or stage.switch is None:
-                counts[stage.table] = per_type
+            per = _per(catalog, f"{stage.table} WHERE clean_id = $p", clean_id, by)
+            if per or stage.switch is None:
+                counts[stage.table] = per
     return counts
 
 
-def _per_type(catalog: Catalog, source: str, param: object) -> dict[str, int]:
-    sql = f"SELECT task_type, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
-    return {r["task_type"]: r["n"] for r in catalog.query(sql, {"p": param}).to_pylist()}
+def generator_funnel(catalog: Catalog, clean_id: str | None, runs: list[str]) -> dict[str, dict[str, int]]:
+    """``{column: {model: rows}}``: :func:`funnel_counts` per generator model."""
+    return funnel_counts(catalog, clean_id, runs, by="model")
+
+
+def _per(catalog: Catalog, source: str, param: object, by: str) -> dict[str, int]:
+    sql = f"SELECT {by} AS k, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
+    return {r["k"]: r["n"] for r in catalog.query(sql, {"p": param}).to_pylist()}
 
 
 def drop_reasons(catalog: Catalog, clean_id: str) -> list[dict[str, object]]:

@@ -6,6 +6,7 @@ global state) embedded as ``data:image/png;base64``. Sections:
 
 1. overview: runs, clean run, rows at each end of the pipeline, models;
 2. funnel: rows per stage (generated, then every stage table of ``storage/stages.py``) per task type;
+   generators (``report_generators.py``): the same funnel per generator model, with its cost per 1k accepted;
 3. drop reasons: which stage dropped how many rows, and why;
 4. positive rank: where the positive ranked for its query (ranking-consistency filter);
 5. negative scores: hard-negative similarity vs the positive's similarity;
@@ -30,6 +31,7 @@ from storage.atomic import atomic_write_bytes
 from storage.catalog import Catalog
 from storage.location import as_store_path
 from tasks.cleaning.report_data import ReportData
+from tasks.cleaning.report_generators import generators_section
 from tasks.cleaning.report_html import CSS, esc
 from tasks.cleaning.report_intents import intents_section
 from tasks.cleaning.report_judge import judge_section
@@ -49,6 +51,7 @@ __all__ = ["SECTIONS", "distinct_n", "render_report", "write_report"]
 SECTIONS: list[tuple[str, str, Callable[[ReportData], str]]] = [
     ("overview", "Overview", overview_section),
     ("funnel", "Funnel per stage and task type", funnel_section),
+    ("generators", "Generators: each model's rows through the stages, and their cost", generators_section),
     ("drops", "Drop reasons", drops_section),
     ("ranks", "Positive rank", ranks_section),
     ("negatives", "Negative scores", negatives_section),

@@ -13,8 +13,8 @@ def _pct(value: float | None) -> str | None:
 
 
 def ledger_section(d: ReportData) -> str:
-    cleans = d.clean_rows("SELECT * FROM ledger WHERE scope = 'clean' AND {clean} ORDER BY task_type")
-    runs = d.run_rows("SELECT * FROM ledger WHERE scope = 'generate' AND {runs} ORDER BY run_id, task_type")
+    cleans = d.clean_rows("SELECT * FROM ledger WHERE scope = 'clean' AND {clean} ORDER BY task_type, model")
+    runs = d.run_rows("SELECT * FROM ledger WHERE scope = 'generate' AND {runs} ORDER BY run_id, task_type, model")
     if not cleans and not runs:
         return empty("No cost ledger yet (runs from before the ledger, or none finished).")
     out = []
@@ -22,6 +22,7 @@ def ledger_section(d: ReportData) -> str:
         rows = [
             (
                 r["task_type"],
+                r["model"],
                 r["llm_calls"],
                 r["prompt_tokens"],
                 r["completion_tokens"],
@@ -39,6 +40,7 @@ def ledger_section(d: ReportData) -> str:
         rows.append(
             (
                 "total",
+                None,
                 t["llm_calls"],
                 t["prompt_tokens"],
                 t["completion_tokens"],
@@ -51,14 +53,15 @@ def ledger_section(d: ReportData) -> str:
                 t["cost_per_1k_accepted"],
             )
         )
-        headers = ["task type", "LLM calls", "prompt tokens", "completion tokens", "generation GPU-s"]
+        headers = ["task type", "generator", "LLM calls", "prompt tokens", "completion tokens", "generation GPU-s"]
         headers += ["embed + search s", "training GPU-s", "accepted", "GPU-hours", "USD", "USD per 1k accepted"]
-        out.append(table(headers, rows, text_cols=(0,)))
+        out.append(table(headers, rows, text_cols=(0, 1)))
     out.append(
         note(
-            "Generation GPU-seconds = GPUs per endpoint × endpoints × wall seconds, shared across task types in "
-            "proportion to their tokens; embedding and search seconds are shared by rows embedded, training "
-            "seconds by accepted rows; accepted = rows in the export. Prices and GPU counts: the [cost] settings."
+            "Generation GPU-seconds = GPUs per endpoint × the generator's endpoints × wall seconds, shared across "
+            "its task types in proportion to their tokens; embedding and search seconds are shared by rows "
+            "embedded, training seconds by accepted rows; accepted = rows in the export. "
+            "Prices and GPU counts: the [cost] settings."
         )
     )
     if runs:
@@ -67,6 +70,7 @@ def ledger_section(d: ReportData) -> str:
             (
                 r["run_id"],
                 r["task_type"],
+                r["model"],
                 r["requests"],
                 r["predicted_requests"],
                 r["prompt_tokens"] + r["completion_tokens"],
@@ -80,7 +84,17 @@ def ledger_section(d: ReportData) -> str:
             )
             for r in runs
         ]
-        headers = ["run", "task type", "requests", "predicted", "tokens", "predicted", "wall s", "predicted"]
+        headers = [
+            "run",
+            "task type",
+            "generator",
+            "requests",
+            "predicted",
+            "tokens",
+            "predicted",
+            "wall s",
+            "predicted",
+        ]
         headers += ["USD", "predicted", "cost error", "plan from"]
-        out.append(table(headers, planned, text_cols=(0, 1, 11)))
+        out.append(table(headers, planned, text_cols=(0, 1, 2, 12)))
     return "".join(out)

@@ -4,6 +4,9 @@ Brainstormed types get one example per unique instruction (without the persona i
 the persona that brainstormed the instruction is kept as lineage). STS and bitext generate
 directly with their fixed instruction. Top-up rounds re-use instructions with fresh placeholders
 when failures left a type short of its target.
+
+A mix of generator models (``mix``: per task type, each model's weight, ``ground/generators.py``) gives each
+request its model at planning time, so a resumed shard asks the same model again; the row records it (``model``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from ground import progress
+from ground.generators import assign
 from ground.seeding import rng_for, stable_seed
 from llm.client import LLMClient, RequestFailed, Sampling
 from prompts.budget import fit_placeholders, request_max_tokens
@@ -38,6 +42,7 @@ class ExampleRequest:
     persona: str | None
     placeholders: Mapping[str, Any] = field(hash=False)
     seed: int = 0
+    generator: str | None = None  # the model asked (a mix of generators); None: the client's model
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,14 @@ def plan_examples(
     shard_size: int,
     placeholder_overrides: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     answer_room: int | None = None,
+    mix: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[ExampleShard]:
     """Requests for ``wanted[type]`` examples per type, cut into shards; a pure function.
 
     ``placeholder_overrides[type][name]`` replaces that placeholder's distribution (uniform values).
     ``answer_room``: the most completion tokens a request may take; a length placeholder whose answer would
     not fit is lowered to the largest of its values that does (``prompts/budget.py``).
+    ``mix[type]``: the generator models' weights; each request gets one (exact quotas, seeded order).
     """
     check_placeholder_overrides(placeholder_overrides or {})
     overrides = {
@@ -82,6 +89,12 @@ def plan_examples(
         pool = by_type.get(task_type, [])
         if spec.brainstorms and not pool:
             continue  # no instruction survived brainstorming; reported by the flow
+        weights = (mix or {}).get(task_type)
+        generators = (
+            assign(weights, wanted[task_type], rng_for(seed, f"r{round_idx:02d}-{task_type}-generators"))
+            if weights
+            else [None] * wanted[task_type]
+        )
         for i in range(wanted[task_type]):
             key = f"r{round_idx:02d}-{task_type}-{i:06d}"
             rng = rng_for(seed, key)
@@ -101,6 +114,7 @@ def plan_examples(
                     persona=persona,
                     placeholders=_fitted(spec, spec.placeholders.sample(rng, overrides.get(task_type)), answer_room),
                     seed=stable_seed(seed, key),
+                    generator=generators[i],
                 )
             )
     return [
@@ -147,7 +161,7 @@ def _example_row(
         "persona": request.persona,
         "placeholders": json.dumps(dict(request.placeholders), sort_keys=True),
         "prompt_version": prompt_version,
-        "model": client.model,
+        "model": request.generator or client.model,
         "sampling": json.dumps(sampling.as_dict(request.seed if client.send_seed else None), sort_keys=True),
         "attempts": outcome.attempts,
         "prompt_tokens": outcome.prompt_tokens,
@@ -170,7 +184,9 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
         spec = get_task_type(request.task_type)
         prompt = render_example(spec, request.instruction, dict(request.placeholders))
         try:
-            outcome = await client.complete_json(prompt, request_sampling(request, sampling), request.seed)
+            outcome = await client.complete_json(
+                prompt, request_sampling(request, sampling), request.seed, request.generator
+            )
         except RequestFailed as failure:
             progress.advance("generate", ok=False)
             return request, prompt.prompt_version, failure
@@ -191,7 +207,7 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
                     instruction=request.instruction,
                     persona_id=request.persona_id,
                     prompt_version=version,
-                    model=client.model,
+                    model=request.generator or client.model,
                     attempts=outcome.attempts,
                     reason=outcome.reason,
                     finish_reason=outcome.finish_reason,

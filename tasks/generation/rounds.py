@@ -10,7 +10,7 @@ may hand their shards to other worker processes (``execute``, ``tasks/generation
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -232,8 +232,10 @@ async def examples_with_topups(
     tally: ShardTally,
     on_shard: OnShard | None = None,
     execute: Execute | None = None,
+    mix: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, int]:
     """The example round, then top-up rounds for what failed; returns the examples per task type.
+    ``mix``: per task type, the generator models' weights (None: the client's one model).
 
     ``execute``: where the shards run (None: here, ``shards_in_flight`` at once on ``client``).
 
@@ -256,6 +258,7 @@ async def examples_with_topups(
             gen.shard_size,
             gen.placeholder_overrides,
             sampling.max_tokens_ceiling,  # the placeholders are capped to what the context holds
+            mix,
         )
         todo = _todo(store, "examples", shards, tally)
         progress.add_total("generate", sum(len(s.requests) for s in todo))

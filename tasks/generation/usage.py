@@ -1,4 +1,5 @@
-"""What a generation run asked of the LLM per task type, counted from the run's own rows (for the ledger).
+"""What a generation run asked of the LLM per task type and generator model (the rows' ``model``), counted from
+the run's own rows (for the ledger).
 
 From the rows, not the client's counters, so a resumed run counts every session that committed shards:
 
@@ -20,39 +21,43 @@ from prompts.task_types import get_task_type
 def _brainstorm_requests(brainstorm: pa.Table) -> list[dict]:
     keys = ("shard_id", "persona_id", "latency_s", "prompt_tokens", "completion_tokens")
     seen: dict[tuple, dict] = {}
-    for row in brainstorm.select(["task_type", *keys]).to_pylist():
-        seen.setdefault((row["task_type"], *(row[k] for k in keys)), row)
+    for row in brainstorm.select(["task_type", "model", *keys]).to_pylist():
+        seen.setdefault((row["task_type"], row["model"], *(row[k] for k in keys)), row)
     return list(seen.values())
 
 
 def usage_by_type(examples: pa.Table, rejects: pa.Table, brainstorm: pa.Table) -> list[TypeUsage]:
-    """One :class:`TypeUsage` per task type that sent a request, sorted by task type."""
-    counts: dict[str, dict[str, int]] = {}
+    """One :class:`TypeUsage` per task type and model that sent a request, sorted by task type and model."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
 
-    def add(task_type: str, **values: int) -> None:
+    def add(task_type: str, model: str, **values: int) -> None:
         entry = counts.setdefault(
-            task_type, dict.fromkeys(("requests", "llm_calls", "prompt_tokens", "completion_tokens", "examples"), 0)
+            (task_type, model),
+            dict.fromkeys(("requests", "llm_calls", "prompt_tokens", "completion_tokens", "examples"), 0),
         )
         for name, value in values.items():
             entry[name] += value or 0
 
-    for row in examples.select(["task_type", "attempts", "prompt_tokens", "completion_tokens"]).to_pylist():
+    for row in examples.select(["task_type", "model", "attempts", "prompt_tokens", "completion_tokens"]).to_pylist():
         add(
             row["task_type"],
+            row["model"],
             requests=1,
             llm_calls=row["attempts"],
             prompt_tokens=row["prompt_tokens"],
             completion_tokens=row["completion_tokens"],
             examples=1,
         )
-    for row in rejects.select(["task_type", "attempts"]).to_pylist():
-        add(row["task_type"], requests=1, llm_calls=row["attempts"])
+    for row in rejects.select(["task_type", "model", "attempts"]).to_pylist():
+        add(row["task_type"], row["model"], requests=1, llm_calls=row["attempts"])
     for row in _brainstorm_requests(brainstorm):
         add(
             row["task_type"],
+            row["model"],
             requests=1,
             llm_calls=1,
             prompt_tokens=row["prompt_tokens"],
             completion_tokens=row["completion_tokens"],
         )
-    return [TypeUsage(t, get_task_type(t).prompt_version, **counts[t]) for t in sorted(counts)]
+    keys = sorted(counts, key=lambda k: (k[0], k[1] or ""))
+    return [TypeUsage(t, get_task_type(t).prompt_version, **counts[(t, m)], model=m) for t, m in keys]

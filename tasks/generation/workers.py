@@ -6,7 +6,7 @@ redoes it), so N writers of one run neither lose nor double a shard.
 
 On a distributed task runner (``generation.task_runner = "dask"``) each example shard is one Prefect
 task run on a worker process; the worker builds its own LLM client from the settings (a client holds
-sockets and an event loop: it cannot be pickled) over its share of ``llm.base_urls``, and returns the
+sockets and an event loop: it cannot be pickled) over its share of the endpoints (of each model), and returns the
 shard's record with the client's counters, which the flow adds up.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from ground.generators import LLMEndpoint, served_models
 from ground.settings import Settings
 from llm.client import ClientStats, LLMClient, Sampling
 from storage.shards import RunStore, ShardKind, ShardRecord
@@ -54,6 +55,15 @@ def endpoint_share(urls: Sequence[str], index: int, workers: int) -> list[str]:
     """The endpoints of share ``index`` of ``workers``: every ``workers``-th URL; one URL each when they are fewer."""
     mine = list(urls[index % workers :: workers]) if len(urls) >= workers else []
     return mine or [urls[index % len(urls)]]
+
+
+def model_share(endpoints: Sequence[LLMEndpoint], index: int, workers: int) -> list[LLMEndpoint]:
+    """:func:`endpoint_share` of each served model's endpoints, so every share can ask every generator."""
+    share = []
+    for model in served_models(endpoints):
+        mine = set(endpoint_share([e.url for e in endpoints if e.model == model], index, workers))
+        share += [e for e in endpoints if e.model == model and e.url in mine]
+    return share
 
 
 @dataclasses.dataclass
@@ -102,13 +112,13 @@ def merge_endpoints(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_example_shard_on_worker(
-    settings: Settings, run_id: str, shard: ExampleShard, sampling: Sampling, base_urls: list[str]
+    settings: Settings, run_id: str, shard: ExampleShard, sampling: Sampling, endpoints: list[LLMEndpoint]
 ) -> ShardDone:
-    """One example shard on whatever process runs this task: its own client over ``base_urls``, under the claim."""
+    """One example shard on whatever process runs this task: its own client over ``endpoints``, under the claim."""
     store = RunStore.from_settings(settings, run_id)
 
     async def run() -> ShardDone:
-        async with LLMClient.from_settings(settings, logger=get_run_logger(), base_url=base_urls) as client:
+        async with LLMClient.from_settings(settings, logger=get_run_logger(), endpoints=endpoints) as client:
             record = await run_claimed(
                 store, "examples", shard.shard_id, lambda: run_example_shard(store, shard, client, sampling)
             )

@@ -143,7 +143,8 @@ def test_clean_and_training_ledger_by_hand_and_the_catalog_view(small_run, tmp_p
     write_ledger(small_run.ledger_path, generation_rows("run-small", "m", usage, 54.0, 2, COST))
     generation = read_ledger(small_run.ledger_path)
     # embedding 6 s and search 3 s shared by rows embedded (retrieval 2, sts 1): 4 + 2 and 2 + 1; on the CPU
-    rows = clean_rows("clean-small", generation, {"retrieval": 2, "sts": 1}, {"retrieval": 2, "sts": 1}, 6.0, 3.0, COST)
+    counts = {("retrieval", "SmolLM2-135M-Instruct"): 2, ("sts", "SmolLM2-135M-Instruct"): 1}  # (type, generator)
+    rows = clean_rows("clean-small", generation, counts, counts, 6.0, 3.0, COST)
     by_type = {r["task_type"]: r for r in rows}
     assert by_type["retrieval"]["embed_s"] == pytest.approx(4.0) and by_type["retrieval"]["search_s"] == 2.0
     assert by_type["retrieval"]["clean_gpu_s"] == 0 and by_type["retrieval"]["cpu_s"] == pytest.approx(6.0)

@@ -7,7 +7,9 @@ random; the real server is covered by the ``llm``-marked integration tests.
 
 What it answers:
 
-* ``GET /v1/models``: one model, ``StubLLM.model`` (``stub-model`` by default).
+* ``GET /v1/models``: one model, ``StubLLM.model`` (``stub-model`` by default). With ``strict_model``, a chat
+  request for another model gets vLLM's 404 (``The model `x` does not exist.``), so a test of a mix of
+  generators sees a request sent to the wrong endpoint; ``answered`` counts chat answers per model asked.
 * ``POST /v1/chat/completions``: a JSON document that satisfies the request's
   ``response_format.json_schema.schema`` (objects, arrays with min/maxItems, strings with
   min/maxLength), built from words drawn by a RNG seeded with a hash of the messages and the schema
@@ -85,7 +87,9 @@ def _text(rng: random.Random, min_len: int, max_len: int) -> str:
 
 
 def fill_schema(schema: dict[str, Any], rng: random.Random) -> Any:
-    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses)."""
+    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses; an ``enum``, as the judge's verdict)."""
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
     kind = schema.get("type")
     if kind == "object":
         return {key: fill_schema(sub, rng) for key, sub in schema.get("properties", {}).items()}
@@ -145,8 +149,10 @@ class StubLLM:
         duplicate_every: int = 4,
         host: str = "127.0.0.1",
         port: int = 0,
+        strict_model: bool = False,
     ):
-        self.model, self.delay_s = model, delay_s
+        self.model, self.delay_s, self.strict_model = model, delay_s, strict_model
+        self.answered: dict[str, int] = {}
         self.invalid_every, self.duplicate_every = invalid_every, duplicate_every
         self.host, self.port = host, port
         self.requests = 0  # chat completions answered or killed
@@ -246,12 +252,19 @@ class StubLLM:
                     self._send(400, {"error": {"message": "body is not JSON", "type": "invalid_request"}})
                     return
                 stub._open.wait()
+                asked = body.get("model", stub.model)
+                if stub.strict_model and asked != stub.model:
+                    message = f"The model `{asked}` does not exist."
+                    self._send(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+                    return
                 if not stub._on_chat():
                     self.close_connection = True
                     return
                 if stub.delay_s:
                     threading.Event().wait(stub.delay_s)
                 text, finish_reason, completion_tokens = stub.reply(body)
+                with stub._lock:
+                    stub.answered[asked] = stub.answered.get(asked, 0) + 1
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 self._send(
                     200,

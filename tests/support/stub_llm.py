@@ -86,6 +86,8 @@ def _text(rng: random.Random, min_len: int, max_len: int) -> str:
 
 def fill_schema(schema: dict[str, Any], rng: random.Random) -> Any:
     """A value that satisfies ``schema`` (the subset prompts/schemas.py uses)."""
+    if "enum" in schema:  # grounded generation's config answer
+        return rng.choice(schema["enum"])
     kind = schema.get("type")
     if kind == "object":
         return {key: fill_schema(sub, rng) for key, sub in schema.get("properties", {}).items()}

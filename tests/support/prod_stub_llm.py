@@ -282,7 +282,8 @@ def grounded_query(prompt: str, rng: random.Random) -> dict[str, str]:
     found = _QUERY_LANGUAGE.search(prompt)
     language = found[1] if found and found[1] in LANGUAGE_ORDER else "English"
     if language != "English":
-        return {"query": prose(language, rng, n).rstrip(".。")}
+        words = prose(language, rng, n).rstrip(".。").split(" ")
+        return {"query": " ".join(words[:n])}  # (Chinese and Japanese: one run without spaces)
     words = _WORD.findall((_PASSAGE.search(prompt) or [None, ""])[1]) or english(rng, n).split()
     start = rng.randrange(max(1, len(words) - n))
     query = " ".join(words[start : start + n]) or english(rng, n)

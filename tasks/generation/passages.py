@@ -117,17 +117,19 @@ def top_personas(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices, cosine scores), each ``[passages, min(k, personas)]``, best first (rows are L2-normalised).
 
-    A block of passages at a time, so memory is ``block x personas`` scores whatever the corpus size."""
+    A block of passages at a time, so memory is ``block x personas`` scores whatever the corpus size. The
+    product and the selection are torch's (``topk``): numpy's ``argpartition`` over a 1,024 x 100,000 block
+    took 5 s where ``topk`` takes 0.25 s (2 CPU cores)."""
+    import torch
+
     k = min(k, len(persona_vectors))
+    personas = torch.from_numpy(np.ascontiguousarray(persona_vectors, dtype=np.float32))
     indices = np.empty((len(passage_vectors), k), np.int64)
     scores = np.empty((len(passage_vectors), k), np.float32)
-    for start in range(0, len(passage_vectors), block):
-        sims = passage_vectors[start : start + block] @ persona_vectors.T
-        top = (
-            np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.tile(np.arange(k), (len(sims), 1))
-        )
-        top_scores = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        indices[start : start + len(sims)] = np.take_along_axis(top, order, axis=1)
-        scores[start : start + len(sims)] = np.take_along_axis(top_scores, order, axis=1)
+    with torch.inference_mode():
+        for start in range(0, len(passage_vectors), block):
+            part = torch.from_numpy(np.ascontiguousarray(passage_vectors[start : start + block], dtype=np.float32))
+            top = torch.topk(part @ personas.T, k, dim=1, largest=True, sorted=True)
+            indices[start : start + len(part)] = top.indices.numpy()
+            scores[start : start + len(part)] = top.values.numpy()
     return indices, scores

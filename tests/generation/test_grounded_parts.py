@@ -212,3 +212,13 @@ def test_the_plan_takes_each_passage_once_in_a_seeded_order():
     only = plan_grounded("r", table, personas, 100, 3, 50, {"language": ["English"]})
     assert sum(len(s.requests) for s in only) == 30
     assert {r.placeholders["language"] for s in only for r in s.requests} == {"English"}
+
+
+def test_the_cli_refuses_a_missing_corpus_in_one_line_before_any_server(tmp_path):
+    from support.cli_process import cli
+
+    env = {"EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    result = cli("run", "--corpus", str(tmp_path / "nowhere"), "--no-clean", env=env, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {tmp_path / 'nowhere'}: not found"], result.stderr

@@ -26,7 +26,7 @@ from llm.embedder import make_embedder
 from personas.sources import Persona
 from storage.documents import corpus_files, read_documents
 from storage.embedding_cache import EmbeddingCache, embeddings_dir, encode_cached
-from storage.location import data_root
+from storage.location import data_root, is_url
 from storage.passages import read_passages, write_passages
 from storage.records import RecordFileError
 from storage.schemas import EXAMPLE_SCHEMA, PASSAGE_SCHEMA
@@ -51,7 +51,7 @@ def grounded_passages(settings: Settings, store: RunStore, pool: list[Persona], 
     logger = get_run_logger()
     gen = settings.generation
     location = corpus_location(gen.corpus)
-    files = corpus_files(location, settings.storage.storage_options() if "://" in location else None)
+    files = corpus_files(location, settings.storage.storage_options() if is_url(location) else None)
     passages, repeated = corpus_passages(
         read_documents(files, gen.corpus_text_column), gen.passage_min_words, gen.passage_max_words
     )

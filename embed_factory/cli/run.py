@@ -115,10 +115,11 @@ def run(
 def check_corpus(settings) -> None:
     """The corpus' files exist and are of known kinds (their contents are read by the flow)."""
     from storage.documents import corpus_files
+    from storage.location import is_url
     from tasks.generation.passages import corpus_location
 
     location = corpus_location(settings.generation.corpus)
-    corpus_files(location, settings.storage.storage_options() if "://" in location else None)
+    corpus_files(location, settings.storage.storage_options() if is_url(location) else None)
 
 
 def start_servers(settings) -> str:

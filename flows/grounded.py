@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger
 
@@ -41,6 +42,17 @@ def persona_matcher(settings: Settings):
     embedder = make_embedder(settings.clean)  # a local model loads only when a text is not cached yet
     cache = EmbeddingCache(embeddings_dir(data_root(settings.storage), embedder.model_key))
     return lambda texts: encode_cached(texts, embedder, cache)
+
+
+#: texts encoded between two progress reports (the persona pool and the passages, in the CLI's bar)
+ENCODE_CHUNK = 2048
+PROGRESS_STAGE = "personas"
+
+
+def _encoded(encode, texts: list[str]) -> np.ndarray:
+    vectors = encode(texts)
+    progress.advance(PROGRESS_STAGE, len(texts))
+    return vectors
 
 
 def grounded_passages(settings: Settings, store: RunStore, pool: list[Persona], encode=None) -> pa.Table:
@@ -72,8 +84,12 @@ def grounded_passages(settings: Settings, store: RunStore, pool: list[Persona], 
     )
     encode = encode or persona_matcher(settings)
     started = time.monotonic()
-    persona_vectors = encode([p.text for p in pool])
-    passage_vectors = encode([p.text for p in passages])
+    texts = [p.text for p in pool] + [p.text for p in passages]
+    progress.add_total(PROGRESS_STAGE, len(texts))
+    vectors = np.concatenate(
+        [_encoded(encode, texts[i : i + ENCODE_CHUNK]) for i in range(0, len(texts), ENCODE_CHUNK)]
+    )
+    persona_vectors, passage_vectors = vectors[: len(pool)], vectors[len(pool) :]
     indices, scores = top_personas(passage_vectors, persona_vectors, gen.persona_top_k)
     logger.info(
         "persona retrieval: top %d of %d personas for %d passages in %.1fs",

@@ -7,6 +7,7 @@ Re-running a run id resumes it: completed shards are skipped, the rest are (re)d
 The personas and the brainstorm run here, once per run; the example shards run here too
 (``generation.task_runner = "inline"``) or on the workers of a Dask cluster (``"dask"``,
 ``flows/runners.py``), each shard under its claim, with its own client over a share of ``llm.base_urls``.
+A grounded run (``generation.corpus``) replaces the brainstorm and example rounds by ``flows/grounded.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prefect import flow, get_run_logger
 
 from flows.artifacts import GenerateProgress, publish_generate
 from flows.endpoints import degraded_warnings, publish_endpoints
+from flows.grounded import grounded_examples, grounded_passages, grounded_target
 from flows.runners import on_workers, shard_runner
 from ground.cost_plan import Plan
 from ground.costs import generation_rows
@@ -34,7 +36,7 @@ from prompts.budget import answer_room, budget_problems
 from storage.embedding_cache import EmbeddingCache, embeddings_dir, encode_cached
 from storage.ledger import read_ledger, read_plan, write_ledger, write_plan
 from storage.location import data_root
-from storage.schemas import count_by_type
+from storage.schemas import INSTRUCTION_SCHEMA, count_by_type
 from storage.shards import RunStore
 from tasks.generation.intents import intent_summary
 from tasks.generation.rounds import (
@@ -216,13 +218,14 @@ def summarize(
     pool_size: int,
     brainstormed: Brainstormed,
     by_type: dict[str, int],
+    targets: dict[str, int],
     tally: ShardTally,
     elapsed: float,
     endpoints: list[dict[str, Any]] | None = None,
 ) -> GenerateSummary:
-    """The run's summary, with a warning for each target missed and each failure rate over the threshold."""
+    """The run's summary, with a warning for each target missed (``targets``: examples wanted per task type)
+    and each failure rate over the threshold."""
     logger = get_run_logger()
-    targets = example_targets(settings.generation)
     rejects = store.read_kind("rejects")
     requests = sum(by_type.values()) + rejects.num_rows
     transport_rate = stats.transport_failures / stats.http_attempts if stats.http_attempts else 0.0
@@ -343,34 +346,45 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
             persona_room = answer_room(settings, settings.personas.max_chars or 0)
             brainstorm_sampling = Sampling(llm.temperature, llm.top_p, llm.brainstorm_max_tokens, persona_room)
             pool = await persona_pool(store, settings.personas, client, brainstorm_sampling, gen.seed)
-            brainstormed = await brainstorm_to_targets(
-                store,
-                gen,
-                PersonaSampler(pool, gen.seed),
-                client,
-                brainstorm_sampling,
-                tally,
-                tracker.shard_committed,
-                instruction_encoder(settings),
-            )
             sampling = Sampling(llm.temperature, llm.top_p, llm.max_tokens, answer_room(settings))
             worker_stats, worker_endpoints = ClientStats(), []
-            with shard_runner(gen) as runner:
-                execute = None
-                if runner is not None:
-                    get_run_logger().info("example shards on %s workers (%s)", gen.workers, gen.dask_address or "local")
-                    execute = on_workers(runner, settings, run_id, sampling, worker_stats, worker_endpoints)
-                by_type = await examples_with_topups(
+            if gen.corpus:  # grounded: one query per passage of the corpus (flows/grounded.py), no brainstorm
+                passages = grounded_passages(settings, store, pool)
+                targets = grounded_target(settings, passages)
+                brainstormed = Brainstormed(INSTRUCTION_SCHEMA.empty_table(), {}, 0)
+                by_type = await grounded_examples(
+                    settings, store, pool, passages, client, sampling, tally, tracker.shard_committed
+                )
+            else:
+                brainstormed = await brainstorm_to_targets(
                     store,
                     gen,
-                    brainstormed.instructions,
+                    PersonaSampler(pool, gen.seed),
                     client,
-                    sampling,
+                    brainstorm_sampling,
                     tally,
                     tracker.shard_committed,
-                    execute,
-                    generator_mix(settings),
+                    instruction_encoder(settings),
                 )
+                targets = example_targets(gen)
+                with shard_runner(gen) as runner:
+                    execute = None
+                    if runner is not None:
+                        get_run_logger().info(
+                            "example shards on %s workers (%s)", gen.workers, gen.dask_address or "local"
+                        )
+                        execute = on_workers(runner, settings, run_id, sampling, worker_stats, worker_endpoints)
+                    by_type = await examples_with_topups(
+                        store,
+                        gen,
+                        brainstormed.instructions,
+                        client,
+                        sampling,
+                        tally,
+                        tracker.shard_committed,
+                        execute,
+                        generator_mix(settings),
+                    )
         add_stats(client.stats, stats_counts(worker_stats))
         summary = summarize(
             settings,
@@ -379,6 +393,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
             pool_size=len(pool),
             brainstormed=brainstormed,
             by_type=by_type,
+            targets=targets,
             tally=tally,
             elapsed=time.monotonic() - started,
             endpoints=merge_endpoints(client.router.report_rows() + worker_endpoints),
@@ -387,7 +402,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
         publish_generate(store)  # the per-task-type table in the UI
         publish_endpoints(store.run_id, summary.endpoints)
         instructions = count_by_type(brainstormed.instructions)
-        failed = targets_missed(example_targets(gen), by_type, store.read_kind("rejects"), instructions)
+        failed = targets_missed(targets, by_type, store.read_kind("rejects"), instructions)
         if failed:
             get_run_logger().error(failed)
             raise TargetsMissed(failed)  # the flow run ends Failed; the CLI prints this line and exits 1
@@ -403,6 +418,7 @@ async def generate(
     unique_instructions: int | None = None,
     profile: str | None = None,
     plan: dict[str, Any] | None = None,
+    corpus: str | None = None,
 ) -> GenerateSummary:
     """Generate persona-driven embedding training examples into Parquet shards of ``run_id``.
 
@@ -414,6 +430,8 @@ async def generate(
         unique_instructions: Target unique brainstormed instructions (default: what examples needs).
         profile: Settings profile: local or production (default: the environment's).
         plan: The cost plan made before the run (`embed-factory plan`), stored with a new run.
+        corpus: Grounded generation: one retrieval query per passage of this document corpus ("python-docs":
+            the shipped one; a .txt/.md/.html/.jsonl/.parquet file or folder, local or s3://).
     """
     overrides = {
         k: v
@@ -422,6 +440,7 @@ async def generate(
             "task_types": task_types,
             "seed": seed,
             "unique_instructions": unique_instructions,
+            "corpus": corpus,
         }.items()
         if v is not None
     }

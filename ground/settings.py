@@ -171,6 +171,22 @@ class GenerationSettings(Section):
     #: replace a task type's placeholder distribution, e.g. {"retrieval": {"num_words": [50, 100]}};
     #: values are sampled uniformly.
     placeholder_overrides: dict[TaskTypeName, dict[str, list[Any]]] = {}
+    #: grounded generation (Qwen3-Embedding): a document corpus whose passages are the positives of retrieval
+    #: rows, one query each, for at most ``examples`` passages; "python-docs" (shipped with the project), a
+    #: .txt/.md/.html/.jsonl/.parquet file or a folder of them, local or s3://. None: persona-driven generation.
+    corpus: str | None = None
+    corpus_text_column: str = "text"  # the documents' column in a JSONL or Parquet corpus
+    passage_min_words: int = Field(60, ge=5)  # a document is cut into passages of this many words ...
+    passage_max_words: int = Field(200, ge=10)  # ... to this many
+    persona_top_k: int = Field(5, ge=1, le=50)  # personas offered per passage, nearest by embedding first
+
+    @field_validator("passage_max_words")
+    @classmethod
+    def _passage_range(cls, value: int, info) -> int:
+        low = info.data.get("passage_min_words")
+        if low is not None and value < low:
+            raise ValueError(f"passage_max_words ({value}) is below passage_min_words ({low})")
+        return value
 
     @field_validator("task_types")
     @classmethod

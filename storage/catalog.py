@@ -22,6 +22,8 @@ dropped         ``clean/*/dropped/*.parquet``                          ``clean_i
 clean_inputs    ``clean/*/inputs.json`` (one row per clean id and run)  ``clean_id``, ``run_id``
 ledger          ``runs/*/ledger.parquet``, ``clean/*/ledger.parquet``   (rows carry ``scope``, ids)
 lineage         ``runs/*/lineage/*.parquet``: imported rows' file, line  (rows carry ``run_id``)
+                and grounded rows' document, passage, question type
+passages        ``runs/*/passages.parquet``: grounded runs' passages    ``run_id`` (from the path)
 ==============  =====================================================  =========================
 
 A view whose files do not exist yet is an empty view with the right columns (typed ``NULL`` casts
@@ -68,6 +70,7 @@ from storage.schemas import (
     JUDGED_SCHEMA,
     LEDGER_SCHEMA,
     LINEAGE_SCHEMA,
+    PASSAGE_SCHEMA,
     REJECT_SCHEMA,
 )
 from storage.shards import list_runs
@@ -99,6 +102,7 @@ VIEWS: dict[str, tuple[str, pa.Schema, str | None]] = {
     "clean_inputs": ("clean/*/inputs.json", _CLEAN_INPUTS, None),
     "ledger": ("*/*/ledger.parquet", LEDGER_SCHEMA, None),  # runs/<id>/ and clean/<id>/ (storage/ledger.py)
     "lineage": ("runs/*/lineage/*.parquet", LINEAGE_SCHEMA, None),  # imported runs' file and line (storage/lineage.py)
+    "passages": ("runs/*/passages.parquet", PASSAGE_SCHEMA, "run_id"),  # grounded runs' passages (storage/passages.py)
 }
 
 # The id that a path column is taken from: the folder right under runs/ or clean/.

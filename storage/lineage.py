@@ -1,10 +1,14 @@
-"""The lineage of imported runs: which input file and line each example of an ``embed-factory import`` came from.
+"""The lineage of imported and grounded runs: which input file and line (or document and passage) each row came from.
 
 Generated rows carry their lineage in ``EXAMPLE_SCHEMA`` (persona, instruction, model...). An imported row
 has none of that; its origin is a file and a line, kept beside the run's shards rather than in the example
 schema (which every stage streams)::
 
     runs/<run_id>/lineage/<shard>.parquet     LINEAGE_SCHEMA: example_id -> source, file, line, layout
+
+A grounded run (``generation.corpus``) writes the same files: its source is ``grounded``, the file the
+document within the corpus, the line the passage's number in it, with the passage id, question type and
+difficulty the run chose (the optional columns, null for imported rows).
 
 A shard's lineage file is written before its data file, the shard's commit point (``storage/shards.py``),
 like its rejects: a crash in between leaves no data file, the shard is redone and its lineage overwritten.
@@ -31,8 +35,13 @@ def lineage_path(store: RunStore, shard_id: str) -> StorePath:
     return store.root / LINEAGE_DIR / f"{shard_id}.parquet"
 
 
+#: the columns only some sources fill (a grounded run's passage, question type, difficulty): null when absent
+OPTIONAL = tuple(LINEAGE_SCHEMA.metadata[b"embed_factory.optional"].decode().split(","))
+
+
 def write_lineage(store: RunStore, shard_id: str, rows: list[dict[str, Any]]) -> None:
     """Write one shard's lineage (call before ``store.write_shard``: the data file commits the shard)."""
+    rows = [{**dict.fromkeys(OPTIONAL), **row} for row in rows]
     atomic_write_parquet(rows_to_table(rows, LINEAGE_SCHEMA), lineage_path(store, shard_id), store.compression)
 
 

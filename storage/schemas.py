@@ -292,10 +292,34 @@ LINEAGE_SCHEMA = pa.schema(
     [
         ("example_id", pa.string()),  # the example's id in the run's examples shards
         ("run_id", pa.string()),
-        ("source", pa.string()),  # "imported"
+        ("source", pa.string()),  # "imported" | "grounded"
         ("file", pa.string()),  # the input file (or datasets folder): an absolute local path or an s3:// URL
         ("line", pa.int64()),  # 1-based: the JSONL line, or the row of a Parquet file or datasets folder
-        ("layout", pa.string()),  # kalm | triplet | query_positive (tasks/importing/layouts.py)
+        ("layout", pa.string()),  # kalm | triplet | query_positive (tasks/importing/layouts.py); null if grounded
+        # grounded runs (source "grounded"; file: the document within the corpus, line: the passage's number in it)
+        ("passage_id", pa.string()),  # the positive's passage (PASSAGE_SCHEMA)
+        ("question_type", pa.string()),  # the config stage's answer (prompts/grounded.py)
+        ("difficulty", pa.string()),
     ],
-    metadata={"embed_factory.table": "lineage", "embed_factory.schema_version": str(SCHEMA_VERSION)},
+    metadata={
+        "embed_factory.table": "lineage",
+        "embed_factory.schema_version": str(SCHEMA_VERSION),
+        "embed_factory.optional": "passage_id,question_type,difficulty",
+    },
+)
+
+# --- grounded runs (storage/passages.py) ---------------------------------------------------------
+
+#: one passage of a grounded run's corpus, ``runs/<run_id>/passages.parquet`` (catalog view ``passages``)
+PASSAGE_SCHEMA = pa.schema(
+    [
+        ("passage_id", pa.string()),  # a hash of the passage's text: the same on every machine and re-run
+        ("document", pa.string()),  # where it is within the corpus: "page.md", "docs.jsonl#12"
+        ("position", pa.int32()),  # 1-based: the passage's number within its document
+        ("words", pa.int32()),
+        ("text", pa.string()),
+        ("personas", pa.list_(pa.string())),  # the top-k persona ids by embedding similarity, best first
+        ("persona_scores", pa.list_(pa.float32())),  # their cosine similarities
+    ],
+    metadata={"embed_factory.table": "passages", "embed_factory.schema_version": str(SCHEMA_VERSION)},
 )

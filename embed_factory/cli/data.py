@@ -83,7 +83,7 @@ def query(
     sql: str = typer.Argument(
         ...,
         help="SQL over the catalog views: raw, rejects, brainstorm, instructions, "
-        f"{', '.join(s.table for s in CLEAN_STAGES)}, judged, dropped, clean_inputs, ledger, lineage.",
+        f"{', '.join(s.table for s in CLEAN_STAGES)}, judged, dropped, clean_inputs, ledger, lineage, passages.",
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the result to a .csv or .parquet file."),
     limit: int = typer.Option(50, help="Rows to print."),

@@ -55,6 +55,12 @@ def run(
     instructions: int | None = typer.Option(
         None, "--instructions", min=1, help="Target unique brainstormed instructions."
     ),
+    corpus: str | None = typer.Option(
+        None,
+        "--corpus",
+        help="Grounded generation: one retrieval query per passage of this document corpus: python-docs (shipped), "
+        "a .txt/.md/.html/.jsonl/.parquet file or a folder of them, local or s3:// (generation.corpus).",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Only print the predicted requests, tokens, GPU-hours, time and cost (as `plan`)."
     ),
@@ -63,10 +69,13 @@ def run(
 ) -> None:
     """Generate examples of all 6 task types, then clean them into a training corpus.
 
+    With --corpus, one retrieval query per passage of a document corpus instead (grounded generation).
     Starts the embedded vLLM and local Prefect servers if needed. Re-use --run-id to resume a run.
     The cost plan from earlier runs' ledger is stored with a new run, so its ledger shows predicted vs actual.
     """
     settings = load_cli_settings(config, profile)
+    if corpus is not None:
+        settings = settings.model_copy(update={"generation": settings.generation.model_copy(update={"corpus": corpus})})
     unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
     if unknown:
         fail(f"unknown task type(s) {', '.join(unknown)}; choose from {TASK_TYPE_LIST}", 2)
@@ -76,6 +85,8 @@ def run(
             RunStore(root, run_id)
             if run_id in run_ids(root):
                 check_runs_readable(root, [run_id])
+        if settings.generation.corpus:  # a corpus that is missing or holds no document: refused before any server
+            check_corpus(settings)
         if settings.personas.source != "hub":
             for note in load_persona_pool(settings.personas).notes():  # refused as the flow would refuse it
                 say(f"personas: {note}")
@@ -93,10 +104,22 @@ def run(
     run_id = run_id or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-") + uuid4().hex[:6]
     with command_frame(interrupted=f"interrupted; resume with: embed-factory run --run-id {run_id}"):
         api_url = start_servers(settings)
-        summary = generate_flow(api_url, run_id, examples, task_types, seed, instructions, settings.profile, cost_plan)
+        summary = generate_flow(
+            api_url, run_id, examples, task_types, seed, instructions, settings.profile, cost_plan, corpus
+        )
         print_generate_summary(summary, api_url)
         if clean_after:
             print_clean_summary(clean_flow(api_url, run_id, None, None, settings.profile))
+
+
+def check_corpus(settings) -> None:
+    """The corpus' files exist and are of known kinds (their contents are read by the flow)."""
+    from storage.documents import corpus_files
+    from storage.location import is_url
+    from tasks.generation.passages import corpus_location
+
+    location = corpus_location(settings.generation.corpus)
+    corpus_files(location, settings.storage.storage_options() if is_url(location) else None)
 
 
 def start_servers(settings) -> str:
@@ -124,7 +147,15 @@ def start_servers(settings) -> str:
 
 
 def generate_flow(
-    api_url: str, run_id: str, examples, task_types, seed, instructions, profile, plan: Plan | None = None
+    api_url: str,
+    run_id: str,
+    examples,
+    task_types,
+    seed,
+    instructions,
+    profile,
+    plan: Plan | None = None,
+    corpus: str | None = None,
 ) -> GenerateSummary:
     """Run the generate flow here, its stages as bars; its summary."""
     from flows.generate import generate
@@ -141,6 +172,7 @@ def generate_flow(
                 unique_instructions=instructions,
                 profile=profile,
                 plan=plan.to_json() if plan else None,
+                corpus=corpus,
             )
         )
     return summary

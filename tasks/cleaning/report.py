@@ -14,6 +14,7 @@ global state) embedded as ``data:image/png;base64``. Sections:
 6. lengths: query and positive characters per task type;
 7. diversity: unique instructions and personas, top personas, distinct-n of queries and positives;
 8. generation: rejects by reason, attempts, tokens, latency, finish reasons.
+   grounded (``report_grounded.py``): grounded runs' rows per question type and difficulty;
 9. costs (``report_ledger.py``): the cost ledger per task type and per 1,000 accepted samples, plan vs actual.
 
 ``clean_id=None`` takes the most recent clean run, or none: a project where only generation ran gets
@@ -32,6 +33,7 @@ from storage.catalog import Catalog
 from storage.location import as_store_path
 from tasks.cleaning.report_data import ReportData
 from tasks.cleaning.report_generators import generators_section
+from tasks.cleaning.report_grounded import grounded_section
 from tasks.cleaning.report_html import CSS, esc
 from tasks.cleaning.report_intents import intents_section
 from tasks.cleaning.report_judge import judge_section
@@ -60,6 +62,7 @@ SECTIONS: list[tuple[str, str, Callable[[ReportData], str]]] = [
     ("diversity", "Instruction and persona diversity", diversity_section),
     ("generation", "Generation statistics", generation_section),
     ("intents", "Instruction intents (semantic dedup)", intents_section),
+    ("grounded", "Grounded rows: question types and difficulties", grounded_section),
     ("costs", "Cost ledger: per task type, per 1,000 accepted samples, plan vs actual", ledger_section),
 ]
 

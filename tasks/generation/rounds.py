@@ -27,6 +27,7 @@ from storage.schemas import EXAMPLE_SCHEMA, count_by_type
 from storage.shards import RunStore, ShardRecord, read_parquet_checked
 from tasks.generation.brainstorm import (
     OVERSHOOT,
+    BrainstormShard,
     brainstorm_shard_task,
     deficits,
     next_overshoots,
@@ -90,7 +91,7 @@ async def run_shards(
     errors: list[BaseException] = []
 
     async def run(shard):
-        kind = "examples" if isinstance(shard, ExampleShard) else "brainstorm"
+        kind = "brainstorm" if isinstance(shard, BrainstormShard) else "examples"  # example or grounded shard
         async with gate:
             if errors:
                 return None  # a shard failed: start no more

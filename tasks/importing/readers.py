@@ -18,7 +18,6 @@ file (missing, empty, unreadable, an unknown layout) raises :class:`ImportFileEr
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,26 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.location import StorePath, as_store_path, is_remote, is_url, parquet_source
+from storage.location import StorePath, as_store_path, is_remote, is_url
+from storage.records import (  # noqa: F401 - BadLine, BATCH_ROWS: re-exported for the import's callers
+    BATCH_ROWS,
+    BadLine,
+    RecordFileError,
+    batch_records,
+    jsonl_records,
+    parquet_batches,
+    record_kind,
+)
 from tasks.importing.layouts import LayoutProblem, detect_layout
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-#: rows per batch a reader hands on (bounds the records in memory besides the shard being built)
-BATCH_ROWS = 4096
-
-
-class ImportFileError(ValueError):
-    """An input file (or line, in strict mode) the import cannot read; the message names file (and line)."""
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A JSONL line that is not a JSON object (what is wrong, without file and line)."""
-
-    problem: str
+#: the import's error is the format layer's (one class: a catch of either catches both)
+ImportFileError = RecordFileError
 
 
 @dataclass(frozen=True)
@@ -62,15 +56,6 @@ class Source:
     def location(self) -> str:
         """Where it is, whatever the working directory: an absolute path or the URL (lineage, resume check)."""
         return str(self.path) if is_remote(self.path) else str(self.path.resolve())
-
-
-def _kind(name: str) -> str | None:
-    name = name.lower().removesuffix(".gz")
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(PARQUET_SUFFIXES) and not name.endswith(".gz"):
-        return "parquet"
-    return None
 
 
 def _size(path: StorePath) -> int:
@@ -99,7 +84,7 @@ def resolve_sources(paths: list[str], storage_options: dict[str, Any] | None = N
         if not exists:
             raise ImportFileError(f"{given}: not found")
         if not is_dir:
-            kind = _kind(path.name)
+            kind = record_kind(path.name)
             if kind is None:
                 raise ImportFileError(
                     f"{given}: unknown file type (expected .jsonl, .json, .ndjson, .gz of those, .parquet "
@@ -116,10 +101,10 @@ def resolve_sources(paths: list[str], storage_options: dict[str, Any] | None = N
             files = _arrow_files(path, given)
             sources.append(Source(path, given, "arrow", sum(_size(f) for f in files)))
         else:
-            inside = sorted((p for p in path.iterdir() if not p.is_dir() and _kind(p.name)), key=lambda p: p.name)
+            inside = sorted((p for p in path.iterdir() if not p.is_dir() and record_kind(p.name)), key=lambda p: p.name)
             if not inside:
                 raise ImportFileError(f"{given}: a folder with no .jsonl/.parquet files and no datasets state.json")
-            sources += [Source(p, f"{given.rstrip('/')}/{p.name}", _kind(p.name), _size(p)) for p in inside]
+            sources += [Source(p, f"{given.rstrip('/')}/{p.name}", record_kind(p.name), _size(p)) for p in inside]
     return sources
 
 
@@ -130,46 +115,7 @@ def layout_of(columns: list[str], shown: str) -> str:
         raise ImportFileError(f"{shown}: {exc}") from None
 
 
-# --- JSONL -----------------------------------------------------------------------------------------
-def _parse_line(raw: bytes) -> dict[str, Any] | BadLine | None:
-    """One JSONL line: its object, a BadLine, or None for a blank line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return BadLine(f"not UTF-8 text (byte {exc.start}); is it a binary file?")
-    if not text.strip():
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})")
-    if not isinstance(record, dict):
-        return BadLine(f"expected a JSON object, got {type(record).__name__}")
-    return record
-
-
-def _jsonl_records(source: Source) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
-    with source.path.open("rb") as raw_fh:
-        fh = gzip.open(raw_fh) if source.path.name.lower().endswith(".gz") else raw_fh
-        try:
-            for line, raw in enumerate(fh, start=1):
-                parsed = _parse_line(raw)
-                if parsed is not None:
-                    yield line, parsed
-        except (OSError, EOFError) as exc:  # a truncated or corrupt .gz
-            raise ImportFileError(f"{source.shown}: unreadable ({type(exc).__name__}: {exc})") from None
-
-
-# --- columnar files ---------------------------------------------------------------------------------
-def _parquet_batches(source: Source, batch_rows: int) -> tuple[list[str], Iterator[pa.RecordBatch]]:
-    src, fs = parquet_source(source.path)
-    try:
-        reader = pq.ParquetFile(src, filesystem=fs) if fs is not None else pq.ParquetFile(src)
-    except (pa.ArrowException, OSError) as exc:
-        raise ImportFileError(f"{source.shown}: unreadable Parquet ({exc})") from None
-    return reader.schema_arrow.names, reader.iter_batches(batch_size=batch_rows)
-
-
+# --- columnar files (JSONL and Parquet: storage/records.py) ---------------------------------------
 def _arrow_batches(source: Source, batch_rows: int) -> tuple[list[str], Iterator[pa.RecordBatch]]:
     files = _arrow_files(source.path, source.shown)
 
@@ -201,21 +147,19 @@ def _arrow_batches(source: Source, batch_rows: int) -> tuple[list[str], Iterator
 
 
 def _columnar_records(source: Source, batch_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    names, batches = (_parquet_batches if source.kind == "parquet" else _arrow_batches)(source, batch_rows)
+    if source.kind == "parquet":
+        names, batches = parquet_batches(source.path, source.shown, batch_rows)
+    else:
+        names, batches = _arrow_batches(source, batch_rows)
     layout_of(names, source.shown)  # an unknown layout is the file's error, before any row
-    row = 0
-    try:
-        for batch in batches:
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
-    except (pa.ArrowException, OSError) as exc:
-        raise ImportFileError(f"{source.shown}: unreadable after row {row} ({exc})") from None
+    yield from batch_records(batches, source.shown)
 
 
 def read_records(source: Source, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
     """``(line, record or BadLine)`` of one input, in file order; an empty input is an ImportFileError."""
-    records = _jsonl_records(source) if source.kind == "jsonl" else _columnar_records(source, batch_rows)
+    records = (
+        jsonl_records(source.path, source.shown) if source.kind == "jsonl" else _columnar_records(source, batch_rows)
+    )
     empty = True
     for item in records:
         empty = False

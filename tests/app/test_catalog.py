@@ -21,6 +21,7 @@ from storage.schemas import (
     EXAMPLE_SCHEMA,
     INSTRUCTION_SCHEMA,
     LINEAGE_SCHEMA,
+    PASSAGE_SCHEMA,
     REJECT_SCHEMA,
 )
 from support.catalog_store import (
@@ -56,6 +57,11 @@ def build_project(data: Path) -> None:
     )
     write(data / "runs/r2/instructions.parquet", [row_for(INSTRUCTION_SCHEMA)], INSTRUCTION_SCHEMA)
     write(data / "runs/r3/lineage/imp-00000.parquet", [row_for(LINEAGE_SCHEMA, run_id="r3")] * 2, LINEAGE_SCHEMA)
+    write(
+        data / "runs/r4/passages.parquet",
+        [row_for(PASSAGE_SCHEMA, passage_id=f"p-{i}") for i in range(3)],
+        PASSAGE_SCHEMA,
+    )
     clean = data / "clean/c1"
     write(clean / "valid.parquet", [ex("r1", 0), ex("r1", 1, "sts"), ex("r1", 2)], EXAMPLE_SCHEMA)
     write(clean / "deduped.parquet", [ex("r1", 0), ex("r1", 1, "sts")], EXAMPLE_SCHEMA)
@@ -110,6 +116,7 @@ def test_counts_match_the_files_and_ids_come_from_paths(tmp_path):
         "clean_inputs": 2,
         "ledger": 0,
         "lineage": 2,
+        "passages": 3,
     }
     # the empty views had the very columns and types that the file-backed views have
     with catalog.session():

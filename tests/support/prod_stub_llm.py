@@ -12,6 +12,9 @@ overridden) reads each example prompt as a model would and answers:
 * English as running prose with the function-word phrases real text has ("there is no", "one of the",
   "a man is"), so filters that match common phrases show here;
 * about 1 % of answers not JSON and about 4 % the type's one duplicate answer; brainstorms as distinct tasks;
+* grounded generation (``prompts/grounded.py``): a config answer valid under its schema (the candidate
+  persona sharing most words with the passage), and a query of the asked length and language whose English
+  words come from the passage;
 * within the request's ``max_tokens``: an answer longer than that (tokens = UTF-8 bytes / 4) is cut there
   with ``finish_reason = "length"``, as vLLM does.
 
@@ -251,6 +254,42 @@ def brainstorm(prompt: str, rng: random.Random, schema: dict[str, Any]) -> dict[
     return {"tasks": tasks}
 
 
+_PASSAGE = re.compile(r"Passage:\n(.*?)\n\n(?:Candidate characters|Requirements):", re.S)
+_CANDIDATE = re.compile(r"^(\d+)\. (.*)$", re.M)
+_QUERY_LANGUAGE = re.compile(r"The query is in (\w+)\.")
+_WORD = re.compile(r"[A-Za-z][A-Za-z_]{3,}")
+
+
+def grounded_config(prompt: str, rng: random.Random, schema: dict[str, Any]) -> dict[str, str]:
+    """A model's config answer: the candidate character sharing most words with the passage, a question type
+    and a difficulty from the schema's choices."""
+    passage = set(w.lower() for w in _WORD.findall((_PASSAGE.search(prompt) or [None, ""])[1]))
+    block = prompt.split("Candidate characters:\n", 1)[-1].split("\n\n", 1)[0]
+    candidates = _CANDIDATE.findall(block)
+    overlap = [(len(passage & {w.lower() for w in _WORD.findall(text)}), -int(n), n) for n, text in candidates]
+    fields = schema["properties"]
+    return {
+        "persona": max(overlap)[2] if overlap else rng.choice(fields["persona"]["enum"]),
+        "question_type": rng.choice(fields["question_type"]["enum"]),
+        "difficulty": rng.choice(fields["difficulty"]["enum"]),
+    }
+
+
+def grounded_query(prompt: str, rng: random.Random) -> dict[str, str]:
+    """A query of the asked length and language about the passage: in English its words come from the passage
+    (as a model asking about it would use them), in another language from that language's bank."""
+    n = _query_words(prompt, rng)
+    found = _QUERY_LANGUAGE.search(prompt)
+    language = found[1] if found and found[1] in LANGUAGE_ORDER else "English"
+    if language != "English":
+        words = prose(language, rng, n).rstrip(".。").split(" ")
+        return {"query": " ".join(words[:n])}  # (Chinese and Japanese: one run without spaces)
+    words = _WORD.findall((_PASSAGE.search(prompt) or [None, ""])[1]) or english(rng, n).split()
+    start = rng.randrange(max(1, len(words) - n))
+    query = " ".join(words[start : start + n]) or english(rng, n)
+    return {"query": query[0].upper() + query[1:]}
+
+
 class ProdStubLLM(StubLLM):
     """The stub server answering at production lengths (see the module docstring)."""
 
@@ -270,6 +309,10 @@ class ProdStubLLM(StubLLM):
             text = "Here is the example you asked for, written as a short paragraph instead of JSON."
         elif name.endswith("_brainstorm"):
             text = json.dumps(brainstorm(prompt, _rng(self.seed, key, "b"), schema), ensure_ascii=False)
+        elif name == "grounded_config":
+            text = json.dumps(grounded_config(prompt, _rng(self.seed, key, "c"), schema))
+        elif name == "grounded_query":
+            text = json.dumps(grounded_query(prompt, _rng(self.seed, key, "q")), ensure_ascii=False)
         else:
             duplicate = draw % 1000 >= 1000 - self.duplicate_per_mille
             rng = _rng(self.seed, name, "duplicate") if duplicate else _rng(self.seed, key, body.get("seed"))

@@ -87,7 +87,8 @@ def _text(rng: random.Random, min_len: int, max_len: int) -> str:
 
 
 def fill_schema(schema: dict[str, Any], rng: random.Random) -> Any:
-    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses; an ``enum``, as the judge's verdict)."""
+    """A value that satisfies ``schema`` (the subset prompts/schemas.py uses; an ``enum``: the judge's verdict,
+    grounded generation's config answer)."""
     if "enum" in schema:
         return rng.choice(schema["enum"])
     kind = schema.get("type")

@@ -79,6 +79,8 @@ def run(
     unknown = [t for t in task_types or [] if t not in ALL_TASK_TYPES]
     if unknown:
         fail(f"unknown task type(s) {', '.join(unknown)}; choose from {TASK_TYPE_LIST}", 2)
+    if settings.generation.corpus and task_types and task_types != ["retrieval"]:
+        fail("--task-type does not apply to --corpus: a grounded run writes retrieval rows only", 2)
     with command_frame():  # check cheap inputs before starting any server
         root = checked_data_dir(settings)  # missing or empty is fine: a first run creates it
         if run_id is not None:  # a new id starts that run; an existing one is resumed, if its files read

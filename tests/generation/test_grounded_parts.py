@@ -222,3 +222,13 @@ def test_the_cli_refuses_a_missing_corpus_in_one_line_before_any_server(tmp_path
     assert result.returncode == 1, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {tmp_path / 'nowhere'}: not found"], result.stderr
+
+
+def test_the_cli_refuses_other_task_types_with_a_corpus(tmp_path):
+    from support.cli_process import cli
+
+    env = {"EMBED_FACTORY_STORAGE__DATA_DIR": str(tmp_path / "data"), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    result = cli("run", "--corpus", "python-docs", "--task-type", "sts", "--no-clean", env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: --task-type does not apply to --corpus: a grounded run writes retrieval rows only"], lines

@@ -9,7 +9,7 @@ task type: the report's per-model scorecard.
 
 from __future__ import annotations
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, _ident
 from storage.stages import CLEAN_STAGES
 
 GENERATED = "generated"  # the funnel's first column: the generation runs' raw rows
@@ -37,8 +37,13 @@ def generator_funnel(catalog: Catalog, clean_id: str | None, runs: list[str]) ->
     return funnel_counts(catalog, clean_id, runs, by="model")
 
 
+COUNTED_BY = ("task_type", "model")  # the row columns a funnel is counted by (a fixed list: names go into SQL)
+
+
 def _per(catalog: Catalog, source: str, param: object, by: str) -> dict[str, int]:
-    sql = f"SELECT {by} AS k, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
+    if by not in COUNTED_BY:
+        raise ValueError(f"a funnel is counted by one of {COUNTED_BY}, not {by!r}")
+    sql = f"SELECT {_ident(by)} AS k, count(*) AS n FROM {source} GROUP BY 1 ORDER BY 1"
     return {r["k"]: r["n"] for r in catalog.query(sql, {"p": param}).to_pylist()}
 
 

@@ -32,6 +32,12 @@ from storage.schemas import DROPPED_SCHEMA
 BATCH_ROWS = 65_536
 
 
+def release_unused_memory() -> None:
+    """Hand the Arrow memory pool's freed pages back to the OS. The pool (mimalloc, jemalloc) keeps them
+    for reuse otherwise, so a step's peak would stay the process's RSS for the rest of the run."""
+    pa.default_memory_pool().release_unused()
+
+
 def open_parquet(path: StorePath) -> pq.ParquetFile:
     source, filesystem = parquet_source(path)
     try:

@@ -54,6 +54,12 @@ class _Signatures:
         return self.matrix[np.searchsorted(self.rows, rows)]
 
 
+def key_digests(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The 16-byte BLAKE2b of each key (``S16``; a null key: 16 zero bytes), for grouping equal keys."""
+    texts = keys.to_pylist()
+    return np.array([b"" if t is None else blake2b(t.encode(), digest_size=16).digest() for t in texts], "S16")
+
+
 def _digests(keys: pa.Array, has: np.ndarray) -> pa.Array:
     """16-byte BLAKE2b of each key where ``has`` (else null): exact dedup's grouping key."""
     texts = keys.to_pylist()

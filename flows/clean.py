@@ -83,11 +83,9 @@ rank_filter_and_mine = task(
 )
 llm_judge = task(judge_corpus, name="llm-judge", cache_policy=NO_CACHE)
 
-#: shards validated (dedup batches read) at once: their results are held until written, so memory is this
+#: shards validated (dedup's batches read) at once: their results are held until written, so memory is this
 #: many shards; the fewest that keep two cores busy (16 shards held ~2.5 GiB on 200k bench rows)
 MAP_WINDOW = 4
-#: rows per batch whose dedup facts are read at once (MAP_WINDOW of them in flight)
-DEDUP_BATCH_ROWS = 16_384
 #: the columns the ranking embed reads
 EMBED_COLUMNS = ("instruction", "query", "positive", "negative")
 
@@ -209,7 +207,7 @@ class Dedup(Step):
     name, writes = "dedup", ("deduped",)
 
     def run(self, ctx, reads, laps):
-        batches = ctx.store.iter_stage(reads, DEDUP_COLUMNS, DEDUP_BATCH_ROWS)
+        batches = ctx.store.iter_stage(reads, DEDUP_COLUMNS, ctx.batch_rows)  # MAP_WINDOW of them in flight
         facts = DedupFacts.join(window_map(ctx, dedup_facts_task, "batch", batches), ctx.cfg)
         keep, dropped = dedup_decisions(facts, ctx.cfg)
         del facts

@@ -63,7 +63,7 @@ HOOKS = {
     "tasks.cleaning.dedup:exact_dedup": "dedup",
     "tasks.cleaning.dedup:near_dedup_part": "dedup",
     "tasks.cleaning.dedup:near_dedup": "dedup",
-    "flows.clean:decontaminate_task.fn": "decontaminate",  # a Prefect task object: its function is swapped
+    "flows.clean:dedup_facts_task.fn": "dedup",  # per batch: ids, digests, signatures (a Prefect task)
     "tasks.cleaning.decontaminate:Decontaminate.drops": "decontaminate",  # the streamed stage, per batch
     "tasks.cleaning.decontaminate:decontaminate": "decontaminate",
     "tasks.cleaning.embed:encode_cached": "embed",

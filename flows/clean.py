@@ -7,20 +7,20 @@ tables' writers and commits atomically when the step is done (``storage/stage_io
 for the whole flow. A streamed stage (``tasks/cleaning/stage.py``) is fed batch by batch; a global one
 (dedup, the ranking search) decides from the columns it needs and then emits rows streaming. A step whose
 tables exist is skipped, so a crashed clean run resumes at its first missing table; embeddings are cached
-by text hash across runs. Validation (per shard) and near-dedup (per task type) map onto the task runner
-of ``flows/runners.py``.
+by text hash across runs. Validation (per shard) and dedup's reading (per batch: ids, digests, MinHash
+signatures) map onto the task runner of ``flows/runners.py``, a window of them at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE as NO_CACHE
@@ -40,10 +40,10 @@ from storage.ledger import read_ledger, write_ledger
 from storage.location import StorePath
 from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, list_runs, read_parquet_checked
-from storage.stage_io import BATCH_ROWS, empty_table, open_parquet
+from storage.stage_io import BATCH_ROWS, empty_table, open_parquet, release_unused_memory
 from storage.stages import CLEAN_STAGES, STAGE_TABLES, enabled_stages, final_table, table_before
 from tasks.cleaning.decontaminate import Decontaminate
-from tasks.cleaning.dedup import exact_dedup, merge_near_parts, near_dedup_part, split_by_task_type
+from tasks.cleaning.dedup_stream import DEDUP_COLUMNS, DedupFacts, dedup_decisions, dedup_facts
 from tasks.cleaning.embed import embed_for_ranking, file_encoder, make_embedder
 from tasks.cleaning.export import BATCH_ROWS as EXPORT_BATCH_ROWS
 from tasks.cleaning.export import EXPORT_COLUMNS, KEY_COLUMNS, ExportRows, export_corpus, write_dataset_card
@@ -73,12 +73,7 @@ def validate_shard(path, cfg: CleanSettings) -> StageResult:
     return validate_examples(read_parquet_checked(path, EXAMPLE_SCHEMA), cfg)
 
 
-@task(name="dedup-near", cache_policy=NO_CACHE, task_run_name="dedup-near-{task_type}")
-def dedup_near(task_type: str, part: pa.Table, cfg: CleanSettings) -> StageResult:
-    return near_dedup_part(part, cfg)
-
-
-dedup_exact = task(exact_dedup, name="dedup-exact", cache_policy=NO_CACHE)
+dedup_facts_task = task(dedup_facts, name="dedup-facts", cache_policy=NO_CACHE)
 embed = task(embed_for_ranking, name="embed", cache_policy=NO_CACHE)
 rank_filter_and_mine = task(
     filter_and_mine_block,
@@ -88,13 +83,11 @@ rank_filter_and_mine = task(
 )
 llm_judge = task(judge_corpus, name="llm-judge", cache_policy=NO_CACHE)
 
-#: shards validated at once (their results are held until written: memory is this many shards)
-VALIDATE_WINDOW = 16
-#: the columns dedup decides from (+ the run id its dropped rows carry)
-DEDUP_COLUMNS = ("example_id", "run_id", "task_type", "query", "positive")
+#: shards validated (dedup's batches read) at once: their results are held until written, so memory is this
+#: many shards; the fewest that keep two cores busy (16 shards held ~2.5 GiB on 200k bench rows)
+MAP_WINDOW = 4
 #: the columns the ranking embed reads
 EMBED_COLUMNS = ("instruction", "query", "positive", "negative")
-_INPUT_ROW = "__input_row"
 
 
 # --- the steps -----------------------------------------------------------------------------------
@@ -185,42 +178,39 @@ def streamed(stage: Stage | None, table: str, batches: Iterable[pa.Table]) -> It
         yield {table: stage.run_batch(batch) if stage is not None else StageResult.keep_all(batch)}
 
 
+def window_map(ctx: CleanContext, fn: Any, name: str, items: Iterable[Any]) -> Iterator[Any]:
+    """``fn(<name>=item, cfg=ctx.cfg)`` for each item, mapped on the runner :data:`MAP_WINDOW` items at a
+    time; the results in order. Memory: one window's items and results."""
+    items = iter(items)
+    while window := list(itertools.islice(items, MAP_WINDOW)):
+        for future in ctx.runner.map(fn, {name: window, "cfg": unmapped(ctx.cfg)}):
+            yield future.result()
+        del window
+        release_unused_memory()  # the window's tables are gone: their buffers go back to the OS
+
+
 class ValidateShards(Step):
     name, writes = "validate", ("valid",)
 
     def run(self, ctx, reads, laps):
-        files = ctx.shard_files
-        for start in range(0, len(files), VALIDATE_WINDOW):
-            window = files[start : start + VALIDATE_WINDOW]
-            for future in ctx.runner.map(validate_shard, {"path": window, "cfg": unmapped(ctx.cfg)}):
-                yield {"valid": future.result()}
+        for result in window_map(ctx, validate_shard, "path", ctx.shard_files):
+            yield {"valid": result}
         ctx.store.write_inputs(ctx.runs, ctx.fingerprint)
-        if not files:
+        if not ctx.shard_files:
             yield {"valid": StageResult.keep_all(EXAMPLE_SCHEMA.empty_table())}
 
 
 class Dedup(Step):
-    """Global: decides from the columns it compares, then the kept rows stream through."""
+    """Global: the facts of each batch (ids, digests, signatures; mapped on the runner), decided together,
+    then the kept rows stream through."""
 
     name, writes = "dedup", ("deduped",)
 
     def run(self, ctx, reads, laps):
-        rows = ctx.store.read_columns(reads, DEDUP_COLUMNS)
-        keep = np.zeros(rows.num_rows, dtype=bool)
-        rows = rows.append_column(_INPUT_ROW, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-        exact = dedup_exact(rows)
-        parts = split_by_task_type(exact.kept)
-        futures = (
-            ctx.runner.map(
-                dedup_near, {"task_type": list(parts), "part": list(parts.values()), "cfg": unmapped(ctx.cfg)}
-            )
-            if parts
-            else []
-        )
-        near = merge_near_parts(exact.kept, [future.result() for future in futures])
-        keep[near.kept.column(_INPUT_ROW).to_numpy()] = True
-        dropped = pa.concat_tables([exact.dropped, near.dropped])
-        del rows, exact, parts, futures, near
+        batches = ctx.store.iter_stage(reads, DEDUP_COLUMNS, ctx.batch_rows)  # MAP_WINDOW of them in flight
+        facts = DedupFacts.join(window_map(ctx, dedup_facts_task, "batch", batches), ctx.cfg)
+        keep, dropped = dedup_decisions(facts, ctx.cfg)
+        del facts
         checkpoint("dedup.done")
         yield {"deduped": StageResult(EXAMPLE_SCHEMA.empty_table(), dropped)}
         offset = 0
@@ -252,7 +242,8 @@ class RankFilterAndMine(Step):
     def run(self, ctx, reads, laps):
         if ctx.store.count(ctx.store.stage_path(reads)) == 0:
             raise ValueError(f"no rows survived validation and dedup in {ctx.store.root}; nothing to filter")
-        vectors = embed(ctx.store.read_columns(reads, EMBED_COLUMNS), ctx.cfg, ctx.store, ctx.embedder)
+        rows = ctx.store.iter_stage(reads, EMBED_COLUMNS)  # record batches: one block of texts at a time
+        vectors = embed(rows, ctx.cfg, ctx.store, ctx.embedder)
         laps.lap("embed")
         blocks = ctx.batches(reads, ctx.block_rows)
         searched = None
@@ -313,7 +304,7 @@ def clean_run(
     runs = runs or list_runs(store.data_dir)
     if not runs:
         raise ValueError(f"no generation runs under {store.data_dir}/runs; run `embed-factory run` first")
-    # the CPU-heavy stages (validation per shard, near-dedup per task type) map onto threads or Dask
+    # the CPU-heavy stages (validation per shard, dedup's reading per batch) map onto threads or Dask
     with store.exclusive(), stage_runner(settings.clean) as runner:  # a second `clean` of the same id fails at once
         fingerprint = clean_fingerprint(settings, runs)
         check_resume(clean_id, store.read_fingerprint(), fingerprint)  # a changed resume stops here, one line
@@ -351,6 +342,7 @@ def run_stages(ctx: CleanContext, steps: tuple[Step, ...]) -> dict[str, float]:
                 checkpoint("stage.batch")
             for writer in writers.values():
                 writer.commit()
+        release_unused_memory()  # the step's tables are written: a later step starts from what is live
         laps.lap(step.name)
         logger.info("stage %s done in %.1fs", step.name, laps.seconds[step.name])
     return laps.seconds

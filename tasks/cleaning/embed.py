@@ -112,11 +112,13 @@ class _CorpusWriter:
         self.vectors.discard()
 
 
-def _blocks(rows: pa.Table | Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    batches = rows.to_batches(max_chunksize=BLOCK) if isinstance(rows, pa.Table) else rows
-    for batch in batches:
-        for start in range(0, batch.num_rows, BLOCK):
-            yield batch.slice(start, BLOCK)
+def _blocks(rows: pa.Table | Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.RecordBatch]:
+    """Record batches of at most BLOCK rows (a stage's batches may be tables: each is cut into its batches)."""
+    parts = [rows] if isinstance(rows, pa.Table) else rows
+    for part in parts:
+        for batch in part.to_batches(max_chunksize=BLOCK) if isinstance(part, pa.Table) else [part]:
+            for start in range(0, batch.num_rows, BLOCK):
+                yield batch.slice(start, BLOCK)
 
 
 def _documents(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -125,12 +127,15 @@ def _documents(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def embed_for_ranking(
-    rows: pa.Table | Iterable[pa.RecordBatch], cfg: CleanSettings, store: CleanStore, embedder: Embedder | None = None
+    rows: pa.Table | Iterable[pa.RecordBatch | pa.Table],
+    cfg: CleanSettings,
+    store: CleanStore,
+    embedder: Embedder | None = None,
 ) -> RankingVectors:
     """Embed instructed queries and the corpus (unique positives, then unique negatives) once, with the
     cache, block by block into the clean run's ``ranking`` folder (``storage/vector_files.py``).
 
-    ``rows``: the table, or its record batches in order (read once: the negatives are spooled to a file
+    ``rows``: the table, or its record batches (or tables) in order (read once: the negatives are spooled to a file
     until every positive is in the corpus). ``embedder``: one already made for this clean run (its model
     loads once), else one from ``cfg``. Memory: one block of rows and the digest index of the corpus.
     """

@@ -48,6 +48,7 @@ from ground.settings import CleanSettings
 from storage.corpus import Drops, StageResult, dropped_table
 from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
+from tasks.cleaning.dedup_stream import key_digests
 from tasks.cleaning.embed import RankingVectors
 from tasks.cleaning.rank_filter import rank_filter
 from tasks.cleaning.search import Index, SplitCursor, build_index
@@ -92,19 +93,23 @@ def text_at(texts: pa.Array | pa.ChunkedArray, ids: np.ndarray) -> pa.Array:
     return taken.cast(pa.string())
 
 
-def corpus_groups(corpus_texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+def corpus_groups(corpus_texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """Integer ids of the corpus texts' normalised keys (dedup's :func:`~tasks.cleaning.dedup.dedup_keys`, the key
-    exact dedup compares) and the distinct keys they index (for :func:`query_groups`)."""
+    exact dedup compares), by the keys' 16-byte digests, and the distinct digests, sorted (for :func:`query_groups`):
+    memory is 16 bytes per corpus text, not its key."""
     n = len(corpus_texts)
-    keys = [dedup_keys(corpus_texts.slice(s, KEY_CHUNK)) for s in range(0, n, KEY_CHUNK)]
-    encoded = pc.dictionary_encode(pa.chunked_array(keys, type=pa.string()).combine_chunks(), null_encoding="encode")
-    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64), encoded.dictionary
+    digests = [key_digests(dedup_keys(corpus_texts.slice(s, KEY_CHUNK))) for s in range(0, n, KEY_CHUNK)]
+    distinct, group = np.unique(np.concatenate(digests) if digests else np.zeros(0, "S16"), return_inverse=True)
+    return np.asarray(group, dtype=np.int64).reshape(-1), distinct
 
 
-def query_groups(query_texts: pa.Array | pa.ChunkedArray | Sequence[str | None], distinct: pa.Array) -> np.ndarray:
+def query_groups(query_texts: pa.Array | pa.ChunkedArray | Sequence[str | None], distinct: np.ndarray) -> np.ndarray:
     """Per query, the group of the corpus text with its key (:func:`corpus_groups`); -3 when none has it."""
-    found = pc.index_in(dedup_keys(query_texts), value_set=distinct, skip_nulls=False)
-    return np.asarray(pc.fill_null(found, -3).to_numpy(zero_copy_only=False), dtype=np.int64)
+    digests = key_digests(dedup_keys(query_texts))
+    if not len(distinct):
+        return np.full(len(digests), -3, dtype=np.int64)
+    at = np.minimum(np.searchsorted(distinct, digests), len(distinct) - 1)
+    return np.where(distinct[at] == digests, at, -3).astype(np.int64)
 
 
 def _text_groups(
@@ -362,7 +367,7 @@ class Ranking:
     corpus_texts: pa.Array | pa.ChunkedArray
     index: Index | None  # None: the blocks' searches come from the split search (``found``)
     corpus_group: np.ndarray | None
-    distinct_keys: pa.Array | None
+    distinct_keys: np.ndarray | None  # sorted digests of the corpus's distinct keys
 
     @classmethod
     def build(cls, vectors: RankingVectors, cfg: CleanSettings, index: bool = True) -> Ranking:

@@ -27,6 +27,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from storage.corpus import Drops, StageResult
+from storage.stage_io import BATCH_ROWS
 
 
 class Stage(ABC):
@@ -36,7 +37,7 @@ class Stage(ABC):
     #: True: each row is decided alone, so the stage may be fed one record batch at a time
     streamed: ClassVar[bool] = False
     #: rows per batch when :meth:`run` feeds a streamed stage a whole table (zero-copy slices)
-    batch_rows: ClassVar[int] = 65_536
+    batch_rows: ClassVar[int] = BATCH_ROWS
 
     def run(self, rows: pa.Table) -> StageResult:
         """Kept and dropped rows of a whole table (a streamed stage: its batches', concatenated)."""

@@ -141,10 +141,10 @@ def test_clean_flow_on_dask_equals_threads(prefect_api_url, data_dir, monkeypatc
         with distributed.get_task_stream(client=client) as stream:  # every task the scheduler ran meanwhile
             on_dask = clean(clean_id="c-dask")
 
-    # the cluster ran every mapped task: 4 shard validations, near-dedup of 2 task types and the search's one
+    # the cluster ran every mapped task: 4 shard validations, dedup facts of the one batch and the search's one
     # query block (30 queries are one block: blocks are whole search batches), on both workers
     ran = [(key_split(t["key"]), t["worker"]) for t in stream.data if t["status"] == "OK"]
-    expected = ["dedup_near"] * 2 + ["search_query_block"] + ["validate_shard"] * 4
+    expected = ["dedup_facts"] + ["search_query_block"] + ["validate_shard"] * 4
     assert sorted(name for name, _ in ran) == expected, ran
     assert len({worker for _, worker in ran}) == 2, ran
 

@@ -224,6 +224,11 @@ def test_ranking_vectors_are_memory_mapped_and_keep_the_corpus_order(tmp_path, m
     np.testing.assert_array_equal(streamed.positive_idx, vectors.positive_idx)
     np.testing.assert_array_equal(streamed.corpus_vecs, vectors.corpus_vecs)
     assert not list((store.root / "ranking").glob("negatives*"))  # the spool is gone
+    # a stage's batches are tables (storage.stage_io.iter_table), whose columns are chunked
+    tables = [pa.concat_tables([rows.slice(0, 1), rows.slice(1, 2)]), rows.slice(3)]
+    from_tables = embed_for_ranking(iter(tables), CleanSettings(), store, CountingEmbedder())
+    assert from_tables.corpus_texts.to_pylist() == corpus
+    np.testing.assert_array_equal(from_tables.positive_idx, vectors.positive_idx)
 
 
 def test_cache_rejects_vectors_of_another_dimension(tmp_path):

@@ -146,7 +146,9 @@ class Bf16ExactIndex:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-d array of vectors, got shape {x.shape}")
-        if x.size and not np.isfinite(x).all():
+        # both read the corpus in chunks: a whole-corpus temporary (np.abs(x), np.isfinite(x)) would be its size again
+        chunks = [x[s : s + BUILD_CHUNK] for s in range(0, len(x), BUILD_CHUNK)]
+        if x.size and not all(np.isfinite(c).all() for c in chunks):
             raise ValueError("the corpus holds non-finite values")
         self.ntotal, self.d = int(x.shape[0]), int(x.shape[1])
         self.groups = max(1, int(groups))
@@ -156,7 +158,7 @@ class Bf16ExactIndex:
         self.overlap = bool(overlap)
         self._x = x
         self._xt = torch.from_numpy(x)
-        max_abs = float(np.abs(x).max()) if x.size else 0.0
+        max_abs = max((float(np.abs(c).max()) for c in chunks if c.size), default=0.0)
         self._x_scale = float(pow2_scale(max_abs))
         self._xb = torch.empty((self.ntotal, self.d), dtype=torch.bfloat16)
         squares = np.zeros(3)  # max squared norms of x̂, x̂ - x, x (scaled)

@@ -23,7 +23,15 @@ from html.parser import HTMLParser
 from typing import Any
 
 from storage.location import StorePath, as_store_path, is_url
-from storage.records import BadLine, RecordFileError, batch_records, jsonl_records, parquet_batches, record_kind
+from storage.records import (
+    BadLine,
+    RecordFileError,
+    batch_records,
+    existing_input,
+    jsonl_records,
+    parquet_batches,
+    record_kind,
+)
 
 TEXT_SUFFIXES = (".txt", ".md")
 HTML_SUFFIXES = (".html", ".htm")
@@ -55,12 +63,7 @@ def _kind(name: str) -> str | None:
 def corpus_files(corpus: str, storage_options: dict[str, Any] | None = None) -> CorpusFiles:
     """The document files of ``corpus`` (a file or a folder, local or s3://); RecordFileError if there are none."""
     root = as_store_path(corpus, storage_options if is_url(corpus) else None)
-    try:
-        exists, is_dir = root.exists(), root.is_dir()
-    except Exception as exc:  # s3fs / botocore: credentials, network, a missing bucket
-        raise RecordFileError(f"{corpus}: cannot read ({type(exc).__name__}: {exc})") from None
-    if not exists:
-        raise RecordFileError(f"{corpus}: not found")
+    is_dir = existing_input(corpus, root)
     found = CorpusFiles()
     if not is_dir:
         if _kind(root.name) is None:

@@ -36,6 +36,18 @@ class BadLine:
     problem: str
 
 
+def existing_input(given: str, path: StorePath) -> bool:
+    """Whether the input ``path`` (named ``given`` by the user) is a folder; RecordFileError if it is missing or
+    cannot be asked (local or s3://: credentials, network, a missing bucket)."""
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except Exception as exc:  # s3fs / botocore
+        raise RecordFileError(f"{given}: cannot read ({type(exc).__name__}: {exc})") from None
+    if not exists:
+        raise RecordFileError(f"{given}: not found")
+    return is_dir
+
+
 def record_kind(name: str) -> str | None:
     """``jsonl`` or ``parquet`` by a file's name (``.gz`` of JSONL too); None for any other file."""
     name = name.lower()

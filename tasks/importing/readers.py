@@ -33,6 +33,7 @@ from storage.records import (  # noqa: F401 - BadLine, BATCH_ROWS: re-exported f
     BadLine,
     RecordFileError,
     batch_records,
+    existing_input,
     jsonl_records,
     parquet_batches,
     record_kind,
@@ -77,12 +78,7 @@ def resolve_sources(paths: list[str], storage_options: dict[str, Any] | None = N
     sources: list[Source] = []
     for given in paths:
         path = as_store_path(given, storage_options if is_url(given) else None)
-        try:
-            exists, is_dir = path.exists(), path.is_dir()
-        except Exception as exc:  # s3fs / botocore: credentials, network, a missing bucket
-            raise ImportFileError(f"{given}: cannot read ({type(exc).__name__}: {exc})") from None
-        if not exists:
-            raise ImportFileError(f"{given}: not found")
+        is_dir = existing_input(given, path)
         if not is_dir:
             kind = record_kind(path.name)
             if kind is None:

@@ -323,3 +323,10 @@ def test_clean_over_an_imported_and_a_synthetic_run_exports_both(prefect_api_url
         "SELECT example_id, file, line FROM lineage WHERE list_contains(?, example_id)", [ids]
     ).to_pylist()
     assert len(traced) == len(ids) and {r["file"] for r in traced} == {str(sample_path())}
+
+
+def test_a_missing_input_is_one_line_naming_it(tmp_path):
+    from tasks.importing.readers import resolve_sources
+
+    with pytest.raises(ImportFileError, match=r"nowhere\.jsonl: not found$"):
+        resolve_sources([str(tmp_path / "nowhere.jsonl")])

@@ -134,15 +134,22 @@ class StageClock:
         self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self.peak: dict[str, int] = {}
+        self.anon: dict[str, int] = {}  # peak anonymous RSS: RSS less file-backed pages (mapped vectors)
         self.lock = threading.Lock()
         self.done = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while not self.done.wait(0.02):
-            rss = self.process.memory_info().rss
             with self.lock:
-                self.peak[self.label] = max(self.peak.get(self.label, 0), rss)
+                self._record()
+
+    def _record(self) -> None:
+        """Fold the current RSS and anonymous RSS into the current label's peaks (called under the lock)."""
+        info = self.process.memory_info()  # rss, and shared = file-backed resident pages (Linux)
+        rss, anon = info.rss, info.rss - getattr(info, "shared", 0)
+        self.peak[self.label] = max(self.peak.get(self.label, 0), rss)
+        self.anon[self.label] = max(self.anon.get(self.label, 0), anon)
 
     def enter(self, label: str) -> None:
         with self.lock:
@@ -150,14 +157,14 @@ class StageClock:
                 return
             now = time.perf_counter()
             self.seconds[self.label] = self.seconds.get(self.label, 0.0) + now - self.started
-            self.peak[self.label] = max(self.peak.get(self.label, 0), self.process.memory_info().rss)
+            self._record()
             self.label, self.started = label, now
             if self.status:
                 self.status.write_text(label)
 
     def reset(self) -> None:
         with self.lock:
-            self.label, self.started, self.seconds, self.peak = "setup", time.perf_counter(), {}, {}
+            self.label, self.started, self.seconds, self.peak, self.anon = "setup", time.perf_counter(), {}, {}, {}
 
     def stop(self) -> None:
         self.enter("finish")
@@ -262,6 +269,7 @@ def child(rows: int, out: Path, status: Path) -> None:
         "baseline_rss": baseline,
         "seconds": clock.seconds,
         "peak_rss": clock.peak,
+        "peak_anon": clock.anon,
         "missing_hooks": missing,
         "flow_stage_seconds": summary.get("stage_seconds", {}),
         "counts": summary.get("counts", {}),
@@ -367,7 +375,8 @@ def run_side(side: Side, rows: int, work: Path, args, api_url: str) -> None:
 def describe(result: dict) -> str:
     if "stopped" in result:
         return f"stopped {result['stopped']}"
-    return f"clean {result['total_s']:.0f} s, peak RSS {max(result['peak_rss'].values()) / GIB:.2f} GiB"
+    rss, anon = (max(result.get(key, {}).values(), default=0) / GIB for key in ("peak_rss", "peak_anon"))
+    return f"clean {result['total_s']:.0f} s, peak RSS {rss:.2f} GiB (anonymous {anon:.2f} GiB)"
 
 
 def parse_sizes(values: list[str]) -> list[int]:

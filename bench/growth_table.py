@@ -1,8 +1,8 @@
 """The tables ``bench/clean_growth.py`` prints: per stage, a column per size and side, and growth exponents.
 
-A result is the clean child's JSON (``seconds`` and ``peak_rss`` per stage, ``total_s``, ``baseline_rss``,
-``flow_stage_seconds``, ``counts``, ``missing_hooks``) or ``{"stopped": "> 12 GiB at mine"}`` for a side its
-guard stopped. The exponent of a side is log(v1 / v0) / log(n1 / n0) between the smallest and the largest
+A result is the clean child's JSON (``seconds``, ``peak_rss`` and ``peak_anon`` per stage, ``total_s``,
+``baseline_rss``, ``flow_stage_seconds``, ``counts``, ``missing_hooks``) or ``{"stopped": "> 12 GiB at mine"}``
+for a side its guard stopped. The exponent of a side is log(v1 / v0) / log(n1 / n0) between the smallest and the largest
 size it completed: 1 is linear, 2 quadratic.
 """
 
@@ -67,6 +67,15 @@ def report(sides: list, sizes: list[int], stages: tuple[str, ...]) -> str:
         lines.append(f"  not seen (their functions never ran or are renamed; time in the stage before): {unseen}")
     lines += table(
         "peak RSS (GiB) during each stage (baseline: after imports)", sides, sizes, rss, lambda v: f"{v:.2f}"
+    )
+    anon = [(st, lambda r, st=st: r["peak_anon"][st] / GIB if st in r.get("peak_anon", {}) else None) for st in seen]
+    anon += [("peak", lambda r: max(r["peak_anon"].values()) / GIB if r.get("peak_anon") else None)]
+    lines += table(
+        "peak anonymous RSS (GiB): RSS less file-backed pages (memory-mapped vectors live in the page cache)",
+        sides,
+        sizes,
+        anon,
+        lambda v: f"{v:.2f}",
     )
     lines.append("the flow's own stage_seconds and counts, and hooks not found:")
     for side in sides:

@@ -68,6 +68,13 @@ def _reasons(reasons: list[str]) -> str:
     return "; ".join(f"{r} ×{n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+#: the columns :func:`generation_rows` reads of a run's examples and rejects (read only these: no texts)
+GENERATION_COLUMNS = {
+    "examples": ("task_type", "latency_s", "completion_tokens", "prompt_tokens", "attempts"),
+    "rejects": ("stage", "task_type", "attempts", "reason"),
+}
+
+
 def _generation_row(task_type: str, examples: pa.Table, rejects: pa.Table) -> dict[str, Any]:
     latency = examples["latency_s"].to_numpy(zero_copy_only=False).astype(float)
     completion = int(pc.sum(examples["completion_tokens"]).as_py() or 0)
@@ -385,7 +392,7 @@ def publish_generate(store: RunStore) -> Any:
     """The per-task-type table of a generation run, from all its example and reject shards."""
     if not in_run():
         return None
-    rows = generation_rows(store.read_kind("examples"), store.read_kind("rejects"))
+    rows = generation_rows(**{kind: store.read_kind(kind, columns) for kind, columns in GENERATION_COLUMNS.items()})
     return publish_table("generate_task_types", rows, f"generation run {store.run_id}: per task type")
 
 

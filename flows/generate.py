@@ -47,7 +47,7 @@ from tasks.generation.rounds import (
     examples_with_topups,
     persona_pool,
 )
-from tasks.generation.usage import usage_by_type
+from tasks.generation.usage import USAGE_COLUMNS, usage_by_type
 from tasks.generation.workers import add_stats, merge_endpoints, stats_counts
 
 
@@ -132,6 +132,10 @@ class GenerateSummary:
     @property
     def examples(self) -> int:
         return sum(self.examples_by_type.values())
+
+
+#: what the run's summary and its failure line read of the rejects (not their response texts)
+REJECT_COUNT_COLUMNS = ("task_type", "reason")
 
 
 def rejects_by_reason(rejects: pa.Table, top: int = 3) -> str:
@@ -226,7 +230,7 @@ def summarize(
     """The run's summary, with a warning for each target missed (``targets``: examples wanted per task type)
     and each failure rate over the threshold."""
     logger = get_run_logger()
-    rejects = store.read_kind("rejects")
+    rejects = store.read_kind("rejects", REJECT_COUNT_COLUMNS)
     requests = sum(by_type.values()) + rejects.num_rows
     transport_rate = stats.transport_failures / stats.http_attempts if stats.http_attempts else 0.0
     found: list[str] = []
@@ -300,7 +304,7 @@ def summarize(
 def write_run_ledger(settings: Settings, store: RunStore, elapsed_s: float) -> None:
     """The run's cost ledger per task type, from its rows; wall seconds add up over the sessions that finished."""
     earlier = sum(row["generation_wall_s"] or 0.0 for row in read_ledger(store.ledger_path))
-    usage = usage_by_type(store.read_kind("examples"), store.read_kind("rejects"), store.read_kind("brainstorm"))
+    usage = usage_by_type(**{kind: store.read_kind(kind, columns) for kind, columns in USAGE_COLUMNS.items()})
     plan = read_plan(store.plan_path)
     predicted = Plan.from_json(plan).predicted_columns() if plan else None
     rows = generation_rows(
@@ -402,7 +406,7 @@ async def generate_run(settings: Settings, run_id: str, plan: dict[str, Any] | N
         publish_generate(store)  # the per-task-type table in the UI
         publish_endpoints(store.run_id, summary.endpoints)
         instructions = count_by_type(brainstormed.instructions)
-        failed = targets_missed(targets, by_type, store.read_kind("rejects"), instructions)
+        failed = targets_missed(targets, by_type, store.read_kind("rejects", REJECT_COUNT_COLUMNS), instructions)
         if failed:
             get_run_logger().error(failed)
             raise TargetsMissed(failed)  # the flow run ends Failed; the CLI prints this line and exits 1

@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -133,11 +133,17 @@ def reject_row(
     }
 
 
-def read_parquet_checked(path: StorePath, schema: pa.Schema) -> pa.Table:
-    """Read a shard and check it has the expected columns; errors name the file."""
+def read_parquet_checked(path: StorePath, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a shard and check it has the expected columns; errors name the file. ``columns``: only these of
+    ``schema``'s (a projected read: a summary that counts need not load the texts)."""
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns], metadata=schema.metadata)
     source, filesystem = parquet_source(path)
     try:
-        table = pq.read_table(source, filesystem=filesystem)
+        present = set(pq.read_schema(source, filesystem=filesystem).names) if columns is not None else None
+        table = pq.read_table(
+            source, filesystem=filesystem, columns=None if present is None else [c for c in columns if c in present]
+        )
     except FileNotFoundError:
         raise StorageError(f"{path}: file not found") from None
     except (pa.ArrowException, OSError) as exc:
@@ -284,12 +290,13 @@ class RunStore:
         return record
 
     # --- reading -----------------------------------------------------------------------------
-    def read_kind(self, kind: ShardKind | Literal["rejects"]) -> pa.Table:
+    def read_kind(self, kind: ShardKind | Literal["rejects"], columns: Sequence[str] | None = None) -> pa.Table:
+        """Every shard of ``kind``, concatenated; ``columns``: only these (what a summary counts, not the texts)."""
         schema = REJECT_SCHEMA if kind == "rejects" else _DATA_SCHEMAS[kind]
         files = sorted((self.root / kind).glob("*.parquet"), key=str)
         if not files:
-            return schema.empty_table()
-        return pa.concat_tables([read_parquet_checked(f, schema) for f in files])
+            return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+        return pa.concat_tables([read_parquet_checked(f, schema, columns) for f in files])
 
     @property
     def personas_path(self) -> StorePath:

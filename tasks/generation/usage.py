@@ -17,12 +17,19 @@ import pyarrow as pa
 from ground.costs import TypeUsage
 from prompts.task_types import get_task_type
 
+#: the columns :func:`usage_by_type` reads of each kind of shard (read only these: no texts)
+_BRAINSTORM_KEYS = ("shard_id", "persona_id", "latency_s", "prompt_tokens", "completion_tokens")
+USAGE_COLUMNS = {
+    "examples": ("task_type", "model", "attempts", "prompt_tokens", "completion_tokens"),
+    "rejects": ("task_type", "model", "attempts"),
+    "brainstorm": ("task_type", "model", *_BRAINSTORM_KEYS),
+}
+
 
 def _brainstorm_requests(brainstorm: pa.Table) -> list[dict]:
-    keys = ("shard_id", "persona_id", "latency_s", "prompt_tokens", "completion_tokens")
     seen: dict[tuple, dict] = {}
-    for row in brainstorm.select(["task_type", "model", *keys]).to_pylist():
-        seen.setdefault((row["task_type"], row["model"], *(row[k] for k in keys)), row)
+    for row in brainstorm.select(list(USAGE_COLUMNS["brainstorm"])).to_pylist():
+        seen.setdefault(tuple(row.values()), row)
     return list(seen.values())
 
 
@@ -38,7 +45,7 @@ def usage_by_type(examples: pa.Table, rejects: pa.Table, brainstorm: pa.Table) -
         for name, value in values.items():
             entry[name] += value or 0
 
-    for row in examples.select(["task_type", "model", "attempts", "prompt_tokens", "completion_tokens"]).to_pylist():
+    for row in examples.select(list(USAGE_COLUMNS["examples"])).to_pylist():
         add(
             row["task_type"],
             row["model"],
@@ -48,7 +55,7 @@ def usage_by_type(examples: pa.Table, rejects: pa.Table, brainstorm: pa.Table) -
             completion_tokens=row["completion_tokens"],
             examples=1,
         )
-    for row in rejects.select(["task_type", "model", "attempts"]).to_pylist():
+    for row in rejects.select(list(USAGE_COLUMNS["rejects"])).to_pylist():
         add(row["task_type"], row["model"], requests=1, llm_calls=row["attempts"])
     for row in _brainstorm_requests(brainstorm):
         add(

@@ -40,7 +40,7 @@ from storage.ledger import read_ledger, write_ledger
 from storage.location import StorePath
 from storage.schemas import EXAMPLE_SCHEMA
 from storage.shards import RunStore, list_runs, read_parquet_checked
-from storage.stage_io import BATCH_ROWS, empty_table, open_parquet, release_unused_memory
+from storage.stage_io import BATCH_ROWS, empty_table, open_parquet, release_unused_memory, released
 from storage.stages import CLEAN_STAGES, STAGE_TABLES, enabled_stages, final_table, table_before
 from tasks.cleaning.decontaminate import Decontaminate
 from tasks.cleaning.dedup_stream import DEDUP_COLUMNS, DedupFacts, dedup_decisions, dedup_facts
@@ -174,7 +174,7 @@ class Step:
 def streamed(stage: Stage | None, table: str, batches: Iterable[pa.Table]) -> Iterator[Part]:
     """A streamed stage (``tasks/cleaning/stage.py``) fed batch by batch (read them in its ``batch_rows``);
     None: every row passes."""
-    for batch in batches:
+    for batch in released(batches):
         yield {table: stage.run_batch(batch) if stage is not None else StageResult.keep_all(batch)}
 
 
@@ -214,7 +214,7 @@ class Dedup(Step):
         checkpoint("dedup.done")
         yield {"deduped": StageResult(EXAMPLE_SCHEMA.empty_table(), dropped)}
         offset = 0
-        for batch in ctx.batches(reads):
+        for batch in released(ctx.batches(reads)):
             yield {"deduped": StageResult.keep_all(batch.filter(pa.array(keep[offset : offset + batch.num_rows])))}
             offset += batch.num_rows
 
@@ -252,7 +252,8 @@ class RankFilterAndMine(Step):
                 vectors.corpus_vecs, vectors.query_vecs, result_width(ctx.cfg), ctx.cfg, runner=ctx.runner
             )
             searched = SplitCursor(split)
-        for filtered, mined in filter_and_mine_blocks(blocks, vectors, ctx.cfg, rank_filter_and_mine, searched):
+        parts = filter_and_mine_blocks(blocks, vectors, ctx.cfg, rank_filter_and_mine, searched)
+        for filtered, mined in released(parts):  # a block's results, and the pages it read, go once written
             yield {"filtered": filtered, "mined": mined}
         ctx.store.remove_ranking_files()  # the vectors are in the embedding cache; a resume rebuilds them
 
@@ -276,7 +277,7 @@ class Export(Step):
         final = final_table(cfg)
         schema = open_parquet(store.stage_path(final)).schema_arrow
         keys = store.iter_stage(final, [n for n in KEY_COLUMNS if n in schema.names])
-        batches = store.iter_stage(final, [n for n in EXPORT_COLUMNS if n in schema.names], EXPORT_BATCH_ROWS)
+        batches = released(store.iter_stage(final, [n for n in EXPORT_COLUMNS if n in schema.names], EXPORT_BATCH_ROWS))
         result = export_corpus(ExportRows(schema, keys, batches), store.export_dir, cfg)
         card = {
             "clean_id": store.clean_id,

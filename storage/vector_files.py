@@ -22,9 +22,11 @@ per entry, no Python object per key.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -138,6 +140,66 @@ def segment_size(rows: int, dimension: int) -> int:
     return _HEADER.size + rows * (16 + 4 * dimension) + len(SEGMENT_END)
 
 
+# --- memory maps whose pages can be handed back ------------------------------------------------
+#: every live mapping this module opened: :func:`release_mapped_pages` drops their resident pages
+_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
+def map_file(path: Path, writable: bool = False) -> mmap.mmap:
+    """``path`` memory-mapped (shared: reads come from, and writes go to, the page cache), registered for
+    :func:`release_mapped_pages`."""
+    with open(path, "r+b" if writable else "rb") as fh:
+        mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    _MAPPINGS.add(mapping)
+    return mapping
+
+
+def load_matrix(path: Path) -> np.ndarray:
+    """A ``.npy`` matrix memory-mapped read-only, registered for :func:`release_mapped_pages`."""
+    matrix = np.load(path, mmap_mode="r")
+    _MAPPINGS.add(matrix._mmap)
+    return matrix
+
+
+def mapped_folder(array: np.ndarray) -> Path | None:
+    """The folder of the file ``array`` is memory-mapped from (through any views of it), else None."""
+    while array is not None:
+        if isinstance(array, np.memmap) and array.filename:
+            return Path(array.filename).parent
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return None
+
+
+def scratch_map(folder: Path, size: int) -> mmap.mmap:
+    """``size`` writable bytes mapped from an unlinked temp file in ``folder`` (registered for
+    :func:`release_mapped_pages`): memory in the page cache rather than the process's own, gone with the
+    mapping, nothing left on disk after a crash."""
+    with tempfile.TemporaryFile(dir=folder) as fh:
+        fh.truncate(max(size, 1))
+        mapping = mmap.mmap(fh.fileno(), max(size, 1), access=mmap.ACCESS_WRITE)
+    _MAPPINGS.add(mapping)
+    return mapping
+
+
+def drop_pages(mapping: mmap.mmap, start: int, stop: int) -> None:
+    """Drop the resident pages of bytes ``start .. stop`` of ``mapping`` (whole pages inside or touching it)."""
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    stop = min(len(mapping), -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if stop > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, stop - first)
+
+
+def release_mapped_pages() -> None:
+    """Drop the resident pages of every live mapping of this module from the process (``MADV_DONTNEED``).
+
+    The data stays in the page cache (nothing is written or lost: the maps are shared file maps), and the next
+    read maps it back. A pass over memory-mapped vectors and texts calls this between its blocks, so its
+    resident set is what one block touches, not every page it has read since the files were opened."""
+    for mapping in list(_MAPPINGS):
+        if not mapping.closed:
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def open_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(digests, vectors) of a local segment, the vectors memory-mapped; StorageError if it is not whole."""
     size = path.stat().st_size
@@ -157,6 +219,7 @@ def open_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, DIGEST), np.zeros((0, dimension), np.float32)
     keys = np.array(np.memmap(path, DIGEST, "r", offset=_HEADER.size, shape=(rows,)))
     vectors = np.memmap(path, np.float32, "r", offset=_HEADER.size + 16 * rows, shape=(rows, dimension))
+    _MAPPINGS.add(vectors._mmap)
     return keys, vectors
 
 
@@ -197,7 +260,7 @@ class MatrixWriter:
             self._files.commit()
         if self.rows == 0:
             return np.zeros((0, dimension), np.float32)
-        return np.load(self.path, mmap_mode="r")
+        return load_matrix(self.path)
 
     def discard(self) -> None:
         self._fh.close()
@@ -247,13 +310,13 @@ class TextWriter:
 def open_texts(stem: Path) -> pa.Array:
     """The text column at ``stem`` as a large_string Array over memory maps (zero-copy)."""
     offsets_path, data_path = stem.with_suffix(".offsets"), stem.with_suffix(".utf8")
-    offsets = pa.memory_map(str(offsets_path)).read_buffer()
+    offsets = pa.py_buffer(map_file(offsets_path)) if os.path.getsize(offsets_path) else pa.py_buffer(b"")
     count = offsets.size // 8 - 1
     data_size = os.path.getsize(data_path)
     ends = np.frombuffer(offsets, np.int64)
     if count < 0 or offsets.size % 8 or int(ends[-1]) != data_size:
         raise StorageError(f"{stem}: text column whose offsets and data disagree")
-    data = pa.memory_map(str(data_path)).read_buffer() if data_size else pa.py_buffer(b"")
+    data = pa.py_buffer(map_file(data_path)) if data_size else pa.py_buffer(b"")
     return pa.Array.from_buffers(pa.large_string(), count, [None, offsets, data])
 
 

@@ -90,7 +90,9 @@ block j while block j+1 is multiplied, so two score blocks are alive at a time
 (``2 × score_block_bytes``, 256 MB by default; ``overlap=False`` keeps one). Small per-hit work
 stays out of torch: on a loaded machine every parallel torch call waits until all of its threads
 are scheduled, which dominates on small tensors. Besides the blocks, the index holds the fp32
-vectors by reference and a bf16 copy (half their size); faiss holds an fp32 copy.
+vectors by reference and a bf16 copy (half their size): when the vectors are memory-mapped from a file
+(the clean's ``ranking`` folder), the copy is too (an unlinked temp file beside them, in the page cache),
+and each corpus block's pages are dropped from the process once multiplied; faiss holds an fp32 copy.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from storage.vector_files import drop_pages, mapped_folder, scratch_map
 from tasks.cleaning.search.bf16_scan import ChunkScan, pow2_scale
 from tasks.cleaning.search.constants import (
     BUILD_CHUNK,
@@ -157,10 +160,21 @@ class Bf16ExactIndex:
         self.compact_entries = int(compact_entries)
         self.overlap = bool(overlap)
         self._x = x
-        self._xt = torch.from_numpy(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable array": a read-only memory map, never written
+            self._xt = torch.from_numpy(x)
         max_abs = max((float(np.abs(c).max()) for c in chunks if c.size), default=0.0)
         self._x_scale = float(pow2_scale(max_abs))
-        self._xb = torch.empty((self.ntotal, self.d), dtype=torch.bfloat16)
+        self._xb_map = None  # the bf16 copy's file mapping, when it lives in the page cache
+        folder = mapped_folder(vectors)
+        if folder is not None and self.ntotal:  # the corpus is a file: its bf16 copy too, in the same folder
+            self._xb_map = scratch_map(folder, self.ntotal * self.d * 2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "non-writable buffer": it is writable
+                flat = torch.frombuffer(self._xb_map, dtype=torch.bfloat16, count=self.ntotal * self.d)
+            self._xb = flat.view(self.ntotal, self.d)
+        else:
+            self._xb = torch.empty((self.ntotal, self.d), dtype=torch.bfloat16)
         squares = np.zeros(3)  # max squared norms of x̂, x̂ - x, x (scaled)
         for start in range(0, self.ntotal, BUILD_CHUNK):
             xs = x[start : start + BUILD_CHUNK] * np.float32(self._x_scale)  # exact: a power of two
@@ -220,6 +234,8 @@ class Bf16ExactIndex:
                 scan = ChunkScan(self, chunk[live] if len(live) < len(chunk) else chunk, width)
                 for ms, me, g in self._corpus_blocks(len(live)):
                     block = scan.qb @ self._xb[ms:me].t()  # (rows, me - ms) bf16
+                    if self._xb_map is not None:  # read once per chunk of queries: back to the page cache
+                        drop_pages(self._xb_map, ms * self.d * 2, me * self.d * 2)
                     if pending is not None:
                         pending.result()
                     pending = (

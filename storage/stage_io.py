@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from ground.faults import checkpoint
 from storage.atomic import PARQUET_POINT, StorageError, os_reason, temp_path
 from storage.location import StorePath, is_remote, parquet_source, put_bytes
+from storage.mapped import release_mapped_pages
 from storage.schemas import DROPPED_SCHEMA
-from storage.vector_files import release_mapped_pages
 
 #: glibc, for ``malloc_trim`` (None elsewhere: other C libraries have no such call)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None

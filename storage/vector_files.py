@@ -12,7 +12,8 @@ killed writer leaves at most a temp file, never part of a file under the final n
 * **text column** (``<name>.offsets`` + ``<name>.utf8``, :class:`TextWriter` / :func:`open_texts`): the
   int64 offsets and UTF-8 bytes of an Arrow ``large_string`` array, opened zero-copy over memory maps.
 
-A clean run keeps these under :func:`work_dir` (``<clean run>/ranking`` locally, a local temp folder on
+The maps are registered with ``storage/mapped.py``, which hands their pages back between blocks and reads
+random gathers from them with ``pread``. A clean run keeps these under :func:`work_dir` (``<clean run>/ranking`` locally, a local temp folder on
 S3); :class:`TextSpool` sets texts aside for a second pass (an Arrow IPC stream).
 
 :class:`DigestIndex` maps 16-byte digests to ids with a sorted array and ``np.searchsorted``: 24 bytes
@@ -22,11 +23,9 @@ per entry, no Python object per key.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import struct
 import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import pyarrow as pa
 
 from storage.atomic import AtomicFiles, StorageError, write_errors
 from storage.location import StorePath, is_remote
+from storage.mapped import load_matrix, map_file, register, text_data
 
 DIGEST = np.dtype("S16")
 SEGMENT_MAGIC, SEGMENT_END = b"EFVEC001", b"EFVECEND"
@@ -140,66 +140,6 @@ def segment_size(rows: int, dimension: int) -> int:
     return _HEADER.size + rows * (16 + 4 * dimension) + len(SEGMENT_END)
 
 
-# --- memory maps whose pages can be handed back ------------------------------------------------
-#: every live mapping this module opened: :func:`release_mapped_pages` drops their resident pages
-_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
-
-
-def map_file(path: Path, writable: bool = False) -> mmap.mmap:
-    """``path`` memory-mapped (shared: reads come from, and writes go to, the page cache), registered for
-    :func:`release_mapped_pages`."""
-    with open(path, "r+b" if writable else "rb") as fh:
-        mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-    _MAPPINGS.add(mapping)
-    return mapping
-
-
-def load_matrix(path: Path) -> np.ndarray:
-    """A ``.npy`` matrix memory-mapped read-only, registered for :func:`release_mapped_pages`."""
-    matrix = np.load(path, mmap_mode="r")
-    _MAPPINGS.add(matrix._mmap)
-    return matrix
-
-
-def mapped_folder(array: np.ndarray) -> Path | None:
-    """The folder of the file ``array`` is memory-mapped from (through any views of it), else None."""
-    while array is not None:
-        if isinstance(array, np.memmap) and array.filename:
-            return Path(array.filename).parent
-        array = array.base if isinstance(array.base, np.ndarray) else None
-    return None
-
-
-def scratch_map(folder: Path, size: int) -> mmap.mmap:
-    """``size`` writable bytes mapped from an unlinked temp file in ``folder`` (registered for
-    :func:`release_mapped_pages`): memory in the page cache rather than the process's own, gone with the
-    mapping, nothing left on disk after a crash."""
-    with tempfile.TemporaryFile(dir=folder) as fh:
-        fh.truncate(max(size, 1))
-        mapping = mmap.mmap(fh.fileno(), max(size, 1), access=mmap.ACCESS_WRITE)
-    _MAPPINGS.add(mapping)
-    return mapping
-
-
-def drop_pages(mapping: mmap.mmap, start: int, stop: int) -> None:
-    """Drop the resident pages of bytes ``start .. stop`` of ``mapping`` (whole pages inside or touching it)."""
-    first = start // mmap.PAGESIZE * mmap.PAGESIZE
-    stop = min(len(mapping), -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE)
-    if stop > first:
-        mapping.madvise(mmap.MADV_DONTNEED, first, stop - first)
-
-
-def release_mapped_pages() -> None:
-    """Drop the resident pages of every live mapping of this module from the process (``MADV_DONTNEED``).
-
-    The data stays in the page cache (nothing is written or lost: the maps are shared file maps), and the next
-    read maps it back. A pass over memory-mapped vectors and texts calls this between its blocks, so its
-    resident set is what one block touches, not every page it has read since the files were opened."""
-    for mapping in list(_MAPPINGS):
-        if not mapping.closed:
-            mapping.madvise(mmap.MADV_DONTNEED)
-
-
 def open_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(digests, vectors) of a local segment, the vectors memory-mapped; StorageError if it is not whole."""
     size = path.stat().st_size
@@ -219,7 +159,7 @@ def open_segment(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, DIGEST), np.zeros((0, dimension), np.float32)
     keys = np.array(np.memmap(path, DIGEST, "r", offset=_HEADER.size, shape=(rows,)))
     vectors = np.memmap(path, np.float32, "r", offset=_HEADER.size + 16 * rows, shape=(rows, dimension))
-    _MAPPINGS.add(vectors._mmap)
+    register(vectors._mmap)
     return keys, vectors
 
 
@@ -310,13 +250,13 @@ class TextWriter:
 def open_texts(stem: Path) -> pa.Array:
     """The text column at ``stem`` as a large_string Array over memory maps (zero-copy)."""
     offsets_path, data_path = stem.with_suffix(".offsets"), stem.with_suffix(".utf8")
-    offsets = pa.py_buffer(map_file(offsets_path)) if os.path.getsize(offsets_path) else pa.py_buffer(b"")
+    offsets = pa.py_buffer(map_file(offsets_path))
     count = offsets.size // 8 - 1
     data_size = os.path.getsize(data_path)
     ends = np.frombuffer(offsets, np.int64)
     if count < 0 or offsets.size % 8 or int(ends[-1]) != data_size:
         raise StorageError(f"{stem}: text column whose offsets and data disagree")
-    data = pa.py_buffer(map_file(data_path)) if data_size else pa.py_buffer(b"")
+    data = text_data(data_path) if data_size else pa.py_buffer(b"")
     return pa.Array.from_buffers(pa.large_string(), count, [None, offsets, data])
 
 

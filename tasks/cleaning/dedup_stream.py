@@ -112,9 +112,16 @@ class DedupFacts:
         offsets = np.cumsum([0] + [p.ids.num_rows for p in parts[:-1]])
 
         def sigs(name: str) -> _Signatures:
+            """The parts' signatures in one matrix, each part's freed once copied (memory: the matrix once)."""
             got = [getattr(p, name) for p in parts]
             rows = np.concatenate([g.rows + o for g, o in zip(got, offsets, strict=True)])
-            return _Signatures(rows, np.concatenate([g.matrix for g in got]))
+            matrix = np.empty((len(rows), cfg.minhash_num_perm), np.uint32)
+            at = 0
+            for g in got:
+                matrix[at : at + len(g.matrix)] = g.matrix
+                at += len(g.matrix)
+                g.matrix = g.matrix[:0]
+            return _Signatures(rows, matrix)
 
         return cls(
             ids=pa.concat_tables([p.ids for p in parts]),

@@ -15,8 +15,9 @@ bf16 vectors of the same model are never mixed.
 Memory: :func:`embed_for_ranking` reads the rows block by block (a table or its record batches) and
 writes the query and corpus vectors and the corpus texts to files of the clean run's ``ranking`` folder
 (``storage/vector_files.py``), returned memory-mapped; the corpus is de-duplicated by 16-byte digest
-(a sorted NumPy index), never by a dict of strings. Consumers read ``corpus_texts`` with
-``take(pa.array(ids))`` and treat the vector matrices as read-only.
+(a sorted NumPy index), never by a dict of strings. Consumers gather from ``corpus_texts`` and the
+vector matrices with ``storage.mapped.take_texts`` / ``take_rows`` (read, not faulted into the process)
+and treat the vector matrices as read-only.
 """
 
 from __future__ import annotations

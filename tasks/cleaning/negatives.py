@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from ground.seeding import stable_seed
 from ground.settings import CleanSettings
 from storage.corpus import Drops, StageResult, dropped_table
+from storage.mapped import take_rows, take_texts
 from storage.schemas import CANDIDATE_COLUMNS, MINED_COLUMNS
 from tasks.cleaning.dedup import dedup_keys
 from tasks.cleaning.dedup_stream import key_digests
@@ -86,11 +87,9 @@ def as_texts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array | pa
 
 
 def text_at(texts: pa.Array | pa.ChunkedArray, ids: np.ndarray) -> pa.Array:
-    """``texts[ids]`` as a ``string`` array (the mined columns' type)."""
-    taken = texts.take(pa.array(np.asarray(ids, dtype=np.int64).reshape(-1), type=pa.int64()))
-    if isinstance(taken, pa.ChunkedArray):
-        taken = taken.combine_chunks()
-    return taken.cast(pa.string())
+    """``texts[ids]`` as a ``string`` array (the mined columns' type); a memory-mapped corpus's texts are read,
+    not faulted in (``storage/mapped.py``)."""
+    return take_texts(texts, ids).cast(pa.string())
 
 
 def corpus_groups(corpus_texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +97,10 @@ def corpus_groups(corpus_texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray,
     exact dedup compares), by the keys' 16-byte digests, and the distinct digests, sorted (for :func:`query_groups`):
     memory is 16 bytes per corpus text, not its key."""
     n = len(corpus_texts)
-    digests = [key_digests(dedup_keys(corpus_texts.slice(s, KEY_CHUNK))) for s in range(0, n, KEY_CHUNK)]
+    digests = [
+        key_digests(dedup_keys(take_texts(corpus_texts, np.arange(s, min(n, s + KEY_CHUNK)))))
+        for s in range(0, n, KEY_CHUNK)
+    ]
     distinct, group = np.unique(np.concatenate(digests) if digests else np.zeros(0, "S16"), return_inverse=True)
     return np.asarray(group, dtype=np.int64).reshape(-1), distinct
 
@@ -234,7 +236,7 @@ def mine_hard_negatives(
             if query_group is not None:
                 usable &= groups != query_group[sl, None]
             # cosine of each candidate with the row's positive: batched (rows, window, d) @ (rows, d, 1)
-            cos = np.matmul(corpus_vecs[safe], corpus_vecs[pos][:, :, None])[:, :, 0]
+            cos = np.matmul(take_rows(corpus_vecs, safe), take_rows(corpus_vecs, pos)[:, :, None])[:, :, 0]
             usable &= cos < near_dup_cosine
             if margin is not None:
                 usable &= cscore_all[sl] < np.float32(margin) * pos_score_all[sl, None]

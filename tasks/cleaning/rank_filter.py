@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from ground.settings import CleanSettings
 from storage.corpus import Drops, StageResult, dropped_table
+from storage.mapped import take_rows
 from storage.schemas import FILTER_COLUMNS
 from tasks.cleaning.search import Index, build_index, result_width, search
 from tasks.cleaning.search import as_matrix as _as_matrix
@@ -54,7 +55,7 @@ def exact_positive_scores(
     out = np.empty(len(query_vecs), dtype=np.float32)
     for start in range(0, len(query_vecs), batch):
         q = query_vecs[start : start + batch]
-        p = corpus_vecs[positive_idx[start : start + batch]]
+        p = take_rows(corpus_vecs, positive_idx[start : start + batch])  # read, not faulted in (storage/mapped.py)
         out[start : start + batch] = np.einsum("ij,ij->i", q, p)
     return out
 

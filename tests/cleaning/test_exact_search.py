@@ -295,7 +295,7 @@ def test_a_forced_backend_decides_as_faiss_flat_on_any_cpu(backend):
     results = {}
     for name in ("faiss", backend):
         index = build_index(corpus, cfg, backend=name)
-        assert type(index).__name__ == {"faiss": "IndexFlatIP", "bf16": "Bf16ExactIndex"}.get(name, "TorchExactIndex")
+        assert type(index).__name__ == {"faiss": "FlatIP", "bf16": "Bf16ExactIndex"}.get(name, "TorchExactIndex")
         results[name] = rank_filter(table, queries, corpus, positive_idx, cfg, index=index)
     (ref, ref_found), (ours, found) = results["faiss"], results[backend]
     assert 50 < ref.kept.num_rows < 450, "the data must put positives on both sides of k"

@@ -180,11 +180,13 @@ def test_approximate_indexes_are_plausible(kind):
 
 
 def test_flat_index_choice(monkeypatch):
-    """Exact search is the bf16-screened index on bf16 CPUs, faiss's IndexFlatIP without bf16 or with GPUs."""
+    """Exact search is the bf16-screened index on bf16 CPUs, faiss's IndexFlatIP search without bf16 (FlatIP:
+    no copy of the corpus), IndexFlatIP itself on GPUs."""
     import faiss
 
     import tasks.cleaning.search.build as rf
     from tasks.cleaning.search.bf16 import Bf16ExactIndex
+    from tasks.cleaning.search.faiss_index import FlatIP
 
     corpus = clustered(2, n=200)
     monkeypatch.setattr(rf, "bf16_supported", lambda: True)
@@ -192,7 +194,7 @@ def test_flat_index_choice(monkeypatch):
     assert isinstance(build_index(corpus, CleanSettings()), Bf16ExactIndex)
     assert isinstance(build_index(corpus, CleanSettings(index="hnsw")), faiss.IndexHNSWFlat)
     monkeypatch.setattr(rf, "bf16_supported", lambda: False)
-    assert isinstance(build_index(corpus, CleanSettings()), faiss.IndexFlatIP)
+    assert isinstance(build_index(corpus, CleanSettings()), FlatIP)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -103,7 +103,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from storage.vector_files import drop_pages, mapped_folder, scratch_map
+from storage.mapped import drop_pages, mapped_folder, scratch_map, take_rows
 from tasks.cleaning.search.bf16_scan import ChunkScan, pow2_scale
 from tasks.cleaning.search.constants import (
     BUILD_CHUNK,
@@ -194,7 +194,7 @@ class Bf16ExactIndex:
         return self._x[int(i)].copy()
 
     def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
-        return self._x[np.asarray(ids, dtype=np.int64)]
+        return take_rows(self._x, ids)
 
     def reconstruct_n(self, start: int, n: int) -> np.ndarray:
         return self._x[int(start) : int(start) + int(n)].copy()
@@ -285,16 +285,18 @@ class Bf16ExactIndex:
         nrows = q.shape[0]
         crow = np.zeros(nrows + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=nrows), out=crow[1:])
+        columns, corpus = ids, self._xt
+        if self._xb_map is not None:  # a file-mapped corpus: only the candidates' rows, read (storage/mapped.py)
+            unique, columns = np.unique(ids, return_inverse=True)  # order-preserving: same pairs, same loop
+            corpus = torch.from_numpy(take_rows(self._x, unique))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(
                 torch.from_numpy(crow),
-                torch.from_numpy(ids),
+                torch.from_numpy(np.asarray(columns, dtype=np.int64).reshape(-1)),
                 torch.zeros(total, dtype=torch.float32),
-                size=(nrows, self.ntotal),
+                size=(nrows, len(corpus)),
                 check_invariants=False,
             )
-            scores = torch.sparse.sampled_addmm(
-                pattern, torch.from_numpy(q), self._xt.t(), beta=0.0, alpha=1.0
-            ).values()
+            scores = torch.sparse.sampled_addmm(pattern, torch.from_numpy(q), corpus.t(), beta=0.0, alpha=1.0).values()
         return rows, ids, scores.numpy().copy()

@@ -11,12 +11,12 @@ from ground.compute import bf16_supported
 from ground.settings import CleanSettings
 from tasks.cleaning.search.bf16 import Bf16ExactIndex
 from tasks.cleaning.search.constants import SEARCH_BATCH
-from tasks.cleaning.search.faiss_index import faiss_index, num_gpus
+from tasks.cleaning.search.faiss_index import FlatIP, faiss_index, num_gpus
 from tasks.cleaning.search.torch_device import TorchExactIndex, cuda_available
 
 #: what :func:`build_index` returns: a faiss index or one of our exact indexes (the same ``search`` / ``ntotal`` /
 #: ``reconstruct`` surface)
-Index = faiss.Index | Bf16ExactIndex | TorchExactIndex
+Index = faiss.Index | FlatIP | Bf16ExactIndex | TorchExactIndex
 
 #: exact back ends :func:`build_index` can be told to use (``auto``: chosen by the hardware, as in production)
 Backend = Literal["auto", "faiss", "bf16", "torch"]
@@ -44,7 +44,7 @@ def build_index(vectors: np.ndarray, cfg: CleanSettings, backend: Backend = "aut
       On a CPU with native bf16 (AVX512-BF16 or AMX) and no GPU visible to faiss:
       :class:`~tasks.cleaning.search.bf16.Bf16ExactIndex` (a bf16 screen with a proven error bound, then
       exact fp32 rescoring: the same top-N as ``IndexFlatIP``, ties by id, ~2-3× faster); otherwise
-      ``IndexFlatIP``.
+      :class:`~tasks.cleaning.search.faiss_index.FlatIP` (``IndexFlatIP``'s search, the vectors by reference).
     * ``ivf`` / ``hnsw``: approximate faiss indexes (:func:`~tasks.cleaning.search.faiss_index.faiss_index`).
 
     ``backend`` forces an exact back end whatever the hardware (``flat`` only): ``faiss`` (``IndexFlatIP``),

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from ground.settings import CleanSettings
+from storage.mapped import take_rows
 
 
 def num_gpus() -> int:
@@ -18,15 +19,42 @@ def num_gpus() -> int:
     return int(get()) if get is not None else 0
 
 
-def faiss_index(vectors: np.ndarray, cfg: CleanSettings, hnsw_ef_search: int) -> faiss.Index:
+class FlatIP:
+    """Exact inner-product search over ``vectors`` held by reference, so a memory-mapped corpus stays in the page
+    cache: faiss's ``IndexFlatIP`` search (``faiss.knn``: the same kernel, results and padding: id -1, score
+    -FLT_MAX) without the copy of the corpus ``IndexFlatIP.add`` makes."""
+
+    metric_type = faiss.METRIC_INNER_PRODUCT
+    is_trained = True
+
+    def __init__(self, vectors: np.ndarray):
+        self._x = vectors
+        self.ntotal, self.d = (int(v) for v in vectors.shape)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn(np.ascontiguousarray(queries, np.float32), self._x, int(k), metric=self.metric_type)
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        return np.array(self._x[int(i)])
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        return take_rows(self._x, ids)
+
+    def reconstruct_n(self, start: int, n: int) -> np.ndarray:
+        return np.array(self._x[int(start) : int(start) + int(n)])
+
+
+def faiss_index(vectors: np.ndarray, cfg: CleanSettings, hnsw_ef_search: int) -> faiss.Index | FlatIP:
     """A faiss index of kind ``cfg.index`` over ``vectors`` (float32 C-contiguous rows).
 
-    * ``flat``: ``IndexFlatIP``, exact.
+    * ``flat``: exact: :class:`FlatIP` (the vectors by reference) on the CPU, ``IndexFlatIP`` on GPUs.
     * ``ivf``: ``IndexIVFFlat``, trained on the corpus; ``nlist`` is capped so that each list gets at least 39
       training points (faiss's minimum), ``nprobe = cfg.ivf_nprobe``.
     * ``hnsw``: ``IndexHNSWFlat``, ``M = cfg.hnsw_m``, ``efSearch`` at least ``hnsw_ef_search``.
     """
     n, dim = vectors.shape
+    if cfg.index == "flat" and num_gpus() == 0:
+        return FlatIP(vectors)
     if cfg.index == "flat":
         index: faiss.Index = faiss.IndexFlatIP(dim)
         index.add(vectors)

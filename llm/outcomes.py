@@ -50,6 +50,15 @@ class RequestFailed(Exception):
     def __str__(self) -> str:
         return self.reason
 
+    def reject_fields(self) -> dict[str, Any]:
+        """What a rejects-table row records of the failure (``storage.shards.reject_row``'s failure arguments)."""
+        return {
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "finish_reason": self.finish_reason,
+            "raw_text": self.text,
+        }
+
 
 @dataclass
 class ClientStats:

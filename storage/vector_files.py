@@ -13,8 +13,9 @@ killed writer leaves at most a temp file, never part of a file under the final n
   int64 offsets and UTF-8 bytes of an Arrow ``large_string`` array, opened zero-copy over memory maps.
 
 The maps are registered with ``storage/mapped.py``, which hands their pages back between blocks and reads
-random gathers from them with ``pread``. A clean run keeps these under :func:`work_dir` (``<clean run>/ranking`` locally, a local temp folder on
-S3); :class:`TextSpool` sets texts aside for a second pass (an Arrow IPC stream).
+random gathers from them with ``pread``. A clean run keeps these under :func:`work_dir` (``<clean
+run>/ranking`` locally, a local temp folder on S3); :class:`TextSpool` sets texts aside for a second pass
+(an Arrow IPC stream).
 
 :class:`DigestIndex` maps 16-byte digests to ids with a sorted array and ``np.searchsorted``: 24 bytes
 per entry, no Python object per key.

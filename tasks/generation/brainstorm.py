@@ -157,11 +157,8 @@ async def run_brainstorm_shard(
                     persona_id=request.persona.persona_id,
                     prompt_version=prompt.prompt_version,
                     model=client.model,
-                    attempts=outcome.attempts,
-                    reason=outcome.reason,
-                    finish_reason=outcome.finish_reason,
-                    raw_text=outcome.text,
                     created_at=created,
+                    **outcome.reject_fields(),
                 )
             )
             continue

@@ -208,11 +208,8 @@ async def run_example_shard(store: RunStore, shard: ExampleShard, client: LLMCli
                     persona_id=request.persona_id,
                     prompt_version=version,
                     model=request.generator or client.model,
-                    attempts=outcome.attempts,
-                    reason=outcome.reason,
-                    finish_reason=outcome.finish_reason,
-                    raw_text=outcome.text,
                     created_at=created,
+                    **outcome.reject_fields(),
                 )
             )
         else:

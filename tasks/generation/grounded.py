@@ -232,11 +232,8 @@ async def run_grounded_shard(
                     persona_id=request.candidates[0][0] if request.candidates else None,
                     prompt_version=PROMPT_VERSION,
                     model=client.model,
-                    attempts=outcome.attempts,
-                    reason=outcome.reason,
-                    finish_reason=outcome.finish_reason,
-                    raw_text=outcome.text,
                     created_at=created,
+                    **outcome.reject_fields(),
                 )
             )
         else:

@@ -94,6 +94,7 @@ def _result(total: float, filter_s: float, peak_gib: float) -> dict:
         "baseline_rss": 0.4 * gib,
         "seconds": {"validate": 1.0, "filter": filter_s},
         "peak_rss": {"validate": 0.5 * gib, "filter": peak_gib * gib},
+        "peak_anon": {"validate": 0.25 * gib, "filter": peak_gib / 2 * gib},
         "flow_stage_seconds": {"validate": 1.0},
         "counts": {"raw": 1},
         "missing_hooks": ["tasks.cleaning.gone:fn"],
@@ -113,8 +114,9 @@ def test_table_puts_before_and_after_side_by_side_with_exponents():
     assert ">8GiB@filter" in filter_line
     total_line = next(line for line in lines if line.strip().startswith("total"))
     assert total_line.split()[-1] == "1.00/1.00"
-    peak_line = [line for line in lines if line.strip().startswith("peak ")][-1]
-    assert peak_line.split()[1:3] == ["2.00", "1.00"]
+    peak_rss, peak_anon = [line for line in lines if line.startswith("  peak ")]
+    assert peak_rss.split()[1:3] == ["2.00", "1.00"]
+    assert peak_anon.split()[1:3] == ["1.00", "0.50"]  # anonymous memory, apart from mapped files
     assert "not seen" in text and "'dedup'" in text  # a stage no hook reached is named
     assert "hooks not found: ['tasks.cleaning.gone:fn']" in text
 

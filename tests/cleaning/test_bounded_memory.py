@@ -25,6 +25,13 @@ def _rss_file_kib() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
 
 
+def _mapped(tmp_path, vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` written as the clean writes its ranking matrices, returned memory-mapped."""
+    writer = MatrixWriter(tmp_path / "corpus.npy")
+    writer.append(vectors)
+    return writer.close()
+
+
 class _Holder:
     """Refers to itself: freed only by the cycle collector."""
 
@@ -58,9 +65,7 @@ def test_released_releases_after_each_part_is_consumed(monkeypatch):
 def test_mapped_vectors_and_texts_hand_their_pages_back_unchanged(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((50_000, 384)).astype(np.float32)  # 77 MB
-    writer = MatrixWriter(tmp_path / "corpus.npy")
-    writer.append(vectors)
-    matrix = writer.close()
+    matrix = _mapped(tmp_path, vectors)
     texts = TextWriter(tmp_path / "corpus")
     texts.append([f"text number {i} " * 20 for i in range(50_000)])
     column = texts.close()
@@ -79,9 +84,7 @@ def test_bf16_copy_of_a_file_mapped_corpus_is_mapped_and_searches_the_same(tmp_p
     rng = np.random.default_rng(1)
     corpus = rng.standard_normal((6_000, 64)).astype(np.float32)
     corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
-    writer = MatrixWriter(tmp_path / "corpus.npy")
-    writer.append(corpus)
-    mapped = writer.close()
+    mapped = _mapped(tmp_path, corpus)
     queries = corpus[:300] + 0.05 * rng.standard_normal((300, 64)).astype(np.float32)
     on_file, in_memory = Bf16ExactIndex(mapped, score_block_bytes=2**20), Bf16ExactIndex(corpus)
     assert on_file._xb_map is not None and in_memory._xb_map is None
@@ -96,9 +99,7 @@ def test_bf16_copy_of_a_file_mapped_corpus_is_mapped_and_searches_the_same(tmp_p
 def test_faiss_flat_search_keeps_a_mapped_corpus_by_reference_with_index_flat_ip_results(tmp_path):
     rng = np.random.default_rng(2)
     corpus = rng.standard_normal((4_000, 32)).astype(np.float32)
-    writer = MatrixWriter(tmp_path / "corpus.npy")
-    writer.append(corpus)
-    mapped = writer.close()
+    mapped = _mapped(tmp_path, corpus)
     index = FlatIP(mapped)
     assert np.shares_memory(index._x, mapped)  # no copy of the corpus: its pages stay the file's
     reference = faiss.IndexFlatIP(32)
@@ -114,9 +115,7 @@ def test_faiss_flat_search_keeps_a_mapped_corpus_by_reference_with_index_flat_ip
 def test_gathers_from_mapped_files_read_what_fancy_indexing_gives_without_faulting_the_file_in(tmp_path):
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((60_000, 384)).astype(np.float32)  # 92 MB
-    writer = MatrixWriter(tmp_path / "corpus.npy")
-    writer.append(vectors)
-    matrix = writer.close()
+    matrix = _mapped(tmp_path, vectors)
     words = [f"{i} " + "w" * int(rng.integers(0, 300)) for i in range(60_000)]
     text_writer = TextWriter(tmp_path / "corpus")
     text_writer.append(words)
